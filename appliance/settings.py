@@ -1,0 +1,331 @@
+"""Typed settings stored as TOML under platformdirs' config dir.
+
+`STEP_STATION_HOME` moves every file (settings, secrets, data, caches) under one folder; tests set
+it to a temporary directory. Writes are atomic (temp file + fsync + rename). Secrets live in their
+own file with mode 0600 and are never printed. A corrupt settings file is moved aside to a
+timestamped backup and defaults are used; the caller gets a warning naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the Station runs 3.12
+    import tomli as tomllib
+
+from appliance.errors import SettingsError
+
+APP_NAME = "step-station"
+
+
+# --------------------------------------------------------------------------------------- paths
+
+
+def config_dir() -> Path:
+    """Folder holding settings.toml and secrets.toml."""
+    home = os.environ.get("STEP_STATION_HOME")
+    if home:
+        return Path(home) / "config"
+    return Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def data_dir() -> Path:
+    """Folder holding history, keys and other state the appliance owns."""
+    home = os.environ.get("STEP_STATION_HOME")
+    if home:
+        return Path(home) / "data"
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def cache_dir() -> Path:
+    """Folder for caches the appliance may lose without harm (compile caches, logs)."""
+    home = os.environ.get("STEP_STATION_HOME")
+    if home:
+        return Path(home) / "cache"
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+def settings_path() -> Path:
+    return config_dir() / "settings.toml"
+
+
+def secrets_path() -> Path:
+    return config_dir() / "secrets.toml"
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+@dataclass
+class EngineSettings:
+    """How the engine is launched. Changing any of these while it runs asks for a restart."""
+
+    profile: str = "auto"  # a profile name from appliance.profiles, or "auto" (the planner picks)
+    runtime: str = "docker"  # "docker" or "process" (pip-installed vllm, or the simulator)
+    image: str = "vllm/vllm-openai:stepfun37"
+    container_name: str = "step-station-engine"
+    host: str = "127.0.0.1"  # the engine listens on loopback only; the gateway faces the LAN
+    port: int = 8001
+    gpu_uuid: str = ""  # empty: the planner picks the largest / Blackwell GPU
+    request_gpu: bool = True  # tests on machines without the NVIDIA runtime turn this off
+    gpu_memory_utilization: float = 0.0  # 0: the profile's value
+    max_model_len: int = 0  # 0: the model's own (256K)
+    max_images_per_prompt: int = 8
+    mtp: bool = False  # MTP-3 speculative decoding, where the profile allows it
+    sleep_mode: bool = False
+    idle_sleep_minutes: int = 0  # 0: never sleep on idle
+    hf_cache_dir: str = ""  # empty: ~/.cache/huggingface
+    model_override: str = ""  # a local path or repo id used instead of the profile's checkpoint
+    start_timeout_s: int = 3600
+    stop_timeout_s: int = 60
+
+
+@dataclass
+class UISettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    lan: bool = False  # UI on the LAN needs an owner login
+
+
+@dataclass
+class GatewaySettings:
+    port: int = 8000
+    share_lan: bool = False
+    interface: str = ""  # empty: every interface when shared
+    require_key_on_loopback: bool = False
+    max_body_mb: int = 64
+    per_key_concurrency: int = 32
+    per_key_requests_per_minute: int = 600
+    start_on_request: bool = False
+
+
+@dataclass
+class ChatSettings:
+    reasoning_level: str = "medium"
+    max_image_mb: int = 20
+    stream_interval_ms: int = 50
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 0  # 0: let the engine decide
+    system_prompt: str = ""
+
+
+@dataclass
+class SamplerSettings:
+    interval_s: float = 1.0
+    history_s: int = 900
+
+
+@dataclass
+class Settings:
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    ui: UISettings = field(default_factory=UISettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def get(self, key: str) -> Any:  # noqa: ANN401 - a setting is any of the TOML scalar types
+        """Value of a dotted key such as `engine.port`."""
+        section, name = _split_key(key)
+        return getattr(getattr(self, section), name)
+
+    def set(self, key: str, value: Any) -> None:  # noqa: ANN401
+        """Set a dotted key; strings are converted to the field's type (`config set`)."""
+        section, name = _split_key(key)
+        target = getattr(self, section)
+        setattr(target, name, _coerce(key, value, _field_type(target, name)))
+
+
+@dataclass
+class Secrets:
+    """Secrets: never logged, stored 0600."""
+
+    hf_token: str = ""
+    ui_login_hash: str = ""  # hashed owner login for "UI on LAN"
+
+
+@dataclass
+class LoadResult:
+    settings: Settings
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    parts = key.split(".")
+    sections = {f.name for f in fields(Settings)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise SettingsError(
+            f"Unknown setting {key!r}.",
+            hint=f"Settings are SECTION.NAME with SECTION one of {', '.join(sorted(sections))}; "
+            "`step-station config show` lists them all.",
+        )
+    section_obj = getattr(Settings(), parts[0])
+    if parts[1] not in {f.name for f in fields(section_obj)}:
+        raise SettingsError(
+            f"Unknown setting {key!r}.",
+            hint="`step-station config show` lists every setting.",
+        )
+    return parts[0], parts[1]
+
+
+def _field_type(section_obj: object, name: str) -> type:
+    default = getattr(type(section_obj)(), name)
+    return type(default)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:  # noqa: ANN401
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() in _TRUE:
+                    return True
+                if text.lower() in _FALSE:
+                    return False
+            elif typ is int:
+                return int(text)
+            elif typ is float:
+                return float(text)
+            elif typ is str:
+                return value
+        except ValueError:
+            pass
+    raise SettingsError(
+        f"Setting {key!r} must be of type {typ.__name__}, got {value!r}.",
+        hint=f"Set it with `step-station config set {key} VALUE` using a {typ.__name__}.",
+    )
+
+
+def _from_mapping(data: dict[str, Any]) -> Settings:
+    settings = Settings()
+    for section, values in data.items():
+        if section not in {f.name for f in fields(Settings)}:
+            raise SettingsError(f"Unknown settings section [{section}].")
+        if not isinstance(values, dict):
+            raise SettingsError(f"Settings section [{section}] must be a table.")
+        for name, value in values.items():
+            settings.set(f"{section}.{name}", value)
+    return settings
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _toml_value(value: Any) -> str:  # noqa: ANN401
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def dumps(data: dict[str, dict[str, Any]]) -> str:
+    """TOML text for a two-level mapping of scalars (all our files are that shape)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{name} = {_toml_value(value)}" for name, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- public API
+
+
+def load_settings(path: Path | None = None) -> LoadResult:
+    """Read settings; a missing file gives defaults, a corrupt one is backed up and replaced."""
+    path = path or settings_path()
+    if not path.exists():
+        return LoadResult(Settings())
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return LoadResult(_from_mapping(data))
+    except (tomllib.TOMLDecodeError, SettingsError, UnicodeDecodeError) as err:
+        backup = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, backup)
+        reason = str(err)
+        return LoadResult(
+            Settings(),
+            [
+                f"Settings file {path} could not be used ({reason}); it was moved to {backup} and "
+                "defaults are in effect. Fix it and move it back, or set values again with "
+                "`step-station config set`."
+            ],
+        )
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> Path:
+    """Write only the values that differ from the defaults, atomically."""
+    path = path or settings_path()
+    defaults = Settings().to_dict()
+    current = settings.to_dict()
+    changed = {
+        section: {k: v for k, v in values.items() if defaults[section][k] != v}
+        for section, values in current.items()
+    }
+    _atomic_write(path, dumps({s: v for s, v in changed.items() if v}))
+    return path
+
+
+def load_secrets(path: Path | None = None) -> Secrets:
+    path = path or secrets_path()
+    if not path.exists():
+        return Secrets()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8")).get("secrets", {})
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(
+            f"Secrets file {path} is not valid TOML ({err}).",
+            hint="Fix or delete it, then set the secrets again (`step-station config set-secret`).",
+        ) from err
+    known = {f.name for f in fields(Secrets)}
+    return Secrets(**{k: str(v) for k, v in data.items() if k in known})
+
+
+def save_secrets(secrets: Secrets, path: Path | None = None) -> Path:
+    path = path or secrets_path()
+    _atomic_write(path, dumps({"secrets": dataclasses.asdict(secrets)}), mode=0o600)
+    return path
+
+
+def hf_token() -> str:
+    """The Hugging Face token: the secrets file first, then HF_TOKEN from the environment."""
+    return load_secrets().hf_token or os.environ.get("HF_TOKEN", "")
