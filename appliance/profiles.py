@@ -1,0 +1,345 @@
+"""The seed model card's launch configurations as data, and the pure functions that build argv.
+
+Every `vllm serve` command in the seed (`../shared/seed/000_5455787a14b4f9d5.txt`) is a
+`Profile`; `seed_command(profile)` gives it back token for token (tests/unit/test_profiles.py
+parses the seed and compares). `build_vllm_args(profile, engine)` is what the appliance runs: the
+seed's command after `vllm serve` (the container image's entrypoint is already `vllm serve`),
+then the appliance's own flags. Nothing here touches Docker, NVML or the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import SettingsError
+from appliance.settings import EngineSettings
+
+STATION_SERVED_NAME = "step3p7-flash"
+MTP_CONFIG = '{"method": "mtp", "num_speculative_tokens": 3}'
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default when a command sets none
+CONTAINER_HF_HOME = "/root/.cache/huggingface"
+
+# The flags every seed command shares (reasoning and tool parsers, remote code).
+_PARSERS = (
+    "--reasoning-parser",
+    "step3p5",
+    "--tool-call-parser",
+    "step3p5",
+    "--enable-auto-tool-choice",
+)
+
+# The DGX Station single-GPU command, exactly as the seed writes it after the model.
+_STATION_FLAGS = (
+    "--served-model-name",
+    STATION_SERVED_NAME,
+    "--tensor-parallel-size",
+    "1",
+    "--gpu-memory-utilization",
+    "0.95",
+    "--kv-cache-dtype",
+    "fp8",
+    *_PARSERS,
+    "--trust-remote-code",
+)
+
+# BF16 and FP8 on 8 GPUs share their flags in the seed.
+_TP8_FLAGS = (
+    "--served-model-name",
+    STATION_SERVED_NAME,
+    "--tensor-parallel-size",
+    "8",
+    "--enable-expert-parallel",
+    "--disable-cascade-attn",
+    *_PARSERS,
+    "--speculative-config",
+    MTP_CONFIG,
+    "--trust-remote-code",
+)
+
+_NVFP4_TP4_FLAGS = (
+    "--served-model-name",
+    "step3p7",
+    "--tensor-parallel-size",
+    "4",
+    "--gpu-memory-utilization",
+    "0.9",
+    "--enable-expert-parallel",
+    "--quantization",
+    "modelopt",
+    "--kv-cache-dtype",
+    "fp8",
+    *_PARSERS,
+    "--async-scheduling",
+    "--trust-remote-code",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One launch configuration from the seed model card."""
+
+    name: str
+    checkpoint: str  # Hugging Face repo id
+    served_model_name: str
+    precision: str  # "bf16" | "fp8" | "nvfp4"
+    tensor_parallel_size: int
+    gpu_memory_utilization: float | None  # None: vLLM's default (0.9)
+    kv_cache_dtype: str | None  # None: the model's dtype (BF16 KV cache)
+    weights_gb: float  # checkpoint size in GB (1e9 bytes), as the model card states it
+    weights_confirmed: bool  # False where the size is an estimate (NVFP4)
+    requires_blackwell: bool
+    min_gpus: int
+    supports_mtp: bool  # the checkpoint ships MTP weights
+    supports_sleep: bool
+    station: bool  # a DGX Station single-GPU profile
+    seed_flags: tuple[str, ...]  # the seed's flags after the model, in the seed's order
+    # Flags the appliance adds for this profile beyond the seed, with the reason in `notes`.
+    extra_flags: tuple[str, ...] = ()
+    summary: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def memory_utilization(self) -> float:
+        """The fraction of GPU memory vLLM may use with this profile's own flags."""
+        if self.gpu_memory_utilization is None:
+            return VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        return self.gpu_memory_utilization
+
+    @property
+    def seed_has_mtp(self) -> bool:
+        return "--speculative-config" in self.seed_flags
+
+
+_CASCADE_NOTE = (
+    "The appliance adds --disable-cascade-attn: the seed's troubleshooting says to always pass "
+    "it (the hybrid sliding/global attention schedule does not work with cascade attention)."
+)
+_NVFP4_MTP_NOTE = "The NVFP4 checkpoint ships no MTP weights, so MTP is not offered."
+_NVFP4_SIZE_NOTE = "NVFP4 checkpoint size is unconfirmed (~110-130 GB); 120 GB is assumed."
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="fp8-tp1",
+            checkpoint="stepfun-ai/Step-3.7-Flash-FP8",
+            served_model_name=STATION_SERVED_NAME,
+            precision="fp8",
+            tensor_parallel_size=1,
+            gpu_memory_utilization=0.95,
+            kv_cache_dtype="fp8",
+            weights_gb=212.5,
+            weights_confirmed=True,
+            requires_blackwell=False,
+            min_gpus=1,
+            supports_mtp=True,
+            supports_sleep=True,
+            station=True,
+            seed_flags=_STATION_FLAGS,
+            extra_flags=("--disable-cascade-attn",),
+            summary="DGX Station, one GPU, FP8 weights, FP8 KV cache",
+            notes=(_CASCADE_NOTE,),
+        ),
+        Profile(
+            name="nvfp4-tp1",
+            checkpoint="stepfun-ai/Step-3.7-Flash-NVFP4",
+            served_model_name=STATION_SERVED_NAME,
+            precision="nvfp4",
+            tensor_parallel_size=1,
+            gpu_memory_utilization=0.95,
+            kv_cache_dtype="fp8",
+            weights_gb=120.0,
+            weights_confirmed=False,
+            requires_blackwell=True,
+            min_gpus=1,
+            supports_mtp=False,
+            supports_sleep=True,
+            station=True,
+            # The seed: "Swap in stepfun-ai/Step-3.7-Flash-NVFP4 to run the NVFP4 checkpoint".
+            seed_flags=_STATION_FLAGS,
+            extra_flags=("--quantization", "modelopt", "--disable-cascade-attn"),
+            summary="DGX Station, one GPU, NVFP4 weights (Blackwell only), FP8 KV cache",
+            notes=(
+                "The appliance adds --quantization modelopt: the seed says NVFP4 requires "
+                "modelopt quantization.",
+                _CASCADE_NOTE,
+                _NVFP4_MTP_NOTE,
+                _NVFP4_SIZE_NOTE,
+            ),
+        ),
+        Profile(
+            name="bf16-tp8",
+            checkpoint="stepfun-ai/Step-3.7-Flash",
+            served_model_name=STATION_SERVED_NAME,
+            precision="bf16",
+            tensor_parallel_size=8,
+            gpu_memory_utilization=None,
+            kv_cache_dtype=None,
+            weights_gb=475.0,
+            weights_confirmed=True,
+            requires_blackwell=False,
+            min_gpus=8,
+            supports_mtp=True,
+            supports_sleep=True,
+            station=False,
+            seed_flags=_TP8_FLAGS,
+            summary="8xH200/B200, BF16 weights, expert parallel, MTP-3",
+        ),
+        Profile(
+            name="fp8-tp8",
+            checkpoint="stepfun-ai/Step-3.7-Flash-FP8",
+            served_model_name=STATION_SERVED_NAME,
+            precision="fp8",
+            tensor_parallel_size=8,
+            gpu_memory_utilization=None,
+            kv_cache_dtype=None,
+            weights_gb=212.5,
+            weights_confirmed=True,
+            requires_blackwell=False,
+            min_gpus=8,
+            supports_mtp=True,
+            supports_sleep=True,
+            station=False,
+            seed_flags=_TP8_FLAGS,
+            summary="8xH200/B200, FP8 weights, expert parallel, MTP-3",
+        ),
+        Profile(
+            name="nvfp4-tp4",
+            checkpoint="stepfun-ai/Step-3.7-Flash-NVFP4",
+            served_model_name="step3p7",
+            precision="nvfp4",
+            tensor_parallel_size=4,
+            gpu_memory_utilization=0.9,
+            kv_cache_dtype="fp8",
+            weights_gb=120.0,
+            weights_confirmed=False,
+            requires_blackwell=True,
+            min_gpus=4,
+            supports_mtp=False,
+            supports_sleep=True,
+            station=False,
+            seed_flags=_NVFP4_TP4_FLAGS,
+            summary="4xB200, NVFP4 weights (Blackwell only), FP8 KV cache, async scheduling",
+            notes=(_NVFP4_MTP_NOTE, _NVFP4_SIZE_NOTE),
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`; a clear error naming the choices otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise SettingsError(
+            f"Unknown launch profile {name!r}.",
+            hint=f"Choose one of: {', '.join(PROFILES)} (`step-station plan` shows which fit).",
+        ) from None
+
+
+def seed_command(profile: Profile) -> list[str]:
+    """The seed model card's `vllm serve ...` command for this profile, token for token."""
+    return ["vllm", "serve", profile.checkpoint, *profile.seed_flags]
+
+
+def mtp_enabled(profile: Profile, engine: EngineSettings) -> bool:
+    """Whether the engine will run MTP speculative decoding with these settings."""
+    return profile.seed_has_mtp or (engine.mtp and profile.supports_mtp)
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    """Replace the value of `flag` in place if present (keeps the seed's order), else append."""
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+
+
+def build_vllm_args(
+    profile: Profile, engine: EngineSettings, *, listen_host: str | None = None
+) -> list[str]:
+    """Arguments after `vllm serve`: the model, the seed's flags, then the appliance's own.
+
+    `listen_host` replaces `engine.host` for `--host`: inside a container the engine must listen
+    on 0.0.0.0 so that Docker's loopback-only port publishing can reach it.
+    """
+    args = [engine.model_override or profile.checkpoint, *profile.seed_flags]
+    args += profile.extra_flags
+    # The appliance's own needs.
+    _set_flag(args, "--served-model-name", profile.served_model_name)
+    args += ["--host", listen_host or engine.host, "--port", str(engine.port)]
+    if engine.max_model_len > 0:
+        _set_flag(args, "--max-model-len", str(engine.max_model_len))
+    args += ["--limit-mm-per-prompt", json.dumps({"image": engine.max_images_per_prompt})]
+    if engine.gpu_memory_utilization > 0:
+        _set_flag(args, "--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}")
+    if engine.mtp and profile.supports_mtp and not profile.seed_has_mtp:
+        args += ["--speculative-config", MTP_CONFIG]
+    if engine.sleep_mode and profile.supports_sleep:
+        args.append("--enable-sleep-mode")
+    return args
+
+
+def engine_environment(profile: Profile, engine: EngineSettings) -> dict[str, str]:
+    """Environment variables the engine needs with these settings (no secrets)."""
+    env: dict[str, str] = {}
+    if engine.sleep_mode and profile.supports_sleep:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up exist only in dev mode
+    return env
+
+
+def hf_cache_path(engine: EngineSettings) -> Path:
+    """Where model weights live on the host (mounted into the container)."""
+    if engine.hf_cache_dir:
+        return Path(engine.hf_cache_dir).expanduser()
+    return Path.home() / ".cache" / "huggingface"
+
+
+def docker_run_command(
+    profile: Profile, engine: EngineSettings, gpu_uuids: Sequence[str] = ()
+) -> list[str]:
+    """The `docker run ...` equivalent of what the appliance starts, for a human to read or run.
+
+    GPUs by UUID (a Station may also hold an RTX PRO card and the order is not guaranteed),
+    host IPC, unlimited memlock and a 64 MiB stack as NVIDIA's Station scripts do, the engine
+    port published on loopback only, and the host's Hugging Face cache mounted. HF_TOKEN is
+    passed through from the caller's environment, never written out.
+    """
+    if gpu_uuids:
+        gpus = "device=" + ",".join(gpu_uuids)
+        if len(gpu_uuids) > 1:
+            gpus = f'"{gpus}"'  # docker's --gpus parses CSV: several devices need inner quotes
+    else:
+        gpus = "all"
+    cmd = [
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        engine.container_name,
+        "--gpus",
+        gpus,
+        "--ipc",
+        "host",
+        "--ulimit",
+        "memlock=-1",
+        "--ulimit",
+        "stack=67108864",
+        "-p",
+        f"127.0.0.1:{engine.port}:{engine.port}",
+        "-e",
+        "HF_TOKEN",
+    ]
+    for key, value in engine_environment(profile, engine).items():
+        cmd += ["-e", f"{key}={value}"]
+    cmd += ["-v", f"{hf_cache_path(engine)}:{CONTAINER_HF_HOME}", engine.image]
+    return cmd + build_vllm_args(profile, engine, listen_host="0.0.0.0")
+
+
+def format_command(argv: Sequence[str]) -> str:
+    """One shell-safe line."""
+    return shlex.join(argv)
