@@ -25,14 +25,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from appliance import hardware
 from appliance.errors import ApplianceError
-from appliance.metrics import EngineMetrics, MetricsScraper
 from appliance.settings import Settings
+
+if TYPE_CHECKING:  # httpx and prometheus_client stay out of the GPU test's imports
+    from appliance.metrics import EngineMetrics, MetricsScraper
 
 log = logging.getLogger(__name__)
 
