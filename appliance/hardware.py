@@ -496,7 +496,7 @@ PRESETS: dict[str, Hardware] = {
         1,
         496,
         72,
-        note="496 GB LPDDR5X on the Grace CPU, apart from the GPU's HBM3e (never their sum).",
+        note="LPDDR5X on the Grace CPU, apart from the GPU's HBM3e",
     ),
     "h200": _preset("h200", _H200, 1, 256, 32),
     "8xh200": _preset("8xh200", _H200, 8, 2048, 224),
