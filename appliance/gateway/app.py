@@ -1,0 +1,496 @@
+"""The gateway's ASGI application: an allowlisting, key-checking proxy in front of the engine.
+
+Raw ASGI rather than a framework, because the two things that matter are exact: which request
+reaches the engine (the raw request target is compared byte for byte with three allowed routes, so
+no decoding, dot-segment or slash trick can name another engine route), and how bytes flow back
+(each server-sent event is sent on the moment it is complete; a client that goes away cancels the
+engine request by closing the upstream connection).
+
+Order of checks: address locked out (429) -> route (404) -> key (401) -> body size (413) -> JSON
+(400) -> engine ready (503) -> model name (404) -> per-key limits (429) -> forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from appliance.gateway.access import AccessLog, AccessRecord, printable_path
+from appliance.gateway.engine_gate import EngineCheck, EngineGate
+from appliance.gateway.limits import FailureThrottle, KeyLimiter
+from appliance.gateway.sse import Usage, UsageTap, usage_of_body
+from appliance.keys import ApiKey, KeyStore, KeyStoreError
+
+log = logging.getLogger("step_station.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MODELS = "/v1/models"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ROUTES: dict[tuple[str, bytes], str] = {
+    ("GET", MODELS.encode()): MODELS,
+    ("POST", CHAT.encode()): CHAT,
+    ("POST", COMPLETIONS.encode()): COMPLETIONS,
+}
+ALLOWED_TEXT = "GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+BODY_READ_TIMEOUT_S = 120.0
+_MAX_USAGE_SCAN = 8 << 20  # non-streamed responses larger than this are passed on, not parsed
+_VIA = (b"via", b"1.1 step-station")
+_PASS_HEADERS = {b"content-type", b"content-length", b"x-request-id"}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What the app needs from the settings; replaced as a whole when settings change."""
+
+    require_key: bool = False
+    max_body_bytes: int = 64 << 20
+    per_key_concurrency: int = 32
+    per_key_requests_per_minute: int = 600
+    engine_api_key: str = ""
+
+
+class _Reply(Exception):  # noqa: N818 - control flow: an error response to send
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: int = 0, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.extra = extra
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    error: dict[str, Any] = {
+        "message": message,
+        "type": _ERROR_TYPES.get(status, "server_error"),
+        "param": None,
+        "code": code,
+    }
+    error.update(extra)
+    return json.dumps({"error": error}).encode()
+
+
+@dataclass
+class _Exchange:
+    """What one request did, for the access log and the usage counts."""
+
+    started: float
+    address: str
+    method: str
+    raw_path: bytes
+    status: int = 0
+    key: ApiKey | None = None
+    stream: bool = False
+    usage: Usage | None = None
+    notes: list[str] = field(default_factory=list)
+    response_started: bool = False
+
+
+class GatewayApp:
+    """`GatewayApp(...)` is an ASGI callable; `config` may be replaced at any time."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyStore,
+        gate: EngineGate,
+        config: GatewayConfig,
+        access: AccessLog | None = None,
+        throttle: FailureThrottle | None = None,
+    ) -> None:
+        self.keys = keys
+        self.gate = gate
+        self.access = access or AccessLog()
+        self.throttle = throttle or FailureThrottle()
+        self.limiter = KeyLimiter(config.per_key_concurrency, config.per_key_requests_per_minute)
+        self._config = config
+        self._client: httpx.AsyncClient | None = None
+
+    # ---------------------------------------------------------------------------- settings
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: GatewayConfig) -> None:
+        self._config = value
+        self.limiter.configure(value.per_key_concurrency, value.per_key_requests_per_minute)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=60.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+                trust_env=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets: nothing here accepts them; the server closes the connection
+        client = scope.get("client")
+        ex = _Exchange(
+            started=time.perf_counter(),
+            address=str(client[0]) if client else "?",
+            method=str(scope.get("method", "?")),
+            raw_path=bytes(scope.get("raw_path") or scope.get("path", "").encode()),
+        )
+        try:
+            await self._handle(scope, receive, send, ex)
+        except _Reply as reply:
+            await self._send_error(send, ex, reply)
+        except Exception:
+            log.exception("gateway error on %s %s", ex.method, printable_path(ex.raw_path))
+            await self._send_error(
+                send,
+                ex,
+                _Reply(500, "gateway_error", "The gateway failed on this request; see its log."),
+            )
+        finally:
+            self._finish(ex)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, ex: _Exchange) -> None:
+        cfg = self._config
+        refusal = self.throttle.check(ex.address)
+        if refusal is not None:
+            raise _Reply(429, refusal.code, refusal.message, retry_after=refusal.retry_after_s)
+        route = ROUTES.get((ex.method, ex.raw_path))
+        if route is None:
+            raise _Reply(
+                404,
+                "not_found",
+                f"Not found: this endpoint serves only {ALLOWED_TEXT}.",
+            )
+        ex.key = self._authenticate(scope, ex, cfg)
+        body = await _read_body(scope, receive, cfg.max_body_bytes)
+        payload = _parse_json(body) if route != MODELS else None
+        check = await self.gate.check()
+        if not check.ready:
+            raise _Reply(
+                503,
+                "engine_not_ready",
+                check.message,
+                retry_after=check.retry_after_s,
+                engine_state=check.state,
+            )
+        upstream_body = b""
+        strip_usage = False
+        if payload is not None:
+            upstream_body, ex.stream, strip_usage = _prepare(payload, body, check)
+        principal = ex.key.id if ex.key is not None else f"addr:{ex.address}"
+        refusal = self.limiter.acquire(principal)
+        if refusal is not None:
+            raise _Reply(429, refusal.code, refusal.message, retry_after=refusal.retry_after_s)
+        try:
+            await self._proxy(route, upstream_body, strip_usage, check, receive, send, ex)
+        finally:
+            self.limiter.release(principal)
+
+    def _authenticate(self, scope: Scope, ex: _Exchange, cfg: GatewayConfig) -> ApiKey | None:
+        token = _bearer(scope)
+        try:
+            key = self.keys.verify(token) if token else None
+        except KeyStoreError as err:
+            if not cfg.require_key:
+                return None
+            raise _Reply(500, "key_store_unreadable", str(err)) from err
+        if not cfg.require_key:
+            return key
+        if key is None:
+            self.throttle.failed(ex.address)
+            if not token:
+                raise _Reply(
+                    401,
+                    "missing_api_key",
+                    "This endpoint needs an API key: send `Authorization: Bearer sk-step-…`. "
+                    "The owner creates keys in Step Station's Sharing tab or with "
+                    "`step-station keys create NAME`.",
+                )
+            raise _Reply(
+                401,
+                "invalid_api_key",
+                "The API key is wrong or was revoked. Ask the owner for a valid key.",
+            )
+        self.throttle.succeeded(ex.address)
+        return key
+
+    # ------------------------------------------------------------------------------ proxy
+
+    async def _proxy(
+        self,
+        route: str,
+        body: bytes,
+        strip_usage: bool,
+        check: EngineCheck,
+        receive: Receive,
+        send: Send,
+        ex: _Exchange,
+    ) -> None:
+        headers = [("content-type", "application/json"), ("accept-encoding", "identity")]
+        if self._config.engine_api_key:
+            headers.append(("authorization", f"Bearer {self._config.engine_api_key}"))
+        request = self._http().build_request(
+            "GET" if route == MODELS else "POST",
+            check.url + route,
+            content=body if route != MODELS else None,
+            headers=headers,
+        )
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        ex.notes.append("client disconnected")
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(watch_disconnect)
+            try:
+                await self._exchange(request, strip_usage, send, ex)
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _exchange(
+        self, request: httpx.Request, strip_usage: bool, send: Send, ex: _Exchange
+    ) -> None:
+        try:
+            response = await self._http().send(request, stream=True)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as err:
+            self.gate.invalidate()
+            raise _Reply(
+                503,
+                "engine_unreachable",
+                "The engine did not answer; it may be restarting. Try again shortly.",
+                retry_after=5,
+            ) from err
+        except httpx.TimeoutException as err:
+            raise _Reply(504, "engine_timeout", "The engine did not answer in time.") from err
+        try:
+            await self._relay(response, strip_usage, send, ex)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _relay(
+        self, response: httpx.Response, strip_usage: bool, send: Send, ex: _Exchange
+    ) -> None:
+        content_type = response.headers.get("content-type", "")
+        sse = content_type.startswith("text/event-stream")
+        headers = [
+            (k.lower(), v)
+            for k, v in response.headers.raw
+            if k.lower() in _PASS_HEADERS and not (sse and k.lower() == b"content-length")
+        ]
+        headers.append(_VIA)
+        if sse:
+            headers.append((b"cache-control", b"no-cache"))
+        ex.status = response.status_code
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        ex.response_started = True
+        tap = UsageTap(strip_usage_chunk=strip_usage) if sse else None
+        kept: list[bytes] = []
+        kept_size = 0
+        try:
+            async for chunk in response.aiter_raw():
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                    if not chunk:
+                        continue
+                elif kept_size <= _MAX_USAGE_SCAN:
+                    kept.append(chunk)
+                    kept_size += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            ex.notes.append("engine closed the stream early")
+        rest = tap.finish() if tap is not None else b""
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+        if response.status_code == 200:
+            if tap is not None:
+                ex.usage = tap.usage
+            elif kept_size <= _MAX_USAGE_SCAN:
+                ex.usage = usage_of_body(b"".join(kept))
+
+    # ------------------------------------------------------------------------ bookkeeping
+
+    async def _send_error(self, send: Send, ex: _Exchange, reply: _Reply) -> None:
+        ex.status = reply.status
+        if ex.response_started:
+            return  # too late for a status; the body just ends
+        headers = [(b"content-type", b"application/json")]
+        if reply.retry_after:
+            headers.append((b"retry-after", str(reply.retry_after).encode()))
+        if "engine_state" in reply.extra:
+            headers.append((b"x-engine-state", str(reply.extra["engine_state"]).encode()))
+        body = error_body(reply.status, reply.code, reply.message, **reply.extra)
+        headers.append((b"content-length", str(len(body)).encode()))
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _finish(self, ex: _Exchange) -> None:
+        usage = ex.usage or Usage()
+        if ex.key is not None and ex.status and ex.status < 400:
+            self.keys.record_usage(
+                ex.key.id,
+                address=ex.address,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
+        self.access.add(
+            AccessRecord(
+                at=time.time(),
+                address=ex.address,
+                key_name=ex.key.name if ex.key else "",
+                key_id=ex.key.id if ex.key else "",
+                method=ex.method,
+                path=printable_path(ex.raw_path),
+                status=ex.status,
+                duration_ms=(time.perf_counter() - ex.started) * 1000,
+                stream=ex.stream,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                note="; ".join(ex.notes),
+            )
+        )
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _bearer(scope: Scope) -> str:
+    value = _header(scope, b"authorization")
+    if not value:
+        return ""
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    too_large = _Reply(
+        413,
+        "request_too_large",
+        f"The request body is larger than this endpoint accepts ({limit // (1 << 20)} MB). "
+        "Send fewer or smaller images.",
+    )
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise _Reply(400, "bad_content_length", "Content-Length is not a number.") from None
+    chunks: list[bytes] = []
+    size = 0
+    with anyio.move_on_after(BODY_READ_TIMEOUT_S) as scope_timeout:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reply(400, "client_disconnected", "The client went away.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    if scope_timeout.cancelled_caught:
+        raise _Reply(408, "request_timeout", "The request body did not arrive in time.")
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError as err:
+        raise _Reply(400, "invalid_json", f"The request body is not valid JSON ({err}).") from None
+    if not isinstance(payload, dict):
+        raise _Reply(400, "invalid_json", "The request body must be a JSON object.")
+    return payload
+
+
+def _prepare(payload: dict[str, Any], body: bytes, check: EngineCheck) -> tuple[bytes, bool, bool]:
+    """(body for the engine, is it a stream, strip the usage chunk we asked for)."""
+    changed = False
+    model = payload.get("model")
+    if model is None and check.model:
+        payload["model"] = check.model
+        changed = True
+    elif check.model and model != check.model:
+        shown = model if isinstance(model, str) else json.dumps(model)
+        raise _Reply(
+            404,
+            "model_not_found",
+            f"The model `{shown[:200]}` does not exist here. This endpoint serves "
+            f"`{check.model}`; GET /v1/models lists it.",
+            param="model",
+        )
+    stream = payload.get("stream") is True
+    strip = False
+    if stream:
+        options = payload.get("stream_options")
+        if options is None or (
+            isinstance(options, dict) and options.get("include_usage") is not True
+        ):
+            # Ask the engine for usage so the key's tokens are counted; hide that chunk again.
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+            changed = strip = True
+    if changed:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return body, stream, strip

@@ -1,0 +1,313 @@
+"""The sharing panel's logic (no gradio): switch sharing, list addresses, keys, snippets, usage.
+
+`ui/sharing.py` is layout and wiring only; every button calls a method of `Sharing`.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import socket
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from appliance import settings as st
+from appliance.errors import BadInputError
+from appliance.gateway.service import EVERY_INTERFACE, Gateway
+from appliance.keys import KeyStore, NewKey, OwnerLogin
+
+KEY_PLACEHOLDER = "YOUR_STEP_STATION_KEY"
+_VIRTUAL_PREFIXES = ("docker", "br-", "veth", "virbr", "cni", "flannel", "lxc", "podman")
+_VPN_PREFIXES = ("tailscale", "wg", "tun", "zt")
+
+
+@dataclass(frozen=True)
+class ShareAddress:
+    interface: str
+    address: str
+    url: str
+    note: str  # "LAN", "VPN", "container bridge (other machines cannot reach it)", "this machine"
+
+
+def _note(interface: str, address: str) -> str:
+    if ipaddress.ip_address(address).is_loopback:
+        return "this machine only"
+    if interface.startswith(_VIRTUAL_PREFIXES):
+        return "container bridge (other machines cannot reach it)"
+    if interface.startswith(_VPN_PREFIXES):
+        return "VPN"
+    if ipaddress.ip_address(address).is_link_local:
+        return "link-local"
+    return "LAN"
+
+
+def share_addresses(bind: str, port: int) -> list[ShareAddress]:
+    """Every IPv4 address clients could use to reach a gateway bound to `bind`, best first."""
+    stats = psutil.net_if_stats()
+    found: list[ShareAddress] = []
+    for interface, addresses in psutil.net_if_addrs().items():
+        if interface in stats and not stats[interface].isup:
+            continue
+        for addr in addresses:
+            if addr.family != socket.AF_INET:
+                continue
+            if bind not in (EVERY_INTERFACE, addr.address):
+                continue
+            found.append(
+                ShareAddress(
+                    interface,
+                    addr.address,
+                    f"http://{addr.address}:{port}/v1",
+                    _note(interface, addr.address),
+                )
+            )
+    order = {"LAN": 0, "VPN": 1, "link-local": 2, "this machine only": 4}
+    found.sort(key=lambda a: (order.get(a.note, 3), a.interface, a.address))
+    if not found and bind:
+        found.append(ShareAddress("", bind, f"http://{bind}:{port}/v1", _note("", bind)))
+    return found
+
+
+# ------------------------------------------------------------------------------------ snippets
+
+
+def snippet_curl(base_url: str, key: str, model: str) -> str:
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello in five words."}],
+            "reasoning_effort": "medium",
+        }
+    )
+    return (
+        f"curl {base_url}/chat/completions \\\n"
+        f'  -H "Authorization: Bearer {key}" \\\n'
+        '  -H "Content-Type: application/json" \\\n'
+        f"  -d '{body}'"
+    )
+
+
+def snippet_python(base_url: str, key: str, model: str) -> str:
+    return f'''from openai import OpenAI
+
+client = OpenAI(base_url="{base_url}", api_key="{key}")
+stream = client.chat.completions.create(
+    model="{model}",
+    messages=[{{"role": "user", "content": "Say hello in five words."}}],
+    reasoning_effort="medium",  # low | medium | high
+    stream=True,
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        print(chunk.choices[0].delta.content, end="", flush=True)
+print()
+'''
+
+
+def snippet_open_webui(base_url: str, key: str, model: str) -> str:
+    return f"""# Open WebUI: Admin Panel -> Settings -> Connections -> OpenAI API -> "+"
+#   URL:  {base_url}
+#   Key:  {key}
+#   (the model "{model}" then appears in the model list)
+# Or when starting Open WebUI with Docker:
+docker run -d -p 3000:8080 \\
+  -e OPENAI_API_BASE_URL={base_url} \\
+  -e OPENAI_API_KEY={key} \\
+  -v open-webui:/app/backend/data --name open-webui ghcr.io/open-webui/open-webui:main
+"""
+
+
+def snippet_continue(base_url: str, key: str, model: str) -> str:
+    return f"""# Continue: ~/.continue/config.yaml
+models:
+  - name: Step-3.7-Flash (Step Station)
+    provider: openai
+    model: {model}
+    apiBase: {base_url}
+    apiKey: {key}
+    roles: [chat, edit, apply]
+    requestOptions:
+      extraBodyProperties:
+        reasoning_effort: medium
+"""
+
+
+SNIPPETS = {
+    "curl": snippet_curl,
+    "Python (openai SDK)": snippet_python,
+    "Open WebUI": snippet_open_webui,
+    "Continue": snippet_continue,
+}
+
+
+# -------------------------------------------------------------------------------- controller
+
+
+def _ago(at: float | None, now: float) -> str:
+    if not at:
+        return "never"
+    seconds = max(0, int(now - at))
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 86400:
+        return f"{seconds // 3600} h ago"
+    return time.strftime("%Y-%m-%d", time.localtime(at))
+
+
+@dataclass(frozen=True)
+class ShareResult:
+    message: str
+    new_key: NewKey | None = None
+
+
+class Sharing:
+    """What the sharing tab does, in plain Python."""
+
+    def __init__(self, settings: st.Settings, gateway: Gateway, keys: KeyStore) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.keys = keys
+        self.login = OwnerLogin()
+
+    # ----------------------------------------------------------------------------- status
+
+    def model_name(self) -> str:
+        status = self.gateway.gate.engine.status()
+        return (
+            str(getattr(status, "served_model_name", "") or "")
+            or str(getattr(self.gateway.gate.engine, "served_model_name", "") or "")
+            or "step3p7-flash"
+        )
+
+    def status_text(self) -> str:
+        gw = self.settings.gateway
+        if not self.gateway.running:
+            return f"The API gateway is not running (port {gw.port})."
+        where = f"{self.gateway.host}:{self.gateway.port}"
+        if not self.gateway.shared:
+            keys = "API key required" if gw.require_key_on_loopback else "no key needed"
+            return f"Not shared: listening on {where}, this machine only ({keys})."
+        count = self.keys.active_count()
+        return (
+            f"Shared on the LAN: listening on {where}. Every request needs an API key "
+            f"({count} active). Only /v1/models, /v1/chat/completions and /v1/completions "
+            "are reachable; the engine itself stays on loopback."
+        )
+
+    def addresses(self) -> list[ShareAddress]:
+        bind = self.gateway.host or "127.0.0.1"
+        return share_addresses(bind, self.gateway.port or self.settings.gateway.port)
+
+    def base_urls(self) -> list[str]:
+        urls = [a.url for a in self.addresses() if "cannot reach" not in a.note]
+        return urls or [self.gateway.local_url]
+
+    # ------------------------------------------------------------------------------ switch
+
+    def set_shared(self, on: bool) -> ShareResult:
+        """Switch LAN sharing; the first switch-on with no key makes one (returned, shown once)."""
+        trial = copy.deepcopy(self.settings)
+        trial.gateway.share_lan = on
+        if self.gateway.running:
+            self.gateway.apply_settings(trial)  # raises (and keeps the old listener) on failure
+        self.settings.gateway.share_lan = on
+        if self.gateway.running:
+            self.gateway.apply_settings(self.settings)
+        st.save_settings(self.settings)
+        if not on:
+            return ShareResult("Sharing is off: the gateway listens on this machine only.")
+        new_key = None
+        if self.keys.active_count() == 0:
+            new_key = self.keys.create(f"lan-{time.strftime('%Y%m%d-%H%M%S')}")
+        message = "Sharing is on. Clients need an API key."
+        if new_key is not None:
+            message += " A key was made for you; copy it now, it is shown only once."
+        return ShareResult(message, new_key)
+
+    # -------------------------------------------------------------------------------- keys
+
+    def create_key(self, name: str) -> NewKey:
+        return self.keys.create(name)
+
+    def revoke_key(self, name_or_id: str) -> str:
+        if not name_or_id.strip():
+            raise BadInputError("Choose a key to revoke.", hint="Pick one from the list.")
+        record = self.keys.revoke(name_or_id)
+        return f"Key {record.name!r} ({record.display}) is revoked; it stops working at once."
+
+    def active_key_choices(self) -> list[str]:
+        return [f"{k.name} ({k.id})" for k in self.keys.list() if k.active]
+
+    def keys_rows(self) -> list[list[str | int]]:
+        now = time.time()
+        return [
+            [
+                k.name,
+                k.display,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created)),
+                _ago(k.last_used, now),
+                k.last_address or "",
+                k.requests,
+                k.prompt_tokens,
+                k.completion_tokens,
+                "active" if k.active else "revoked",
+            ]
+            for k in reversed(self.keys.list())
+        ]
+
+    def recent_rows(self, limit: int = 30) -> list[list[str | int]]:
+        now = time.time()
+        return [
+            [
+                _ago(r.at, now),
+                r.address,
+                r.key_name or ("(no key)" if not r.key_id else r.key_id),
+                f"{r.method} {r.path}",
+                r.status,
+                r.prompt_tokens + r.completion_tokens,
+                f"{r.duration_ms:.0f} ms",
+            ]
+            for r in self.gateway.recent(limit)
+        ]
+
+    def snippets(self, base_url: str, key: str = "") -> dict[str, str]:
+        model = self.model_name()
+        return {
+            name: make(base_url, key or KEY_PLACEHOLDER, model) for name, make in SNIPPETS.items()
+        }
+
+    # -------------------------------------------------------------------------- UI on LAN
+
+    def ui_lan_status(self) -> str:
+        if not self.settings.ui.lan:
+            return "The UI is on this machine only."
+        user = self.login.username()
+        return f"The UI is reachable on the LAN with the owner login ({user!r})."
+
+    def set_ui_lan(self, on: bool, username: str = "", password: str = "") -> str:
+        """Turn "UI on LAN" on (needs an owner login: set on first use) or off."""
+        if on and not self.login.is_set():
+            if not username.strip() or not password:
+                raise BadInputError(
+                    "The UI on the LAN needs an owner login first.",
+                    hint="Enter a user name and a password (8 characters or more), then switch "
+                    "it on again.",
+                )
+            self.login.set(username, password)
+        elif on and password and not self.login.check(username, password):
+            raise BadInputError(
+                "That is not the owner login.", hint="Enter the user name and password set before."
+            )
+        self.settings.ui.lan = on
+        st.save_settings(self.settings)
+        return (
+            "The UI will listen on the LAN with the owner login (restart the appliance if it "
+            "does not switch by itself)."
+            if on
+            else "The UI is back on this machine only."
+        )
