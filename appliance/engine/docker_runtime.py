@@ -1,18 +1,47 @@
 """The only module that imports docker (docker-py).
 
-Started by the doctor (issue 2) with a read-only probe of the Docker engine; the engine
-runtime (`DockerRuntime`) belongs here too. Keep additions additive.
+`DockerRuntime` runs the engine as a container: pulls with per-layer byte progress (errors
+checked on every event), creates the container from the frozen launch spec, streams its logs
+split on `\r` and `\n`, stops it with SIGTERM then kill, and finds it again by its labels.
+`docker_probe()` is the doctor's read-only look at the Docker engine.
+
+`docker.client`, `docker.types` and `docker.errors` are imported as submodules: the repository's
+own `docker/` folder (Dockerfiles) would otherwise shadow the package for mypy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
 
-import docker
+import docker.client
 import docker.errors
+import docker.types
 import requests.exceptions
 
-from appliance.errors import DockerUnavailableError
+from appliance.engine.runtime import (
+    EngineExit,
+    EngineHandle,
+    LogLine,
+    ProgressCallback,
+    Runtime,
+    split_lines,
+)
+from appliance.engine.spec import LABEL_MANAGED, LABEL_NAME, LaunchSpec
+from appliance.errors import (
+    DockerUnavailableError,
+    EngineError,
+    ImagePullError,
+    PortInUseError,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,6 +53,7 @@ class DockerProbe:
     runtimes: list[str] = field(default_factory=list)  # e.g. ["io.containerd.runc.v2", "nvidia"]
     default_runtime: str = ""
     cdi_spec_dirs: list[str] = field(default_factory=list)  # where the daemon looks for CDI specs
+    root_dir: str = ""  # where images are stored (DockerRootDir)
 
 
 def docker_probe(timeout: float = 3.0) -> DockerProbe:
@@ -32,7 +62,7 @@ def docker_probe(timeout: float = 3.0) -> DockerProbe:
     Raises DockerUnavailableError, saying what to do, when the engine cannot be reached.
     """
     try:
-        client = docker.from_env(timeout=int(max(1, timeout)))
+        client = docker.client.from_env(timeout=int(max(1, timeout)))
     except docker.errors.DockerException as err:
         raise DockerUnavailableError(
             f"Docker is not reachable ({err}).",
@@ -54,9 +84,390 @@ def docker_probe(timeout: float = 3.0) -> DockerProbe:
         runtimes=sorted((info.get("Runtimes") or {}).keys()),
         default_runtime=str(info.get("DefaultRuntime", "")),
         cdi_spec_dirs=[str(d) for d in (info.get("CDISpecDirs") or [])],
+        root_dir=str(info.get("DockerRootDir", "")),
     )
 
 
 def docker_version(timeout: float = 3.0) -> str:
     """The Docker engine's version string; DockerUnavailableError when unreachable."""
     return docker_probe(timeout).version
+
+
+# ------------------------------------------------------------------------------ the runtime
+
+_GPU_DRIVER_HINT = (
+    "Set up the NVIDIA Container Toolkit: `sudo nvidia-ctk runtime configure --runtime=docker "
+    "&& sudo systemctl restart docker`. On a machine without an NVIDIA GPU, run with "
+    "`step-station config set engine.request_gpu false` (the simulator image only)."
+)
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ")
+
+
+def parse_docker_time(text: str) -> float | None:
+    """Docker's RFC 3339 times (nanoseconds, `Z`) as epoch seconds; None for the zero time."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", text or "")
+    if not match or text.startswith("0001-"):
+        return None
+    base, frac, zone = match.group(1), match.group(2) or "", match.group(3) or "Z"
+    zone = "+00:00" if zone == "Z" else zone
+    stamp = datetime.fromisoformat(base + zone).timestamp()
+    return stamp + (float(frac) if frac else 0.0)
+
+
+def split_timestamped(message: str) -> tuple[float | None, str]:
+    """`2024-05-01T10:00:00.123456789Z text` -> (epoch seconds, text)."""
+    match = _TIMESTAMP.match(message)
+    if not match:
+        return None, message
+    return parse_docker_time(match.group(0).strip()), message[match.end() :]
+
+
+def _unavailable(err: Exception) -> DockerUnavailableError:
+    return DockerUnavailableError(
+        f"Docker is not reachable ({err.__class__.__name__}: {err}).",
+        hint="Start it (`sudo systemctl start docker`) or check DOCKER_HOST.",
+    )
+
+
+class DockerRuntime(Runtime):
+    """The engine as a container of the local Docker engine (docker-py)."""
+
+    kind = "docker"
+
+    def __init__(self, base_url: str | None = None, timeout_s: int = 60) -> None:
+        self._base_url = base_url
+        self._timeout_s = timeout_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------- client
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                try:
+                    if self._base_url:
+                        client = docker.client.DockerClient(
+                            base_url=self._base_url, timeout=self._timeout_s
+                        )
+                    else:
+                        client = docker.client.from_env(timeout=self._timeout_s)
+                    client.ping()
+                except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+                    raise _unavailable(e) from e
+                self._client = client
+            return self._client
+
+    def _reset(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run a Docker call; a lost connection becomes DockerUnavailableError (and reconnects
+        on the next call)."""
+        try:
+            return fn()
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+            self._reset()
+            raise _unavailable(err) from err
+        except docker.errors.DockerException as err:
+            if isinstance(err, docker.errors.APIError):
+                raise
+            self._reset()
+            raise _unavailable(err) from err
+
+    def close(self) -> None:
+        self._reset()
+
+    # ---------------------------------------------------------------------------- images
+
+    def image_present(self, spec: LaunchSpec) -> bool:
+        return self.has_image(spec.image)
+
+    def has_image(self, ref: str) -> bool:
+        try:
+            self._call(lambda: self.client.images.get(ref))
+        except docker.errors.APIError:  # ImageNotFound included
+            return False
+        return True
+
+    def ensure_image(self, spec: LaunchSpec, on_progress: ProgressCallback) -> None:
+        pull_image(self, spec.image, on_progress)
+
+    # ------------------------------------------------------------------------ containers
+
+    def _handle(self, container: Any) -> EngineHandle:
+        state = container.attrs.get("State") or {}
+        return EngineHandle(
+            id=container.id,
+            name=container.name,
+            labels=dict(container.labels or {}),
+            started_at=parse_docker_time(str(state.get("StartedAt", ""))),
+        )
+
+    def find(self, name: str) -> EngineHandle | None:
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NAME}={name}"]}
+        found = self._call(lambda: self.client.containers.list(all=True, filters=filters))
+        if not found:
+            return None
+        running = [c for c in found if c.status == "running"]
+        return self._handle((running or found)[0])
+
+    def create(self, spec: LaunchSpec) -> EngineHandle:
+        """Create (not start) the container from the spec; its spec can then be inspected."""
+        for mount in spec.mounts:
+            if not mount.read_only:
+                Path(mount.source).mkdir(parents=True, exist_ok=True)
+        kwargs = container_kwargs(spec)
+        try:
+            container = self._call(lambda: self.client.containers.create(**kwargs))
+        except docker.errors.ImageNotFound as err:
+            raise ImagePullError(
+                f"The engine image {spec.image} is not on this machine.",
+                hint="Pull it with `step-station pull`.",
+            ) from err
+        except docker.errors.APIError as err:
+            if err.status_code == 409:
+                raise EngineError(
+                    f"A container named {spec.name!r} already exists and step-station does not "
+                    "manage it.",
+                    hint=f"Remove it (`docker rm -f {spec.name}`) or choose another name with "
+                    "`step-station config set engine.container_name NAME`.",
+                ) from err
+            raise EngineError(
+                f"Docker refused to create the engine container: {_explain(err)}"
+            ) from err
+        return self._handle(container)
+
+    def launch(self, spec: LaunchSpec) -> EngineHandle:
+        handle = self.create(spec)
+        container = self._call(lambda: self.client.containers.get(handle.id))
+        try:
+            self._call(container.start)
+        except docker.errors.APIError as err:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True)
+            raise _start_error(err, spec) from err
+        container.reload()
+        return self._handle(container)
+
+    def _container(self, handle: EngineHandle) -> Any:
+        return self._call(lambda: self.client.containers.get(handle.id))
+
+    def inspect(self, handle: EngineHandle) -> EngineExit:
+        try:
+            container = self._container(handle)
+        except docker.errors.NotFound:
+            return EngineExit(running=False, gone=True)
+        state = container.attrs.get("State") or {}
+        status = str(state.get("Status", ""))
+        if status in ("running", "restarting", "paused"):
+            return EngineExit(running=True)
+        return EngineExit(
+            running=False,
+            exit_code=int(state["ExitCode"]) if status == "exited" else None,
+            oom_killed=bool(state.get("OOMKilled")),
+            error=str(state.get("Error") or ""),
+        )
+
+    def follow_logs(self, handle: EngineHandle, stop: threading.Event) -> Iterator[LogLine]:
+        try:
+            container = self._container(handle)
+            stream = self._call(lambda: container.logs(stream=True, follow=True, timestamps=True))
+        except docker.errors.NotFound:
+            return
+        done = threading.Event()
+
+        def closer() -> None:  # the stream blocks on a socket: close it when asked to stop
+            while not stop.wait(0.5):
+                if done.is_set():
+                    return
+            with contextlib.suppress(Exception):
+                stream.close()
+
+        threading.Thread(target=closer, name="engine-logs-closer", daemon=True).start()
+        try:
+            pending = ""
+            for chunk in stream:
+                pending += chunk.decode("utf-8", "replace")
+                *messages, pending = pending.split("\n")
+                for message in messages:
+                    yield from _log_lines(message)
+            if pending:
+                yield from _log_lines(pending)
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as err:
+            raise _unavailable(err) from err
+        finally:
+            done.set()
+
+    def tail(self, handle: EngineHandle, lines: int = 50) -> list[str]:
+        try:
+            container = self._container(handle)
+            raw = self._call(lambda: container.logs(tail=lines * 4))
+        except docker.errors.NotFound:
+            return []
+        found, rest = split_lines(raw.decode("utf-8", "replace") + "\n")
+        del rest
+        return found[-lines:]
+
+    def stop(self, handle: EngineHandle, timeout_s: float) -> None:
+        """Docker sends SIGTERM, waits `timeout_s`, then SIGKILL; returns once it exited."""
+        try:
+            container = self._container(handle)
+            self._call(lambda: container.stop(timeout=max(1, int(timeout_s))))
+            self._call(lambda: container.wait(timeout=int(timeout_s) + 30))
+        except docker.errors.NotFound:
+            return
+
+    def remove(self, handle: EngineHandle) -> None:
+        try:
+            container = self._container(handle)
+            self._call(lambda: container.remove(force=True))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as err:
+            if err.status_code != 409:  # 409: removal already in progress
+                raise EngineError(
+                    f"Could not remove the engine container: {_explain(err)}"
+                ) from err
+
+    def list_managed(self) -> list[EngineHandle]:
+        """Every container this appliance manages (any name), for cleanup and checks."""
+        found = self._call(
+            lambda: self.client.containers.list(
+                all=True, filters={"label": f"{LABEL_MANAGED}=true"}
+            )
+        )
+        return [self._handle(c) for c in found]
+
+
+def _log_lines(message: str) -> Iterator[LogLine]:
+    at, text = split_timestamped(message)
+    for line in text.split("\r"):
+        if line.strip():
+            yield LogLine(line, at)
+
+
+def _explain(err: Any) -> str:
+    return str(getattr(err, "explanation", None) or err)
+
+
+def _start_error(err: Any, spec: LaunchSpec) -> Exception:
+    text = _explain(err)
+    if "could not select device driver" in text or "nvidia" in text.lower():
+        return EngineError(
+            f"Docker could not give the engine a GPU ({text}).", hint=_GPU_DRIVER_HINT
+        )
+    if "port is already allocated" in text or "address already in use" in text:
+        return PortInUseError(
+            f"Port {spec.host_port} on {spec.host_ip} is already in use ({text}).",
+            hint="Stop the program using it, or choose another port with "
+            "`step-station config set engine.port PORT`.",
+        )
+    return EngineError(f"Docker could not start the engine container: {text}")
+
+
+def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
+    """docker-py `containers.create()` arguments for the spec (pure)."""
+    device_requests = []
+    if spec.gpus is not None:
+        if spec.gpus:
+            request = docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])
+        else:
+            request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
+        device_requests.append(request)
+    return {
+        "image": spec.image,
+        "command": list(spec.args),
+        "name": spec.name,
+        "detach": True,
+        "labels": spec.label_map,
+        "environment": spec.env_map,
+        "ports": {f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)},
+        "ipc_mode": spec.ipc_mode,
+        "ulimits": [docker.types.Ulimit(name=n, soft=s, hard=h) for n, s, h in spec.ulimits],
+        "mounts": [
+            docker.types.Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ],
+        "device_requests": device_requests or None,
+    }
+
+
+# ------------------------------------------------------------------------------------ pulls
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """`repo:tag` or `repo@sha256:...` -> (repo, tag-or-digest)."""
+    if "@" in ref:
+        repo, digest = ref.split("@", 1)
+        return repo, digest
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = ref.rsplit(":", 1)
+        return repo, tag
+    return ref, "latest"
+
+
+_DONE_STATUSES = ("Download complete", "Pull complete", "Extracting", "Verifying Checksum")
+
+
+def pull_image(runtime: DockerRuntime, ref: str, on_progress: ProgressCallback) -> None:
+    """Pull `ref` with per-layer byte progress; an in-band error on any event raises.
+
+    Overall progress = sum of `current` over sum of `total` of the Downloading events, per layer.
+    """
+    repo, tag = _split_ref(ref)
+    layers: dict[str, list[int]] = {}
+    complete: set[str] = set()
+    seen: set[str] = set()
+    try:
+        stream = runtime._call(
+            lambda: runtime.client.api.pull(repo, tag=tag, stream=True, decode=True)
+        )
+        for event in stream:
+            if "errorDetail" in event or "error" in event:
+                detail = event.get("errorDetail") or {}
+                raise _pull_error(ref, str(detail.get("message") or event.get("error")))
+            layer, status = event.get("id"), str(event.get("status", ""))
+            detail = event.get("progressDetail") or {}
+            if layer and status not in ("Pulling from",) and not status.startswith("Pulling from"):
+                seen.add(layer)
+            if layer and status == "Downloading":
+                total = int(detail.get("total") or 0)
+                if total > 0:
+                    layers[layer] = [int(detail.get("current") or 0), total]
+            elif layer and status.startswith(_DONE_STATUSES) and layer in layers:
+                layers[layer][0] = layers[layer][1]
+                complete.add(layer)
+            elif layer and status == "Already exists":
+                complete.add(layer)
+            done = sum(c for c, _ in layers.values())
+            total = sum(t for _, t in layers.values())
+            on_progress(done, total, f"{len(complete)}/{len(seen)} layers")
+    except (requests.exceptions.RequestException, docker.errors.DockerException) as err:
+        if isinstance(err, docker.errors.APIError):
+            raise _pull_error(ref, _explain(err)) from err
+        raise _unavailable(err) from err
+    if not runtime.has_image(ref):
+        raise _pull_error(ref, "the pull ended but the image is not on this machine")
+    total = sum(t for _, t in layers.values())
+    on_progress(total, total, f"{len(seen)}/{len(seen)} layers, pulled")
+
+
+def _pull_error(ref: str, reason: str) -> ImagePullError:
+    lowered = reason.lower()
+    if "connection refused" in lowered or "no such host" in lowered or "dial tcp" in lowered:
+        hint = "The registry cannot be reached: check the network (or that the registry runs), "
+        hint += "then run `step-station pull` again; layers already fetched are kept."
+    elif "not found" in lowered or "manifest unknown" in lowered:
+        hint = "Check engine.image (`step-station config get engine.image`)."
+    elif "unauthorized" in lowered or "denied" in lowered:
+        hint = "Log in to the registry (`docker login`), then pull again."
+    else:
+        hint = "Run `step-station pull` again; layers already fetched are kept."
+    return ImagePullError(f"Pulling {ref} failed: {reason}.", hint=hint)

@@ -1,0 +1,988 @@
+"""The engine's state machine: from nothing to serving and back, telling the truth at every step.
+
+The truth is the runtime (Docker): the engine carries `io.step-station.*` labels, so a restarted
+appliance re-derives the state and adopts a running engine instead of starting a second one.
+Operations that create or remove the engine hold an inter-process lock (`lock.py`), so the UI,
+the CLI and the gateway never race. Every wait has a deadline and ends early when the engine
+exits; waits sleep on an event that `stop()` (and tests) can set.
+
+Threads: `start()` returns at once; one worker thread runs the start and then watches the engine
+until it stops; one log thread per engine feeds the phase tracker. `status()` returns a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from appliance import settings as st
+from appliance.engine import health, phases
+from appliance.engine.lock import EngineLock
+from appliance.engine.process_runtime import ProcessRuntime
+from appliance.engine.runtime import EngineExit, EngineHandle, LogLine, Runtime
+from appliance.engine.spec import (
+    LABEL_PROFILE,
+    LABEL_SERVED_NAME,
+    LABEL_SETTINGS_HASH,
+    LaunchSpec,
+    safer_spec,
+)
+from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
+from appliance.errors import ApplianceError, DockerUnavailableError, EngineError, SettingsError
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 200
+RETRYABLE = (phases.CUDA_OOM, phases.MAX_LEN_TOO_LARGE)
+PULLING = "Pulling image"
+DOWNLOADING = "Downloading weights"
+
+SpecBuilder = Callable[["Supervisor", "str | None"], LaunchSpec]
+WeightsFetcher = Callable[..., object]
+Listener = Callable[[EngineStatus], None]
+
+
+@dataclass
+class _Outcome:
+    ready: bool = False
+    cancelled: bool = False
+    failure: str | None = None  # a phases.* failure kind from the log
+    exit: EngineExit | None = None
+    message: str = ""
+
+
+@dataclass
+class _Engine:
+    """The engine being watched, with its log reader."""
+
+    handle: EngineHandle
+    tracker: phases.PhaseTracker
+    stop_logs: threading.Event
+    logs_done: threading.Event
+    spec: LaunchSpec | None = None
+
+
+class Supervisor:
+    """One engine, one state machine. Thread-safe; all public methods may be called from any
+    thread (UI callbacks, CLI, gateway)."""
+
+    def __init__(
+        self,
+        settings: st.Settings,
+        *,
+        secrets: st.Secrets | None = None,
+        runtime: Runtime | None = None,
+        demo: bool = False,
+        download_weights: bool | None = None,
+        weights_fetcher: WeightsFetcher | None = None,
+        spec_builder: SpecBuilder | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        poll_interval_s: float = 0.25,
+        monitor_interval_s: float = 1.0,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.demo = demo
+        self.download_weights = (not demo) if download_weights is None else download_weights
+        self._secrets = secrets
+        self._runtime = runtime
+        self._weights_fetcher = weights_fetcher
+        self._spec_builder = spec_builder
+        self._clock = clock
+        self._wall = wall
+        self.poll_interval_s = poll_interval_s
+        self.monitor_interval_s = monitor_interval_s
+        self.lock_timeout_s = lock_timeout_s
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._status = EngineStatus(engine_url=self._url(), container_name=self._name())
+        self._listeners: list[Listener] = []
+        self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._tick = threading.Event()
+        self._engine: _Engine | None = None
+        self._pre_phases: list[PhaseRecord] = []
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._desired_hash = ""
+        self._last_activity = clock()
+
+    @classmethod
+    def for_demo(cls, settings: st.Settings, **kwargs: Any) -> Supervisor:
+        """A supervisor that runs the simulator as a local process (`step-station up --demo`)."""
+        demo_settings = copy.deepcopy(settings)
+        demo_settings.engine.runtime = "process"
+        kwargs.setdefault("runtime", ProcessRuntime())
+        return cls(demo_settings, demo=True, **kwargs)
+
+    # -------------------------------------------------------------------------------- reading
+
+    @property
+    def engine_url(self) -> str:
+        return self._url()
+
+    @property
+    def served_model_name(self) -> str:
+        with self._lock:
+            if self._status.served_model_name:
+                return self._status.served_model_name
+        from appliance.engine.launch import served_name_for  # local: avoids a start-up cycle
+
+        return served_name_for(self.settings)
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._status.version
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = _make_runtime(self.settings.engine.runtime)
+        return self._runtime
+
+    def status(self) -> EngineStatus:
+        """A snapshot (a copy): open phases show their elapsed time up to now."""
+        with self._lock:
+            snap = copy.deepcopy(self._status)
+            log_phases = self._engine.tracker.phases if self._engine else []
+            snap.phases = copy.deepcopy(self._pre_phases + log_phases)
+            snap.log_tail = list(self._tail)[-50:]
+            if self._engine is not None:
+                snap.effective = {**snap.effective, **self._engine.tracker.facts}
+        now = self._wall()
+        for phase in snap.phases:
+            if not phase.done:
+                phase.elapsed_s = max(0.0, now - phase.started_at)
+        snap.phase = _phase_name(snap)
+        return snap
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(status)` after every state change; returns the function that removes it.
+        Listeners run on the supervisor's threads and must return quickly."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    subscribe = add_listener
+
+    def wait_for_change(self, since_version: int, timeout_s: float) -> EngineStatus:
+        """Block until the version moves past `since_version` or `timeout_s` passes."""
+        deadline = self._clock() + timeout_s
+        with self._changed:
+            while self._status.version <= since_version:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 0.5))
+        return self.status()
+
+    def wait_ready(self, timeout_s: float | None = None) -> EngineStatus:
+        """Block until ready; EngineError with the reason when it fails, stops or times out."""
+        timeout = self.settings.engine.start_timeout_s + 60 if timeout_s is None else timeout_s
+        deadline = self._clock() + timeout
+        with self._changed:
+            while True:
+                state = self._status.state
+                if state in (EngineState.READY, EngineState.SLEEPING):
+                    break
+                if state == EngineState.FAILED:
+                    raise EngineError(self._status.message or "The engine failed to start.")
+                if state in (EngineState.STOPPED, EngineState.ABSENT) and not self._busy():
+                    raise EngineError(
+                        "The engine is not starting.", hint="Start it with `step-station start`."
+                    )
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise EngineError(
+                        f"The engine was not ready after {timeout:.0f} s (state: {state.value}).",
+                        hint="`step-station status` shows where it is.",
+                    )
+                self._changed.wait(min(remaining, 0.5))
+        return self.status()
+
+    # ------------------------------------------------------------------------------ operations
+
+    def attach(self) -> EngineStatus:
+        """Derive the state from the runtime and adopt a running engine (appliance start-up, CLI).
+
+        Never starts anything. A healthy engine is READY as soon as this returns.
+        """
+        with self._lock:
+            if self._busy() or self._engine is not None:
+                return self.status()
+        handle = self.runtime.find(self._name())
+        self._refresh_desired_hash()
+        if handle is None:
+            self._update(state=EngineState.ABSENT, container_id="", message="")
+            return self.status()
+        info = self.runtime.inspect(handle)
+        if not info.running:
+            self._report_exited(handle, info)
+            return self.status()
+        self._adopt(handle, spec=None)
+        if health.probe_health(self._url()) == 200:
+            self._mark_ready(adopted=True)
+        self._spawn(self._watch_adopted, handle)
+        return self.status()
+
+    def start(self, profile: str | None = None) -> EngineStatus:
+        """Start the engine in the background; returns at once (`wait_ready()` to block).
+
+        Does nothing when the engine is already starting or running.
+        """
+        with self._lock:
+            if self._busy() or self._status.state in (EngineState.READY, EngineState.SLEEPING):
+                return self.status()
+            self._cancel.clear()
+            self._pre_phases = []
+            self._tail.clear()
+            self._engine = None
+            self._status = EngineStatus(
+                state=EngineState.STARTING,
+                profile=profile or self.settings.engine.profile,
+                runtime=self.settings.engine.runtime,
+                engine_url=self._url(),
+                container_name=self._name(),
+                message="Preparing to start the engine.",
+                started_at=self._wall(),
+                version=self._status.version,
+            )
+            self._bump()
+            self._spawn(self._run_start, profile)
+        self._notify()
+        return self.status()
+
+    def stop(self, timeout_s: float | None = None) -> EngineStatus:
+        """Stop gracefully (SIGTERM, deadline, kill), remove the engine, and return when done."""
+        timeout = float(self.settings.engine.stop_timeout_s if timeout_s is None else timeout_s)
+        self._cancel.set()
+        self._tick.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=timeout + 10)
+        with EngineLock(self.lock_timeout_s):
+            handle = self._engine.handle if self._engine else self.runtime.find(self._name())
+            if handle is None:
+                with self._lock:
+                    was = self._status.state
+                self._update(
+                    state=EngineState.STOPPED if was != EngineState.ABSENT else EngineState.ABSENT,
+                    progress=None,
+                    message="The engine is not running." if was == EngineState.ABSENT else "",
+                )
+                return self.status()
+            self._update(state=EngineState.STOPPING, message="Stopping the engine.")
+            self.runtime.stop(handle, timeout)
+            self.runtime.remove(handle)
+        self._forget_engine()
+        self._update(
+            state=EngineState.STOPPED,
+            container_id="",
+            progress=None,
+            restart_needed=False,
+            message="Stopped; the GPU memory is released.",
+        )
+        return self.status()
+
+    def restart(self, profile: str | None = None) -> EngineStatus:
+        """Stop, then start with the current settings (how a changed setting takes effect)."""
+        self.stop()
+        return self.start(profile)
+
+    def apply_settings(self, settings: st.Settings) -> EngineStatus:
+        """Take new settings; a running engine launched with other settings needs a restart."""
+        self.settings = settings
+        self._refresh_desired_hash()
+        return self.status()
+
+    def close(self) -> None:
+        """Stop watching (threads end); the engine itself keeps running and is adopted later."""
+        self._cancel.set()
+        self._tick.set()
+        if self._engine is not None:
+            self._engine.stop_logs.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=5)
+
+    # ------------------------------------------------------------------------------- sleeping
+
+    def note_activity(self) -> None:
+        """A request went to the engine: restarts the idle-sleep clock."""
+        self._last_activity = self._clock()
+
+    def sleep(self, level: int = 1, timeout_s: float = 120.0) -> EngineStatus:
+        """Put a ready engine to sleep (dev-mode endpoints on loopback; needs `sleep_mode`)."""
+        if not self.settings.engine.sleep_mode:
+            raise EngineError(
+                "Sleep mode is off.",
+                hint="Turn it on (`step-station config set engine.sleep_mode true`), then restart.",
+            )
+        if self.status().state != EngineState.READY:
+            raise EngineError("Only a ready engine can sleep.")
+        code = health.post(self._url(), f"/sleep?level={level}", timeout_s)
+        if code != 200:
+            raise EngineError(f"The engine refused to sleep (HTTP {code}).")
+        self._poll_sleeping(want=True, timeout_s=timeout_s)
+        self._update(state=EngineState.SLEEPING, message=f"Sleeping (level {level}).")
+        return self.status()
+
+    def wake(self, timeout_s: float = 120.0) -> EngineStatus:
+        """Wake a sleeping engine; returns when it serves again."""
+        if self.status().state != EngineState.SLEEPING:
+            return self.status()
+        code = health.post(self._url(), "/wake_up", timeout_s)
+        if code != 200:
+            raise EngineError(f"The engine did not wake up (HTTP {code}).")
+        self._poll_sleeping(want=False, timeout_s=timeout_s)
+        self.note_activity()
+        self._update(state=EngineState.READY, message="")
+        return self.status()
+
+    def ensure_awake(self, timeout_s: float = 120.0) -> None:
+        """Wake on demand (the gateway and chat call this before sending a request)."""
+        self.note_activity()
+        if self.status().state == EngineState.SLEEPING:
+            self.wake(timeout_s)
+
+    def _poll_sleeping(self, *, want: bool, timeout_s: float) -> None:
+        deadline = self._clock() + timeout_s
+        while self._clock() < deadline:
+            if health.is_sleeping(self._url()) is want:
+                return
+            self._cancel.wait(self.poll_interval_s)
+        raise EngineError(f"The engine did not {'sleep' if want else 'wake up'} in {timeout_s} s.")
+
+    # ------------------------------------------------------------------------------------ logs
+
+    def iter_logs(self, *, follow: bool, stop: threading.Event | None = None) -> Iterator[str]:
+        """The engine's log lines (`step-station logs [-f]`)."""
+        handle = self.runtime.find(self._name())
+        if handle is None:
+            raise EngineError("There is no engine to show logs for.", hint="`step-station start`.")
+        if not follow:
+            yield from self.runtime.tail(handle, TAIL_LINES)
+            return
+        for line in self.runtime.follow_logs(handle, stop or threading.Event()):
+            yield line.text
+
+    # --------------------------------------------------------------------------- the worker
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except ApplianceError as err:
+                self._fail(str(err))
+            except Exception as err:  # noqa: BLE001 - a worker must never die silently
+                log.exception("engine supervisor worker failed")
+                self._fail(
+                    f"Unexpected error in the engine supervisor: {err!r}. "
+                    "Check `step-station logs`, then try again."
+                )
+
+        thread = threading.Thread(target=run, name="engine-supervisor", daemon=True)
+        self._worker = thread
+        thread.start()
+
+    def _busy(self) -> bool:
+        worker = self._worker
+        return (
+            worker is not None
+            and worker.is_alive()
+            and self._status.state.busy
+            and worker is not threading.current_thread()
+        )
+
+    def _run_start(self, profile: str | None) -> None:
+        spec = self._build_spec(profile)
+        self._update(
+            profile=spec.profile,
+            served_model_name=spec.served_model_name,
+            effective=_effective(spec),
+        )
+        with self._lock:
+            self._desired_hash = spec.settings_hash
+        existing = self._find_running()
+        if existing is not None:
+            self._adopt(existing, spec)
+            self._watch_adopted(existing)
+            return
+        if not self.runtime.image_present(spec):
+            self._pull(spec)
+        if self._cancel.is_set():
+            return
+        spec = self._ensure_weights(spec)
+        retried = False
+        while not self._cancel.is_set():
+            handle = self._launch(spec)
+            if handle is None:  # cancelled, or adopted one another process started
+                return
+            outcome = self._watch_start(
+                handle, self._clock() + self.settings.engine.start_timeout_s
+            )
+            if outcome.ready:
+                self._mark_ready(adopted=False)
+                self._monitor(handle)
+                return
+            if outcome.cancelled:
+                return
+            safer = None
+            if not retried and outcome.failure in RETRYABLE:
+                safer = safer_spec(spec, outcome.failure or "", self._facts())
+            if safer is None:
+                if retried and outcome.failure in RETRYABLE:
+                    outcome.message += f" It failed again after a retry with {self._retry_note()}."
+                self._fail_engine(handle, outcome)
+                return
+            spec, note = safer
+            retried = True
+            self._remove_quietly(handle)
+            self._update(
+                retry_note=note,
+                message=f"Out of GPU memory at start; retrying once with {note}.",
+                effective={**_effective(spec), "retry": note},
+            )
+
+    def _facts(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._engine.tracker.facts) if self._engine else {}
+
+    def _retry_note(self) -> str:
+        with self._lock:
+            return self._status.retry_note
+
+    def _build_spec(self, profile: str | None) -> LaunchSpec:
+        if self._spec_builder is not None:
+            return self._spec_builder(self, profile)
+        from appliance.engine.launch import launch_spec_for  # local: keeps import light
+
+        return launch_spec_for(
+            self.settings,
+            profile=profile,
+            runtime=self.runtime.kind,
+            demo=self.demo,
+            download_weights=self.download_weights,
+            secrets=self._secrets,
+        )
+
+    def _find_running(self) -> EngineHandle | None:
+        with EngineLock(self.lock_timeout_s):
+            handle = self.runtime.find(self._name())
+            if handle is None:
+                return None
+            if self.runtime.inspect(handle).running:
+                return handle
+            self.runtime.remove(handle)  # an old, exited engine: its name is needed again
+            return None
+
+    def _pull(self, spec: LaunchSpec) -> None:
+        record = self._begin_pre_phase(PULLING)
+        self._update(
+            state=EngineState.PULLING_IMAGE, message=f"Pulling {spec.image}.", progress=(0, 0)
+        )
+
+        def on_progress(done: int, total: int, line: str) -> None:
+            if self._cancel.is_set():
+                raise EngineError("Start cancelled while pulling the image.")
+            record.detail = _bytes_detail(done, total)
+            self._update(progress=(done, total), message=line or f"Pulling {spec.image}.")
+
+        self.runtime.ensure_image(spec, on_progress)
+        self._end_pre_phase(record)
+
+    def _ensure_weights(self, spec: LaunchSpec) -> LaunchSpec:
+        if not spec.weights_repo:
+            if spec.model.startswith("/"):  # a local checkpoint: never reach the Hub
+                return spec.with_env(HF_HUB_OFFLINE="1")
+            return spec
+        record = self._begin_pre_phase(DOWNLOADING)
+        self._update(
+            state=EngineState.DOWNLOADING_WEIGHTS,
+            message=f"Downloading {spec.weights_repo}.",
+            progress=(0, 0),
+        )
+
+        def on_progress(done: int, total: int, line: str) -> None:
+            record.detail = _bytes_detail(done, total)
+            self._update(progress=(done, total), message=line or record.detail)
+
+        fetch = self._weights_fetcher
+        if fetch is None:
+            from appliance.engine.weights import ensure_weights
+
+            fetch = ensure_weights
+        fetch(
+            spec.weights_repo,
+            hf_cache=spec.hf_cache,
+            token=dict(spec.secret_env).get("HF_TOKEN", ""),
+            on_progress=on_progress,
+            cancel=self._cancel,
+        )
+        self._end_pre_phase(record)
+        return spec.with_env(HF_HUB_OFFLINE="1")
+
+    def _launch(self, spec: LaunchSpec) -> EngineHandle | None:
+        health.ensure_port_free(spec.host_ip, spec.host_port)
+        with EngineLock(self.lock_timeout_s):
+            if self._cancel.is_set():
+                return None
+            existing = self.runtime.find(spec.name)
+            if existing is not None:
+                if self.runtime.inspect(existing).running:
+                    self._adopt(existing, spec)
+                    self._watch_adopted(existing)
+                    return None
+                self.runtime.remove(existing)
+            self._update(
+                state=EngineState.STARTING,
+                progress=None,
+                message="Starting the engine.",
+                exit_code=None,
+            )
+            handle = self.runtime.launch(spec)
+        self._watch_logs(handle, spec, fresh=True)
+        self._update(container_id=handle.id, message="Loading the model.")
+        return handle
+
+    def _watch_start(self, handle: EngineHandle, deadline: float) -> _Outcome:
+        """Poll until ready, exited, cancelled or past the deadline."""
+        url = self._url()
+        while True:
+            if self._cancel.is_set():
+                return _Outcome(cancelled=True)
+            try:
+                info = self.runtime.inspect(handle)
+            except DockerUnavailableError as err:
+                self._update(message=f"{err} Waiting for Docker to come back.")
+                info = EngineExit(running=True)
+            if not info.running:
+                self._wait_logs_drained()
+                return self._exited_outcome(info, starting=True)
+            code = health.probe_health(url)
+            if code == 200:
+                return _Outcome(ready=True)
+            if code == 503:
+                return _Outcome(
+                    message="The engine reported itself dead (/health 503) while starting."
+                )
+            if self._clock() >= deadline:
+                return self._hang_outcome(handle)
+            self._tick.wait(self.poll_interval_s)
+            self._tick.clear()
+
+    def _hang_outcome(self, handle: EngineHandle) -> _Outcome:
+        with self._lock:
+            phase = _phase_name(self.status())
+        limit = self.settings.engine.start_timeout_s
+        self._update(message=f"Not ready after {limit} s; stopping the engine.")
+        self.runtime.stop(handle, self.settings.engine.stop_timeout_s)
+        return _Outcome(
+            message=f"The engine was not ready after {limit} s (stuck in '{phase}') and was "
+            "stopped. See `step-station logs`; if the machine is just slow, raise "
+            "engine.start_timeout_s (`step-station config set engine.start_timeout_s SECONDS`)."
+        )
+
+    def _exited_outcome(self, info: EngineExit, *, starting: bool) -> _Outcome:
+        with self._lock:
+            failure = self._engine.tracker.failure if self._engine else None
+            failure_line = self._engine.tracker.failure_line if self._engine else ""
+        when = "while starting" if starting else "unexpectedly"
+        code = "" if info.exit_code is None else f" (exit code {info.exit_code})"
+        if info.gone:
+            message = "The engine was removed by another program (or another step-station)."
+        elif failure == phases.CUDA_OOM:
+            message = f"The engine ran out of GPU memory {when}{code}."
+        elif failure == phases.MAX_LEN_TOO_LARGE:
+            message = f"The context length does not fit in the KV cache{code}."
+        elif failure == phases.KV_NO_MEMORY:
+            message = f"No GPU memory was left for the KV cache{code}."
+        elif info.oom_killed:
+            message = f"The engine was killed by the kernel's out-of-memory killer {when}{code}."
+        else:
+            message = f"The engine exited {when}{code}."
+        hint = _failure_hint(failure, info)
+        if failure_line and failure not in (None, phases.CUDA_OOM):
+            message += f" Log: {failure_line[-200:]}"
+        return _Outcome(failure=failure, exit=info, message=f"{message} {hint}".strip())
+
+    def _fail_engine(self, handle: EngineHandle, outcome: _Outcome) -> None:
+        self._wait_logs_drained()
+        tail = self._safe_tail(handle)
+        info = outcome.exit
+        self._fail(
+            outcome.message,
+            exit_code=info.exit_code if info else None,
+            oom=bool(info and info.oom_killed) or outcome.failure == phases.CUDA_OOM,
+            tail=tail,
+        )
+
+    # ---------------------------------------------------------------------- adopted / ready
+
+    def _adopt(self, handle: EngineHandle, spec: LaunchSpec | None) -> None:
+        labels = handle.labels
+        self._update(
+            state=EngineState.STARTING,
+            container_id=handle.id,
+            profile=labels.get(LABEL_PROFILE, spec.profile if spec else ""),
+            served_model_name=labels.get(LABEL_SERVED_NAME, spec.served_model_name if spec else ""),
+            started_at=handle.started_at,
+            message="Found a running engine; watching it.",
+            progress=None,
+        )
+        self._watch_logs(handle, spec, fresh=False)
+        self._update_restart_needed()
+
+    def _watch_adopted(self, handle: EngineHandle) -> None:
+        if self.status().state != EngineState.READY:
+            started = handle.started_at or self._wall()
+            remaining = self.settings.engine.start_timeout_s - (self._wall() - started)
+            outcome = self._watch_start(handle, self._clock() + max(remaining, 5.0))
+            if outcome.cancelled:
+                return
+            if not outcome.ready:
+                self._fail_engine(handle, outcome)
+                return
+            self._mark_ready(adopted=True)
+        self._monitor(handle)
+
+    def _mark_ready(self, *, adopted: bool) -> None:
+        now = self._wall()
+        with self._lock:
+            if self._engine is not None:
+                self._engine.tracker.close(now)
+            self._status.ready_at = now
+        msg = "Serving (adopted a running engine)." if adopted else "Serving."
+        with self._lock:
+            if self._status.retry_note:
+                msg += f" Started after one retry with {self._status.retry_note}."
+        self._update(state=EngineState.READY, progress=None, message=msg)
+        self._update_restart_needed()
+        self.note_activity()
+
+    def _monitor(self, handle: EngineHandle) -> None:
+        """Watch a serving engine: a crash is seen within `monitor_interval_s` (+ inspect time)."""
+        docker_lost = False
+        while not self._cancel.is_set():
+            try:
+                info = self.runtime.inspect(handle)
+            except DockerUnavailableError as err:
+                docker_lost = True
+                self._update(message=f"{err} The engine's state is unknown until Docker is back.")
+                self._tick.wait(self.monitor_interval_s)
+                self._tick.clear()
+                continue
+            if docker_lost:
+                docker_lost = False
+                self._update(message="Docker is reachable again.")
+            if not info.running:
+                if self._cancel.is_set():
+                    return
+                self._wait_logs_drained()
+                if info.gone:
+                    self._forget_engine()
+                    self._update(
+                        state=EngineState.STOPPED,
+                        container_id="",
+                        message="The engine was stopped and removed by another step-station "
+                        "process or by hand.",
+                    )
+                    return
+                self._fail_engine(handle, self._exited_outcome(info, starting=False))
+                return
+            if self._status.state == EngineState.READY:
+                if health.probe_health(self._url(), timeout_s=2.0) == 503:
+                    self.runtime.stop(handle, self.settings.engine.stop_timeout_s)
+                    self._fail_engine(
+                        handle,
+                        _Outcome(
+                            message="The engine reported itself dead (/health 503) and was stopped."
+                            " Start it again; if it keeps happening, see `step-station logs`."
+                        ),
+                    )
+                    return
+                self._maybe_idle_sleep()
+            self._tick.wait(self.monitor_interval_s)
+            self._tick.clear()
+
+    def _maybe_idle_sleep(self) -> None:
+        engine = self.settings.engine
+        if not engine.sleep_mode or engine.idle_sleep_minutes <= 0:
+            return
+        if self._clock() - self._last_activity < engine.idle_sleep_minutes * 60:
+            return
+        try:
+            self.sleep()
+        except EngineError as err:
+            self._update(message=f"Idle sleep failed: {err}")
+            self.note_activity()
+
+    def _report_exited(self, handle: EngineHandle, info: EngineExit) -> None:
+        tail = self._safe_tail(handle)
+        for line in tail:
+            self._tail.append(line)
+        if info.exit_code in (0, 143) and not info.oom_killed:
+            self._update(
+                state=EngineState.STOPPED,
+                container_id=handle.id,
+                exit_code=info.exit_code,
+                message="The engine is stopped.",
+            )
+            return
+        tracker = phases.PhaseTracker()
+        for line in tail:
+            tracker.feed(line, self._wall())
+        with self._lock:
+            self._engine = _Engine(handle, tracker, threading.Event(), threading.Event())
+            self._engine.logs_done.set()
+        outcome = self._exited_outcome(info, starting=False)
+        self._fail(
+            outcome.message,
+            exit_code=info.exit_code,
+            oom=info.oom_killed or tracker.failure == phases.CUDA_OOM,
+            tail=tail,
+            container_id=handle.id,
+        )
+
+    # ------------------------------------------------------------------------------- logs
+
+    def _watch_logs(self, handle: EngineHandle, spec: LaunchSpec | None, *, fresh: bool) -> None:
+        tracker = phases.PhaseTracker()
+        if fresh:
+            tracker.begin(self._wall())
+        engine = _Engine(handle, tracker, threading.Event(), threading.Event(), spec)
+        with self._lock:
+            if self._engine is not None:
+                self._engine.stop_logs.set()
+            self._engine = engine
+        thread = threading.Thread(
+            target=self._read_logs, args=(engine,), name="engine-logs", daemon=True
+        )
+        thread.start()
+
+    def _read_logs(self, engine: _Engine) -> None:
+        try:
+            for line in self.runtime.follow_logs(engine.handle, engine.stop_logs):
+                self._take_line(engine, line)
+        except ApplianceError as err:
+            log.info("engine log stream ended: %s", err)
+        finally:
+            engine.logs_done.set()
+            self._tick.set()  # the stream ends when the engine exits: look now
+
+    def _take_line(self, engine: _Engine, line: LogLine) -> None:
+        now = line.at or self._wall()
+        with self._lock:
+            self._tail.append(line.text)
+            phase_before = engine.tracker.current.name if engine.tracker.current else ""
+            changed = engine.tracker.feed(line.text, now)
+            if self._status.state in (EngineState.READY, EngineState.SLEEPING):
+                engine.tracker.close(now)
+            phase_after = engine.tracker.current.name if engine.tracker.current else ""
+            self._bump()
+        if changed and phase_after != phase_before:
+            self._notify()
+
+    def _wait_logs_drained(self) -> None:
+        engine = self._engine
+        if engine is not None:
+            engine.logs_done.wait(timeout=2.0)
+
+    def _safe_tail(self, handle: EngineHandle) -> list[str]:
+        with self._lock:
+            if self._tail:
+                return list(self._tail)[-50:]
+        try:
+            return self.runtime.tail(handle, 50)
+        except ApplianceError:
+            return []
+
+    def _forget_engine(self) -> None:
+        with self._lock:
+            if self._engine is not None:
+                self._engine.stop_logs.set()
+            self._engine = None
+
+    def _remove_quietly(self, handle: EngineHandle) -> None:
+        with EngineLock(self.lock_timeout_s):
+            self.runtime.stop(handle, 5.0)
+            self.runtime.remove(handle)
+
+    # ---------------------------------------------------------------------------- state
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self._status, key, value)
+            self._bump()
+        self._notify()
+
+    def _bump(self) -> None:
+        with self._lock:
+            self._status.version += 1
+            self._changed.notify_all()
+
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        if not listeners:
+            return
+        snap = self.status()
+        for listener in listeners:
+            try:
+                listener(snap)
+            except Exception:  # noqa: BLE001 - one broken listener must not stop the engine
+                log.exception("engine status listener failed")
+
+    def _fail(
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        oom: bool = False,
+        tail: list[str] | None = None,
+        container_id: str | None = None,
+    ) -> None:
+        with self._lock:
+            if tail:
+                known = set(self._tail)
+                for line in tail:
+                    if line not in known:
+                        self._tail.append(line)
+            changes: dict[str, Any] = {
+                "state": EngineState.FAILED,
+                "message": message,
+                "exit_code": exit_code,
+                "oom": oom,
+                "progress": None,
+            }
+            if container_id is not None:
+                changes["container_id"] = container_id
+        self._update(**changes)
+
+    def _begin_pre_phase(self, name: str) -> PhaseRecord:
+        record = PhaseRecord(name=name, started_at=self._wall())
+        with self._lock:
+            self._pre_phases.append(record)
+        return record
+
+    def _end_pre_phase(self, record: PhaseRecord) -> None:
+        with self._lock:
+            record.elapsed_s = max(0.0, self._wall() - record.started_at)
+            record.done = True
+        self._update(progress=None)
+
+    def _refresh_desired_hash(self) -> None:
+        try:
+            spec = self._build_spec(None)
+        except (ApplianceError, SettingsError) as err:
+            log.info("cannot compute the launch settings: %s", err)
+            return
+        with self._lock:
+            self._desired_hash = spec.settings_hash
+            if not self._status.served_model_name:
+                self._status.served_model_name = spec.served_model_name
+        self._update_restart_needed()
+
+    def _update_restart_needed(self) -> None:
+        with self._lock:
+            engine = self._engine
+            running_hash = engine.handle.labels.get(LABEL_SETTINGS_HASH, "") if engine else ""
+            needed = bool(
+                running_hash and self._desired_hash and running_hash != self._desired_hash
+            )
+            if needed == self._status.restart_needed:
+                return
+        note = "Settings changed since the engine started; restart it to apply them."
+        message = self._status.message
+        if needed and note not in message:
+            message = f"{message} {note}".strip()
+        self._update(restart_needed=needed, message=message)
+
+    def _url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.engine.port}"
+
+    def _name(self) -> str:
+        return self.settings.engine.container_name
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _make_runtime(kind: str) -> Runtime:
+    if kind == "docker":
+        from appliance.engine.docker_runtime import DockerRuntime  # the only docker importer
+
+        return DockerRuntime()
+    if kind == "process":
+        return ProcessRuntime()
+    raise SettingsError(
+        f"Unknown engine runtime {kind!r}.",
+        hint="Use `step-station config set engine.runtime docker` (or `process`).",
+    )
+
+
+def _phase_name(status: EngineStatus) -> str:
+    if status.state == EngineState.STARTING and status.phases:
+        open_phases = [p for p in status.phases if not p.done]
+        return (open_phases[-1] if open_phases else status.phases[-1]).name
+    if status.state == EngineState.PULLING_IMAGE:
+        return PULLING
+    if status.state == EngineState.DOWNLOADING_WEIGHTS:
+        return DOWNLOADING
+    return status.state.label
+
+
+def _effective(spec: LaunchSpec) -> dict[str, Any]:
+    max_len = spec.arg_value("--max-model-len")
+    util = spec.arg_value("--gpu-memory-utilization")
+    return {
+        "served_model_name": spec.served_model_name,
+        "model": spec.model,
+        "image": spec.image,
+        "profile": spec.profile,
+        "max_model_len": int(max_len) if max_len and max_len.isdigit() else None,
+        "gpu_memory_utilization": float(util) if util else None,
+        "gpus": list(spec.gpus) if spec.gpus is not None else None,
+        "command": spec.display_command(),
+    }
+
+
+def _bytes_detail(done: int, total: int) -> str:
+    if total <= 0:
+        return f"{done / 1e9:.2f} GB"
+    return f"{done / 1e9:.2f} of {total / 1e9:.2f} GB ({100 * done / total:.0f}%)"
+
+
+def _failure_hint(failure: str | None, info: EngineExit) -> str:
+    if failure in (phases.CUDA_OOM, phases.KV_NO_MEMORY) or info.oom_killed:
+        return (
+            "Free GPU memory used by other programs, lower engine.max_model_len or "
+            "engine.gpu_memory_utilization, or pick a smaller profile (`step-station plan`)."
+        )
+    if failure == phases.MAX_LEN_TOO_LARGE:
+        return "Lower engine.max_model_len (`step-station config set engine.max_model_len N`)."
+    if info.gone:
+        return "Start it again if you want it running."
+    return "See the log lines below or `step-station logs`, then start again."
+
+
+def replace_settings(settings: st.Settings, **engine_changes: Any) -> st.Settings:
+    """A copy of `settings` with some engine settings changed (tests, demo)."""
+    new = copy.deepcopy(settings)
+    new.engine = dataclasses.replace(new.engine, **engine_changes)
+    return new
