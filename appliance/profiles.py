@@ -10,13 +10,14 @@ then the appliance's own flags. Nothing here touches Docker, NVML or the network
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import SettingsError
-from appliance.settings import EngineSettings
+from appliance.settings import EngineSettings, cache_dir
 
 STATION_SERVED_NAME = "step3p7-flash"
 MTP_CONFIG = '{"method": "mtp", "num_speculative_tokens": 3}'
@@ -293,9 +294,16 @@ def engine_environment(profile: Profile, engine: EngineSettings) -> dict[str, st
 
 
 def hf_cache_path(engine: EngineSettings) -> Path:
-    """Where model weights live on the host (mounted into the container)."""
+    """Where model weights live on the host (mounted into the container).
+
+    The same rule as `appliance.engine.spec.hf_cache_root` (a test holds them together).
+    """
     if engine.hf_cache_dir:
         return Path(engine.hf_cache_dir).expanduser()
+    if os.environ.get("STEP_STATION_HOME"):
+        return cache_dir() / "huggingface"
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser()
     return Path.home() / ".cache" / "huggingface"
 
 
