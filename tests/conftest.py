@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Shared fixture plugins (tests/ is on sys.path through pytest's rootdir conftest insertion).
+pytest_plugins = ["fixtures.sim"]
+
 
 @pytest.fixture(autouse=True)
 def station_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -1,0 +1,3 @@
+from appliance.simulator.main import main
+
+raise SystemExit(main())

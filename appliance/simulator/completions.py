@@ -1,0 +1,387 @@
+"""`/v1/chat/completions` and `/v1/completions`: validation, the reply plan, JSON and SSE output.
+
+Output shapes follow vLLM: reasoning in `delta.reasoning` / `message.reasoning` when a reasoning
+parser is set (else the reasoning and `</think>` stay in the content), tool calls in
+`tool_calls`, a final chunk with `finish_reason`, a usage chunk with empty `choices` when
+`stream_options.include_usage` is set, and `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.simulator.args import ServeArgs
+from appliance.simulator.engine import Engine
+from appliance.simulator.errors import DICT_MSG, ApiError, bad_request, validation_error
+from appliance.simulator.generation import (
+    ANSWER_FILLER,
+    ANSWER_TOKENS,
+    REASONING_FILLER,
+    Reply,
+    ToolCall,
+    answer_head,
+    count_prompt_tokens,
+    fill,
+    pieces,
+    plan_lengths,
+    reasoning_head,
+    seed_of,
+    tool_arguments,
+)
+from appliance.simulator.http import Response, StreamResponse
+from appliance.simulator.knobs import Knobs
+from appliance.simulator.prompts import ChatPrompt, read_chat, reasoning_level
+
+THINK_END = "\n</think>\n\n"
+
+
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # reasoning | content | tool
+    text: str
+    tool: int = -1
+    first: bool = False
+    last: bool = False
+
+
+class Completions:
+    def __init__(self, args: ServeArgs, knobs: Knobs, engine: Engine, max_model_len: int) -> None:
+        self.args = args
+        self.knobs = knobs
+        self.engine = engine
+        self.max_model_len = max_model_len
+
+    # ----------------------------------------------------------------------------- shared checks
+
+    def model_name(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if model is None:
+            return self.args.served_name
+        if model not in self.args.served_model_names:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+        return str(model)
+
+    def output_cap(self, body: dict[str, Any], prompt_tokens: int, default: int | None) -> int:
+        """max_tokens checked against the context window, as vLLM's _validate_input does."""
+        if prompt_tokens >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your request has {prompt_tokens} input tokens. Please reduce the length of the "
+                "input messages."
+            )
+        raw = body.get("max_completion_tokens", body.get("max_tokens", default))
+        if raw is None:
+            return self.max_model_len - prompt_tokens
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise validation_error("max_tokens", "Input should be a valid integer", raw, "int_type")
+        if raw < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {raw}.", param="max_tokens")
+        if raw > self.max_model_len - prompt_tokens:
+            raise bad_request(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {raw}. This model's "
+                f"maximum context length is {self.max_model_len} tokens and your request has "
+                f"{prompt_tokens} input tokens ({raw} > {self.max_model_len} - {prompt_tokens}).",
+                param="max_tokens",
+            )
+        return raw
+
+    def forced_total(self, body: dict[str, Any], cap: int) -> int | None:
+        if body.get("ignore_eos") and ("max_tokens" in body or "max_completion_tokens" in body):
+            return cap
+        forced = self.knobs.output_tokens
+        min_tokens = body.get("min_tokens")
+        if isinstance(min_tokens, int) and min_tokens > 0:
+            forced = max(forced or 0, min_tokens)
+        return forced
+
+    # ----------------------------------------------------------------------------- chat
+
+    async def chat(self, body: dict[str, Any]) -> Response | StreamResponse:
+        if not isinstance(body, dict):
+            raise validation_error("body", DICT_MSG, body, "dict_type")
+        model = self.model_name(body)
+        level = reasoning_level(body)
+        prompt = read_chat(body, level, self.args.limit_mm_per_prompt.get("image"))
+        tool_choice = self._tool_choice(body)
+        prompt_tokens = prompt.tokens
+        cap = self.output_cap(body, prompt_tokens, None)
+        reply = self._plan_chat(body, model, level, prompt, tool_choice, cap)
+        sequence = self._sequence(reply)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = self._chat_stream(model, reply, sequence, prompt_tokens, include_usage)
+            return StreamResponse(chunks)
+        return Response.json(await self._chat_full(model, reply, sequence, prompt_tokens))
+
+    def _tool_choice(self, body: dict[str, Any]) -> Any:
+        tools = body.get("tools")
+        if not tools:
+            return "none"
+        choice = body.get("tool_choice", "auto")
+        if choice == "auto" and not (
+            self.args.enable_auto_tool_choice and self.args.tool_call_parser
+        ):
+            raise bad_request(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set"
+            )
+        return choice
+
+    def _plan_chat(
+        self,
+        body: dict[str, Any],
+        model: str,
+        level: str | None,
+        prompt: ChatPrompt,
+        tool_choice: Any,
+        cap: int,
+    ) -> Reply:
+        seed = seed_of(prompt.text)
+        calls = []
+        if tool_choice != "none" and prompt.tool_result is None:
+            calls = self._tool_calls(body, tool_choice, prompt.user_text)
+        answer_n = 0 if calls else ANSWER_TOKENS
+        forced = self.forced_total(body, cap)
+        tool_tokens = sum(len(pieces(call.xml())) for call in calls)
+        budget = None if forced is None else max(0, forced - tool_tokens)
+        think, answer, cut = plan_lengths(level, budget, max(0, cap - tool_tokens), answer_n)
+        if calls and (cut or cap < tool_tokens):
+            calls, cut = [], True
+        hit_cap = forced is not None and forced >= cap
+        head = reasoning_head(level, prompt.user_text, prompt.images)
+        reply = Reply(
+            reasoning=fill(head, REASONING_FILLER, think, seed),
+            content=fill(
+                answer_head(model, prompt.user_text, prompt.images, prompt.tool_result),
+                ANSWER_FILLER,
+                answer,
+                seed,
+            ),
+            tool_calls=calls,
+            finish_reason="length" if cut or hit_cap else ("tool_calls" if calls else "stop"),
+        )
+        return reply
+
+    def _tool_calls(self, body: dict[str, Any], choice: Any, user_text: str) -> list[ToolCall]:
+        tools = [t.get("function", {}) for t in body.get("tools") or [] if isinstance(t, dict)]
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            chosen = [t for t in tools if t.get("name") == wanted]
+            if not chosen:
+                raise bad_request(f"Tool '{wanted}' has not been passed in `tools`.")
+        else:
+            named = [t for t in tools if str(t.get("name", "")).lower() in user_text.lower()]
+            chosen = (named or tools)[:1]
+        return [
+            ToolCall(
+                id=f"chatcmpl-tool-{uuid.uuid4().hex}",
+                name=str(tool.get("name", "tool")),
+                arguments=json.dumps(tool_arguments(tool.get("parameters") or {}, user_text)),
+            )
+            for tool in chosen
+        ]
+
+    def _sequence(self, reply: Reply) -> list[Piece]:
+        parsed = self.args.reasoning_parser is not None
+        seq = [Piece("reasoning" if parsed else "content", p) for p in reply.reasoning]
+        if not parsed and reply.reasoning:
+            seq.append(Piece("content", THINK_END))
+        seq.extend(Piece("content", p) for p in reply.content)
+        for index, call in enumerate(reply.tool_calls):
+            parts = pieces(call.xml())
+            seq.extend(
+                Piece("tool", p, index, first=i == 0, last=i == len(parts) - 1)
+                for i, p in enumerate(parts)
+            )
+        return seq
+
+    async def _chat_full(
+        self, model: str, reply: Reply, seq: list[Piece], prompt_tokens: int
+    ) -> dict[str, Any]:
+        finish = "length" if reply.finish_reason == "length" else "stop"
+        async with aclosing(self.engine.run(prompt_tokens, len(seq), finish)) as steps:
+            async for _ in steps:
+                pass
+        reasoning = "".join(p.text for p in seq if p.kind == "reasoning")
+        content = "".join(p.text for p in seq if p.kind == "content")
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content if content or not reply.tool_calls else None,
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+            "tool_calls": [self._tool_json(call) for call in reply.tool_calls],
+            "reasoning": reasoning or None,
+        }
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                    "stop_reason": None,
+                }
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": _usage(prompt_tokens, len(seq)),
+            "prompt_logprobs": None,
+            "kv_transfer_params": None,
+        }
+
+    @staticmethod
+    def _tool_json(call: ToolCall) -> dict[str, Any]:
+        return {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+
+    async def _chat_stream(
+        self, model: str, reply: Reply, seq: list[Piece], prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = None
+            return _sse({**head, "choices": [choice]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        finish = "length" if reply.finish_reason == "length" else "stop"
+        sent = 0
+        try:
+            async with aclosing(self.engine.run(prompt_tokens, len(seq), finish)) as steps:
+                async for n in steps:
+                    for delta in _deltas(seq[sent : sent + n], reply.tool_calls):
+                        yield chunk(delta)
+                    sent += n
+        except ApiError as err:
+            yield _sse(err.body())
+            yield b"data: [DONE]\n\n"
+            return
+        yield chunk({"content": ""}, reply.finish_reason)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, len(seq))})
+        yield b"data: [DONE]\n\n"
+
+    # ----------------------------------------------------------------------------- completions
+
+    async def completion(self, body: dict[str, Any]) -> Response | StreamResponse:
+        if not isinstance(body, dict):
+            raise validation_error("body", DICT_MSG, body, "dict_type")
+        model = self.model_name(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            prompt = " ".join(str(p) for p in prompt) if prompt else None
+        if not isinstance(prompt, str):
+            raise validation_error("prompt", "Field required", body, "missing")
+        prompt_tokens = max(1, count_prompt_tokens(prompt))
+        cap = self.output_cap(body, prompt_tokens, 16)  # OpenAI's and vLLM's default
+        forced = self.forced_total(body, cap)
+        natural = forced if forced is not None else ANSWER_TOKENS
+        total = min(cap, natural)
+        head_text = " " + answer_head(model, prompt, [], None)
+        text = fill(head_text, ANSWER_FILLER, total, seed_of(prompt))
+        finish = "length" if natural >= cap else "stop"
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = self._completion_stream(head, text, prompt_tokens, finish, include_usage)
+            return StreamResponse(stream)
+        async with aclosing(self.engine.run(prompt_tokens, len(text), finish)) as steps:
+            async for _ in steps:
+                pass
+        choice = {
+            "index": 0,
+            "text": "".join(text),
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+            "prompt_logprobs": None,
+        }
+        usage = _usage(prompt_tokens, len(text))
+        payload = {**head, "choices": [choice], "usage": usage, "kv_transfer_params": None}
+        return Response.json(payload)
+
+    async def _completion_stream(
+        self, head: dict[str, Any], text: list[str], prompt_tokens: int, finish: str, usage: bool
+    ) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            async with aclosing(self.engine.run(prompt_tokens, len(text), finish)) as steps:
+                async for n in steps:
+                    done = sent + n >= len(text)
+                    choice = {
+                        "index": 0,
+                        "text": "".join(text[sent : sent + n]),
+                        "logprobs": None,
+                        "finish_reason": finish if done else None,
+                        "stop_reason": None,
+                    }
+                    sent += n
+                    yield _sse({**head, "choices": [choice]})
+        except ApiError as err:
+            yield _sse(err.body())
+            yield b"data: [DONE]\n\n"
+            return
+        if usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, len(text))})
+        yield b"data: [DONE]\n\n"
+
+
+def _deltas(batch: list[Piece], calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """One delta per run of same-kind pieces; a tool call is announced, then its arguments."""
+    out: list[dict[str, Any]] = []
+    for piece in batch:
+        if piece.kind == "tool":
+            call = calls[piece.tool]
+            if piece.first:
+                fn = {"name": call.name, "arguments": ""}
+                tool = {"index": piece.tool, "id": call.id, "type": "function", "function": fn}
+                out.append({"tool_calls": [tool]})
+            if piece.last:
+                args = {"index": piece.tool, "function": {"arguments": call.arguments}}
+                out.append({"tool_calls": [args]})
+            continue
+        if out and piece.kind in out[-1] and len(out[-1]) == 1:
+            out[-1][piece.kind] += piece.text
+        else:
+            out.append({piece.kind: piece.text})
+    return out
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": None,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

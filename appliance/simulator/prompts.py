@@ -1,0 +1,111 @@
+"""Reading a chat request the way vLLM's chat template sees it: text, images, tools, level.
+
+Prompt tokens are counted on the rendered template text, plus each image's token cost, so
+`usage.prompt_tokens`, `/tokenize` and the context-length check agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.simulator.errors import ApiError, bad_request, validation_error
+from appliance.simulator.generation import LEVELS, count_prompt_tokens
+from appliance.simulator.images import ImageError, ImageInfo, decode_image_url
+
+
+@dataclass
+class ChatPrompt:
+    text: str
+    images: list[ImageInfo] = field(default_factory=list)
+    user_text: str = ""
+    tool_result: str | None = None
+    tool_result_name: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return count_prompt_tokens(self.text) + sum(image.tokens for image in self.images)
+
+
+def reasoning_level(body: dict[str, Any]) -> str | None:
+    level = body.get("reasoning_effort")
+    if level is None:
+        kwargs = body.get("chat_template_kwargs") or {}
+        level = kwargs.get("reasoning_effort") if isinstance(kwargs, dict) else None
+    if level is None:
+        return None
+    if level not in LEVELS:
+        raise validation_error(
+            "reasoning_effort",
+            "Input should be 'low', 'medium' or 'high'",
+            level,
+            "literal_error",
+            {"expected": "'low', 'medium' or 'high'"},
+        )
+    return str(level)
+
+
+def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) -> ChatPrompt:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise validation_error("messages", "Field required", body, "missing")
+    prompt = ChatPrompt(text="")
+    lines = [f"<|im_start|>system\nReasoning: {level}\n" if level else "<|im_start|>system\n"]
+    tools = body.get("tools")
+    if tools:
+        lines.append("# Tools\n" + json.dumps(tools) + "\n")
+    lines.append("<|im_end|>\n")
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise validation_error("messages", "Field required", message, "missing")
+        role = str(message["role"])
+        text = _content_text(message.get("content"), prompt)
+        for call in message.get("tool_calls") or []:
+            text += json.dumps(call.get("function", {}))
+        lines.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
+        if role == "user":
+            prompt.user_text = text
+        if role == "tool":
+            prompt.tool_result, prompt.tool_result_name = text, message.get("name")
+        elif role in ("user", "system"):
+            prompt.tool_result = None
+    lines.append("<|im_start|>assistant\n<think>\n")
+    prompt.text = "".join(lines)
+    if image_limit is not None and len(prompt.images) > image_limit:
+        raise bad_request(
+            f"At most {image_limit} image(s) may be provided in one prompt."
+            " Set `--limit-mm-per-prompt` to increase this limit."
+        )
+    return prompt
+
+
+def _content_text(content: Any, prompt: ChatPrompt) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise validation_error("messages", "Input should be a valid list", content, "list_type")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            prompt.images.append(_image(url))
+            texts.append("<im_patch>")
+        else:
+            raise bad_request(f"Unknown part type: {kind}")
+    return "\n".join(texts)
+
+
+def _image(url: Any) -> ImageInfo:
+    if not isinstance(url, str):
+        raise bad_request("Invalid image_url: expected a string URL")
+    try:
+        return decode_image_url(url)
+    except ImageError as err:
+        raise ApiError(400, f"Failed to load image: {err}") from None

@@ -1,0 +1,224 @@
+"""The HTTP surface: vLLM's routes, its --api-key scope, dev-mode sleep routes, 404/405 shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from appliance.simulator import VLLM_VERSION
+from appliance.simulator.args import ServeArgs
+from appliance.simulator.completions import Completions
+from appliance.simulator.engine import Engine
+from appliance.simulator.errors import DICT_MSG, ApiError, EngineDeadError, validation_error
+from appliance.simulator.generation import token_ids
+from appliance.simulator.http import Request, Response, StreamResponse
+from appliance.simulator.knobs import Knobs
+from appliance.simulator.memory import MemoryPlan
+from appliance.simulator.prompts import read_chat, reasoning_level
+
+Result = Response | StreamResponse
+Route = Callable[[Request], Awaitable[Result]]
+# vLLM's --api-key middleware guards only these prefixes (reference/vllm.md, "--api-key scope").
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Api:
+    def __init__(self, args: ServeArgs, knobs: Knobs, engine: Engine, memory: MemoryPlan) -> None:
+        self.args = args
+        self.knobs = knobs
+        self.engine = engine
+        self.memory = memory
+        self.completions = Completions(args, knobs, engine, memory.max_model_len)
+        self.api_keys = set(args.api_keys) | ({knobs.env_api_key} if knobs.env_api_key else set())
+        self.created = int(time.time())
+        self.routes: dict[tuple[str, str], Route] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/ping"): self.health,
+            ("POST", "/ping"): self.health,
+            ("GET", "/load"): self.load,
+            ("GET", "/version"): self.version,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/v1/models"): self.models,
+            ("POST", "/v1/chat/completions"): self.chat,
+            ("POST", "/v1/completions"): self.completion,
+            ("POST", "/tokenize"): self.tokenize,
+            ("POST", "/detokenize"): self.detokenize,
+            ("POST", "/invocations"): self.invocations,
+        }
+        if knobs.dev_mode:
+            self.routes.update(
+                {
+                    ("POST", "/sleep"): self.sleep,
+                    ("POST", "/wake_up"): self.wake_up,
+                    ("GET", "/is_sleeping"): self.is_sleeping,
+                    ("POST", "/reset_prefix_cache"): self.reset_prefix_cache,
+                }
+            )
+
+    def route_names(self) -> list[tuple[str, str]]:
+        return sorted({(path, method) for method, path in self.routes})
+
+    async def handle(self, request: Request) -> Result:
+        if (
+            self.api_keys
+            and request.method != "OPTIONS"
+            and request.path.startswith(GUARDED_PREFIXES)
+        ):
+            auth = request.headers.get("authorization", "")
+            if auth not in {f"Bearer {key}" for key in self.api_keys}:
+                return Response.json({"error": "Unauthorized"}, 401)
+        route = self.routes.get((request.method, request.path))
+        if route is None:
+            if any(path == request.path for _, path in self.routes):
+                return Response.json({"detail": "Method Not Allowed"}, 405)
+            return Response.json({"detail": "Not Found"}, 404)
+        try:
+            return await route(request)
+        except ApiError as err:
+            return Response.json(err.body(), err.status)
+
+    # ----------------------------------------------------------------------------- plain routes
+
+    async def health(self, request: Request) -> Result:
+        del request
+        return Response(503 if self.engine.dead else 200, b"", None)
+
+    async def load(self, request: Request) -> Result:
+        del request
+        return Response.json({"server_load": len(self.engine.running) + self.engine.waiting})
+
+    async def version(self, request: Request) -> Result:
+        del request
+        return Response.json({"version": VLLM_VERSION})
+
+    async def metrics(self, request: Request) -> Result:
+        del request
+        return Response(200, self.engine.metrics.render().encode(), METRICS_TYPE)
+
+    async def models(self, request: Request) -> Result:
+        del request
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": self.args.model,
+                "parent": None,
+                "max_model_len": self.memory.max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{abs(hash(name)):x}",
+                        "object": "model_permission",
+                        "created": self.created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+            for name in self.args.served_model_names
+        ]
+        return Response.json({"object": "list", "data": data})
+
+    # ----------------------------------------------------------------------------- inference
+
+    async def chat(self, request: Request) -> Result:
+        self._alive()
+        return await self.completions.chat(_body(request))
+
+    async def completion(self, request: Request) -> Result:
+        self._alive()
+        return await self.completions.completion(_body(request))
+
+    async def invocations(self, request: Request) -> Result:
+        body = _body(request)
+        if isinstance(body, dict) and "messages" in body:
+            return await self.chat(request)
+        return await self.completion(request)
+
+    async def tokenize(self, request: Request) -> Result:
+        body = _body(request)
+        if not isinstance(body, dict):
+            raise validation_error("body", DICT_MSG, body, "dict_type")
+        self.completions.model_name(body)
+        if "messages" in body:
+            prompt = read_chat(body, reasoning_level(body), None)
+            ids = token_ids(prompt.text) + [0] * sum(image.tokens for image in prompt.images)
+        else:
+            ids = token_ids(str(body.get("prompt", "")))
+        return Response.json(
+            {
+                "count": len(ids),
+                "max_model_len": self.memory.max_model_len,
+                "tokens": ids,
+                "token_strs": None,
+            }  # fmt: skip
+        )
+
+    async def detokenize(self, request: Request) -> Result:
+        body = _body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list):
+            raise validation_error("tokens", "Field required", body, "missing")
+        return Response.json({"prompt": " ".join(f"<{int(t)}>" for t in tokens)})
+
+    def _alive(self) -> None:
+        if self.engine.dead:
+            raise EngineDeadError()
+
+    # ----------------------------------------------------------------------------- dev mode
+
+    async def sleep(self, request: Request) -> Result:
+        self._sleep_enabled()
+        try:
+            level = int(request.query.get("level", "1"))
+        except ValueError:
+            raise ApiError(400, "level must be an integer") from None
+        if level not in (1, 2):
+            raise ApiError(400, f"Invalid sleep level {level}; expected 1 or 2")
+        await self.engine.sleep(level)
+        return Response(200, b"", None)
+
+    async def wake_up(self, request: Request) -> Result:
+        self._sleep_enabled()
+        tags = [t for t in request.query.get("tags", "").split(",") if t] or None
+        await self.engine.wake_up(tags)
+        return Response(200, b"", None)
+
+    async def is_sleeping(self, request: Request) -> Result:
+        del request
+        return Response.json({"is_sleeping": self.engine.sleep_level > 0})
+
+    async def reset_prefix_cache(self, request: Request) -> Result:
+        del request
+        return Response(200, b"", None)
+
+    def _sleep_enabled(self) -> None:
+        if not self.args.enable_sleep_mode:
+            raise ApiError(
+                500,
+                "Sleep mode is not enabled. Start the server with --enable-sleep-mode.",
+                type_="InternalServerError",
+            )
+
+
+def _body(request: Request) -> Any:
+    try:
+        return request.json()
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(
+            400,
+            f"[{{'type': 'json_invalid', 'loc': ('body', 0), 'msg': 'JSON decode error', "
+            f"'input': {{}}, 'ctx': {{'error': {json.dumps(str(err))}}}}}]",
+            type_="Bad Request",
+        ) from None
