@@ -502,3 +502,43 @@ def status_lines(sample: Sample) -> list[str]:
             f"{fmt_num(e.ttft_median_s * 1000 if e.ttft_median_s is not None else None, ' ms')}"
         )
     return lines
+
+
+# ------------------------------------------------------------------------- wiring (server.py)
+
+
+def process_tree(pid: int) -> set[int]:
+    """A process and all its descendants (the process runtime's engine)."""
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def engine_pid_lookup(supervisor: Any) -> Callable[[], set[int]]:
+    """Host PIDs of the engine the supervisor runs: `docker top` of its container (NVML reports
+    host PIDs, so names inside the container say nothing), or the process runtime's tree."""
+
+    def lookup() -> set[int]:
+        engine_id = str(supervisor.status().container_id or "")
+        if not engine_id:
+            return set()
+        if engine_id.startswith("pid:"):
+            return process_tree(int(engine_id[4:]))
+        pids = getattr(supervisor.runtime, "engine_pids", None)
+        return set(pids(engine_id)) if pids is not None else set()
+
+    return lookup
+
+
+def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
+    """The appliance's sampler: engine status, engine pids and metrics from the supervisor."""
+    from appliance.metrics import MetricsScraper  # httpx only when serving
+
+    return Sampler(
+        settings,
+        engine_status=supervisor.status if supervisor is not None else None,
+        engine_pids=engine_pid_lookup(supervisor) if supervisor is not None else None,
+        scraper=MetricsScraper(),
+    )
