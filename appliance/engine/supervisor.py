@@ -661,6 +661,7 @@ class Supervisor:
         self._monitor(handle)
 
     def _mark_ready(self, *, adopted: bool) -> None:
+        self._let_logs_catch_up()
         now = self._wall()
         with self._lock:
             if self._engine is not None:
@@ -796,6 +797,20 @@ class Supervisor:
             self._bump()
         if changed and phase_after != phase_before:
             self._notify()
+
+    def _let_logs_catch_up(self, timeout_s: float = 1.0) -> None:
+        """/health may answer before the log reader saw the API server's lines: give it a moment
+        so the timeline ends with the API server phase."""
+        deadline = self._clock() + timeout_s
+        while self._clock() < deadline:
+            with self._lock:
+                engine = self._engine
+                if engine is None or engine.logs_done.is_set():
+                    return
+                current = engine.tracker.current
+                if current is not None and current.name == phases.API_SERVER:
+                    return
+            self._cancel.wait(0.02)
 
     def _wait_logs_drained(self) -> None:
         engine = self._engine

@@ -1,0 +1,266 @@
+"""The supervisor over the process runtime, driving the real simulator (`python -m
+appliance.simulator`): the same state machine that drives Docker, without Docker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from appliance import settings as st
+from appliance.engine import EngineState, Supervisor, phases
+from appliance.engine.health import port_is_free
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def settings() -> st.Settings:
+    s = st.Settings()
+    s.engine.port = free_port()
+    s.engine.profile = "fp8-tp1"
+    s.engine.container_name = f"sim-{os.getpid()}-{s.engine.port}"
+    s.engine.start_timeout_s = 60
+    s.engine.stop_timeout_s = 10
+    return s
+
+
+@pytest.fixture
+def sim_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setenv("STEP_SIM_LOAD_S", "1.5")
+    return monkeypatch
+
+
+@pytest.fixture
+def make_supervisor(settings: st.Settings):
+    made: list[Supervisor] = []
+
+    def make(**kwargs) -> Supervisor:
+        sup = Supervisor.for_demo(settings, poll_interval_s=0.1, **kwargs)
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        sup.stop(timeout_s=5)
+        sup.close()
+
+
+def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> None:
+    sup = make_supervisor()
+    seen: list[EngineState] = []
+    sup.add_listener(lambda s: seen.append(s.state) if not seen or seen[-1] != s.state else None)
+    before = sup.version
+    assert sup.start().state == EngineState.STARTING  # returns at once
+    status = sup.wait_ready(60)
+    assert status.state == EngineState.READY and sup.version > before
+    assert [p.name for p in status.phases] == list(phases.LOG_PHASES)
+    assert all(p.done and p.elapsed_s >= 0 for p in status.phases)
+    assert status.effective["kv_cache_tokens"] > 0
+    assert status.effective["max_model_len"] == 262144
+    assert status.served_model_name == "step3p7-flash"
+    assert seen[0] == EngineState.STARTING and seen[-1] == EngineState.READY
+
+    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model=sup.served_model_name,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=400,
+        extra_body={"reasoning_effort": "low"},
+    )
+    assert reply.choices[0].message.content
+
+    pid = int(status.container_id.split(":")[1])
+    stopped = sup.stop()
+    assert stopped.state == EngineState.STOPPED
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert port_is_free("127.0.0.1", settings.engine.port)
+    assert sup.runtime.find(settings.engine.container_name) is None
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from appliance import settings as st
+    from appliance.engine import Supervisor
+    s = st.Settings()
+    s.engine.port = int(sys.argv[1]); s.engine.profile = "fp8-tp1"
+    s.engine.container_name = sys.argv[2]
+    sup = Supervisor.for_demo(s)
+    sup.attach()
+    sup.start()
+    sup.wait_ready(60)
+    print("READY", sup.status().container_id, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_kill_9_of_the_appliance_then_adopt(settings, sim_env, make_supervisor) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(settings.engine.port), settings.engine.container_name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        line = holder.stdout.readline().split()
+        assert line[0] == "READY", line
+        engine_id = line[1]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    sup = make_supervisor()
+    status = sup.attach()
+    assert status.state == EngineState.READY  # at once: no waiting for a start
+    assert status.container_id == engine_id
+    assert "adopted" in status.message
+    assert httpx.get(f"{sup.engine_url}/health").status_code == 200
+    # asking to start again never starts a second engine
+    assert sup.start().container_id == engine_id
+    assert sup.status().state == EngineState.READY
+    assert sup.stop().state == EngineState.STOPPED
+
+
+def test_crash_after_ready_is_reported(settings, sim_env, make_supervisor) -> None:
+    sim_env.setenv("STEP_SIM_FAULT", "crash")
+    sim_env.setenv("STEP_SIM_FAULT_AFTER_S", "1")
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    status = sup.status()
+    while status.state == EngineState.READY:
+        status = sup.wait_for_change(status.version, 30)
+    assert status.state == EngineState.FAILED
+    assert status.exit_code == 1
+    assert "exited unexpectedly (exit code 1)" in status.message
+    assert any("CUDA error" in line for line in status.log_tail)
+
+
+def test_oom_at_start_retries_once_then_fails_clearly(settings, sim_env, make_supervisor) -> None:
+    sim_env.setenv("STEP_SIM_FAULT", "oom")
+    sup = make_supervisor()
+    messages: list[str] = []
+    sup.add_listener(lambda s: messages.append(s.message))
+    sup.start()
+    with pytest.raises(Exception, match="out of GPU memory") as info:
+        sup.wait_ready(60)
+    assert "retry with --gpu-memory-utilization 0.90 (was 0.95)" in str(info.value)
+    status = sup.status()
+    assert status.state == EngineState.FAILED and status.oom and status.exit_code == 1
+    assert status.retry_note == "--gpu-memory-utilization 0.90 (was 0.95)"
+    assert any("retrying once with --gpu-memory-utilization 0.90" in m for m in messages)
+    assert status.effective["gpu_memory_utilization"] == 0.9  # the second attempt's value
+
+
+def test_context_too_long_retries_with_the_estimate_and_serves(
+    settings, sim_env, make_supervisor
+) -> None:
+    settings.engine.gpu_memory_utilization = 0.89  # leaves less KV cache than one 256K request
+    sup = make_supervisor()
+    sup.start()
+    status = sup.wait_ready(60)
+    assert status.retry_note.startswith("--max-model-len ")
+    assert "Started after one retry" in status.message
+    new_len = int(status.retry_note.split()[1])
+    assert 0 < new_len < 262144
+    models = httpx.get(f"{sup.engine_url}/v1/models").json()["data"]
+    assert models[0]["max_model_len"] == new_len
+
+
+def test_hang_during_load_hits_the_deadline(settings, sim_env, make_supervisor) -> None:
+    sim_env.setenv("STEP_SIM_FAULT", "hang")
+    settings.engine.start_timeout_s = 3
+    sup = make_supervisor()
+    sup.start()
+    with pytest.raises(Exception, match="not ready after 3 s"):
+        sup.wait_ready(60)
+    status = sup.status()
+    assert status.state == EngineState.FAILED
+    assert "engine.start_timeout_s" in status.message
+    handle = sup.runtime.find(settings.engine.container_name)
+    assert handle is None or not sup.runtime.inspect(handle).running  # it was stopped
+
+
+def test_engine_dead_health_503_fails_and_stops(settings, sim_env, make_supervisor) -> None:
+    sim_env.setenv("STEP_SIM_FAULT", "dead")
+    sim_env.setenv("STEP_SIM_FAULT_AFTER_S", "0.5")
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    status = sup.status()
+    while status.state == EngineState.READY:
+        status = sup.wait_for_change(status.version, 30)
+    assert status.state == EngineState.FAILED
+    assert "/health 503" in status.message
+    handle = sup.runtime.find(settings.engine.container_name)
+    assert handle is None or not sup.runtime.inspect(handle).running
+
+
+def test_port_already_taken(settings, sim_env, make_supervisor) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", settings.engine.port))
+        other.listen()
+        sup = make_supervisor()
+        sup.start()
+        with pytest.raises(Exception, match=f"Port {settings.engine.port} on 127.0.0.1"):
+            sup.wait_ready(30)
+        status = sup.status()
+        assert status.state == EngineState.FAILED
+        assert "engine.port" in status.message
+        assert sup.runtime.find(settings.engine.container_name) is None  # nothing launched
+
+
+def test_changed_settings_ask_for_a_restart(settings, sim_env, make_supervisor) -> None:
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    assert not sup.status().restart_needed
+    changed = st.Settings()
+    changed.engine = settings.engine.__class__(**vars(settings.engine))
+    changed.engine.runtime = "process"
+    changed.engine.max_model_len = 65536
+    status = sup.apply_settings(changed)
+    assert status.restart_needed
+    assert "restart" in status.message
+    status = sup.restart()
+    status = sup.wait_ready(60)
+    assert not status.restart_needed
+    assert httpx.get(f"{sup.engine_url}/v1/models").json()["data"][0]["max_model_len"] == 65536
+
+
+def test_stop_during_load_cancels_the_start(settings, sim_env, make_supervisor) -> None:
+    sim_env.setenv("STEP_SIM_LOAD_S", "30")
+    sup = make_supervisor()
+    sup.start()
+    status = sup.status()
+    while status.phase not in (phases.LOADING_WEIGHTS, phases.COMPILING):
+        status = sup.wait_for_change(status.version, 30)
+    assert sup.stop().state == EngineState.STOPPED
+    assert port_is_free("127.0.0.1", settings.engine.port)
+    with pytest.raises(Exception, match="not starting"):
+        sup.wait_ready(1)
+
+
+def test_logs_are_readable_after_the_fact(settings, sim_env, make_supervisor, tmp_path: Path):
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    lines = list(sup.iter_logs(follow=False))
+    assert any("Starting vLLM server" in line for line in lines)
+    assert not any("\r" in line for line in lines)

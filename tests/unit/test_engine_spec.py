@@ -1,0 +1,146 @@
+"""The launch spec as data: GPU by UUID, loopback port, mounts, env, labels, settings hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import profiles
+from appliance import settings as st
+from appliance.engine import phases
+from appliance.engine.launch import launch_spec_for
+from appliance.engine.spec import (
+    LABEL_MANAGED,
+    LABEL_NAME,
+    LABEL_PROFILE,
+    LABEL_SETTINGS_HASH,
+    build_launch_spec,
+    listen_host,
+    safer_spec,
+)
+
+UUID = "GPU-6f1c0e9b-1111-2222-3333-444455556666"
+
+
+def _settings(**engine: object) -> st.Settings:
+    settings = st.Settings()
+    settings.engine.profile = "fp8-tp1"
+    settings.engine.gpu_uuid = UUID
+    for key, value in engine.items():
+        setattr(settings.engine, key, value)
+    return settings
+
+
+def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
+    settings = _settings(port=8123)
+    secrets = st.Secrets(hf_token="hf_secret_value")
+    spec = launch_spec_for(settings, secrets=secrets)
+    prof = profiles.get_profile("fp8-tp1")
+    assert spec.args[0] == prof.checkpoint
+    assert list(spec.args) == profiles.build_vllm_args(prof, settings.engine, listen_host="0.0.0.0")
+    # inside the container vLLM listens on every interface of the container; Docker publishes
+    # the port on loopback only
+    assert spec.arg_value("--host") == "0.0.0.0"
+    assert (spec.host_ip, spec.host_port, spec.container_port) == ("127.0.0.1", 8123, 8123)
+    assert spec.gpus == (UUID,)
+    assert spec.ipc_mode == "host"
+    assert ("memlock", -1, -1) in spec.ulimits
+    assert ("stack", 67108864, 67108864) in spec.ulimits
+    targets = {m.target: m.source for m in spec.mounts}
+    assert set(targets) == {
+        "/root/.cache/huggingface",
+        "/root/.cache/vllm",
+        "/root/.cache/flashinfer",
+        "/root/.triton",
+    }
+    assert targets["/root/.cache/huggingface"] == str(station_home / "cache" / "huggingface")
+    assert all(src.startswith(str(station_home)) for src in targets.values())
+    labels = spec.label_map
+    assert labels[LABEL_MANAGED] == "true"
+    assert labels[LABEL_NAME] == "step-station-engine"
+    assert labels[LABEL_PROFILE] == "fp8-tp1"
+    assert labels[LABEL_SETTINGS_HASH] == spec.settings_hash
+    # the token reaches the engine but never the plain env, the labels or the repr
+    assert spec.env_map["HF_TOKEN"] == "hf_secret_value"
+    assert "HF_TOKEN" not in dict(spec.env)
+    assert "hf_secret_value" not in repr(spec)
+    assert spec.weights_repo == prof.checkpoint
+
+
+def test_no_gpu_request_when_turned_off() -> None:
+    spec = launch_spec_for(_settings(request_gpu=False), secrets=st.Secrets())
+    assert spec.gpus is None
+
+
+def test_all_gpus_when_no_uuid_is_known() -> None:
+    settings = _settings()
+    prof = profiles.get_profile("fp8-tp1")
+    spec = build_launch_spec(
+        settings.engine.__class__(profile="fp8-tp1"),
+        profile=prof.name,
+        served_model_name=prof.served_model_name,
+        vllm_args=["m"],
+    )
+    assert spec.gpus == ()
+
+
+def test_process_runtime_listens_on_loopback_and_shares_the_hf_cache(station_home: Path) -> None:
+    settings = _settings(runtime="process")
+    assert listen_host(settings.engine, "process") == "127.0.0.1"
+    spec = launch_spec_for(settings, demo=True, download_weights=False, secrets=st.Secrets())
+    assert spec.arg_value("--host") == "127.0.0.1"
+    assert spec.mounts == ()
+    assert spec.gpus is None
+    assert spec.executable[1:] == ("-m", "appliance.simulator")
+    assert dict(spec.env)["HF_HOME"] == str(station_home / "cache" / "huggingface")
+    assert spec.weights_repo == ""
+
+
+def test_local_model_is_mounted_read_only_and_not_downloaded(tmp_path: Path) -> None:
+    model = tmp_path / "my-checkpoint"
+    model.mkdir()
+    spec = launch_spec_for(_settings(model_override=str(model)), secrets=st.Secrets())
+    assert spec.args[0] == "/models/my-checkpoint"
+    mount = next(m for m in spec.mounts if m.target == "/models/my-checkpoint")
+    assert mount.source == str(model) and mount.read_only
+    assert spec.weights_repo == ""
+
+
+def test_settings_hash_follows_what_runs_not_secrets_or_sim_knobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = launch_spec_for(_settings(), secrets=st.Secrets()).settings_hash
+    assert launch_spec_for(_settings(), secrets=st.Secrets(hf_token="x")).settings_hash == base
+    monkeypatch.setenv("STEP_SIM_LOAD_S", "9")
+    with_knob = launch_spec_for(_settings(), secrets=st.Secrets())
+    assert with_knob.settings_hash == base
+    assert with_knob.env_map["STEP_SIM_LOAD_S"] == "9"  # passed through to the engine
+    for change in ({"max_model_len": 65536}, {"port": 9001}, {"image": "other:1"}):
+        assert launch_spec_for(_settings(**change), secrets=st.Secrets()).settings_hash != base
+    other_profile = _settings()
+    other_profile.engine.profile = "nvfp4-tp1"
+    assert launch_spec_for(other_profile, secrets=st.Secrets()).settings_hash != base
+
+
+def test_safer_spec_lowers_memory_then_gives_up() -> None:
+    spec = launch_spec_for(_settings(), secrets=st.Secrets())
+    safer, note = safer_spec(spec, phases.CUDA_OOM) or (None, "")
+    assert safer is not None
+    assert safer.arg_value("--gpu-memory-utilization") == "0.90"
+    assert note == "--gpu-memory-utilization 0.90 (was 0.95)"
+    assert safer.settings_hash == spec.settings_hash  # still "the same settings" for restarts
+    low = spec.with_arg("--gpu-memory-utilization", "0.50")
+    assert safer_spec(low, phases.CUDA_OOM) is None
+
+
+def test_safer_spec_for_a_context_that_does_not_fit() -> None:
+    spec = launch_spec_for(_settings(max_model_len=200000), secrets=st.Secrets())
+    halved, note = safer_spec(spec, phases.MAX_LEN_TOO_LARGE) or (None, "")
+    assert halved is not None and halved.arg_value("--max-model-len") == "100000"
+    assert note == "--max-model-len 100000 (was 200000)"
+    facts = {"estimated_max_model_len": 129536, "model_max_len": 262144}
+    plain = launch_spec_for(_settings(), secrets=st.Secrets())
+    estimated, note = safer_spec(plain, phases.MAX_LEN_TOO_LARGE, facts) or (None, "")
+    assert estimated is not None and estimated.arg_value("--max-model-len") == "129024"
+    assert note == "--max-model-len 129024 (was 262144)"
