@@ -68,13 +68,15 @@ def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> Non
     before = sup.version
     assert sup.start().state == EngineState.STARTING  # returns at once
     status = sup.wait_ready(60)
-    assert status.state == EngineState.READY and sup.version > before
+    assert status.state == EngineState.READY
+    assert sup.version > before
     assert [p.name for p in status.phases] == list(phases.LOG_PHASES)
     assert all(p.done and p.elapsed_s >= 0 for p in status.phases)
     assert status.effective["kv_cache_tokens"] > 0
     assert status.effective["max_model_len"] == 262144
     assert status.served_model_name == "step3p7-flash"
-    assert seen[0] == EngineState.STARTING and seen[-1] == EngineState.READY
+    assert seen[0] == EngineState.STARTING
+    assert seen[-1] == EngineState.READY
 
     client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none")
     reply = client.chat.completions.create(
@@ -162,7 +164,9 @@ def test_oom_at_start_retries_once_then_fails_clearly(settings, sim_env, make_su
         sup.wait_ready(60)
     assert "retry with --gpu-memory-utilization 0.90 (was 0.95)" in str(info.value)
     status = sup.status()
-    assert status.state == EngineState.FAILED and status.oom and status.exit_code == 1
+    assert status.state == EngineState.FAILED
+    assert status.oom
+    assert status.exit_code == 1
     assert status.retry_note == "--gpu-memory-utilization 0.90 (was 0.95)"
     assert any("retrying once with --gpu-memory-utilization 0.90" in m for m in messages)
     assert status.effective["gpu_memory_utilization"] == 0.9  # the second attempt's value

@@ -47,7 +47,8 @@ def test_startup_lines_give_every_phase_in_order_with_times() -> None:
     assert weights.elapsed_s == 9.0 - 5.0  # until "torch.compile" at line 9
     assert weights.detail == "21/50 shards"
     tracker.close(30.0)
-    assert tracker.phases[-1].done and tracker.phases[-1].elapsed_s == 30.0 - 16.0
+    assert tracker.phases[-1].done
+    assert tracker.phases[-1].elapsed_s == 30.0 - 16.0
 
 
 def test_facts_parsed_from_the_log() -> None:
@@ -106,4 +107,4 @@ def test_carriage_return_progress_bars_become_lines() -> None:
 
 
 def test_unrelated_lines_are_ignored() -> None:
-    assert parse_line("(APIServer pid=1) INFO:     127.0.0.1 - \"GET /metrics\" 200 OK") is None
+    assert parse_line('(APIServer pid=1) INFO:     127.0.0.1 - "GET /metrics" 200 OK') is None

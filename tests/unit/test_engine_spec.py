@@ -103,7 +103,8 @@ def test_local_model_is_mounted_read_only_and_not_downloaded(tmp_path: Path) -> 
     spec = launch_spec_for(_settings(model_override=str(model)), secrets=st.Secrets())
     assert spec.args[0] == "/models/my-checkpoint"
     mount = next(m for m in spec.mounts if m.target == "/models/my-checkpoint")
-    assert mount.source == str(model) and mount.read_only
+    assert mount.source == str(model)
+    assert mount.read_only
     assert spec.weights_repo == ""
 
 
@@ -137,10 +138,12 @@ def test_safer_spec_lowers_memory_then_gives_up() -> None:
 def test_safer_spec_for_a_context_that_does_not_fit() -> None:
     spec = launch_spec_for(_settings(max_model_len=200000), secrets=st.Secrets())
     halved, note = safer_spec(spec, phases.MAX_LEN_TOO_LARGE) or (None, "")
-    assert halved is not None and halved.arg_value("--max-model-len") == "100000"
+    assert halved is not None
+    assert halved.arg_value("--max-model-len") == "100000"
     assert note == "--max-model-len 100000 (was 200000)"
     facts = {"estimated_max_model_len": 129536, "model_max_len": 262144}
     plain = launch_spec_for(_settings(), secrets=st.Secrets())
     estimated, note = safer_spec(plain, phases.MAX_LEN_TOO_LARGE, facts) or (None, "")
-    assert estimated is not None and estimated.arg_value("--max-model-len") == "129024"
+    assert estimated is not None
+    assert estimated.arg_value("--max-model-len") == "129024"
     assert note == "--max-model-len 129024 (was 262144)"
