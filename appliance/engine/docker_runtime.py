@@ -335,6 +335,20 @@ class DockerRuntime(Runtime):
                     f"Could not remove the engine container: {_explain(err)}"
                 ) from err
 
+    def engine_pids(self, container_id: str) -> set[int]:
+        """Host PIDs of the processes in the engine's container (`docker top`). NVML lists host
+        PIDs, so this is how the dashboard labels the engine's GPU memory as the engine's."""
+        try:
+            container = self._call(lambda: self.client.containers.get(container_id))
+            top = self._call(container.top)
+        except docker.errors.APIError:  # gone, or not running
+            return set()
+        titles = list(top.get("Titles") or [])
+        if "PID" not in titles:
+            return set()
+        column = titles.index("PID")
+        return {int(row[column]) for row in top.get("Processes") or [] if row[column].isdigit()}
+
     def list_managed(self) -> list[EngineHandle]:
         """Every container this appliance manages (any name), for cleanup and checks."""
         found = self._call(
