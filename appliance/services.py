@@ -19,7 +19,9 @@ class Services:
     demo: bool = False
     supervisor: Any = None  # appliance.engine.Supervisor
     history: Any = None  # appliance.history.History
+    chat: Any = None  # appliance.chat_service.ChatService
     sampler: Any = None  # appliance.sampler.Sampler
+    progress_rates: Any = None  # appliance.timeline.ProgressRates (pull / download rates)
     keys: Any = None  # appliance.keys.KeyStore
     gateway: Any = None  # appliance.gateway.Gateway
     warnings: list[str] = field(default_factory=list)

@@ -1,0 +1,318 @@
+"""The chat flow the UI drives: check, persist, stream, persist again. No gradio here.
+
+`ChatService` ties the history, the engine's address (from the supervisor) and the streaming
+client together. Every user message is committed before anything is sent; a reply is committed
+as `streaming` when it starts, updated about once a second, and finalised as complete, stopped or
+failed. A message that fails a check (images, context, engine not ready) is refused before it
+is stored, so the UI can leave it in the input box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import chat
+from appliance import history as hist
+from appliance.errors import BadInputError
+from appliance.settings import Settings
+
+PERSIST_INTERVAL_S = 1.0  # how often a streaming reply is written to the history
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What the chat needs to know about the engine right now."""
+
+    ready: bool
+    url: str = ""
+    model: str = ""
+    label: str = "Not started"  # the state in the user's words
+    message: str = ""
+
+    def not_ready_text(self) -> str:
+        detail = f" {self.message}" if self.message else ""
+        return f"The model is not running ({self.label}).{detail} Start it in the Model tab."
+
+
+def engine_view_from(supervisor: Any, default_model: str = "step3p7-flash") -> EngineView:
+    """Read a Supervisor's status into an EngineView (the supervisor owns the truth)."""
+    if supervisor is None:
+        return EngineView(False, message="No engine is configured.")
+    status = supervisor.status()
+    state = getattr(status.state, "value", str(status.state))
+    label = getattr(status.state, "label", state)
+    return EngineView(
+        ready=state == "ready" and bool(status.engine_url),
+        url=status.engine_url,
+        model=status.served_model_name or default_model,
+        label=label,
+        message=status.message if state != "ready" else "",
+    )
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    conversation_id: str
+    message: hist.Message
+    created: bool  # a new conversation was started for it
+
+
+def to_openai(messages: Sequence[hist.Message], system_prompt: str = "") -> list[dict[str, Any]]:
+    """History messages as chat-completions messages (images as data URLs, thinking dropped)."""
+    out: list[dict[str, Any]] = []
+    if system_prompt.strip():
+        out.append({"role": "system", "content": system_prompt})
+    for message in messages:
+        if message.role == "assistant":
+            if message.content:  # a stopped or interrupted reply: the text the owner saw
+                out.append({"role": "assistant", "content": message.content})
+            continue
+        if message.images:
+            parts: list[dict[str, Any]] = [
+                {"type": "image_url", "image_url": {"url": _data_url(i)}} for i in message.images
+            ]
+            if message.content:
+                parts.append({"type": "text", "text": message.content})
+            out.append({"role": message.role, "content": parts})
+        else:
+            out.append({"role": message.role, "content": message.content})
+    return out
+
+
+def _data_url(image: hist.StoredImage) -> str:
+    return chat.PreparedImage(image.name, image.mime, image.data, 0, 0, 0, 0).data_url()
+
+
+def final_status(phase: str) -> str:
+    return {
+        chat.FINISHED: hist.COMPLETE,
+        chat.STOPPED: hist.STOPPED,
+        chat.FAILED: hist.FAILED,
+    }.get(phase, hist.INTERRUPTED)
+
+
+class ChatService:
+    def __init__(
+        self,
+        settings: Settings,
+        history: hist.History,
+        engine: Callable[[], EngineView],
+        *,
+        api_key: str = "",
+    ) -> None:
+        self.settings = settings
+        self.history = history
+        self._engine = engine
+        self._api_key = api_key
+        self._clients: dict[tuple[str, str], chat.ChatClient] = {}
+        self._model_info: dict[tuple[str, str], chat.ModelInfo] = {}
+        self._active: dict[str, asyncio.Event] = {}  # conversation id -> set when its reply ended
+
+    # ------------------------------------------------------------------------------ engine
+
+    def engine(self) -> EngineView:
+        return self._engine()
+
+    def _ready_engine(self) -> EngineView:
+        view = self._engine()
+        if not view.ready:
+            raise chat.EngineNotReadyError(view.not_ready_text())
+        return view
+
+    def _client(self, view: EngineView) -> chat.ChatClient:
+        key = (view.url, view.model)
+        client = self._clients.get(key)
+        if client is None:
+            client = chat.ChatClient(view.url, view.model, api_key=self._api_key)
+            self._clients[key] = client
+        return client
+
+    async def context_length(self) -> int | None:
+        """The served model's context length (from /v1/models), or None when not serving."""
+        view = self._engine()
+        if not view.ready:
+            return None
+        info = await self._info(view)
+        return info.max_model_len or None
+
+    async def _info(self, view: EngineView) -> chat.ModelInfo:
+        key = (view.url, view.model)
+        info = self._model_info.get(key)
+        if info is None:
+            info = await self._client(view).model_info()
+            self._model_info[key] = info
+        return info
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    # ----------------------------------------------------------------------------- checks
+
+    def prepare_images(
+        self, paths: Sequence[Path], earlier: Sequence[hist.Message] = ()
+    ) -> list[chat.PreparedImage]:
+        already = sum(len(m.images) for m in earlier)
+        return chat.prepare_images(
+            paths,
+            max_mb=self.settings.chat.max_image_mb,
+            max_count=self.settings.engine.max_images_per_prompt,
+            already_in_conversation=already,
+        )
+
+    async def check_context(
+        self, view: EngineView, messages: list[dict[str, Any]], options: chat.SamplingOptions
+    ) -> int:
+        """Estimated (or exact) prompt tokens; ContextTooLongError when it would not fit."""
+        info = await self._info(view)
+        estimate = chat.estimate_tokens(messages)
+        if not info.max_model_len:
+            return estimate
+        limit = info.max_model_len
+        if estimate + (options.max_tokens or chat.MIN_REPLY_TOKENS) <= limit // 2:
+            return estimate  # far from the limit: no need to ask the engine
+        exact = await self._client(view).count_tokens(messages)
+        chat.check_context(
+            exact if exact is not None else estimate,
+            limit,
+            options.max_tokens,
+            exact=exact is not None,
+        )
+        return exact if exact is not None else estimate
+
+    # ------------------------------------------------------------------------------- turns
+
+    async def submit(
+        self,
+        conversation_id: str | None,
+        text: str,
+        image_paths: Sequence[Path],
+        options: chat.SamplingOptions,
+    ) -> UserTurn:
+        """Check a new user message and store it; raise (storing nothing) when it cannot go."""
+        text = text.strip()
+        if not text and not image_paths:
+            raise BadInputError("The message is empty.", hint="Type a message or attach images.")
+        earlier: list[hist.Message] = []
+        if conversation_id:
+            earlier = self.history.get_conversation(conversation_id).messages
+        images = self.prepare_images(image_paths, earlier)
+        view = self._ready_engine()
+        stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]
+        pending = hist.Message(0, len(earlier), "user", text, images=stored)
+        await self.check_context(
+            view, to_openai([*earlier, pending], options.system_prompt), options
+        )
+        created = not conversation_id
+        if not conversation_id:
+            title = hist.title_from(text or ", ".join(i.name for i in images))
+            conversation_id = self.history.create_conversation(title)
+        message = self.history.add_message(conversation_id, "user", text, images=stored)
+        return UserTurn(conversation_id, message, created)
+
+    async def respond(
+        self, conversation_id: str, options: chat.SamplingOptions
+    ) -> AsyncGenerator[chat.Reply, None]:
+        """Stream the assistant's reply to the conversation's last user message.
+
+        Yields the same `Reply` object, updated, at most every `chat.stream_interval_ms`.
+        """
+        messages = self.history.get_conversation(conversation_id).messages
+        if not messages or messages[-1].role != "user":
+            raise BadInputError(
+                "There is no question to answer: the conversation does not end with your message.",
+                hint="Type a message first.",
+            )
+        view = self._ready_engine()
+        payload = to_openai(messages, options.system_prompt)
+        await self.check_context(view, payload, options)
+        reply = chat.Reply(level=options.reasoning_effort)
+        stored = self.history.add_message(
+            conversation_id,
+            "assistant",
+            "",
+            status=hist.STREAMING,
+            meta={"level": options.reasoning_effort, "model": view.model},
+        )
+        ended = self._active[conversation_id] = asyncio.Event()
+        events = self._client(view).stream(payload, options)
+        interval = max(0.0, self.settings.chat.stream_interval_ms / 1000.0)
+        last_saved = time.monotonic()
+        updates = chat.coalesce(events, reply, interval_s=interval)
+        try:
+            async for current in updates:
+                now = time.monotonic()
+                if current.active and now - last_saved >= PERSIST_INTERVAL_S:
+                    self.history.update_message(
+                        stored.id, content=current.content, reasoning=current.reasoning
+                    )
+                    last_saved = now
+                yield current
+        finally:
+            await updates.aclose()  # cancels the reader, which closes the HTTP request
+            reply.stop()  # no-op when it already ended; Stop / page gone otherwise
+            meta = {**reply.stats(), "model": view.model}
+            if reply.error:
+                meta["error"] = reply.error
+            self.history.update_message(
+                stored.id,
+                content=reply.content,
+                reasoning=reply.reasoning,
+                status=final_status(reply.phase),
+                meta=meta,
+            )
+            ended.set()
+            if self._active.get(conversation_id) is ended:
+                del self._active[conversation_id]
+
+    async def settled(self, conversation_id: str, timeout_s: float = 10.0) -> None:
+        """Wait until the conversation's streaming reply (if any) is finalised in the history."""
+        ended = self._active.get(conversation_id)
+        if ended is not None:
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(ended.wait(), timeout_s)
+
+    def prepare_regenerate(self, conversation_id: str) -> None:
+        """Drop the last reply (and anything after the last user message)."""
+        messages = self.history.get_conversation(conversation_id).messages
+        last_user = max((m.position for m in messages if m.role == "user"), default=None)
+        if last_user is None:
+            raise BadInputError("There is nothing to regenerate yet.", hint="Send a message.")
+        self.history.truncate(conversation_id, last_user + 1)
+
+    async def prepare_edit(
+        self, conversation_id: str, position: int, text: str, options: chat.SamplingOptions
+    ) -> None:
+        """Replace a user message's text (images kept), dropping everything after it."""
+        messages = self.history.get_conversation(conversation_id).messages
+        target = next((m for m in messages if m.position == position), None)
+        if target is None or target.role != "user":
+            raise BadInputError("Only your own messages can be edited.")
+        text = text.strip()
+        if not text and not target.images:
+            raise BadInputError("The edited message is empty.", hint="Type some text.")
+        view = self._ready_engine()
+        edited = hist.Message(0, position, "user", text, images=target.images)
+        await self.check_context(
+            view,
+            to_openai([*messages[:position], edited], options.system_prompt),
+            options,
+        )
+        self.history.truncate(conversation_id, position)
+        self.history.add_message(conversation_id, "user", text, images=target.images)
+
+    def undo(self, conversation_id: str) -> hist.Message | None:
+        """Remove the last user message and its reply; return that message (for the input)."""
+        messages = self.history.get_conversation(conversation_id).messages
+        last_user = next((m for m in reversed(messages) if m.role == "user"), None)
+        if last_user is None:
+            return None
+        self.history.truncate(conversation_id, last_user.position)
+        return last_user

@@ -1,0 +1,253 @@
+"""Composition root: build the services, the FastAPI app with the UI mounted, run the listeners.
+
+`step-station up` calls `run()`. The UI listener is one uvicorn server on `ui.host:ui.port`
+(loopback by default) serving `/healthz` and the Gradio UI at `/`. Ports are bound before
+anything starts, so a taken port is a clear error naming the port and the setting to change, and
+nothing is half-started. SIGINT and SIGTERM shut down cleanly: the listeners close, a demo
+engine is stopped; a real engine keeps running and is adopted by the next start.
+
+The UI itself (`ui/`) is imported lazily: `appliance/` never imports gradio at module level, and
+the composition root is the one place that hands the services to `ui.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import importlib
+import logging
+import os
+import socket
+import sys
+import threading
+import webbrowser
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from appliance.chat_service import ChatService, engine_view_from
+from appliance.errors import PortInUseError
+from appliance.history import History
+from appliance.services import Services
+from appliance.settings import Settings, load_secrets
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5  # open streams get this long to finish on SIGTERM / Ctrl-C
+
+
+# ------------------------------------------------------------------------------------- ports
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One port the appliance listens on and how the owner changes it."""
+
+    host: str
+    port: int
+    setting: str  # e.g. "ui.port"
+    flag: str  # e.g. "--ui-port"
+    purpose: str  # e.g. "the browser UI"
+
+
+def bind_port(listener: Listener) -> socket.socket:
+    """Bind (not yet listen) the port, or raise PortInUseError naming it and its setting."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((listener.host, listener.port))
+    except OSError as err:
+        sock.close()
+        if err.errno in (errno.EADDRINUSE, errno.EACCES):
+            why = "is in use by another program" if err.errno == errno.EADDRINUSE else "is reserved"
+            raise PortInUseError(
+                f"Port {listener.port} on {listener.host} ({listener.setting}, {listener.purpose}) "
+                f"{why}.",
+                hint=f"Stop the program using it, or pick another port: `step-station up "
+                f"{listener.flag} N` for this run, or `step-station config set {listener.setting} "
+                "N` to keep it.",
+            ) from err
+        raise PortInUseError(
+            f"Cannot listen on {listener.host}:{listener.port} ({listener.setting}): "
+            f"{err.strerror}.",
+            hint=f"Check ui.host / {listener.setting} with `step-station config show`.",
+        ) from err
+    sock.setblocking(False)
+    return sock
+
+
+def ui_listener(settings: Settings) -> Listener:
+    return Listener(settings.ui.host, settings.ui.port, "ui.port", "--ui-port", "the browser UI")
+
+
+def gateway_listener(settings: Settings) -> Listener:
+    host = (settings.gateway.interface or "0.0.0.0") if settings.gateway.share_lan else "127.0.0.1"
+    return Listener(
+        host, settings.gateway.port, "gateway.port", "--api-port", "the OpenAI-compatible API"
+    )
+
+
+# ---------------------------------------------------------------------------------- services
+
+
+def build_services(settings: Settings, *, demo: bool) -> Services:
+    """Create every long-lived service (nothing is started here: see `lifespan`)."""
+    from appliance.engine.supervisor import Supervisor  # heavy imports only when serving
+
+    services = Services(settings=settings, secrets=load_secrets(), demo=demo)
+    services.history = History()
+    services.supervisor = (
+        Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=services.secrets)
+    )
+    services.chat = ChatService(
+        settings, services.history, lambda: engine_view_from(services.supervisor)
+    )
+    # ---- other areas build their services here (additive: one block per area) ----
+    # ---- sampler and start-up rates (model tab and dashboard) ----
+    from appliance.sampler import build_sampler
+    from appliance.timeline import ProgressRates
+
+    services.sampler = build_sampler(settings, services.supervisor)
+    services.progress_rates = ProgressRates()
+    services.supervisor.add_listener(services.progress_rates.observe)
+    # gateway (LAN API), keys, sampler: set services.gateway / .keys / .sampler.
+    return services
+
+
+def _start_engine(services: Services) -> None:
+    supervisor = services.supervisor
+    if supervisor is None:
+        return
+    status = supervisor.attach()  # adopt a running engine; never starts a second one
+    if services.demo and not status.state.running and not status.state.busy:
+        supervisor.start()  # returns at once; the UI shows the phases
+
+
+def _stop_engine(services: Services) -> None:
+    supervisor = services.supervisor
+    if supervisor is None:
+        return
+    if services.demo:
+        supervisor.stop()  # the simulator belongs to this run
+    supervisor.close()  # a real engine keeps serving and is adopted next time
+
+
+# ---- gateway: started after the UI's services, stopped before the engine (gateway owner) ----
+
+
+def _start_gateway(services: Services) -> None:
+    gateway = services.gateway
+    if gateway is not None and hasattr(gateway, "start"):
+        gateway.start()
+
+
+def _stop_gateway(services: Services) -> None:
+    gateway = services.gateway
+    if gateway is not None and hasattr(gateway, "stop"):
+        gateway.stop()
+
+
+# ----------------------------------------------------------------------------------- the app
+
+
+def create_app(services: Services) -> FastAPI:
+    """The UI listener's app: `/healthz`, then the Gradio UI mounted at `/`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        del app
+        services.history.open()
+        await asyncio.to_thread(_start_engine, services)
+        if services.sampler is not None:
+            services.sampler.start()
+        _start_gateway(services)
+        try:
+            yield
+        finally:
+            _stop_gateway(services)
+            if services.sampler is not None:
+                services.sampler.stop()
+            if services.chat is not None:
+                await services.chat.aclose()
+            await asyncio.to_thread(_stop_engine, services)
+            services.history.close()
+
+    app = FastAPI(title="Step Station", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        status = services.supervisor.status() if services.supervisor is not None else None
+        return JSONResponse(
+            {
+                "ok": True,
+                "demo": services.demo,
+                "engine": status.state.value if status is not None else "absent",
+            }
+        )
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    ui_app: Any = importlib.import_module("ui.app")  # the one hand-off to the UI layer
+    return ui_app.mount(app, services)  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def run(
+    settings: Settings,
+    *,
+    demo: bool = False,
+    open_browser: bool = True,
+    announce: Callable[[str], None] = lambda line: None,
+) -> int:
+    """Run until SIGINT/SIGTERM. Ports are checked (bound) before anything starts."""
+    ui = ui_listener(settings)
+    ui_sock = bind_port(ui)
+    try:
+        services = build_services(settings, demo=demo)
+        if services.gateway is not None:
+            bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
+        app = create_app(services)
+    except BaseException:
+        ui_sock.close()
+        raise
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        lifespan="on",
+        ws="none",
+    )
+    server = uvicorn.Server(config)
+    url = f"http://{_url_host(ui.host)}:{ui.port}/"
+
+    def when_started() -> None:
+        while not server.started and not server.should_exit:
+            threading.Event().wait(0.05)
+        if server.started:
+            announce(f"Step Station is up at {url}" + (" (demo: simulated engine)" if demo else ""))
+            if open_browser and _has_display():
+                webbrowser.open(url)
+
+    threading.Thread(target=when_started, name="announce", daemon=True).start()
+    server.run(sockets=[ui_sock])
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _has_display() -> bool:
+    """Only open a browser where one can appear (never a text browser in a terminal)."""
+    if sys.platform == "darwin":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -1,0 +1,59 @@
+"""The Gradio UI: one Blocks with a tab per area, mounted into the appliance's FastAPI app.
+
+Each tab module exposes `build(services)` and creates its widgets inside the `gr.Tab` opened
+here. Chat events run concurrently (`concurrency_limit=None` on them); everything else shares
+a generous default so one slow click never queues another person's chat.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI
+
+from ui import chat, dashboard, model, sharing
+
+DEFAULT_CONCURRENCY = 16
+TAB_IDS = ("chat", "model", "dashboard", "sharing")
+
+
+def build_ui(services: Any) -> gr.Blocks:
+    with gr.Blocks(title="Step Station", analytics_enabled=False, fill_width=True) as blocks:
+        with gr.Tabs(selected="chat", elem_id="tabs") as tabs:
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat_tab = chat.build(services)
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                model.build(services)
+            with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard"):
+                dashboard.build(services)
+            with gr.Tab("Sharing", id="sharing", elem_id="tab-sharing"):
+                sharing.build(services)
+        chat_tab.go_to_model.click(lambda: gr.Tabs(selected="model"), None, [tabs])
+        blocks.load(
+            chat_tab.on_load,
+            chat_tab.load_inputs,
+            chat_tab.load_outputs,
+            show_progress="hidden",
+        )
+    blocks.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
+    return blocks
+
+
+def mount(app: FastAPI, services: Any) -> FastAPI:
+    """Mount the UI at `/` of the UI listener's app (after its own routes, e.g. /healthz)."""
+    blocks = build_ui(services)
+    chat.image_folder().mkdir(parents=True, exist_ok=True)
+    chat.export_folder().mkdir(parents=True, exist_ok=True)
+    return gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        server_name=services.settings.ui.host,
+        server_port=services.settings.ui.port,
+        allowed_paths=[str(chat.export_folder())],
+        footer_links=["settings"],
+        ssr_mode=False,
+        css=chat.CSS,
+        show_error=True,
+    )

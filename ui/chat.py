@@ -1,0 +1,511 @@
+"""The chat tab: layout and wiring only.
+
+The flow lives in `appliance.chat_service.ChatService` (checks, history, streaming); the
+messages are built by `ui.chat_render`. Errors from the appliance become `gr.Error` here, and a
+refused message stays in the input box.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio import utils as gr_utils
+
+from appliance import chat
+from appliance import history as hist
+from appliance.errors import ApplianceError
+from appliance.settings import cache_dir
+from ui import chat_render as render
+
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "$", "right": "$", "display": False},
+]
+
+CSS = """
+#chat-column .reply-stats { font-size: 0.8em; opacity: 0.7; margin-top: 0.4em; }
+#chat-live { min-height: 1.4em; font-size: 0.85em; opacity: 0.8; }
+#chat-context { font-size: 0.85em; opacity: 0.8; }
+#engine-banner { border-left: 4px solid var(--color-accent); padding-left: 0.6em; }
+#history-list { max-height: 60vh; overflow-y: auto; }
+"""
+
+
+def image_folder() -> Path:
+    """Where stored images become files the page can show: inside Gradio's own cache, so
+    streaming updates do not copy or re-hash them on every frame."""
+    return Path(gr_utils.get_upload_folder()) / "step-station-chat"
+
+
+def export_folder() -> Path:
+    return cache_dir() / "exports"
+
+
+@dataclass
+class ChatTab:
+    """What app.py needs to finish the wiring (page load, the link to the Model tab)."""
+
+    go_to_model: gr.Button
+    on_load: Any
+    load_inputs: list[Any]
+    load_outputs: list[Any]
+
+
+def build(services: Any) -> ChatTab:
+    """Create the chat tab's widgets inside the current gr.Tab and wire them to services.chat."""
+    svc = services.chat
+    cfg = services.settings.chat
+    max_images = services.settings.engine.max_images_per_prompt
+
+    def image_path(image: hist.StoredImage) -> Path:
+        return render.image_file(image, image_folder())
+
+    # ------------------------------------------------------------------------------- layout
+    conversation = gr.BrowserState(None, storage_key="step-station-conversation")
+    positions = gr.State([])
+    kinds = gr.State([])
+    engine_seen = gr.State(None)
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=220, elem_id="history-column"):
+            new_chat = gr.Button("New chat", variant="primary", size="sm", elem_id="new-chat")
+            search = gr.Textbox(
+                placeholder="Search titles", show_label=False, container=False, elem_id="search"
+            )
+            history_list = gr.Radio(
+                choices=[], label="Conversations", elem_id="history-list", interactive=True
+            )
+            with gr.Accordion("This conversation", open=False, elem_id="manage"):
+                title_box = gr.Textbox(label="Title", elem_id="title-box")
+                rename = gr.Button("Rename", size="sm", elem_id="rename")
+                delete = gr.Button("Delete…", size="sm", variant="stop", elem_id="delete")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm_delete = gr.Button(
+                        "Delete for good", size="sm", variant="stop", elem_id="confirm-delete"
+                    )
+                    cancel_delete = gr.Button("Keep", size="sm")
+                export_format = gr.Radio(
+                    ["JSON", "Markdown"], value="JSON", label="Export as", elem_id="export-format"
+                )
+                with gr.Row():
+                    export_one = gr.Button("Export this", size="sm", elem_id="export-one")
+                    export_all = gr.Button("Export all", size="sm", elem_id="export-all")
+                export_file = gr.File(label="Export", visible=False, elem_id="export-file")
+
+        with gr.Column(scale=4, elem_id="chat-column"):
+            with gr.Row(visible=False, elem_id="engine-banner") as banner_row:
+                banner = gr.Markdown(elem_id="engine-banner-text")
+                go_to_model = gr.Button(
+                    "Open the Model tab", size="sm", scale=0, elem_id="go-to-model"
+                )
+            chatbot = gr.Chatbot(
+                label="Step-3.7-Flash",
+                height="62vh",
+                editable="user",
+                latex_delimiters=LATEX,
+                buttons=["copy", "copy_all"],
+                feedback_options=None,
+                elem_id="chatbot",
+                placeholder="Ask anything. Attach images with the clip, by dragging or pasting.",
+            )
+            live = gr.Markdown("", elem_id="chat-live")
+            with gr.Row(equal_height=True):
+                textbox = gr.MultimodalTextbox(
+                    file_count="multiple",
+                    file_types=["image"],
+                    sources=["upload"],
+                    placeholder=f"Message Step-3.7-Flash (up to {max_images} images, "
+                    f"{cfg.max_image_mb} MB each)",
+                    show_label=False,
+                    submit_btn=True,
+                    stop_btn=False,
+                    scale=5,
+                    max_lines=12,
+                    elem_id="chat-input",
+                )
+                level = gr.Radio(
+                    list(chat.REASONING_LEVELS),
+                    value=cfg.reasoning_level
+                    if cfg.reasoning_level in chat.REASONING_LEVELS
+                    else "medium",
+                    label="Reasoning",
+                    scale=0,
+                    min_width=300,
+                    elem_id="reasoning-level",
+                )
+            context_md = gr.Markdown(render.context_line(None, None), elem_id="chat-context")
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                system_prompt = gr.Textbox(
+                    cfg.system_prompt, label="System prompt", lines=2, elem_id="system-prompt"
+                )
+                with gr.Row():
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=cfg.temperature, step=0.05, label="Temperature"
+                    )
+                    top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.01, label="top_p")
+                    max_tokens = gr.Number(
+                        cfg.max_tokens,
+                        label="Max tokens (0: as many as fit)",
+                        precision=0,
+                        minimum=0,
+                        elem_id="max-tokens",
+                    )
+    sampling = [level, system_prompt, temperature, top_p, max_tokens]
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def options(lvl: str, system: str, temp: float, tp: float, mx: float | None) -> Any:
+        try:
+            return chat.SamplingOptions(
+                reasoning_effort=lvl,
+                temperature=float(temp),
+                top_p=float(tp),
+                max_tokens=int(mx or 0),
+                system_prompt=system or "",
+            )
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+
+    def rendered(conversation_id: str | None) -> render.Rendered:
+        if not conversation_id:
+            return render.Rendered()
+        return render.render_messages(
+            svc.history.get_conversation(conversation_id).messages, image_path
+        )
+
+    def history_choices(query: str = "") -> list[tuple[str, str]]:
+        return [(s.title, s.id) for s in svc.history.list_conversations(query or "")]
+
+    def list_update(query: str, selected: str | None) -> Any:
+        choices = history_choices(query)
+        value = selected if selected in {c[1] for c in choices} else None
+        return gr.Radio(choices=choices, value=value)
+
+    def used_tokens(conversation_id: str | None) -> int | None:
+        if not conversation_id:
+            return None
+        for message in reversed(svc.history.get_conversation(conversation_id).messages):
+            if message.role == "assistant" and message.meta.get("prompt_tokens") is not None:
+                return int(message.meta["prompt_tokens"]) + int(
+                    message.meta.get("completion_tokens") or 0
+                )
+        return None
+
+    async def context_text(conversation_id: str | None) -> str:
+        try:
+            length = await svc.context_length()
+        except ApplianceError:
+            length = None
+        return render.context_line(length, used_tokens(conversation_id))
+
+    busy_box = gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
+
+    def idle_box(value: Any = None) -> Any:
+        return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
+
+    # ---------------------------------------------------------------------------- handlers
+
+    async def on_submit(
+        message: dict[str, Any] | None,
+        conversation_id: str | None,
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+        query: str,
+    ) -> tuple[Any, ...]:
+        message = message or {}
+        files = [Path(f) for f in message.get("files") or []]
+        try:
+            turn = await svc.submit(
+                conversation_id,
+                str(message.get("text") or ""),
+                files,
+                options(lvl, system, temp, tp, mx),
+            )
+        except ApplianceError as err:
+            raise gr.Error(str(err), title="Not sent") from err
+        view = rendered(turn.conversation_id)
+        waiting = {
+            "role": "assistant",
+            "content": "",
+            "metadata": {"title": f"Waiting · level {lvl}", "status": "pending"},
+        }
+        return (
+            busy_box,
+            [*view.messages, waiting],
+            turn.conversation_id,
+            view.positions,
+            view.kinds,
+            list_update(query, turn.conversation_id),
+            "Sending…",
+        )
+
+    async def on_respond(
+        conversation_id: str | None,
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> Any:
+        if not conversation_id:
+            return
+        opts = options(lvl, system, temp, tp, mx)
+        base = rendered(conversation_id)
+        position = len(svc.history.get_conversation(conversation_id).messages)
+        updates = svc.respond(conversation_id, opts)
+        try:
+            async for reply in updates:
+                view = render.Rendered(list(base.messages), list(base.positions), list(base.kinds))
+                render.render_live_reply(view, position, reply)
+                yield view.messages, view.positions, view.kinds, render.live_stats(reply), gr.skip()
+        except ApplianceError as err:
+            raise gr.Error(str(err), title="Not sent") from err
+        finally:
+            await updates.aclose()
+        final = rendered(conversation_id)
+        yield final.messages, final.positions, final.kinds, "", await context_text(conversation_id)
+
+    async def on_finished(conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        return idle_box(), list_update(query, conversation_id)
+
+    async def on_stopped(conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        if conversation_id:
+            await svc.settled(conversation_id)
+        final = rendered(conversation_id)
+        return (
+            idle_box(),
+            final.messages,
+            final.positions,
+            final.kinds,
+            "Stopped: the engine ended the request.",
+            list_update(query, conversation_id),
+        )
+
+    def on_retry(conversation_id: str | None) -> tuple[Any, ...]:
+        if not conversation_id:
+            raise gr.Error("There is nothing to regenerate yet.")
+        try:
+            svc.prepare_regenerate(conversation_id)
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+        view = rendered(conversation_id)
+        return busy_box, view.messages, view.positions, view.kinds
+
+    async def on_edit(
+        data: gr.EditData,
+        conversation_id: str | None,
+        shown_positions: list[int],
+        shown_kinds: list[str],
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> tuple[Any, ...]:
+        index = data.index if isinstance(data.index, int) else data.index[0]
+        if not conversation_id or index >= len(shown_positions) or shown_kinds[index] != "text":
+            view = rendered(conversation_id)
+            gr.Warning("Only the text of your own messages can be edited.")
+            return idle_box(), view.messages, view.positions, view.kinds, False
+        text = data.value if isinstance(data.value, str) else str(data.value or "")
+        try:
+            await svc.prepare_edit(
+                conversation_id,
+                shown_positions[index],
+                text,
+                options(lvl, system, temp, tp, mx),
+            )
+        except ApplianceError as err:
+            view = rendered(conversation_id)
+            gr.Warning(str(err))
+            return idle_box(), view.messages, view.positions, view.kinds, False
+        view = rendered(conversation_id)
+        return busy_box, view.messages, view.positions, view.kinds, True
+
+    def on_undo(conversation_id: str | None) -> tuple[Any, ...]:
+        if not conversation_id:
+            return idle_box(), [], [], []
+        removed = svc.undo(conversation_id)
+        view = rendered(conversation_id)
+        box = None
+        if removed is not None:
+            box = {
+                "text": removed.content,
+                "files": [str(image_path(i)) for i in removed.images],
+            }
+        return idle_box(box), view.messages, view.positions, view.kinds
+
+    async def on_open(conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        title = ""
+        if conversation_id:
+            try:
+                title = svc.history.get_conversation(conversation_id).title
+            except ApplianceError:
+                conversation_id = None
+        view = rendered(conversation_id)
+        return (
+            conversation_id,
+            view.messages,
+            view.positions,
+            view.kinds,
+            title,
+            list_update(query, conversation_id),
+            await context_text(conversation_id),
+            "",
+        )
+
+    def on_new(query: str) -> tuple[Any, ...]:
+        return None, [], [], [], "", list_update(query, None), "", idle_box()
+
+    def on_rename(conversation_id: str | None, title: str, query: str) -> Any:
+        if not conversation_id:
+            raise gr.Error("Open a conversation first.")
+        try:
+            svc.history.rename(conversation_id, title)
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+        return list_update(query, conversation_id)
+
+    def on_delete(conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        if conversation_id:
+            svc.history.delete(conversation_id)
+        return (None, [], [], [], "", list_update(query, None), gr.Row(visible=False))
+
+    def on_export(conversation_id: str | None, fmt: str, everything: bool) -> Any:
+        if not everything and not conversation_id:
+            raise gr.Error("Open a conversation first, or use Export all.")
+        which = None if everything else conversation_id
+        markdown = fmt == "Markdown"
+        text = svc.history.export_markdown(which) if markdown else svc.history.export_json(which)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = "all-conversations" if everything else f"conversation-{conversation_id[:8]}"
+        folder = export_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-station-{name}-{stamp}.{'md' if markdown else 'json'}"
+        path.write_text(text, encoding="utf-8")
+        return gr.File(value=str(path), visible=True)
+
+    def on_engine(seen: Any) -> tuple[Any, ...]:
+        view = svc.engine()
+        key = (view.ready, view.label, view.message)
+        if key == seen:
+            return gr.skip(), gr.skip(), gr.skip()
+        if view.ready:
+            return gr.Row(visible=False), gr.skip(), key
+        return gr.Row(visible=True), view.not_ready_text(), key
+
+    # ----------------------------------------------------------------------------- wiring
+    stream_outputs = [chatbot, positions, kinds, live, context_md]
+    chat_events = {"concurrency_limit": None, "show_progress": "hidden"}
+
+    sent = textbox.submit(
+        on_submit,
+        [textbox, conversation, *sampling, search],
+        [textbox, chatbot, conversation, positions, kinds, history_list, live],
+        queue=True,
+        **chat_events,
+    )
+    sent_reply = sent.success(on_respond, [conversation, *sampling], stream_outputs, **chat_events)
+    sent_reply.then(on_finished, [conversation, search], [textbox, history_list])
+
+    retried = chatbot.retry(on_retry, [conversation], [textbox, chatbot, positions, kinds])
+    retry_reply = retried.success(
+        on_respond, [conversation, *sampling], stream_outputs, **chat_events
+    )
+    retry_reply.then(on_finished, [conversation, search], [textbox, history_list])
+
+    edit_ok = gr.State(False)
+    edited = chatbot.edit(
+        on_edit,
+        [conversation, positions, kinds, *sampling],
+        [textbox, chatbot, positions, kinds, edit_ok],
+    )
+
+    async def respond_if(ok: bool, *args: Any) -> Any:
+        if not ok:
+            return
+        async for update in on_respond(*args):
+            yield update
+
+    edit_reply = edited.success(
+        respond_if, [edit_ok, conversation, *sampling], stream_outputs, **chat_events
+    )
+    edit_reply.then(on_finished, [conversation, search], [textbox, history_list])
+
+    textbox.stop(
+        on_stopped,
+        [conversation, search],
+        [textbox, chatbot, positions, kinds, live, history_list],
+        cancels=[sent_reply, retry_reply, edit_reply],
+        **chat_events,
+    )
+    chatbot.undo(on_undo, [conversation], [textbox, chatbot, positions, kinds])
+    # The chat's own "Clear" button starts a new conversation; the old one stays in the history.
+    chatbot.clear(
+        on_new,
+        [search],
+        [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
+        cancels=[sent_reply, retry_reply, edit_reply],
+    )
+
+    open_outputs = [
+        conversation,
+        chatbot,
+        positions,
+        kinds,
+        title_box,
+        history_list,
+        context_md,
+        live,
+    ]
+    history_list.input(
+        on_open,
+        [history_list, search],
+        open_outputs,
+        cancels=[sent_reply, retry_reply, edit_reply],
+    )
+    search.input(list_update, [search, conversation], [history_list], show_progress="hidden")
+    new_chat.click(
+        on_new,
+        [search],
+        [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
+        cancels=[sent_reply, retry_reply, edit_reply],
+    )
+    rename.click(on_rename, [conversation, title_box, search], [history_list])
+    delete.click(lambda: gr.Row(visible=True), None, [confirm_row])
+    cancel_delete.click(lambda: gr.Row(visible=False), None, [confirm_row])
+    confirm_delete.click(
+        on_delete,
+        [conversation, search],
+        [conversation, chatbot, positions, kinds, title_box, history_list, confirm_row],
+    )
+    export_one.click(
+        lambda c, f: on_export(c, f, everything=False),
+        [conversation, export_format],
+        [export_file],
+    )
+    export_all.click(
+        lambda c, f: on_export(c, f, everything=True), [conversation, export_format], [export_file]
+    )
+    gr.Timer(2.0).tick(
+        on_engine, [engine_seen], [banner_row, banner, engine_seen], show_progress="hidden"
+    )
+
+    async def on_load(conversation_id: str | None, query: str, seen: Any) -> tuple[Any, ...]:
+        return (*await on_open(conversation_id, query), *on_engine(seen))
+
+    return ChatTab(
+        go_to_model=go_to_model,
+        on_load=on_load,
+        load_inputs=[conversation, search, engine_seen],
+        load_outputs=[*open_outputs, banner_row, banner, engine_seen],
+    )
