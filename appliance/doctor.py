@@ -73,7 +73,8 @@ def probe_docker() -> DockerFacts:
     try:
         probe = docker_runtime.docker_probe()
     except DockerUnavailableError as err:
-        return DockerFacts(error=str(err))
+        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return DockerFacts(error=f"{err.message.rstrip('.')}; DOCKER_HOST is {where}")
     return DockerFacts(
         version=probe.version,
         api_version=probe.api_version,
@@ -172,9 +173,15 @@ def check_profile(settings: Settings, result: planner.Plan) -> Check:
             f"{fit.name} fits: {fit.kv_tokens or 0:,} KV tokens, one request up to "
             f"{fit.max_context or 0:,} tokens ({result.chosen_reason})",
         )
-    why = "; ".join(f"{f.name}: {', '.join(f.reasons)}" for f in result.profiles if f.reasons)
+    # Group the profiles by reason so "no GPU" is said once, not five times.
+    by_reason: dict[str, list[str]] = {}
+    for f in result.profiles:
+        by_reason.setdefault("; ".join(f.reasons), []).append(f.name)
+    why = " | ".join(
+        f"{', '.join(names)}: {reason}" for reason, names in by_reason.items() if reason
+    )
     status = FAIL if settings.engine.request_gpu else WARN
-    return Check("profile", status, f"{result.chosen_reason}. {why}", "step-station plan")
+    return Check("profile", status, f"{result.chosen_reason}: {why}", "step-station plan")
 
 
 def _cached_bytes(hf_root: Path, repo_id: str) -> int:

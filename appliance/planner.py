@@ -280,7 +280,7 @@ def _choose(
         return wanted.name, f"engine.profile is set to {wanted.name!r} and it fits"
     fitting = [f for f in fits if f.fits]
     if not fitting:
-        return None, "no launch profile fits this machine (see the reasons per profile)"
+        return None, "no launch profile fits this machine"
     # MTP first: MTP-3 speculative decoding is what gives the 100-300 tok/s single stream, and
     # only the BF16/FP8 checkpoints ship MTP weights. Then the largest KV cache.
     best = max(fitting, key=lambda f: (by_name[f.name].supports_mtp, f.kv_tokens or 0))

@@ -294,3 +294,19 @@ def test_hf_cache_path_matches_the_engine_spec(
     monkeypatch.delenv("STEP_STATION_HOME")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     assert profiles.hf_cache_path(engine) == spec.hf_cache_root(engine)
+
+
+@pytest.mark.parametrize("name", list(profiles.PROFILES))
+def test_simulator_accepts_what_the_appliance_passes(name: str) -> None:
+    """The simulator parses `vllm serve`'s flags like vLLM (unknown flags exit 2), so every
+    profile's argv, appliance flags included, must parse there with the values we meant."""
+    args_module = pytest.importorskip("appliance.simulator.args")
+    engine = EngineSettings(
+        port=8123, max_model_len=65536, mtp=True, sleep_mode=True, gpu_memory_utilization=0.9
+    )
+    profile = profiles.get_profile(name)
+    parsed = args_module.parse_args(profiles.build_vllm_args(profile, engine))
+    assert parsed.model == profile.checkpoint
+    assert parsed.served_name == profile.served_model_name
+    assert parsed.host == "127.0.0.1"
+    assert parsed.port == 8123
