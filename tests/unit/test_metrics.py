@@ -139,3 +139,38 @@ def test_scraper_error_is_an_engine_error() -> None:
     scraper = MetricsScraper(httpx.Client(transport=httpx.MockTransport(handler)))
     with pytest.raises(EngineError, match="metrics"):
         scraper.scrape("http://127.0.0.1:1")
+
+
+def test_scrape_of_the_simulator_counts_a_real_request(simulator) -> None:
+    """The real path: the simulator's /metrics over HTTP, one chat request through the SDK."""
+    from openai import OpenAI
+
+    url = simulator(tokens_per_s=2000)
+    scraper = MetricsScraper()
+    before = scraper.scrape(url)
+    assert before.running == 0
+    assert before.waiting == 0
+    assert before.kv_cache_usage_pct == 0.0
+    assert before.sleep_state == "awake"
+    assert before.ttft_median_s is None  # no request yet: the histogram is empty
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model="step3p7-flash",
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=40,
+        extra_body={"reasoning_effort": "low"},
+    )
+    assert reply.usage is not None
+
+    after = scraper.scrape(url)
+    assert after.generation_tokens_total is not None
+    assert before.generation_tokens_total is not None
+    assert after.generation_tokens_total - before.generation_tokens_total == (
+        reply.usage.completion_tokens
+    )
+    assert after.prompt_tokens_total - before.prompt_tokens_total == reply.usage.prompt_tokens
+    assert after.generation_tokens_per_s is not None
+    assert after.generation_tokens_per_s > 0
+    assert after.ttft_median_s is not None
+    scraper.close()

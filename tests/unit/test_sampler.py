@@ -5,6 +5,10 @@ The same code path runs against a real H200 in tests/gpu/test_sampler_gpu.py.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from appliance.sampler import (
     EnginePids,
     HostSample,
     Sampler,
+    engine_pid_lookup,
     read_host,
     status_lines,
     status_payload,
@@ -409,3 +414,41 @@ def test_plain_host_memory_and_weights_disk(tmp_path: Path) -> None:
     assert host.weights_disk_free_bytes is not None
     assert host.weights_disk_free_bytes > 0
     assert host.weights_dir.endswith("yet")
+
+
+class Supervisor:
+    def __init__(self, container_id: str, runtime: object = None) -> None:
+        self.container_id = container_id
+        self.runtime = runtime
+
+    def status(self) -> Status:
+        return Status(container_id=self.container_id)
+
+
+def test_engine_pids_of_a_process_engine_include_its_children() -> None:
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert engine_pid_lookup(Supervisor(f"pid:{proc.pid}"))() == {proc.pid, child}
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait(10)
+    assert engine_pid_lookup(Supervisor(""))() == set()
+
+
+def test_engine_pids_of_a_container_come_from_the_runtime() -> None:
+    class Runtime:
+        def engine_pids(self, container_id: str) -> set[int]:
+            return {41, 42} if container_id == "abc" else set()
+
+    assert engine_pid_lookup(Supervisor("abc", Runtime()))() == {41, 42}
