@@ -542,3 +542,25 @@ def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
         engine_pids=engine_pid_lookup(supervisor) if supervisor is not None else None,
         scraper=MetricsScraper(),
     )
+
+
+def status_sample(
+    settings: Settings, supervisor: Any = None, *, cpu_window_s: float = 0.2
+) -> Sample:
+    """One sample for `step-station status` when no appliance is running to ask: CPU is measured
+    over `cpu_window_s` (a first reading of psutil's CPU percent has nothing to compare with)."""
+    psutil.cpu_percent(interval=None)
+    time.sleep(cpu_window_s)
+    sampler = Sampler(
+        settings,
+        engine_status=supervisor.status if supervisor is not None else None,
+        engine_pids=engine_pid_lookup(supervisor) if supervisor is not None else None,
+    )
+    return sampler.sample_once()
+
+
+def status_json(sample: Sample | None) -> dict[str, Any]:
+    """The `"gpus"` and `"host"` keys to merge into `status --json` (empty lists when unknown)."""
+    if sample is None:
+        return {"gpus": [], "host": None}
+    return status_payload(sample)

@@ -24,8 +24,10 @@ from appliance.sampler import (
     Sampler,
     engine_pid_lookup,
     read_host,
+    status_json,
     status_lines,
     status_payload,
+    status_sample,
 )
 from appliance.settings import Settings
 
@@ -452,3 +454,32 @@ def test_engine_pids_of_a_container_come_from_the_runtime() -> None:
             return {41, 42} if container_id == "abc" else set()
 
     assert engine_pid_lookup(Supervisor("abc", Runtime()))() == {41, 42}
+
+
+def test_status_sample_for_the_cli_without_an_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeNvml()
+    monkeypatch.setattr(hardware, "_default_session", hardware.NvmlSession(api))
+    sample = status_sample(
+        Settings(), Supervisor("abc", type("R", (), {"engine_pids": lambda s, c: {1001}})())
+    )
+    payload = status_json(sample)
+    assert [g["name"] for g in payload["gpus"]] == [
+        "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
+        "NVIDIA GB300",
+    ]
+    assert payload["gpus"][1]["processes"][0] == {
+        "pid": 1001,
+        "memory_bytes": 240 * GB,
+        "is_engine": True,
+    }
+    host = payload["host"]
+    assert set(host) == {
+        "cpu_pct",
+        "memory_total_bytes",
+        "memory_used_bytes",
+        "weights_disk_free_bytes",
+    }
+    assert host["memory_total_bytes"] > host["memory_used_bytes"] > 0
+    assert host["weights_disk_free_bytes"] > 0
+    assert 0.0 <= host["cpu_pct"] <= 100.0
+    assert status_json(None) == {"gpus": [], "host": None}
