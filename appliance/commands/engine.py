@@ -1,14 +1,303 @@
-"""Placeholder: this command module is being written (see the issue that owns it)."""
+"""`step-station pull | start | stop | restart | status | logs`: the engine from the terminal.
+
+Each command runs its own supervisor; the inter-process lock and the engine's Docker labels keep
+it in step with a running appliance (which adopts what the CLI starts, and sees what it stops).
+Progress: a bar redrawn in place on a terminal, plain lines otherwise.
+
+Exit codes (`status`): 0 ready or sleeping, 10 not running (absent/stopped), 11 in progress
+(pulling, downloading, starting, stopping), 6 failed. Other commands: 0 on success, else the
+error's code (3 Docker unreachable, 4 pull failed, 5 weights, 6 engine, 7 port in use).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+from appliance import settings as st
+from appliance.engine import EngineState, EngineStatus, Supervisor
+from appliance.errors import EngineError
+
+EXIT_NOT_RUNNING = 10
+EXIT_IN_PROGRESS = 11
+EXIT_FAILED = EngineError.exit_code
 
 
-def register(sub: Any) -> None:  # noqa: ARG001 - filled in by its owner
-    del sub
+def register(sub: Any) -> None:
+    demo = argparse.ArgumentParser(add_help=False)
+    demo.add_argument(
+        "--demo", action="store_true", help="the simulator as a local process (no GPU, no Docker)"
+    )
+    pull = sub.add_parser("pull", help="pull the engine image (progress per byte)")
+    pull.set_defaults(func=_pull)
+
+    start = sub.add_parser("start", parents=[demo], help="start the engine")
+    start.add_argument("--profile", help="launch profile (default: engine.profile)")
+    wait = start.add_mutually_exclusive_group()
+    wait.add_argument("--wait", dest="wait", action="store_true", default=True, help="(default)")
+    wait.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="return once the engine is launched"
+    )
+    start.add_argument("--timeout", type=float, default=None, help="seconds to wait for ready")
+    start.set_defaults(func=_start)
+
+    stop = sub.add_parser("stop", parents=[demo], help="stop the engine and free the GPU")
+    stop.set_defaults(func=_stop)
+
+    restart = sub.add_parser("restart", parents=[demo], help="stop, then start with the settings")
+    restart.add_argument("--profile")
+    restart.set_defaults(func=_restart, wait=True, timeout=None)
+
+    status = sub.add_parser("status", parents=[demo], help="where the engine is")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=_status)
+
+    logs = sub.add_parser("logs", parents=[demo], help="the engine's log")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.set_defaults(func=_logs)
 
 
-def _unused(args: argparse.Namespace) -> int:
+def _settings() -> st.Settings:
+    result = st.load_settings()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return result.settings
+
+
+def _supervisor(args: argparse.Namespace) -> Supervisor:
+    settings = _settings()
+    if getattr(args, "demo", False):
+        return Supervisor.for_demo(settings, outside_poll_s=0)
+    return Supervisor(settings, secrets=st.load_secrets(), outside_poll_s=0)
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+class Progress:
+    """A one-line bar on a terminal; plain lines (on change, every 10%) otherwise."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self._last_line = ""
+        self._last_decile: dict[str, int] = {}
+
+    def show(self, status: EngineStatus) -> None:
+        label = status.phase or status.state.label
+        frac = status.progress_fraction
+        if self.tty:
+            self._bar(label, status, frac)
+            return
+        decile = int(frac * 10) if frac is not None else -1
+        line = f"{label}"
+        if frac is not None and status.progress:
+            line += f": {100 * frac:.0f}% ({_gb(status.progress[0])} of {_gb(status.progress[1])})"
+        if label != self._last_line.split(":")[0] or decile > self._last_decile.get(label, -1):
+            self._last_decile[label] = decile
+            self._last_line = line
+            print(line, file=self.out, flush=True)
+
+    def _bar(self, label: str, status: EngineStatus, frac: float | None) -> None:
+        elapsed = ""
+        open_phases = [p for p in status.phases if not p.done]
+        if open_phases:
+            elapsed = f" {open_phases[-1].elapsed_s:5.1f} s"
+            if open_phases[-1].detail:
+                elapsed += f" ({open_phases[-1].detail})"
+        if frac is not None and status.progress:
+            width = 30
+            filled = int(width * frac)
+            bar = "#" * filled + "-" * (width - filled)
+            text = f"{label} [{bar}] {100 * frac:3.0f}% {_gb(status.progress[0])}/"
+            text += _gb(status.progress[1])
+        else:
+            text = f"{label}{elapsed}"
+        self.out.write("\r\x1b[2K" + text[:120])
+        self.out.flush()
+        self._last_line = text
+
+    def done(self) -> None:
+        if self.tty and self._last_line:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _follow(sup: Supervisor, until: Any, timeout_s: float) -> EngineStatus:
+    """Show progress until `until(status)` is true or the timeout passes."""
+    progress = Progress()
+    deadline = time.monotonic() + timeout_s
+    status = sup.status()
+    try:
+        while not until(status) and time.monotonic() < deadline:
+            progress.show(status)
+            status = sup.wait_for_change(status.version, min(0.5, timeout_s))
+        progress.show(status)
+    finally:
+        progress.done()
+    return status
+
+
+def _summary(status: EngineStatus) -> None:
+    for phase in status.phases:
+        detail = f"  {phase.detail}" if phase.detail else ""
+        print(f"  {phase.name:<24} {phase.elapsed_s:8.1f} s{detail}")
+
+
+# --------------------------------------------------------------------------------- commands
+
+
+def _pull(args: argparse.Namespace) -> int:
+    del args
+    settings = _settings()
+    sup = Supervisor(settings, outside_poll_s=0)
+    runtime = sup.runtime
+    if runtime.kind != "docker":
+        print("engine.runtime is not docker: there is no image to pull.")
+        return 0
+    progress = Progress()
+    image = settings.engine.image
+    shown = EngineStatus(state=EngineState.PULLING_IMAGE, phase=f"Pulling {image}")
+
+    def on_progress(done: int, total: int, line: str) -> None:
+        del line
+        shown.progress = (done, total)
+        progress.show(shown)
+
+    from appliance.engine.spec import LaunchSpec
+
+    spec = LaunchSpec(
+        name="pull", image=image, args=(), profile="", served_model_name="", host_port=0
+    )
+    try:
+        runtime.ensure_image(spec, on_progress)
+    finally:
+        progress.done()
+    total = shown.progress[1] if shown.progress else 0
+    print(f"Pulled {image} ({_gb(total)} downloaded).")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    sup = _supervisor(args)
+    try:
+        sup.attach()
+        status = sup.start(args.profile)
+        timeout = args.timeout or float(sup.settings.engine.start_timeout_s + 600)
+        if not args.wait:
+            status = _follow(
+                sup, lambda s: bool(s.container_id) or not s.state.busy, timeout_s=timeout
+            )
+        else:
+            status = _follow(sup, lambda s: not s.state.busy, timeout_s=timeout)
+        return _report_start(status, waited=args.wait)
+    finally:
+        sup.close()
+
+
+def _report_start(status: EngineStatus, *, waited: bool) -> int:
+    if status.state == EngineState.FAILED:
+        print(f"step-station: {status.message}", file=sys.stderr)
+        for line in status.log_tail[-10:]:
+            print(f"  | {line}", file=sys.stderr)
+        return EXIT_FAILED
+    if status.state in (EngineState.READY, EngineState.SLEEPING):
+        _summary(status)
+        print(f"Ready: {status.engine_url} serves {status.served_model_name!r}. {status.message}")
+        if status.restart_needed:
+            print("Note: settings changed since it started; `step-station restart` applies them.")
+        return 0
+    if not waited and status.container_id:
+        print(
+            f"Engine launched ({status.container_id[:12]}); `step-station status` shows progress."
+        )
+        return 0
+    print(f"step-station: the engine is {status.state.value}: {status.message}", file=sys.stderr)
+    return EXIT_IN_PROGRESS if status.state.busy else EXIT_NOT_RUNNING
+
+
+def _stop(args: argparse.Namespace) -> int:
+    sup = _supervisor(args)
+    try:
+        began = time.monotonic()
+        before = sup.attach()
+        status = sup.stop()
+        if before.state in (EngineState.ABSENT,) and status.state == EngineState.ABSENT:
+            print("The engine is not running.")
+        else:
+            print(f"{status.message} ({time.monotonic() - began:.1f} s)")
+        return 0
+    finally:
+        sup.close()
+
+
+def _restart(args: argparse.Namespace) -> int:
+    sup = _supervisor(args)
+    try:
+        sup.attach()
+        sup.stop()
+        sup.start(args.profile)
+        timeout = float(sup.settings.engine.start_timeout_s + 600)
+        status = _follow(sup, lambda s: not s.state.busy, timeout_s=timeout)
+        return _report_start(status, waited=True)
+    finally:
+        sup.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    sup = _supervisor(args)
+    try:
+        status = sup.attach()
+        if args.json:
+            from appliance.engine.status_json import status_json
+
+            print(json.dumps(status_json(status, sup.settings, sup), indent=2, default=str))
+        else:
+            _print_status(status)
+    finally:
+        sup.close()
+    if status.state in (EngineState.READY, EngineState.SLEEPING):
+        return 0
+    if status.state == EngineState.FAILED:
+        return EXIT_FAILED
+    return EXIT_IN_PROGRESS if status.state.busy else EXIT_NOT_RUNNING
+
+
+def _print_status(status: EngineStatus) -> None:
+    phase = f" ({status.phase})" if status.phase and status.phase != status.state.label else ""
+    print(f"Engine:  {status.state.label}{phase}")
+    if status.profile:
+        print(f"Profile: {status.profile}")
+    if status.container_id:
+        print(f"Engine id: {status.container_id[:12]}  ({status.container_name})")
+    if status.state in (EngineState.READY, EngineState.SLEEPING):
+        print(f"URL:     {status.engine_url}  model {status.served_model_name!r}")
+        for key in ("max_model_len", "kv_cache_tokens"):
+            if status.effective.get(key):
+                print(f"{key}: {status.effective[key]:,}")
+    if status.message:
+        print(status.message)
+    if status.state == EngineState.FAILED:
+        for line in status.log_tail[-10:]:
+            print(f"  | {line}")
+
+
+def _logs(args: argparse.Namespace) -> int:
+    sup = _supervisor(args)
+    stop = threading.Event()
+    try:
+        for line in sup.iter_logs(follow=args.follow, stop=stop):
+            print(line, flush=args.follow)
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        sup.close()
     return 0

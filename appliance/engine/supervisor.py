@@ -88,6 +88,7 @@ class Supervisor:
         poll_interval_s: float = 0.25,
         monitor_interval_s: float = 1.0,
         lock_timeout_s: float = 30.0,
+        outside_poll_s: float = 2.0,
     ) -> None:
         self.settings = settings
         self.demo = demo
@@ -101,7 +102,11 @@ class Supervisor:
         self.poll_interval_s = poll_interval_s
         self.monitor_interval_s = monitor_interval_s
         self.lock_timeout_s = lock_timeout_s
+        self.outside_poll_s = outside_poll_s
         self._lock = threading.RLock()
+        self._decide = threading.RLock()  # start() vs adopting: one decision at a time
+        self._closed = threading.Event()
+        self._outside: threading.Thread | None = None
         self._changed = threading.Condition(self._lock)
         self._status = EngineStatus(engine_url=self._url(), container_name=self._name())
         self._listeners: list[Listener] = []
@@ -219,32 +224,68 @@ class Supervisor:
     def attach(self) -> EngineStatus:
         """Derive the state from the runtime and adopt a running engine (appliance start-up, CLI).
 
-        Never starts anything. A healthy engine is READY as soon as this returns.
+        Never starts anything. A healthy engine is READY as soon as this returns. Afterwards a
+        light watcher (every `outside_poll_s`) adopts an engine that another step-station
+        process (the CLI) starts while this one is idle.
         """
-        with self._lock:
-            if self._busy() or self._engine is not None:
+        status = self._attach_once()
+        self._watch_outside()
+        return status
+
+    def _attach_once(self) -> EngineStatus:
+        with self._decide:
+            with self._lock:
+                if self._busy() or self._engine is not None:
+                    return self.status()
+            handle = self.runtime.find(self._name())
+            self._refresh_desired_hash()
+            if handle is None:
+                with self._lock:
+                    state = self._status.state
+                if state not in (EngineState.STOPPED, EngineState.FAILED):
+                    self._update(state=EngineState.ABSENT, container_id="", message="")
                 return self.status()
-        handle = self.runtime.find(self._name())
-        self._refresh_desired_hash()
-        if handle is None:
-            self._update(state=EngineState.ABSENT, container_id="", message="")
+            info = self.runtime.inspect(handle)
+            if not info.running:
+                with self._lock:
+                    known = self._status.container_id == handle.id
+                if not known:
+                    self._report_exited(handle, info)
+                return self.status()
+            self._adopt(handle, spec=None)
+            if health.probe_health(self._url()) == 200:
+                self._mark_ready(adopted=True)
+            self._spawn(self._watch_adopted, handle)
             return self.status()
-        info = self.runtime.inspect(handle)
-        if not info.running:
-            self._report_exited(handle, info)
-            return self.status()
-        self._adopt(handle, spec=None)
-        if health.probe_health(self._url()) == 200:
-            self._mark_ready(adopted=True)
-        self._spawn(self._watch_adopted, handle)
-        return self.status()
+
+    def _watch_outside(self) -> None:
+        with self._lock:
+            if self._outside is not None or self.outside_poll_s <= 0:
+                return
+            self._outside = threading.Thread(
+                target=self._outside_loop, name="engine-outside-watch", daemon=True
+            )
+        self._outside.start()
+
+    def _outside_loop(self) -> None:
+        while not self._closed.wait(self.outside_poll_s):
+            with self._lock:
+                idle = self._engine is None and not (
+                    self._worker is not None and self._worker.is_alive()
+                )
+            if not idle:
+                continue
+            try:
+                self._attach_once()
+            except ApplianceError as err:  # Docker away: try again on the next round
+                log.info("engine watch: %s", err)
 
     def start(self, profile: str | None = None) -> EngineStatus:
         """Start the engine in the background; returns at once (`wait_ready()` to block).
 
         Does nothing when the engine is already starting or running.
         """
-        with self._lock:
+        with self._decide, self._lock:
             if self._busy() or self._status.state in (EngineState.READY, EngineState.SLEEPING):
                 return self.status()
             self._cancel.clear()
@@ -311,6 +352,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Stop watching (threads end); the engine itself keeps running and is adopted later."""
+        self._closed.set()
         self._cancel.set()
         self._tick.set()
         if self._engine is not None:
