@@ -67,9 +67,11 @@ class DockerFacts:
 
 def probe_docker() -> DockerFacts:
     """Ask the local Docker engine (through the one module that imports docker)."""
-    # Imported here: docker-py costs ~0.2 s to import and only the doctor needs it.
-    from appliance.engine import docker_runtime
-
+    try:
+        # Imported here: docker-py costs ~0.2 s to import and only the doctor needs it.
+        from appliance.engine import docker_runtime
+    except ImportError as err:
+        return DockerFacts(error=f"the docker Python package is missing ({err})")
     try:
         probe = docker_runtime.docker_probe()
     except DockerUnavailableError as err:
