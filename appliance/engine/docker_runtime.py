@@ -376,6 +376,12 @@ def _start_error(err: Any, spec: LaunchSpec) -> Exception:
         return EngineError(
             f"Docker could not give the engine a GPU ({text}).", hint=_GPU_DRIVER_HINT
         )
+    if "error setting rlimit" in text:
+        return EngineError(
+            f"Docker could not apply the engine's memlock/stack limits ({text}).",
+            hint="Raise the Docker daemon's limits (LimitMEMLOCK=infinity in its systemd unit, "
+            "then `sudo systemctl restart docker`).",
+        )
     if "port is already allocated" in text or "address already in use" in text:
         return PortInUseError(
             f"Port {spec.host_port} on {spec.host_ip} is already in use ({text}).",

@@ -223,6 +223,10 @@ def build_launch_spec(
     if runtime == "docker" and engine.request_gpu:
         uuid = engine.gpu_uuid or gpu_uuid
         gpus = (uuid,) if uuid else ()
+    # memlock/stack limits are for CUDA pinned memory and NCCL; without a GPU (the simulator on a
+    # machine without the NVIDIA runtime) they are moot, and a daemon whose own hard limit is
+    # lower refuses to start the container with them ("error setting rlimit").
+    ulimits = (MEMLOCK_UNLIMITED, STACK_64MIB) if gpus is not None else ()
     digest = settings_hash(image=engine.image, args=args, gpus=gpus, port=engine.port, env=env)
     labels = {
         LABEL_MANAGED: "true",
@@ -246,6 +250,7 @@ def build_launch_spec(
         secret_env=(("HF_TOKEN", hf_token),) if hf_token else (),
         mounts=mounts,
         gpus=gpus,
+        ulimits=ulimits,
         labels=tuple(sorted(labels.items())),
         executable=tuple(executable),
         weights_repo="" if (local or not download_weights) else model,

@@ -71,6 +71,7 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
 def test_no_gpu_request_when_turned_off() -> None:
     spec = launch_spec_for(_settings(request_gpu=False), secrets=st.Secrets())
     assert spec.gpus is None
+    assert spec.ulimits == ()  # pinned-memory limits only matter with a GPU
 
 
 def test_all_gpus_when_no_uuid_is_known() -> None:
