@@ -62,7 +62,7 @@ def gpu_card(gpu: GpuSample) -> str:
     )
     procs = "".join(
         f'<tr class="{"ss-engine" if p.is_engine else ""}" data-pid="{p.pid}"><td>{p.pid}</td>'
-        f"<td>{html.escape(p.name or 'another namespace')}</td>"
+        f"<td>{html.escape(p.name or 'not visible to this host')}</td>"
         f"<td>{fmt_bytes(p.memory_bytes)}</td></tr>"
         for p in gpu.processes
     )
@@ -73,8 +73,8 @@ def gpu_card(gpu: GpuSample) -> str:
         else '<p class="ss-muted">No processes on this GPU.</p>'
     )
     return (
-        f'<div class="ss-card" data-gpu="{gpu.index}"><h4>GPU {gpu.index}: '
-        f"{html.escape(gpu.name)}</h4>{_pct_bar(gpu.memory_used_bytes, gpu.memory_total_bytes)}"
+        f'<div class="ss-card" data-gpu="{gpu.index}"><div class="ss-title">GPU {gpu.index}: '
+        f"{html.escape(gpu.name)}</div>{_pct_bar(gpu.memory_used_bytes, gpu.memory_total_bytes)}"
         f'<table class="ss-kv">{cells}</table>{proc_table}</div>'
     )
 
@@ -90,7 +90,7 @@ def host_card(sample: Sample) -> str:
             "never added here.</p>"
         )
     return (
-        '<div class="ss-card" data-card="host"><h4>Host</h4>'
+        '<div class="ss-card" data-card="host"><div class="ss-title">Host</div>'
         f"{_pct_bar(h.memory_used_bytes, h.memory_total_bytes)}"
         f'<table class="ss-kv"><tr><th>CPU</th><td data-field="cpu">{fmt_num(h.cpu_pct, " %")}'
         f'</td></tr><tr><th>Memory</th><td data-field="host-memory">{memory}</td></tr>'
@@ -105,7 +105,7 @@ def engine_card(sample: Sample) -> str:
     if e is None:
         state = sample.engine_state or "not started"
         return (
-            '<div class="ss-card" data-card="engine"><h4>Engine</h4>'
+            '<div class="ss-card" data-card="engine"><div class="ss-title">Engine</div>'
             f'<p class="ss-muted">Engine numbers appear while it serves (now: '
             f"{html.escape(state.replace('_', ' '))}).</p></div>"
         )
@@ -127,7 +127,7 @@ def engine_card(sample: Sample) -> str:
         for k, v in rows
     )
     return (
-        '<div class="ss-card" data-card="engine"><h4>Engine</h4>'
+        '<div class="ss-card" data-card="engine"><div class="ss-title">Engine</div>'
         f'<table class="ss-kv">{cells}</table>'
         '<p class="ss-muted">Hit rate, acceptance and TTFT are since the engine started.</p></div>'
     )
@@ -139,7 +139,8 @@ def current_html(sample: Sample | None) -> str:
     cards = [gpu_card(g) for g in sample.gpus]
     if not sample.gpus:
         cards.append(
-            '<div class="ss-card" data-card="no-gpu"><h4>GPU</h4><p>No GPU readings: '
+            '<div class="ss-card" data-card="no-gpu"><div class="ss-title">GPU</div>'
+            "<p>No GPU readings: "
             f"{html.escape(sample.gpu_error or 'no NVIDIA GPU found')}.</p></div>"
         )
     cards += [host_card(sample), engine_card(sample)]
@@ -162,16 +163,17 @@ def breakdown_html(breakdown: MemoryBreakdown | None) -> str:
         if p.bytes > 0
     )
     legend = "".join(
-        f'<li data-part="{html.escape(p.name)}"><span class="ss-swatch" '
+        f'<span class="ss-part" data-part="{html.escape(p.name)}"><span class="ss-swatch" '
         f'style="background:{_PART_COLORS.get(p.name, "#ccc")}"></span>{html.escape(p.name)}: '
-        f"<b>{fmt_bytes(p.bytes)}</b></li>"
+        f'<span class="ss-strong">{fmt_bytes(p.bytes)}</span></span>'
         for p in breakdown.parts
     )
     note = f'<p class="ss-muted">{html.escape(breakdown.note)}</p>' if breakdown.note else ""
     return (
-        f'<div class="ss-breakdown"><h4>Memory of {html.escape(breakdown.gpu_name)} '
-        f"({fmt_bytes(breakdown.total_bytes)})</h4>"
-        f'<div class="ss-stack">{segments}</div><ul class="ss-legend">{legend}</ul>{note}'
+        '<div class="ss-breakdown"><div class="ss-title">'
+        f"Memory of {html.escape(breakdown.gpu_name)} "
+        f"({fmt_bytes(breakdown.total_bytes)})</div>"
+        f'<div class="ss-stack">{segments}</div><div class="ss-legend">{legend}</div>{note}'
         f'<p class="ss-why">{html.escape(WHY_RESERVED)}</p></div>'
     )
 
@@ -287,7 +289,12 @@ _STYLE = """<style>
 .ss-cards { display: flex; flex-wrap: wrap; gap: 0.8em; }
 .ss-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 0.5em 0.8em; min-width: 18em;
   flex: 1; }
-.ss-card h4 { margin: 0.2em 0 0.4em; }
+/* Gradio's bundled Source Sans Pro renders some bold capitals as small caps ("GB" -> "Gʙ"):
+   bold text in these panels uses the system sans-serif. */
+.ss-title, .ss-strong, .ss-procs tr.ss-engine td, .ss-procs th {
+  font-family: ui-sans-serif, system-ui, "DejaVu Sans", sans-serif; }
+.ss-title { font-weight: 600; font-size: 1.1em; margin: 0.2em 0 0.4em; }
+.ss-strong { font-weight: 600; }
 .ss-kv th { text-align: left; font-weight: normal; padding-right: 1em; color: #6b7280; }
 .ss-procs { font-size: 0.85em; margin-top: 0.4em; }
 .ss-procs tr.ss-engine td { font-weight: 600; }
@@ -295,7 +302,7 @@ _STYLE = """<style>
 .ss-bar-fill { height: 100%; background: #6366f1; }
 .ss-stack { display: flex; height: 22px; border-radius: 4px; overflow: hidden;
   border: 1px solid #d1d5db; }
-.ss-legend { list-style: none; padding-left: 0; display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; }
+.ss-legend { display: flex; flex-wrap: wrap; gap: 0.3em 1.2em; margin: 0.4em 0; }
 .ss-swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em;
   border-radius: 2px; vertical-align: middle; }
 .ss-muted { color: #6b7280; font-size: 0.85em; }

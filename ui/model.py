@@ -329,6 +329,8 @@ def build(services: Any) -> None:
 
 _STYLE = """<style>
 .ss-timeline .ss-headline { font-size: 1.2em; font-weight: 600; margin: 0.3em 0; }
+.ss-timeline .ss-headline, .ss-failure b {
+  font-family: ui-sans-serif, system-ui, "DejaVu Sans", sans-serif; }
 .ss-steps { list-style: none; padding-left: 0; margin: 0.3em 0; }
 .ss-step { display: grid; grid-template-columns: 1.5em 14em 6em 1fr; padding: 0.1em 0; }
 .ss-step.ss-pending { opacity: 0.5; }

@@ -1,0 +1,164 @@
+"""The dashboard tab in Chromium against `step-station up --demo` (the simulator as engine).
+
+The GPU is a simulated GB300 (tests/browser/fake_nvml: NVML is the one seam that cannot run
+without a GPU; tests/gpu/ runs the same sampler on a real H200). Everything else is real: the
+demo engine's host PID is found through the process runtime and labelled as the engine, its
+metrics are scraped from the simulator's /metrics while chat requests run through the OpenAI SDK.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from openai import OpenAI
+from playwright.sync_api import expect
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_NVML = Path(__file__).with_name("fake_nvml")
+DOCS_IMG = REPO / "docs" / "img"
+FAKE_GPU_ENV = {"PYTHONPATH": str(FAKE_NVML), "STEP_FAKE_NVML": "gb300"}
+
+TICK_IDS_JS = """(elemId) => {
+  const config = window.gradio_config;
+  const target = config.components.find(c => c.props && c.props.elem_id === elemId);
+  if (!target) return [];
+  return config.dependencies
+    .filter(d => d.targets.some(t => t[1] === 'tick') && d.outputs.includes(target.id))
+    .map(d => d.id);
+}"""
+
+HIDE_JS = """(state) => {
+  Object.defineProperty(document, 'visibilityState', {value: state, configurable: true});
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+class Polls:
+    """Counts the page's event requests (Gradio queue joins) by dependency id."""
+
+    def __init__(self, page) -> None:
+        self.fn_ids: list[int] = []
+        page.on("request", self._on_request)
+
+    def _on_request(self, request) -> None:
+        if "queue/join" in request.url and request.post_data:
+            match = re.search(r'"fn_index":\s*(\d+)', request.post_data)
+            if match:
+                self.fn_ids.append(int(match.group(1)))
+
+    def count(self, ids: set[int]) -> int:
+        return sum(1 for fn in self.fn_ids if fn in ids)
+
+
+def chat_load(engine_url: str, requests: int = 2, max_tokens: int = 700) -> threading.Thread:
+    def run() -> None:
+        client = OpenAI(base_url=f"{engine_url}/v1", api_key="none")
+
+        def one() -> None:
+            stream = client.chat.completions.create(
+                model="step3p7-flash",
+                messages=[{"role": "user", "content": "Tell me a long story about GPUs."}],
+                max_tokens=max_tokens,
+                stream=True,
+                extra_body={"reasoning_effort": "low"},
+            )
+            for _ in stream:
+                pass
+
+        workers = [threading.Thread(target=one) for _ in range(requests)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def field(page, name: str):
+    return page.locator(f'#ss-current [data-field="{name}"]')
+
+
+def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(appliance, page):
+    app = appliance(env=FAKE_GPU_ENV, sim={"tokens_per_s": 120, "output_tokens": 2400})
+    polls = Polls(page)
+    page.goto(app.url)
+    values_tick = set(page.evaluate(TICK_IDS_JS, "ss-current"))
+    plots_tick = set(page.evaluate(TICK_IDS_JS, "ss-plot-memory"))
+    assert values_tick
+    assert plots_tick
+    dashboard = values_tick | plots_tick
+
+    # The chat tab is in front: the dashboard never polls.
+    page.wait_for_timeout(2500)
+    assert polls.count(dashboard) == 0
+
+    page.get_by_role("tab", name="Dashboard").click()
+    gpu = page.locator('#ss-current [data-gpu="0"]')
+    expect(gpu).to_contain_text("NVIDIA GB300")
+    expect(gpu.locator('[data-field="memory"]')).to_contain_text("of 269.2 GB")
+    engine_row = gpu.locator("tr.ss-engine")
+    expect(engine_row).to_contain_text("Step-3.7-Flash engine")
+    assert engine_row.get_attribute("data-pid") == str(app.engine_pid())
+    expect(gpu.locator('tr[data-pid="4242"]')).not_to_have_class("ss-engine")
+    expect(field(page, "cpu")).to_contain_text("%")
+    expect(field(page, "disk")).to_contain_text("GB")
+    expect(field(page, "sleep-state")).to_have_text("awake")
+
+    # Memory breakdown: weights and the KV-cache pool from the engine's own log lines.
+    breakdown = page.locator("#ss-breakdown")
+    expect(breakdown.locator('[data-part="Weights"]')).to_contain_text("212.9 GB")  # 198.3 GiB
+    expect(breakdown.locator('[data-part="KV cache reserved, free"]')).to_be_visible()
+    expect(breakdown.locator('[data-part="Other processes"]')).to_contain_text("1.3 GB")
+    expect(breakdown).to_contain_text("vLLM reserves most of the GPU when it starts")
+
+    # Traffic: the engine numbers and the plots follow it.
+    load = chat_load(app.engine_url)
+    expect(field(page, "requests-running")).to_have_text("2", timeout=20_000)
+    expect(field(page, "generation")).not_to_have_text(re.compile(r"^(0\.0 tokens/s|n/a)$"))
+    expect(page.locator("#ss-plot-tokens")).to_be_visible(timeout=15_000)
+    expect(page.locator("#ss-plot-kv")).to_be_visible()
+    expect(page.locator("#ss-plot-memory")).to_be_visible()
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(5500)  # one more plot refresh with the traffic in it
+    page.screenshot(path=str(DOCS_IMG / "dashboard.png"), full_page=True)
+    load.join(60)
+    expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
+    expect(field(page, "requests-running")).to_have_text("0", timeout=20_000)
+
+    # Another tab in front: the polls stop.
+    page.get_by_role("tab", name="Chat").click()
+    page.wait_for_timeout(1500)
+    stopped_at = polls.count(dashboard)
+    page.wait_for_timeout(3000)
+    assert polls.count(dashboard) == stopped_at
+
+    # Back on the dashboard they resume.
+    page.get_by_role("tab", name="Dashboard").click()
+    page.wait_for_timeout(2500)
+    assert polls.count(dashboard) > stopped_at
+
+    # The browser tab in the background: no polls either.
+    page.evaluate(HIDE_JS, "hidden")
+    page.wait_for_timeout(1500)
+    hidden_at = polls.count(dashboard)
+    page.wait_for_timeout(3000)
+    assert polls.count(dashboard) == hidden_at
+    page.evaluate(HIDE_JS, "visible")
+    page.wait_for_timeout(2500)
+    assert polls.count(dashboard) > hidden_at
+
+
+def test_dashboard_without_a_gpu_says_why(appliance, page):
+    """This machine has no NVIDIA driver: the real NVML path answers, and the page says so."""
+    app = appliance()
+    page.goto(app.url)
+    page.get_by_role("tab", name="Dashboard").click()
+    expect(page.locator('#ss-current [data-card="no-gpu"]')).to_contain_text("NVML unavailable")
+    expect(field(page, "host-memory")).to_contain_text("GB of")
+    expect(page.locator("#ss-breakdown")).to_contain_text("No GPU memory reading")
+    expect(page.locator("#ss-plot-memory")).to_be_hidden()
+    expect(page.locator("#ss-plot-kv")).to_be_visible(timeout=15_000)
