@@ -7,6 +7,7 @@ its length depends on the level, so a client can see the level arrive.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -57,12 +58,19 @@ def token_ids(text: str) -> list[int]:
 
 def fill(head: str, filler: tuple[str, ...], count: int, seed: int) -> list[str]:
     """Exactly `count` pieces: the head, then filler sentences chosen by the seed."""
-    out = pieces(head)
+    out = pieces(head)[:count]
+    cut = [_pieces_cached(" " + sentence) for sentence in filler]
     i = seed
     while len(out) < count:
-        out.extend(pieces(" " + filler[i % len(filler)]))
+        out.extend(cut[i % len(cut)])
         i += 1
-    return out[:count]
+    del out[count:]
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _pieces_cached(text: str) -> tuple[str, ...]:
+    return tuple(pieces(text))
 
 
 @dataclass(frozen=True)
