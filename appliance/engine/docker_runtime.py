@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -95,6 +96,7 @@ def docker_version(timeout: float = 3.0) -> str:
 
 # ------------------------------------------------------------------------------ the runtime
 
+PULL_STALL_S = 120.0  # a pull gaining no byte for this long is abandoned with a clear error
 _GPU_DRIVER_HINT = (
     "Set up the NVIDIA Container Toolkit: `sudo nvidia-ctk runtime configure --runtime=docker "
     "&& sudo systemctl restart docker`. On a machine without an NVIDIA GPU, run with "
@@ -134,8 +136,11 @@ class DockerRuntime(Runtime):
 
     kind = "docker"
 
-    def __init__(self, base_url: str | None = None, timeout_s: int = 60) -> None:
+    def __init__(
+        self, base_url: str | None = None, timeout_s: int = 60, pull_stall_s: float = PULL_STALL_S
+    ) -> None:
         self._base_url = base_url
+        self.pull_stall_s = pull_stall_s
         self._timeout_s = timeout_s
         self._client: Any = None
         self._lock = threading.Lock()
@@ -158,6 +163,16 @@ class DockerRuntime(Runtime):
                     raise _unavailable(e) from e
                 self._client = client
             return self._client
+
+    def new_client(self, timeout_s: int | None = None) -> Any:
+        """A separate client (its own connection), e.g. for a long pull that may be abandoned."""
+        timeout = timeout_s or self._timeout_s
+        try:
+            if self._base_url:
+                return docker.client.DockerClient(base_url=self._base_url, timeout=timeout)
+            return docker.client.from_env(timeout=timeout)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+            raise _unavailable(err) from err
 
     def _reset(self) -> None:
         with self._lock:
@@ -196,7 +211,7 @@ class DockerRuntime(Runtime):
         return True
 
     def ensure_image(self, spec: LaunchSpec, on_progress: ProgressCallback) -> None:
-        pull_image(self, spec.image, on_progress)
+        pull_image(self, spec.image, on_progress, stall_s=self.pull_stall_s)
 
     # ------------------------------------------------------------------------ containers
 
@@ -434,49 +449,118 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 
 _DONE_STATUSES = ("Download complete", "Pull complete", "Extracting", "Verifying Checksum")
+_RETRYING = re.compile(r"Retrying in (\d+) seconds?")
 
 
-def pull_image(runtime: DockerRuntime, ref: str, on_progress: ProgressCallback) -> None:
-    """Pull `ref` with per-layer byte progress; an in-band error on any event raises.
+class PullProgress:
+    """Per-layer bytes from the pull stream: sum of `current` over sum of `total` of the
+    Downloading events per layer id. A layer Docker resumes after a dropped connection reports
+    the remaining bytes as its total; that is folded back into the layer's full size."""
 
-    Overall progress = sum of `current` over sum of `total` of the Downloading events, per layer.
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.layers: dict[str, list[int]] = {}  # layer id -> [bytes done, bytes total]
+        self.complete: set[str] = set()
+        self.seen: set[str] = set()
+        self.note = ""
+
+    @property
+    def done(self) -> int:
+        return sum(c for c, _ in self.layers.values())
+
+    @property
+    def total(self) -> int:
+        return sum(t for _, t in self.layers.values())
+
+    def line(self) -> str:
+        text = f"{len(self.complete)}/{len(self.seen)} layers"
+        return f"{text}; {self.note}" if self.note else text
+
+    def take(self, event: dict[str, Any]) -> None:
+        """Account one stream event; an in-band error (HTTP 200 all the same) raises."""
+        if "errorDetail" in event or "error" in event:
+            detail = event.get("errorDetail") or {}
+            raise _pull_error(self.ref, str(detail.get("message") or event.get("error")))
+        layer, status = event.get("id"), str(event.get("status", ""))
+        if not layer or status.startswith("Pulling from"):
+            return
+        self.seen.add(layer)
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading":
+            self._downloading(layer, int(detail.get("current") or 0), int(detail.get("total") or 0))
+        elif status.startswith(_DONE_STATUSES) and layer in self.layers:
+            self.layers[layer][0] = self.layers[layer][1]
+            self.complete.add(layer)
+            self.note = ""
+        elif status in ("Already exists", "Pull complete"):
+            self.complete.add(layer)
+        elif match := _RETRYING.match(status):
+            self.note = f"the registry dropped the connection, Docker retries in {match.group(1)} s"
+
+    def _downloading(self, layer: str, current: int, total: int) -> None:
+        if total <= 0:  # containerd image store, or an unknown size: nothing to add up
+            return
+        known = self.layers.get(layer)
+        if known is not None and total < known[1]:
+            current += known[1] - total  # resumed: `total` is what was left
+            total = known[1]
+        self.layers[layer] = [min(current, total), total]
+        self.note = ""
+
+
+def pull_image(
+    runtime: DockerRuntime,
+    ref: str,
+    on_progress: ProgressCallback,
+    *,
+    stall_s: float = PULL_STALL_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Pull `ref` with per-layer byte progress, checking every event for an in-band error.
+
+    A pull that gains no byte for `stall_s` (the registry went away mid-pull; Docker keeps
+    retrying for minutes) is abandoned with a clear error; its own client connection is closed,
+    which makes Docker cancel it. Nothing half-pulled is registered as the image.
     """
     repo, tag = _split_ref(ref)
-    layers: dict[str, list[int]] = {}
-    complete: set[str] = set()
-    seen: set[str] = set()
+    progress = PullProgress(ref)
+    client = runtime.new_client(timeout_s=int(stall_s) + 1)
     try:
-        stream = runtime._call(
-            lambda: runtime.client.api.pull(repo, tag=tag, stream=True, decode=True)
-        )
+        stream = runtime._call(lambda: client.api.pull(repo, tag=tag, stream=True, decode=True))
+        last_done, last_move = 0, clock()
         for event in stream:
-            if "errorDetail" in event or "error" in event:
-                detail = event.get("errorDetail") or {}
-                raise _pull_error(ref, str(detail.get("message") or event.get("error")))
-            layer, status = event.get("id"), str(event.get("status", ""))
-            detail = event.get("progressDetail") or {}
-            if layer and status not in ("Pulling from",) and not status.startswith("Pulling from"):
-                seen.add(layer)
-            if layer and status == "Downloading":
-                total = int(detail.get("total") or 0)
-                if total > 0:
-                    layers[layer] = [int(detail.get("current") or 0), total]
-            elif layer and status.startswith(_DONE_STATUSES) and layer in layers:
-                layers[layer][0] = layers[layer][1]
-                complete.add(layer)
-            elif layer and status == "Already exists":
-                complete.add(layer)
-            done = sum(c for c, _ in layers.values())
-            total = sum(t for _, t in layers.values())
-            on_progress(done, total, f"{len(complete)}/{len(seen)} layers")
+            progress.take(event)
+            if progress.done > last_done:
+                last_done, last_move = progress.done, clock()
+            elif clock() - last_move > stall_s:
+                raise ImagePullError(
+                    f"Pulling {ref} made no progress for {stall_s:.0f} s "
+                    f"({_gb(progress.done)} of {_gb(progress.total)}): the registry stopped "
+                    "answering.",
+                    hint="Check the network or the registry, then `step-station pull` again; "
+                    "layers already fetched are kept.",
+                )
+            on_progress(progress.done, progress.total, progress.line())
     except (requests.exceptions.RequestException, docker.errors.DockerException) as err:
         if isinstance(err, docker.errors.APIError):
             raise _pull_error(ref, _explain(err)) from err
+        if isinstance(err, requests.exceptions.ReadTimeout):
+            raise ImagePullError(
+                f"Pulling {ref}: Docker sent nothing for {stall_s:.0f} s.",
+                hint="Check the network or the registry, then `step-station pull` again.",
+            ) from err
         raise _unavailable(err) from err
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
     if not runtime.has_image(ref):
         raise _pull_error(ref, "the pull ended but the image is not on this machine")
-    total = sum(t for _, t in layers.values())
-    on_progress(total, total, f"{len(seen)}/{len(seen)} layers, pulled")
+    total = progress.total
+    on_progress(total, total, f"{len(progress.seen)}/{len(progress.seen)} layers, pulled")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 def _pull_error(ref: str, reason: str) -> ImagePullError:
