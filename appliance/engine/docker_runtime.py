@@ -518,20 +518,21 @@ def pull_image(
 ) -> None:
     """Pull `ref` with per-layer byte progress, checking every event for an in-band error.
 
-    A pull that gains no byte for `stall_s` (the registry went away mid-pull; Docker keeps
-    retrying for minutes) is abandoned with a clear error; its own client connection is closed,
-    which makes Docker cancel it. Nothing half-pulled is registered as the image.
+    A pull that shows no activity for `stall_s` (the registry went away mid-pull and Docker only
+    counts down its retries, for minutes) is abandoned with a clear error and its connection
+    closed; the layers Docker already has are kept for the next try. Nothing half-pulled is
+    registered as the image.
     """
     repo, tag = _split_ref(ref)
     progress = PullProgress(ref)
     client = runtime.new_client(timeout_s=int(stall_s) + 1)
     try:
         stream = runtime._call(lambda: client.api.pull(repo, tag=tag, stream=True, decode=True))
-        last_done, last_move = 0, clock()
+        last_move = clock()
         for event in stream:
             progress.take(event)
-            if progress.done > last_done:
-                last_done, last_move = progress.done, clock()
+            if _is_activity(event):
+                last_move = clock()
             elif clock() - last_move > stall_s:
                 raise ImagePullError(
                     f"Pulling {ref} made no progress for {stall_s:.0f} s "
@@ -557,6 +558,12 @@ def pull_image(
         raise _pull_error(ref, "the pull ended but the image is not on this machine")
     total = progress.total
     on_progress(total, total, f"{len(progress.seen)}/{len(progress.seen)} layers, pulled")
+
+
+def _is_activity(event: dict[str, Any]) -> bool:
+    """Bytes moving or a layer changing state; not Docker's retry countdown or a wait."""
+    status = str(event.get("status", ""))
+    return not (_RETRYING.match(status) or status == "Waiting")
 
 
 def _gb(n: int) -> str:
