@@ -147,8 +147,8 @@ class Metric:
         row[-1] += 1
 
     def render(self) -> list[str]:
-        family = self.name[: -len("_total")] if self.kind == "counter" else self.name
-        lines = [f"# HELP {family} {self.help}", f"# TYPE {family} {self.kind}"]
+        # prometheus_client (vLLM's exporter) names a counter's HELP/TYPE with the _total suffix.
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
         if self.kind != "histogram":
             for key, value in self.values.items():
                 lines.append(f"{self.name}{_labels(key)} {_num(value)}")

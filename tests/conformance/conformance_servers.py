@@ -1,0 +1,252 @@
+"""The servers the conformance suite runs against: the simulator process, the simulator image
+pulled from the local registry, or a real vLLM at STEP_CONFORMANCE_URL.
+
+A test asks for a configuration (`ServerConfig`); the process and container targets start one to
+match, the remote target runs the test only if it was launched that way (environment) and skips
+otherwise. Fault injection exists only in the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pytest
+from fixtures.sim import DEFAULT_MODEL, FAST_KNOBS, STATION_FLAGS, SimulatorProcess, free_port
+
+SERVED = "step3p7-flash"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What a test needs from `vllm serve`; the default is the DGX Station FP8 profile."""
+
+    flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    wait: bool = True
+    station_flags: bool = True
+
+    @classmethod
+    def of(
+        cls, *flags: str, wait: bool = True, station_flags: bool = True, **env: Any
+    ) -> ServerConfig:
+        knobs = tuple(sorted((k if k.isupper() else f"STEP_SIM_{k.upper()}", str(v))
+                             for k, v in env.items()))  # fmt: skip
+        return cls(tuple(flags), knobs, wait, station_flags)
+
+    @property
+    def is_default(self) -> bool:
+        return not self.flags and not self.env and self.station_flags
+
+
+class Server(Protocol):
+    url: str
+    model: str
+    simulated: bool
+    api_key: str | None
+
+    def logs(self) -> str: ...
+    def exit_code(self, timeout: float = 0.0) -> int | None: ...
+    def stop(self) -> None: ...
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    """Status of GET url, or None when the connection is refused."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def wait_until(check: Any, timeout: float, what: str, on_fail: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    detail = on_fail() if on_fail else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
+
+
+# ------------------------------------------------------------------------------- process
+
+
+@dataclass
+class ProcessServer:
+    sim: SimulatorProcess
+    model: str = SERVED
+    simulated: bool = True
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.sim.url
+
+    def logs(self) -> str:
+        return self.sim.output()
+
+    def exit_code(self, timeout: float = 0.0) -> int | None:
+        if timeout:
+            return self.sim.wait_exit(timeout)
+        return self.sim.returncode
+
+    def stop(self) -> None:
+        self.sim.stop()
+
+
+# ------------------------------------------------------------------------------- container
+
+
+@dataclass
+class ContainerServer:
+    container: Any
+    url: str
+    model: str = SERVED
+    simulated: bool = True
+    api_key: str | None = None
+
+    def logs(self) -> str:
+        return bytes(self.container.logs()).decode(errors="replace")
+
+    def exit_code(self, timeout: float = 0.0) -> int | None:
+        if timeout:
+            return int(self.container.wait(timeout=timeout)["StatusCode"])
+        self.container.reload()
+        if self.container.status in ("exited", "dead"):
+            return int(self.container.attrs["State"]["ExitCode"])
+        return None
+
+    def stop(self) -> None:
+        try:
+            self.container.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+
+def start_container(
+    client: Any, image: str, labels: dict[str, str], config: ServerConfig
+) -> ContainerServer:
+    port = free_port()
+    command = [DEFAULT_MODEL, *(STATION_FLAGS if config.station_flags else ()), *config.flags]
+    env = {**FAST_KNOBS, **dict(config.env)}
+    container = client.containers.run(
+        image,
+        command,
+        environment=env,
+        ports={"8000/tcp": ("127.0.0.1", port)},
+        labels=labels,
+        detach=True,
+    )
+    server = ContainerServer(container, f"http://127.0.0.1:{port}")
+    if config.wait:
+
+        def ready() -> bool:
+            if server.exit_code() is not None:
+                pytest.fail(f"container exited {server.exit_code()}:\n{server.logs()[-3000:]}")
+            return http_status(f"{server.url}/health") == 200
+
+        wait_until(ready, 60, "the simulator container's /health", lambda: server.logs()[-3000:])
+    return server
+
+
+# ------------------------------------------------------------------------------- remote
+
+
+@dataclass
+class RemoteServer:
+    url: str
+    model: str
+    simulated: bool = False
+    api_key: str | None = None
+
+    def logs(self) -> str:
+        pytest.skip("a remote vLLM's logs are not visible to the suite")
+
+    def exit_code(self, timeout: float = 0.0) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+def remote_server(config: ServerConfig) -> RemoteServer:
+    """The real vLLM, if it was launched the way the test needs; otherwise skip.
+
+    STEP_CONFORMANCE_API_KEY: the --api-key it runs with; STEP_CONFORMANCE_FLAGS: the other flags
+    it was launched with (e.g. "--max-model-len 32768 --limit-mm-per-prompt"); and
+    STEP_CONFORMANCE_DEV_MODE=1 when VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode are set.
+    """
+    url = os.environ["STEP_CONFORMANCE_URL"].rstrip("/")
+    key = os.environ.get("STEP_CONFORMANCE_API_KEY") or None
+    env = dict(config.env)
+    if any(name.startswith("STEP_SIM_") for name in env):
+        pytest.skip("fault injection and simulator knobs exist only in the simulator")
+    if env.get("VLLM_SERVER_DEV_MODE") and os.environ.get("STEP_CONFORMANCE_DEV_MODE") != "1":
+        pytest.skip("set STEP_CONFORMANCE_DEV_MODE=1 when the real vLLM runs in dev mode")
+    if not config.station_flags:
+        pytest.skip("needs a server launched without the station profile's flags")
+    flags = list(config.flags)
+    if "--api-key" in flags:
+        if key is None:
+            pytest.skip("set STEP_CONFORMANCE_API_KEY to the key the real vLLM was started with")
+        i = flags.index("--api-key")
+        del flags[i : i + 2]
+    launched = os.environ.get("STEP_CONFORMANCE_FLAGS", "").split()
+    if any(flag.startswith("--") and flag not in launched for flag in flags):
+        pytest.skip(f"the real vLLM was not launched with {flags} (STEP_CONFORMANCE_FLAGS)")
+    model = os.environ.get("STEP_CONFORMANCE_MODEL") or SERVED
+    return RemoteServer(url, model, api_key=key)
+
+
+def _flag_values(flags: tuple[str, ...], name: str) -> list[str]:
+    return [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
+
+
+@dataclass
+class Launcher:
+    """Starts servers of one kind for the tests; remembers them to stop them."""
+
+    kind: str
+    start_process: Any = None
+    docker: Any = None
+    image: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    started: list[Server] = field(default_factory=list)
+
+    @property
+    def simulated(self) -> bool:
+        return self.kind != "remote"
+
+    def __call__(
+        self, *flags: str, wait: bool = True, station_flags: bool = True, **env: Any
+    ) -> Server:
+        config = ServerConfig.of(*flags, wait=wait, station_flags=station_flags, **env)
+        server: Server
+        if self.kind == "remote":
+            return remote_server(config)
+        if self.kind == "process":
+            sim = self.start_process(
+                *config.flags,
+                env=dict(config.env),
+                wait=config.wait,
+                station_flags=config.station_flags,
+            )
+            server = ProcessServer(sim)
+        else:
+            server = start_container(self.docker, str(self.image), self.labels, config)
+        if "--api-key" in config.flags:
+            server.api_key = _flag_values(config.flags, "--api-key")[0]
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+        self.started.clear()

@@ -1,0 +1,35 @@
+"""--api-key guards exactly /v1 (and /v2, /inference, /cohere); everything else stays open."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import client_for
+
+
+@pytest.fixture
+def keyed(launch):
+    return launch("--api-key", "sk-conformance-key")
+
+
+def test_v1_needs_the_key(keyed) -> None:
+    response = httpx.get(f"{keyed.url}/v1/models", timeout=10)
+    assert response.status_code == 401
+    assert response.json() == {"error": "Unauthorized"}
+    wrong = httpx.get(
+        f"{keyed.url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10
+    )
+    assert wrong.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client_for(keyed, api_key="wrong").models.list()
+    assert client_for(keyed).models.list().data[0].id == keyed.model
+
+
+def test_routes_outside_v1_stay_open(keyed) -> None:
+    assert httpx.get(f"{keyed.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed.url}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed.url}/version", timeout=10).status_code == 200
+    tokenized = httpx.post(f"{keyed.url}/tokenize", json={"prompt": "hello world"}, timeout=10)
+    assert tokenized.status_code == 200
+    assert tokenized.json()["count"] > 0

@@ -1,0 +1,107 @@
+"""/metrics: vLLM's names and types, parsed by prometheus_client; values move with the traffic;
+closing a stream aborts the request in the engine (the running gauge drops)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+from conformance_servers import Server, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+EXPECTED = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter",
+    "vllm:generation_tokens": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:request_success": "counter",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram",
+}
+
+
+def scrape(server: Server) -> dict:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict, name: str, sample: str | None = None, **labels: str) -> float:
+    total = 0.0
+    for s in families[name].samples:
+        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
+            total += s.value
+    return total
+
+
+def test_metrics_parse_with_vllm_names_and_types(server: Server) -> None:
+    families = scrape(server)
+    for name, kind in EXPECTED.items():
+        assert families[name].type == kind, name
+    running = families["vllm:num_requests_running"].samples[0]
+    assert running.labels["model_name"] == server.model
+    assert "engine" in running.labels
+
+
+def test_counters_move_with_traffic(server: Server, client) -> None:
+    before = scrape(server)
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "count"}],
+        reasoning_effort="low",
+        max_tokens=30,
+    )
+    after = scrape(server)
+    gen = "vllm:generation_tokens"
+    prompt = "vllm:prompt_tokens"
+    assert value(after, gen, f"{gen}_total") - value(before, gen, f"{gen}_total") >= 30
+    assert value(after, prompt, f"{prompt}_total") - value(before, prompt, f"{prompt}_total") >= (
+        reply.usage.prompt_tokens
+    )
+    ttft = "vllm:time_to_first_token_seconds"
+    assert value(after, ttft, f"{ttft}_count") == value(before, ttft, f"{ttft}_count") + 1
+
+
+def test_closing_the_stream_aborts_the_request(server: Server) -> None:
+    success = "vllm:request_success"
+    aborted_before = value(scrape(server), success, f"{success}_total", finished_reason="abort")
+    payload = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "Write a very long essay."}],
+        "max_tokens": 30000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST", f"{server.url}/v1/chat/completions", json=payload, headers=headers
+        ) as response,
+    ):
+        lines = response.iter_lines()
+        seen = 0
+        for line in lines:
+            if (
+                line.startswith("data: ")
+                and "delta" in json.loads(line[6:]).get("choices", [{}])[0]
+            ):
+                seen += 1
+            if seen >= 5:
+                break
+        assert value(scrape(server), "vllm:num_requests_running") >= 1
+    # The connection is closed: the engine must stop generating for it.
+    started = time.monotonic()
+    wait_until(
+        lambda: value(scrape(server), "vllm:num_requests_running") == 0,
+        20,
+        "vllm:num_requests_running to drop to 0 after the client hung up",
+    )
+    assert time.monotonic() - started < 20
+    aborted = value(scrape(server), success, f"{success}_total", finished_reason="abort")
+    assert aborted == aborted_before + 1
