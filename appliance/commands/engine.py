@@ -86,6 +86,7 @@ class Progress:
         self.tty = self.out.isatty()
         self._last_line = ""
         self._last_decile: dict[str, int] = {}
+        self._printed: list[str] = []
 
     def show(self, status: EngineStatus) -> None:
         label = status.phase or status.state.label
@@ -93,14 +94,21 @@ class Progress:
         if self.tty:
             self._bar(label, status, frac)
             return
-        decile = int(frac * 10) if frac is not None else -1
-        line = f"{label}"
+        # plain lines: every phase once, in order (even one shorter than a poll), then progress
+        # at each 10% while bytes move
+        names = [p.name for p in status.phases]
+        if status.state != EngineState.STARTING or not names:
+            names.append(label)
+        for name in names:
+            if name not in self._printed:
+                self._printed.append(name)
+                print(name, file=self.out, flush=True)
         if frac is not None and status.progress:
-            line += f": {100 * frac:.0f}% ({_gb(status.progress[0])} of {_gb(status.progress[1])})"
-        if label != self._last_line.split(":")[0] or decile > self._last_decile.get(label, -1):
-            self._last_decile[label] = decile
-            self._last_line = line
-            print(line, file=self.out, flush=True)
+            decile = int(frac * 10)
+            if decile > self._last_decile.get(label, -1):
+                self._last_decile[label] = decile
+                done, total = status.progress
+                print(f"{label}: {100 * frac:.0f}% ({_gb(done)} of {_gb(total)})", file=self.out)
 
     def _bar(self, label: str, status: EngineStatus, frac: float | None) -> None:
         elapsed = ""

@@ -89,6 +89,8 @@ class Supervisor:
         monitor_interval_s: float = 1.0,
         lock_timeout_s: float = 30.0,
         outside_poll_s: float = 2.0,
+        health_interval_s: float = 2.0,
+        idle_sleep_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.demo = demo
@@ -103,9 +105,12 @@ class Supervisor:
         self.monitor_interval_s = monitor_interval_s
         self.lock_timeout_s = lock_timeout_s
         self.outside_poll_s = outside_poll_s
+        self.health_interval_s = health_interval_s
+        self.idle_sleep_s = idle_sleep_s  # None: engine.idle_sleep_minutes
         self._lock = threading.RLock()
         self._decide = threading.RLock()  # start() vs adopting: one decision at a time
         self._closed = threading.Event()
+        self._wake_lock = threading.Lock()
         self._outside: threading.Thread | None = None
         self._changed = threading.Condition(self._lock)
         self._status = EngineStatus(engine_url=self._url(), container_name=self._name())
@@ -384,15 +389,18 @@ class Supervisor:
         return self.status()
 
     def wake(self, timeout_s: float = 120.0) -> EngineStatus:
-        """Wake a sleeping engine; returns when it serves again."""
-        if self.status().state != EngineState.SLEEPING:
-            return self.status()
-        code = health.post(self._url(), "/wake_up", timeout_s)
-        if code != 200:
-            raise EngineError(f"The engine did not wake up (HTTP {code}).")
-        self._poll_sleeping(want=False, timeout_s=timeout_s)
-        self.note_activity()
-        self._update(state=EngineState.READY, message="")
+        """Wake a sleeping engine; returns when it serves again (concurrent callers wait for the
+        same wake-up)."""
+        with self._wake_lock:
+            if self.status().state != EngineState.SLEEPING:
+                return self.status()
+            self._update(message="Waking up.")
+            code = health.post(self._url(), "/wake_up", timeout_s)
+            if code != 200:
+                raise EngineError(f"The engine did not wake up (HTTP {code}).")
+            self._poll_sleeping(want=False, timeout_s=timeout_s)
+            self.note_activity()
+            self._update(state=EngineState.READY, message="Serving (woke up).")
         return self.status()
 
     def ensure_awake(self, timeout_s: float = 120.0) -> None:
@@ -713,13 +721,17 @@ class Supervisor:
         with self._lock:
             if self._status.retry_note:
                 msg += f" Started after one retry with {self._status.retry_note}."
-        self._update(state=EngineState.READY, progress=None, message=msg)
+        state = EngineState.READY
+        if adopted and self.settings.engine.sleep_mode and health.is_sleeping(self._url()):
+            state, msg = EngineState.SLEEPING, "Sleeping (adopted a sleeping engine)."
+        self._update(state=state, progress=None, message=msg)
         self._update_restart_needed()
         self.note_activity()
 
     def _monitor(self, handle: EngineHandle) -> None:
         """Watch a serving engine: a crash is seen within `monitor_interval_s` (+ inspect time)."""
         docker_lost = False
+        last_probe = self._clock()
         while not self._cancel.is_set():
             try:
                 info = self.runtime.inspect(handle)
@@ -747,7 +759,9 @@ class Supervisor:
                     return
                 self._fail_engine(handle, self._exited_outcome(info, starting=False))
                 return
-            if self._status.state == EngineState.READY:
+            due = self._clock() - last_probe >= self.health_interval_s
+            if self._status.state == EngineState.READY and due:
+                last_probe = self._clock()
                 if health.probe_health(self._url(), timeout_s=2.0) == 503:
                     self.runtime.stop(handle, self.settings.engine.stop_timeout_s)
                     self._fail_engine(
@@ -758,15 +772,19 @@ class Supervisor:
                         ),
                     )
                     return
+            if self._status.state == EngineState.READY:
                 self._maybe_idle_sleep()
             self._tick.wait(self.monitor_interval_s)
             self._tick.clear()
 
     def _maybe_idle_sleep(self) -> None:
         engine = self.settings.engine
-        if not engine.sleep_mode or engine.idle_sleep_minutes <= 0:
+        idle_s = (
+            self.idle_sleep_s if self.idle_sleep_s is not None else engine.idle_sleep_minutes * 60
+        )
+        if not engine.sleep_mode or idle_s <= 0:
             return
-        if self._clock() - self._last_activity < engine.idle_sleep_minutes * 60:
+        if self._clock() - self._last_activity < idle_s:
             return
         try:
             self.sleep()

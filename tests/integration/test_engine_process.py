@@ -3,6 +3,7 @@ appliance.simulator`): the same state machine that drives Docker, without Docker
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -268,3 +269,91 @@ def test_logs_are_readable_after_the_fact(settings, sim_env, make_supervisor, tm
     lines = list(sup.iter_logs(follow=False))
     assert any("Starting vLLM server" in line for line in lines)
     assert not any("\r" in line for line in lines)
+
+
+def test_idle_sleep_then_wake_on_demand(settings, sim_env, make_supervisor) -> None:
+    settings.engine.sleep_mode = True
+    sup = make_supervisor(idle_sleep_s=1.0)
+    sup.start()
+    status = sup.wait_ready(60)
+    while status.state == EngineState.READY:
+        status = sup.wait_for_change(status.version, 30)
+    assert status.state == EngineState.SLEEPING
+    assert httpx.get(f"{sup.engine_url}/is_sleeping").json() == {"is_sleeping": True}
+    sup.ensure_awake()  # what the gateway and chat call before a request
+    assert sup.status().state == EngineState.READY
+    assert httpx.get(f"{sup.engine_url}/is_sleeping").json() == {"is_sleeping": False}
+
+
+def test_sleep_needs_sleep_mode(settings, sim_env, make_supervisor) -> None:
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    with pytest.raises(Exception, match="engine.sleep_mode true"):
+        sup.sleep()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | (env or {}),
+    )
+
+
+def test_cli_start_status_logs_stop(settings, sim_env, make_supervisor) -> None:
+    st.save_settings(settings)
+    watcher = Supervisor.for_demo(settings, outside_poll_s=0.2)  # the appliance, running
+    try:
+        assert watcher.attach().state == EngineState.ABSENT
+        started = _cli("start", "--demo")
+        assert started.returncode == 0, started.stderr
+        lines = started.stdout.splitlines()
+        # not a terminal: one plain line per phase, in order, then the summary
+        for name in phases.LOG_PHASES[1:]:
+            assert name in lines
+        assert lines.index("Loading weights") < lines.index("Capturing CUDA graphs")
+        assert any(line.startswith("Ready: http://127.0.0.1:") for line in lines)
+        assert "\r" not in started.stdout
+
+        status = _cli("status", "--demo", "--json")
+        assert status.returncode == 0
+        data = json.loads(status.stdout)
+        assert list(data)[:6] == [
+            "state", "phase", "profile", "container_id", "engine_url", "message"
+        ]  # fmt: skip
+        assert data["state"] == "ready"
+        assert data["profile"] == "fp8-tp1"
+        assert data["engine_url"] == f"http://127.0.0.1:{settings.engine.port}"
+        # the running appliance adopted what the CLI started
+        seen = watcher.status()
+        while seen.state != EngineState.READY:
+            seen = watcher.wait_for_change(seen.version, 30)
+        assert seen.container_id == data["container_id"]
+
+        logs = _cli("logs", "--demo")
+        assert logs.returncode == 0
+        assert "Starting vLLM server" in logs.stdout
+
+        stopped = _cli("stop", "--demo")
+        assert stopped.returncode == 0
+        assert "GPU memory is released" in stopped.stdout
+        while seen.state == EngineState.READY:
+            seen = watcher.wait_for_change(seen.version, 30)
+        assert seen.state == EngineState.STOPPED  # and the appliance saw it stop
+        after = _cli("status", "--demo")
+        assert after.returncode == 10  # not running
+    finally:
+        watcher.close()
+
+
+def test_cli_failed_start_exit_code_and_reason(settings, sim_env) -> None:
+    st.save_settings(settings)
+    failed = _cli("start", "--demo", env={"STEP_SIM_FAULT": "oom"})
+    assert failed.returncode == 6
+    assert "ran out of GPU memory while starting" in failed.stderr
+    assert "  | " in failed.stderr  # the log tail follows the reason
+    assert _cli("status", "--demo").returncode == 6
+    _cli("stop", "--demo")
