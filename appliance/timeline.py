@@ -153,6 +153,25 @@ _BUSY = (EngineState.PULLING_IMAGE, EngineState.DOWNLOADING_WEIGHTS, EngineState
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`])")
 
 
+_PROGRESS = re.compile(r"^(?P<label>.*?):\s*\d{1,3}%")
+
+
+def compact_log(lines: list[str] | tuple[str, ...]) -> list[str]:
+    """Log lines as a terminal shows them: a run of progress-bar updates (tqdm redraws the same
+    line with `\r`) collapses to its last state."""
+    out: list[str] = []
+    last_label: str | None = None
+    for line in lines:
+        match = _PROGRESS.match(line)
+        label = match.group("label") if match else None
+        if label is not None and label == last_label and out:
+            out[-1] = line
+        else:
+            out.append(line)
+        last_label = label
+    return out
+
+
 def split_failure(message: str) -> tuple[str, str]:
     """The supervisor writes "reason. What to do." in one message: split after the reason."""
     text = message.strip()
@@ -164,7 +183,9 @@ def split_failure(message: str) -> tuple[str, str]:
     return text, "See the log below, then start again."
 
 
-def _transfer_detail(name: str, status: EngineStatus, rates: ProgressRates | None) -> str:
+def _transfer_detail(
+    name: str, status: EngineStatus, rates: ProgressRates | None, elapsed_s: float | None = None
+) -> str:
     totals = rates.totals(name) if rates else None
     progress = status.progress if _is_current(status, name) else None
     done, total = progress or totals or (0, 0)
@@ -179,6 +200,8 @@ def _transfer_detail(name: str, status: EngineStatus, rates: ProgressRates | Non
             parts.append(fmt_rate(rate))
         if eta is not None:
             parts.append(f"{fmt_duration(eta)} left")
+    elif done > 0 and elapsed_s:
+        parts.append(f"{fmt_rate(done / elapsed_s)} on average")
     return ", ".join(parts)
 
 
@@ -203,10 +226,17 @@ def build_timeline(
             state = "failed"
         detail = record.detail
         if record.name in (PULLING, DOWNLOADING):
-            detail = _transfer_detail(record.name, status, rates) or detail or "already here"
+            detail = (
+                _transfer_detail(
+                    record.name, status, rates, record.elapsed_s if record.done else None
+                )
+                or detail
+                or "already here"
+            )
         steps.append(Step(record.name, state, record.elapsed_s, detail))
     if status.state in _BUSY:
-        steps += [Step(name, "pending") for name in log_phases.LOG_PHASES if name not in seen]
+        upcoming = dict.fromkeys((log_phases.LAUNCHING, *log_phases.LOG_PHASES))
+        steps += [Step(name, "pending") for name in upcoming if name not in seen]
     ready_in = None
     if (
         status.ready_at
@@ -232,7 +262,7 @@ def build_timeline(
         failed=failed,
         reason=reason,
         what_to_do=what,
-        log_tail=tuple(status.log_tail[-30:]) if failed else (),
+        log_tail=tuple(compact_log(status.log_tail)[-20:]) if failed else (),
     )
 
 

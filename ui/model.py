@@ -19,7 +19,13 @@ from appliance import hardware, planner, profiles
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.errors import ApplianceError
 from appliance.settings import save_settings
-from appliance.timeline import ProgressRates, Timeline, build_timeline, fmt_duration
+from appliance.timeline import (
+    ProgressRates,
+    Timeline,
+    build_timeline,
+    compact_log,
+    fmt_duration,
+)
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-model"
@@ -195,7 +201,7 @@ def effective_markdown(status: EngineStatus) -> str:
 
 
 def log_text(status: EngineStatus) -> str:
-    return "\n".join(status.log_tail)
+    return "\n".join(compact_log(status.log_tail))
 
 
 # -------------------------------------------------------------------------------------- actions

@@ -56,11 +56,15 @@ def poll_while_visible(
     hide = gr.Button("hide", visible="hidden", elem_id=f"{name}-off")
     count = len(timers)
 
+    def switch(active: bool) -> Any:
+        updates = [gr.Timer(active=active) for _ in range(count)]
+        return updates[0] if count == 1 else updates  # one output takes a bare value
+
     def activate() -> Any:
-        return [gr.Timer(active=True) for _ in range(count)]
+        return switch(True)
 
     def deactivate() -> Any:
-        return [gr.Timer(active=False) for _ in range(count)]
+        return switch(False)
 
     event = show.click(activate, None, list(timers), queue=False, show_progress="hidden")
     if on_show is not None:

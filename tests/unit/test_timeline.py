@@ -12,6 +12,7 @@ from appliance.timeline import (
     PULLING,
     ProgressRates,
     build_timeline,
+    compact_log,
     fmt_duration,
     memory_breakdown,
     split_failure,
@@ -73,7 +74,7 @@ def test_timeline_while_downloading_shows_bytes_rate_eta_and_pending_phases() ->
     tl = build_timeline(s, rates, now=1042.0)
     assert tl.headline == f"Starting: {DOWNLOADING} (42 s so far)"
     names = [step.name for step in tl.steps]
-    assert names == [PULLING, DOWNLOADING, *phases.LOG_PHASES]
+    assert names == [PULLING, DOWNLOADING, *dict.fromkeys((phases.LAUNCHING, *phases.LOG_PHASES))]
     current = tl.steps[1]
     assert current.state == "active"
     assert current.detail == "3.00 GB of 213.00 GB (1%), 200.0 MB/s, 17 m 30 s left"
@@ -163,3 +164,27 @@ def test_memory_breakdown_without_an_engine_or_memory_reading() -> None:
     assert [p.name for p in breakdown.parts] == ["Driver and unlisted", "Free"]
     assert breakdown.note
     assert memory_breakdown(None, {}, None) is None
+
+
+def test_a_finished_transfer_shows_its_average_rate() -> None:
+    now = [0.0]
+    rates = ProgressRates(clock=lambda: now[0])
+    pull = PhaseRecord(PULLING, started_at=1000.0, elapsed_s=4.0, done=True)
+    rates.observe(status(EngineState.PULLING_IMAGE, progress=(0, 24 * 10**6)))
+    rates.observe(status(EngineState.PULLING_IMAGE, progress=(24 * 10**6, 24 * 10**6)))
+    tl = build_timeline(status(EngineState.STARTING, phases=[pull]), rates, now=1010.0)
+    assert tl.steps[0].detail == "24.0 MB of 24.0 MB (100%), 6.0 MB/s on average"
+
+
+def test_progress_bar_redraws_collapse_to_their_last_state() -> None:
+    lines = [
+        "INFO Starting to load model",
+        "Loading safetensors checkpoint shards:   2% Completed | 1/50 [00:01<00:49]",
+        "Loading safetensors checkpoint shards:  50% Completed | 25/50 [00:25<00:25]",
+        "Loading safetensors checkpoint shards: 100% Completed | 50/50 [00:50<00:00]",
+        "INFO Loading weights took 50.1 seconds",
+        "Capturing CUDA graphs (decode, FULL):  14%|#    | 5/35",
+        "Capturing CUDA graphs (decode, FULL): 100%|#####| 35/35",
+        "torch.OutOfMemoryError: CUDA out of memory.",
+    ]
+    assert compact_log(lines) == [lines[0], lines[3], lines[4], lines[6], lines[7]]
