@@ -17,7 +17,7 @@ from gradio import utils as gr_utils
 
 from appliance import chat
 from appliance import history as hist
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import cache_dir
 from ui import chat_render as render
 
@@ -34,6 +34,9 @@ CSS = """
 #chat-context { font-size: 0.85em; opacity: 0.8; }
 #engine-banner { border-left: 4px solid var(--color-accent); padding-left: 0.6em; }
 #history-list { max-height: 60vh; overflow-y: auto; }
+#chatbot .user-row img { max-height: 160px !important; width: auto !important;
+  object-fit: contain; }
+#chatbot .user-row .image-container { width: auto !important; height: auto !important; }
 """
 
 
@@ -204,7 +207,8 @@ def build(services: Any) -> ChatTab:
             length = None
         return render.context_line(length, used_tokens(conversation_id))
 
-    busy_box = gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
+    def busy_box() -> Any:
+        return gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
 
     def idle_box(value: Any = None) -> Any:
         return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
@@ -219,8 +223,9 @@ def build(services: Any) -> ChatTab:
         temp: float,
         tp: float,
         mx: float | None,
-        query: str,
-    ) -> tuple[Any, ...]:
+    ) -> str:
+        """Check and store the message. Its only output is the (invisible) conversation id, so
+        a refusal shows as a toast and leaves the chat and the input box as they were."""
         message = message or {}
         files = [Path(f) for f in message.get("files") or []]
         try:
@@ -231,20 +236,22 @@ def build(services: Any) -> ChatTab:
                 options(lvl, system, temp, tp, mx),
             )
         except ApplianceError as err:
-            raise gr.Error(str(err), title="Not sent") from err
-        view = rendered(turn.conversation_id)
+            raise gr.Error(str(err), title="Not sent", print_exception=False) from err
+        return turn.conversation_id
+
+    def on_sent(conversation_id: str, lvl: str, query: str) -> tuple[Any, ...]:
+        view = rendered(conversation_id)
         waiting = {
             "role": "assistant",
             "content": "",
             "metadata": {"title": f"Waiting · level {lvl}", "status": "pending"},
         }
         return (
-            busy_box,
+            busy_box(),
             [*view.messages, waiting],
-            turn.conversation_id,
             view.positions,
             view.kinds,
-            list_update(query, turn.conversation_id),
+            list_update(query, conversation_id),
             "Sending…",
         )
 
@@ -268,37 +275,39 @@ def build(services: Any) -> ChatTab:
                 render.render_live_reply(view, position, reply)
                 yield view.messages, view.positions, view.kinds, render.live_stats(reply), gr.skip()
         except ApplianceError as err:
-            raise gr.Error(str(err), title="Not sent") from err
+            gr.Warning(str(err), title="Not sent")
         finally:
             await updates.aclose()
         final = rendered(conversation_id)
         yield final.messages, final.positions, final.kinds, "", await context_text(conversation_id)
 
     async def on_finished(conversation_id: str | None, query: str) -> tuple[Any, ...]:
-        return idle_box(), list_update(query, conversation_id)
-
-    async def on_stopped(conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        """After a reply ended, or was cancelled by Stop (Gradio runs `.then` after a cancel):
+        show what the history holds, which says `stopped` when Stop ended it."""
+        stopped = False
         if conversation_id:
             await svc.settled(conversation_id)
+            messages = svc.history.get_conversation(conversation_id).messages
+            stopped = bool(messages) and messages[-1].status == hist.STOPPED
         final = rendered(conversation_id)
         return (
             idle_box(),
             final.messages,
             final.positions,
             final.kinds,
-            "Stopped: the engine ended the request.",
+            "Stopped: the engine ended the request." if stopped else "",
             list_update(query, conversation_id),
         )
 
     def on_retry(conversation_id: str | None) -> tuple[Any, ...]:
-        if not conversation_id:
-            raise gr.Error("There is nothing to regenerate yet.")
         try:
+            if not conversation_id:
+                raise BadInputError("There is nothing to regenerate yet.")
             svc.prepare_regenerate(conversation_id)
         except ApplianceError as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), print_exception=False) from err
         view = rendered(conversation_id)
-        return busy_box, view.messages, view.positions, view.kinds
+        return busy_box(), view.messages, view.positions, view.kinds
 
     async def on_edit(
         data: gr.EditData,
@@ -329,7 +338,7 @@ def build(services: Any) -> ChatTab:
             gr.Warning(str(err))
             return idle_box(), view.messages, view.positions, view.kinds, False
         view = rendered(conversation_id)
-        return busy_box, view.messages, view.positions, view.kinds, True
+        return busy_box(), view.messages, view.positions, view.kinds, True
 
     def on_undo(conversation_id: str | None) -> tuple[Any, ...]:
         if not conversation_id:
@@ -367,12 +376,13 @@ def build(services: Any) -> ChatTab:
         return None, [], [], [], "", list_update(query, None), "", idle_box()
 
     def on_rename(conversation_id: str | None, title: str, query: str) -> Any:
-        if not conversation_id:
-            raise gr.Error("Open a conversation first.")
         try:
+            if not conversation_id:
+                raise BadInputError("Open a conversation first.")
             svc.history.rename(conversation_id, title)
         except ApplianceError as err:
-            raise gr.Error(str(err)) from err
+            gr.Warning(str(err))
+            return gr.skip()
         return list_update(query, conversation_id)
 
     def on_delete(conversation_id: str | None, query: str) -> tuple[Any, ...]:
@@ -408,20 +418,22 @@ def build(services: Any) -> ChatTab:
     chat_events = {"concurrency_limit": None, "show_progress": "hidden"}
 
     sent = textbox.submit(
-        on_submit,
-        [textbox, conversation, *sampling, search],
-        [textbox, chatbot, conversation, positions, kinds, history_list, live],
-        queue=True,
+        on_submit, [textbox, conversation, *sampling], [conversation], **chat_events
+    ).success(
+        on_sent,
+        [conversation, level, search],
+        [textbox, chatbot, positions, kinds, history_list, live],
         **chat_events,
     )
     sent_reply = sent.success(on_respond, [conversation, *sampling], stream_outputs, **chat_events)
-    sent_reply.then(on_finished, [conversation, search], [textbox, history_list])
+    finished_outputs = [textbox, chatbot, positions, kinds, live, history_list]
+    sent_reply.then(on_finished, [conversation, search], finished_outputs)
 
     retried = chatbot.retry(on_retry, [conversation], [textbox, chatbot, positions, kinds])
     retry_reply = retried.success(
         on_respond, [conversation, *sampling], stream_outputs, **chat_events
     )
-    retry_reply.then(on_finished, [conversation, search], [textbox, history_list])
+    retry_reply.then(on_finished, [conversation, search], finished_outputs)
 
     edit_ok = gr.State(False)
     edited = chatbot.edit(
@@ -439,15 +451,11 @@ def build(services: Any) -> ChatTab:
     edit_reply = edited.success(
         respond_if, [edit_ok, conversation, *sampling], stream_outputs, **chat_events
     )
-    edit_reply.then(on_finished, [conversation, search], [textbox, history_list])
+    edit_reply.then(on_finished, [conversation, search], finished_outputs)
 
-    textbox.stop(
-        on_stopped,
-        [conversation, search],
-        [textbox, chatbot, positions, kinds, live, history_list],
-        cancels=[sent_reply, retry_reply, edit_reply],
-        **chat_events,
-    )
+    # Stop cancels the running reply (its task is cancelled, which closes the engine request);
+    # the `.then(on_finished)` above then shows the saved, `stopped` reply.
+    textbox.stop(None, None, None, cancels=[sent_reply, retry_reply, edit_reply])
     chatbot.undo(on_undo, [conversation], [textbox, chatbot, positions, kinds])
     # The chat's own "Clear" button starts a new conversation; the old one stays in the history.
     chatbot.clear(

@@ -83,7 +83,8 @@ def _footer(stats: dict[str, Any], status: str, error: str = "") -> str:
     level = stats.get("level") or ""
     line = stats_line(stats, status)
     footer = (
-        f'\n\n<div class="reply-stats" data-level="{level}" data-status="{status}">{line}</div>'
+        # Classes, not data- attributes: the chat's HTML sanitizer keeps only classes.
+        f'\n\n<div class="reply-stats level-{level} status-{status}">{line}</div>'
     )
     if error:
         footer = f"\n\n**Error:** {error}" + footer

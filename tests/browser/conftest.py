@@ -77,12 +77,28 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+def page(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     context.set_default_timeout(30_000)
     page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
     yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        # Leave evidence next to the test's files: what the page looked like and said.
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(tmp_path / "failure.png"))
+        (tmp_path / "console.log").write_text("\n".join(console))
+        print(f"browser evidence: {tmp_path}/failure.png, console.log")
     context.close()
 
 
@@ -199,6 +215,7 @@ def appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
         env: dict[str, str] | None = None,
         wait: bool = True,
         args: tuple[str, ...] = (),
+        demo: bool = True,  # False: the engine settings decide (e.g. runtime=docker)
     ) -> Appliance:
         home = home or tmp_path / f"appliance-{len(started)}"
         ui_port, api_port, engine_port = free_port(), free_port(), free_port()
@@ -225,7 +242,7 @@ def appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
                     "-m",
                     "appliance",
                     "up",
-                    "--demo",
+                    *(["--demo"] if demo else []),
                     "--no-browser",
                     "--ui-port",
                     str(ui_port),

@@ -1,0 +1,98 @@
+"""Page helpers for the chat tab (selectors in one place)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "docs" / "img"
+
+INPUT = "#chat-input textarea"
+FILE_INPUT = "#chat-input input[type=file]"
+BOT = "#chatbot .bot-row"
+USER = "#chatbot .user-row"
+THOUGHT_TITLE = "#chatbot .thought-group .title"
+STATS = "#chatbot .reply-stats"
+TOAST = ".toast-body"
+
+
+def png(path: Path, size: tuple[int, int] = (320, 240), color: str = "orange") -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def open_chat(page: Any, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector(INPUT)
+    page.wait_for_function("() => window.gradio_config !== undefined")
+
+
+def set_level(page: Any, level: str) -> None:
+    page.locator("#reasoning-level").get_by_label(level, exact=True).check()
+
+
+def attach(page: Any, files: list[Path]) -> None:
+    page.set_input_files(FILE_INPUT, [str(f) for f in files])
+    # Each attachment shows a thumbnail once uploaded.
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('#chat-input .thumbnail-item, #chat-input "
+        '[data-testid="file-preview"], #chat-input img\').length >= n',
+        arg=min(len(files), 1),
+    )
+
+
+def send(page: Any, text: str) -> None:
+    page.fill(INPUT, text)
+    page.locator(INPUT).press("Enter")
+
+
+def stats_count(page: Any) -> int:
+    return page.locator(STATS).count()
+
+
+def wait_for_replies(page: Any, count: int, timeout_s: float = 60) -> None:
+    page.wait_for_function(
+        f"(n) => document.querySelectorAll('{STATS}').length >= n",
+        arg=count,
+        timeout=timeout_s * 1000,
+    )
+
+
+def last_stats(page: Any) -> Any:
+    return page.locator(STATS).last
+
+
+def stop_button(page: Any) -> Any:
+    return page.locator("#chat-input button.stop-button")
+
+
+def toast_text(page: Any, timeout_s: float = 15) -> str:
+    page.wait_for_selector(TOAST, timeout=timeout_s * 1000)
+    return " ".join(page.locator(TOAST).all_inner_texts())
+
+
+def close_toasts(page: Any) -> None:
+    for button in page.locator(".toast-close").all():
+        button.click()
+    page.wait_for_function("() => document.querySelectorAll('.toast-body').length === 0")
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> float:
+    """Poll `predicate` until true; return the seconds it took (fails with AssertionError)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+    return time.monotonic() - start
+
+
+def screenshot(page: Any, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path))
+    return path
