@@ -9,6 +9,7 @@ otherwise. Fault injection exists only in the simulator.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -198,8 +199,8 @@ def remote_server(config: ServerConfig) -> RemoteServer:
             pytest.skip("set STEP_CONFORMANCE_API_KEY to the key the real vLLM was started with")
         i = flags.index("--api-key")
         del flags[i : i + 2]
-    launched = os.environ.get("STEP_CONFORMANCE_FLAGS", "").split()
-    if any(flag.startswith("--") and flag not in launched for flag in flags):
+    launched = shlex.split(os.environ.get("STEP_CONFORMANCE_FLAGS", ""))
+    if any(token not in launched for token in flags):
         pytest.skip(f"the real vLLM was not launched with {flags} (STEP_CONFORMANCE_FLAGS)")
     model = os.environ.get("STEP_CONFORMANCE_MODEL") or SERVED
     return RemoteServer(url, model, api_key=key)

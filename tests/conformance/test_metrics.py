@@ -8,6 +8,7 @@ import time
 
 import httpx
 from conformance_servers import Server, wait_until
+from conftest import client_for
 from prometheus_client.parser import text_string_to_metric_families
 
 EXPECTED = {
@@ -105,3 +106,26 @@ def test_closing_the_stream_aborts_the_request(server: Server) -> None:
     assert time.monotonic() - started < 20
     aborted = value(scrape(server), success, f"{success}_total", finished_reason="abort")
     assert aborted == aborted_before + 1
+
+
+def test_speculative_decoding_counters(launch) -> None:
+    server = launch("--speculative-config", '{"method": "mtp", "num_speculative_tokens": 3}')
+    client_for(server).chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "go"}],
+        max_tokens=200,
+        extra_body={"ignore_eos": True},
+    )
+    families = scrape(server)
+    drafts = value(families, "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_drafts_total")
+    draft_tokens = value(
+        families, "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_draft_tokens_total"
+    )
+    accepted = value(
+        families,
+        "vllm:spec_decode_num_accepted_tokens",
+        "vllm:spec_decode_num_accepted_tokens_total",
+    )
+    assert drafts > 0
+    assert draft_tokens == 3 * drafts
+    assert 0 < accepted <= draft_tokens
