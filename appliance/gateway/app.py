@@ -19,14 +19,20 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
-import httpx
 
 from appliance.gateway.access import AccessLog, AccessRecord, printable_path
 from appliance.gateway.engine_gate import EngineCheck, EngineGate
 from appliance.gateway.limits import FailureThrottle, KeyLimiter
 from appliance.gateway.sse import Usage, UsageTap, usage_of_body
+from appliance.gateway.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    request_head,
+)
 from appliance.keys import ApiKey, KeyStore, KeyStoreError
 
 log = logging.getLogger("step_station.gateway")
@@ -110,6 +116,8 @@ class _Exchange:
     usage: Usage | None = None
     notes: list[str] = field(default_factory=list)
     response_started: bool = False
+    response_done: bool = False
+    accounted: bool = False
 
 
 class GatewayApp:
@@ -130,7 +138,7 @@ class GatewayApp:
         self.throttle = throttle or FailureThrottle()
         self.limiter = KeyLimiter(config.per_key_concurrency, config.per_key_requests_per_minute)
         self._config = config
-        self._client: httpx.AsyncClient | None = None
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
 
     # ---------------------------------------------------------------------------- settings
 
@@ -143,19 +151,10 @@ class GatewayApp:
         self._config = value
         self.limiter.configure(value.per_key_concurrency, value.per_key_requests_per_minute)
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=60.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-                trust_env=False,
-            )
-        return self._client
-
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     # ------------------------------------------------------------------------------- ASGI
 
@@ -263,37 +262,51 @@ class GatewayApp:
         send: Send,
         ex: _Exchange,
     ) -> None:
-        headers = [("content-type", "application/json"), ("accept-encoding", "identity")]
+        target = urlsplit(check.url)
+        host, port = target.hostname or "127.0.0.1", target.port or 80
+        headers = [("Accept-Encoding", "identity")]
+        if route != MODELS:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         if self._config.engine_api_key:
-            headers.append(("authorization", f"Bearer {self._config.engine_api_key}"))
-        request = self._http().build_request(
+            headers.append(("Authorization", f"Bearer {self._config.engine_api_key}"))
+        head = request_head(
             "GET" if route == MODELS else "POST",
-            check.url + route,
-            content=body if route != MODELS else None,
-            headers=headers,
+            target.path.rstrip("/") + route,
+            f"{host}:{port}",
+            headers,
         )
+        pool = self._pools.get((host, port))
+        if pool is None:
+            pool = self._pools[(host, port)] = UpstreamPool(host, port)
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        ex.notes.append("client disconnected")
+                        if not ex.response_done:
+                            ex.notes.append("client disconnected")
                         group.cancel_scope.cancel()
                         return
 
             group.start_soon(watch_disconnect)
             try:
-                await self._exchange(request, strip_usage, send, ex)
+                await self._exchange(pool, head, body, strip_usage, send, ex)
             finally:
                 group.cancel_scope.cancel()
 
     async def _exchange(
-        self, request: httpx.Request, strip_usage: bool, send: Send, ex: _Exchange
+        self,
+        pool: UpstreamPool,
+        head: bytes,
+        body: bytes,
+        strip_usage: bool,
+        send: Send,
+        ex: _Exchange,
     ) -> None:
         try:
-            response = await self._http().send(request, stream=True)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as err:
+            response = await pool.request(head, body)
+        except UpstreamError as err:
             self.gate.invalidate()
             raise _Reply(
                 503,
@@ -301,37 +314,34 @@ class GatewayApp:
                 "The engine did not answer; it may be restarting. Try again shortly.",
                 retry_after=5,
             ) from err
-        except httpx.TimeoutException as err:
-            raise _Reply(504, "engine_timeout", "The engine did not answer in time.") from err
         try:
             await self._relay(response, strip_usage, send, ex)
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            if response.complete:
+                response.release()
+            else:
+                response.abort()  # the client left (or the engine broke): end it in the engine
 
     async def _relay(
-        self, response: httpx.Response, strip_usage: bool, send: Send, ex: _Exchange
+        self, response: UpstreamResponse, strip_usage: bool, send: Send, ex: _Exchange
     ) -> None:
-        content_type = response.headers.get("content-type", "")
-        sse = content_type.startswith("text/event-stream")
+        sse = response.header(b"content-type").startswith(b"text/event-stream")
         headers = [
-            (k.lower(), v)
-            for k, v in response.headers.raw
-            if k.lower() in _PASS_HEADERS and not (sse and k.lower() == b"content-length")
+            (name, value)
+            for name, value in response.headers
+            if name in _PASS_HEADERS and not (sse and name == b"content-length")
         ]
         headers.append(_VIA)
         if sse:
             headers.append((b"cache-control", b"no-cache"))
-        ex.status = response.status_code
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        ex.status = response.status
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         ex.response_started = True
         tap = UsageTap(strip_usage_chunk=strip_usage) if sse else None
         kept: list[bytes] = []
         kept_size = 0
         try:
-            async for chunk in response.aiter_raw():
+            while chunk := await response.read():
                 if tap is not None:
                     chunk = tap.feed(chunk)
                     if not chunk:
@@ -340,15 +350,17 @@ class GatewayApp:
                     kept.append(chunk)
                     kept_size += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (httpx.ReadError, httpx.RemoteProtocolError):
+        except UpstreamError:
             ex.notes.append("engine closed the stream early")
         rest = tap.finish() if tap is not None else b""
-        await send({"type": "http.response.body", "body": rest, "more_body": False})
-        if response.status_code == 200:
+        if response.status == 200:
             if tap is not None:
                 ex.usage = tap.usage
             elif kept_size <= _MAX_USAGE_SCAN:
                 ex.usage = usage_of_body(b"".join(kept))
+        self._account(ex)  # before the last byte: a client that saw the end sees the count
+        ex.response_done = True
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     # ------------------------------------------------------------------------ bookkeeping
 
@@ -367,15 +379,21 @@ class GatewayApp:
             await send({"type": "http.response.start", "status": reply.status, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _finish(self, ex: _Exchange) -> None:
+    def _account(self, ex: _Exchange) -> None:
+        if ex.accounted or ex.key is None or not ex.status or ex.status >= 400:
+            return
+        ex.accounted = True
         usage = ex.usage or Usage()
-        if ex.key is not None and ex.status and ex.status < 400:
-            self.keys.record_usage(
-                ex.key.id,
-                address=ex.address,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-            )
+        self.keys.record_usage(
+            ex.key.id,
+            address=ex.address,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+    def _finish(self, ex: _Exchange) -> None:
+        self._account(ex)
+        usage = ex.usage or Usage()
         self.access.add(
             AccessRecord(
                 at=time.time(),
