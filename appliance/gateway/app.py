@@ -209,6 +209,7 @@ class GatewayApp:
                 retry_after=check.retry_after_s,
                 engine_state=check.state,
             )
+        self.gate.note_activity()
         upstream_body = b""
         strip_usage = False
         if payload is not None:

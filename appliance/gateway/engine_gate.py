@@ -104,6 +104,12 @@ class EngineGate:
     def invalidate(self) -> None:
         self._expires = 0.0
 
+    def note_activity(self) -> None:
+        """Tell the supervisor a request went to the engine (its idle-sleep clock restarts)."""
+        note = getattr(self.engine, "note_activity", None)
+        if note is not None:
+            note()
+
     async def check(self) -> EngineCheck:
         if self._cached is not None and self._clock() < self._expires:
             return self._cached

@@ -146,3 +146,34 @@ def test_owner_login_is_stored_hashed_and_checked() -> None:
     assert login.username() == "owner"
     assert not verify_login("garbage", "owner", "correct horse")
     assert hash_login("a", "12345678") != hash_login("a", "12345678")  # salted
+
+
+def test_cli_create_list_revoke(capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cli import main
+
+    assert main(["keys", "create", "alice-laptop"]) == 0
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert secret.startswith(KEY_PREFIX)
+    assert "shown only this once" in err
+    assert KeyStore().verify(secret) is not None
+
+    assert main(["keys", "list"]) == 0
+    out, _ = capsys.readouterr()
+    assert "alice-laptop" in out
+    assert "active" in out
+    assert secret not in out
+
+    assert main(["keys", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["name"] == "alice-laptop"
+    assert "digest" not in listed[0]
+    assert "salt" not in listed[0]
+
+    assert main(["keys", "create", "alice-laptop"]) == BadInputError.exit_code
+    assert "already exists" in capsys.readouterr().err
+
+    assert main(["keys", "revoke", listed[0]["id"]]) == 0
+    assert KeyStore().verify(secret) is None
+    assert main(["keys", "revoke", "alice-laptop"]) == BadInputError.exit_code
+    assert "No active key" in capsys.readouterr().err
