@@ -494,7 +494,7 @@ def status_lines(sample: Sample) -> list[str]:
     e = sample.engine
     if e is not None:
         lines.append(
-            f"Engine: {fmt_num(e.running)} running, {fmt_num(e.waiting)} waiting, KV cache "
+            f"Engine metrics: {fmt_num(e.running)} running, {fmt_num(e.waiting)} waiting, KV cache "
             f"{fmt_num(e.kv_cache_usage_pct, '%', 1)}, generation "
             f"{fmt_num(e.generation_tokens_per_s, ' tokens/s', 1)}, prompt "
             f"{fmt_num(e.prompt_tokens_per_s, ' tokens/s', 1)}, prefix-cache hits "
@@ -544,19 +544,17 @@ def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
     )
 
 
-def status_sample(
-    settings: Settings, supervisor: Any = None, *, cpu_window_s: float = 0.2
-) -> Sample:
-    """One sample for `step-station status` when no appliance is running to ask: CPU is measured
-    over `cpu_window_s` (a first reading of psutil's CPU percent has nothing to compare with)."""
-    psutil.cpu_percent(interval=None)
-    time.sleep(cpu_window_s)
-    sampler = Sampler(
-        settings,
-        engine_status=supervisor.status if supervisor is not None else None,
-        engine_pids=engine_pid_lookup(supervisor) if supervisor is not None else None,
-    )
-    return sampler.sample_once()
+def status_sample(settings: Settings, supervisor: Any = None, *, window_s: float = 0.5) -> Sample:
+    """One sample for `step-station status`, taken the way the dashboard's would be: two samples
+    `window_s` apart, so CPU and tokens/s are rates over that window (a single reading of
+    psutil's CPU percent or of a counter has nothing to compare with)."""
+    sampler = build_sampler(settings, supervisor)
+    try:
+        sampler.sample_once()
+        time.sleep(window_s)
+        return sampler.sample_once()
+    finally:
+        sampler.stop()
 
 
 def status_json(sample: Sample | None) -> dict[str, Any]:

@@ -270,6 +270,10 @@ def _status(args: argparse.Namespace) -> int:
             print(json.dumps(status_json(status, sup.settings, sup), indent=2, default=str))
         else:
             _print_status(status)
+            from appliance.sampler import status_lines, status_sample
+
+            for line in status_lines(status_sample(sup.settings, sup)):
+                print(line)
     finally:
         sup.close()
     if status.state in (EngineState.READY, EngineState.SLEEPING):

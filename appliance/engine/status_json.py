@@ -30,9 +30,9 @@ def engine_payload(status: EngineStatus) -> dict[str, Any]:
 
 def sampler_keys(settings: Settings, supervisor: Any) -> dict[str, Any]:
     """`gpus` and `host` from one sample of the dashboard's sampler."""
-    from appliance.sampler import build_sampler, status_payload
+    from appliance.sampler import status_payload, status_sample
 
-    return status_payload(build_sampler(settings, supervisor).sample_once())
+    return status_payload(status_sample(settings, supervisor))
 
 
 EXTENDERS: list[Extender] = [sampler_keys]
