@@ -143,6 +143,8 @@ ensure_image() {
       | docker build -f docker/simulator/Dockerfile --build-arg "BASE_IMAGE=$base" \
           --label "io.step-station.sim-hash=$hash" -t "$IMAGE" - >"$H/build.log" 2>&1 \
       || { tail -20 "$H/build.log" >&2; die "building $IMAGE failed; see $H/build.log"; }
+    # Earlier builds lose their tag; drop them unless a container still uses one.
+    docker image prune -f --filter label=io.step-station.simulator=1 >/dev/null 2>&1 || true
   fi
   local repo=${IMAGE#*/} id pushed
   repo=${repo%:*}
