@@ -87,7 +87,9 @@ def ui_listener(settings: Settings) -> Listener:
 
 
 def gateway_listener(settings: Settings) -> Listener:
-    host = (settings.gateway.interface or "0.0.0.0") if settings.gateway.share_lan else "127.0.0.1"
+    from appliance.gateway.service import bind_host  # interface names resolve to addresses
+
+    host = bind_host(settings.gateway)
     return Listener(
         host, settings.gateway.port, "gateway.port", "--api-port", "the OpenAI-compatible API"
     )
@@ -116,7 +118,12 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     services.sampler = build_sampler(settings, services.supervisor)
     services.progress_rates = ProgressRates()
     services.supervisor.add_listener(services.progress_rates.observe)
-    # gateway (LAN API), keys, sampler: set services.gateway / .keys / .sampler.
+    # ---- LAN API: API keys and the gateway (its own listener, started in `lifespan`) ----
+    from appliance.gateway import Gateway
+    from appliance.keys import KeyStore
+
+    services.keys = KeyStore()
+    services.gateway = Gateway.from_services(services)
     return services
 
 
