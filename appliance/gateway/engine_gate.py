@@ -100,6 +100,9 @@ class EngineGate:
         self._expires = 0.0
         self._inflight: asyncio.Future[EngineCheck] | None = None
         self._starting = threading.Event()
+        listen = getattr(engine, "add_listener", None)
+        if listen is not None:
+            listen(lambda status: self.invalidate())  # a state change is seen at once
 
     def invalidate(self) -> None:
         self._expires = 0.0
@@ -111,8 +114,12 @@ class EngineGate:
             note()
 
     async def check(self) -> EngineCheck:
-        if self._cached is not None and self._clock() < self._expires:
-            return self._cached
+        cached = self._cached
+        if cached is not None and self._clock() < self._expires:
+            if cached.ready or not (
+                self._start_on_request() and cached.state in ("absent", "stopped", "sleeping")
+            ):
+                return cached
         if self._inflight is not None:
             return await asyncio.shield(self._inflight)
         loop = asyncio.get_running_loop()

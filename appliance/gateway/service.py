@@ -75,7 +75,8 @@ def is_loopback(host: str) -> bool:
 
 def config_for(gateway: st.GatewaySettings, host: str, engine_api_key: str = "") -> GatewayConfig:
     return GatewayConfig(
-        require_key=not is_loopback(host) or gateway.require_key_on_loopback,
+        # Sharing always needs keys, even on an interface that happens to be loopback.
+        require_key=gateway.share_lan or not is_loopback(host) or gateway.require_key_on_loopback,
         max_body_bytes=max(1, gateway.max_body_mb) << 20,
         per_key_concurrency=gateway.per_key_concurrency,
         per_key_requests_per_minute=gateway.per_key_requests_per_minute,
@@ -119,6 +120,7 @@ class _Listener:
     port: int
     server: uvicorn.Server
     task: asyncio.Task[None]
+    shared: bool = False  # listening for the LAN: its clients are cut when that ends
 
 
 class Gateway:
@@ -177,7 +179,15 @@ class Gateway:
 
     @property
     def shared(self) -> bool:
-        return self._listener is not None and not is_loopback(self._listener.host)
+        """Listening for the LAN (sharing on, or bound beyond loopback)."""
+        listener = self._listener
+        if listener is None:
+            return False
+        return self.settings.gateway.share_lan or not is_loopback(listener.host)
+
+    @property
+    def require_key(self) -> bool:
+        return self.app.config.require_key
 
     @property
     def local_url(self) -> str:
@@ -202,6 +212,7 @@ class Gateway:
                 self.access.attach_file(st.data_dir() / "logs" / "gateway-access.log")
             self.app.config = config_for(self.settings.gateway, host, self.engine_api_key)
             self._listener = self._call(self._serve(sock, host))
+            self._listener.shared = self.settings.gateway.share_lan or not is_loopback(host)
             self._flusher = self._call(self._start_flusher())
             log.info("gateway listening on %s:%d", host, self._listener.port)
 
@@ -230,23 +241,28 @@ class Gateway:
             host = bind_host(settings.gateway)
             port = settings.gateway.port
             old = self._listener
+            self.gate.invalidate()
             if old is None or (old.host, old.port) == (host, port):
                 self.settings = settings
                 self.app.config = config_for(settings.gateway, host, self.engine_api_key)
                 return
-            narrowing = is_loopback(host) and not is_loopback(old.host)
+            # Requests on a loopback-only listener may finish; a LAN listener's are cut at once,
+            # since whatever replaces it no longer admits them (sharing off, other interface).
+            cut = old.shared
             self._call(self._close_listening(old))
             try:
                 sock = bind_socket(host, port)
             except BaseException:
                 self._listener = self._call(self._serve(bind_socket(old.host, old.port), old.host))
+                self._listener.shared = old.shared
                 self._call(self._shutdown([old], DRAIN_S), timeout=None, wait=False)
                 raise
             self.settings = settings
             self.app.config = config_for(settings.gateway, host, self.engine_api_key)
             self._listener = self._call(self._serve(sock, host))
+            self._listener.shared = settings.gateway.share_lan or not is_loopback(host)
             self._draining.append(old)
-            grace = 0.0 if narrowing else DRAIN_S
+            grace = 0.0 if cut else DRAIN_S
             self._call(self._retire(old, grace), wait=False)
             log.info("gateway moved from %s:%d to %s:%d", old.host, old.port, host, port)
 

@@ -190,7 +190,7 @@ class Sharing:
             return f"The API gateway is not running (port {gw.port})."
         where = f"{self.gateway.host}:{self.gateway.port}"
         if not self.gateway.shared:
-            keys = "API key required" if gw.require_key_on_loopback else "no key needed"
+            keys = "API key required" if self.gateway.require_key else "no key needed"
             return f"Not shared: listening on {where}, this machine only ({keys})."
         count = self.keys.active_count()
         return (
