@@ -289,10 +289,15 @@ class DockerRuntime(Runtime):
             error=str(state.get("Error") or ""),
         )
 
-    def follow_logs(self, handle: EngineHandle, stop: threading.Event) -> Iterator[LogLine]:
+    def follow_logs(
+        self, handle: EngineHandle, stop: threading.Event, since: float | None = None
+    ) -> Iterator[LogLine]:
+        options: dict[str, Any] = {"stream": True, "follow": True, "timestamps": True}
+        if since is not None:
+            options["since"] = since
         try:
             container = self._container(handle)
-            stream = self._call(lambda: container.logs(stream=True, follow=True, timestamps=True))
+            stream = self._call(lambda: container.logs(**options))
         except docker.errors.NotFound:
             return
         done = threading.Event()

@@ -132,7 +132,10 @@ class ProcessRuntime(Runtime):
             return EngineExit(running=True)
         return EngineExit(running=False, error="the process ended while no appliance watched it")
 
-    def follow_logs(self, handle: EngineHandle, stop: threading.Event) -> Iterator[LogLine]:
+    def follow_logs(
+        self, handle: EngineHandle, stop: threading.Event, since: float | None = None
+    ) -> Iterator[LogLine]:
+        del since  # the log file has no times; a process runtime never loses its stream
         path = self._log_file(handle.name)
         rest = ""
         with contextlib.suppress(FileNotFoundError), path.open("rb") as log:

@@ -75,8 +75,11 @@ class Runtime(ABC):
         """Fresh state of the engine (never a cached one)."""
 
     @abstractmethod
-    def follow_logs(self, handle: EngineHandle, stop: threading.Event) -> Iterator[LogLine]:
-        """Every log line from the start, then new ones until the engine exits or `stop` is set."""
+    def follow_logs(
+        self, handle: EngineHandle, stop: threading.Event, since: float | None = None
+    ) -> Iterator[LogLine]:
+        """Every log line from the start (or from wall time `since`, where the runtime keeps
+        times), then new ones until the engine exits or `stop` is set."""
 
     @abstractmethod
     def tail(self, handle: EngineHandle, lines: int = 50) -> list[str]:

@@ -67,6 +67,7 @@ class _Engine:
     stop_logs: threading.Event
     logs_done: threading.Event
     spec: LaunchSpec | None = None
+    last_at: float | None = None  # wall time of the last log line (Docker's timestamps)
 
 
 class Supervisor:
@@ -744,6 +745,7 @@ class Supervisor:
             if docker_lost:
                 docker_lost = False
                 self._update(message="Docker is reachable again.")
+                self._resume_logs()
             if not info.running:
                 if self._cancel.is_set():
                     return
@@ -836,14 +838,31 @@ class Supervisor:
         thread.start()
 
     def _read_logs(self, engine: _Engine) -> None:
+        since = engine.last_at
         try:
-            for line in self.runtime.follow_logs(engine.handle, engine.stop_logs):
+            for line in self.runtime.follow_logs(engine.handle, engine.stop_logs, since):
+                if since is not None and line.at is not None and line.at <= since:
+                    continue  # already seen before the stream was lost
+                if line.at is not None:
+                    engine.last_at = line.at
                 self._take_line(engine, line)
         except ApplianceError as err:
             log.info("engine log stream ended: %s", err)
         finally:
             engine.logs_done.set()
             self._tick.set()  # the stream ends when the engine exits: look now
+
+    def _resume_logs(self) -> None:
+        """The log stream ends when Docker goes away; follow again from the last line seen."""
+        with self._lock:
+            engine = self._engine
+        if engine is None or not engine.logs_done.is_set() or engine.stop_logs.is_set():
+            return
+        engine.logs_done.clear()
+        thread = threading.Thread(
+            target=self._read_logs, args=(engine,), name="engine-logs", daemon=True
+        )
+        thread.start()
 
     def _take_line(self, engine: _Engine, line: LogLine) -> None:
         now = line.at or self._wall()

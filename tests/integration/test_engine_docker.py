@@ -12,7 +12,6 @@ import textwrap
 import uuid
 from pathlib import Path
 
-import docker
 import httpx
 import openai
 import pytest
@@ -29,23 +28,14 @@ from appliance.errors import DockerUnavailableError, EngineError
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
-SIM_IMAGE = os.environ.get("STEP_SIM_IMAGE", "localhost:5000/vllm/vllm-openai:stepfun37")
 GPU_UUID = "GPU-6f1c0e9b-1111-2222-3333-444455556666"
 
 
-@pytest.fixture(scope="module")
-def dk():
-    try:
-        client = docker.from_env()
-        client.ping()
-        client.images.get(SIM_IMAGE)
-    except Exception as err:
-        message = f"Docker with {SIM_IMAGE} is needed (scripts/harness.sh up): {err}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    yield client
-    client.close()
+@pytest.fixture
+def dk(docker_client, sim_image_ref):
+    """The shared harness (tests/fixtures/docker.py): engine up, simulator image present."""
+    del sim_image_ref
+    return docker_client
 
 
 def _ours(dk, name: str) -> list:
@@ -53,11 +43,11 @@ def _ours(dk, name: str) -> list:
 
 
 @pytest.fixture
-def settings(dk, monkeypatch: pytest.MonkeyPatch):
+def settings(dk, sim_image_ref: str, monkeypatch: pytest.MonkeyPatch):
     s = st.Settings()
     s.engine.container_name = f"sst-{uuid.uuid4().hex[:10]}"
     s.engine.port = free_port()
-    s.engine.image = SIM_IMAGE
+    s.engine.image = sim_image_ref
     s.engine.profile = "fp8-tp1"
     s.engine.request_gpu = False  # this engine has no NVIDIA runtime
     s.engine.start_timeout_s = 90
@@ -138,7 +128,7 @@ def test_created_container_spec(dk, settings, station_home: Path) -> None:
     assert env["STEP_SIM_LOAD_S"] == "1.5"
     assert config["Cmd"] == list(spec.args)
     assert config["Cmd"][0] == "stepfun-ai/Step-3.7-Flash-FP8"
-    assert config["Image"] == SIM_IMAGE
+    assert config["Image"] == settings.engine.image
     labels = config["Labels"]
     assert labels["io.step-station.managed"] == "true"
     assert labels["io.step-station.name"] == settings.engine.container_name
@@ -185,7 +175,7 @@ def _holder(settings, mode: str) -> tuple[dict, subprocess.Popen]:
             HOLDER,
             str(settings.engine.port),
             settings.engine.container_name,
-            SIM_IMAGE,
+            settings.engine.image,
             mode,
         ],
         stdout=subprocess.PIPE,
@@ -314,7 +304,10 @@ def test_docker_lost_and_back_while_serving(dk, settings, tmp_path: Path) -> Non
             status = sup.wait_for_change(status.version, 30)
         assert status.state == EngineState.READY
         assert status.container_id == engine_id
-        assert httpx.get(f"{sup.engine_url}/health").status_code == 200
+        assert httpx.get(f"{sup.engine_url}/metrics").status_code == 200
+        # the log stream is followed again: the access line of that request arrives
+        while not any('"GET /metrics' in line for line in sup.status().log_tail):
+            sup.wait_for_change(sup.version, 30)
         assert sup.stop().state == EngineState.STOPPED
         assert _ours(dk, settings.engine.container_name) == []
     finally:

@@ -25,7 +25,6 @@ from appliance.engine.spec import LaunchSpec
 from appliance.errors import ImagePullError
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
-SIM_IMAGE = os.environ.get("STEP_SIM_IMAGE", "localhost:5000/vllm/vllm-openai:stepfun37")
 
 
 def _context(sizes: tuple[int, ...]) -> io.BytesIO:
@@ -43,16 +42,8 @@ def _context(sizes: tuple[int, ...]) -> io.BytesIO:
 
 
 @pytest.fixture(scope="module")
-def dk():
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker is needed: {err}")
-        pytest.skip(f"Docker is needed: {err}")
-    yield client
-    client.close()
+def dk(docker_client):
+    return docker_client
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +162,10 @@ def test_cli_pull_prints_plain_progress_lines(dk, registry, pushed, station_home
         _forget(dk, ref)
 
 
-def test_start_pulls_a_missing_image_first(dk, registry, monkeypatch) -> None:
+def test_start_pulls_a_missing_image_first(dk, registry, sim_image_ref, monkeypatch) -> None:
     """The simulator image, re-tagged on the private registry and absent under that name."""
     ref = f"localhost:{registry.port}/step-test/engine-{uuid.uuid4().hex[:8]}:stepfun37"
-    dk.images.get(SIM_IMAGE).tag(ref)
+    dk.images.get(sim_image_ref).tag(ref)
     for event in dk.api.push(ref.rsplit(":", 1)[0], tag="stepfun37", stream=True, decode=True):
         assert "error" not in event, event
     dk.images.remove(ref)
