@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 TAIL_LINES = 200
 RETRYABLE = (phases.CUDA_OOM, phases.MAX_LEN_TOO_LARGE)
+_RETRY_REASON = {
+    phases.CUDA_OOM: "Out of GPU memory",
+    phases.MAX_LEN_TOO_LARGE: "The context length did not fit in the KV cache",
+}
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"
 
@@ -505,7 +509,8 @@ class Supervisor:
             self._remove_quietly(handle)
             self._update(
                 retry_note=note,
-                message=f"Out of GPU memory at start; retrying once with {note}.",
+                message=f"{_RETRY_REASON.get(outcome.failure or '', 'Failed')} at start; "
+                f"retrying once with {note}.",
                 effective={**_effective(spec), "retry": note},
             )
 
