@@ -104,7 +104,10 @@ class ProcessRuntime(Runtime):
             "argv": argv,
             "log": str(log_path),
         }
-        st._atomic_write(self._pid_file(spec.name), json.dumps(record))
+        pid_file = self._pid_file(spec.name)
+        tmp = pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, pid_file)  # a reader never sees half a record
         return EngineHandle(
             id=f"pid:{child.pid}", name=spec.name, labels=spec.label_map, started_at=time.time()
         )
