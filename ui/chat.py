@@ -211,6 +211,9 @@ def build(services: Any) -> ChatTab:
         return gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
 
     def idle_box(value: Any = None) -> Any:
+        """Back to Send. Without a value, whatever the owner typed meanwhile stays in the box."""
+        if value is None:
+            return gr.MultimodalTextbox(submit_btn=True, stop_btn=False)
         return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
 
     # ---------------------------------------------------------------------------- handlers

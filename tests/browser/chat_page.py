@@ -46,6 +46,7 @@ def attach(page: Any, files: list[Path]) -> None:
 
 
 def send(page: Any, text: str) -> None:
+    page.wait_for_selector("#chat-input button.submit-button")  # not while a reply streams
     page.fill(INPUT, text)
     page.locator(INPUT).press("Enter")
 

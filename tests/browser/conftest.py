@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("STEP_CHROMIUM", "/usr/bin/chromium")
@@ -84,22 +85,94 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+class _AssetWatch:
+    """Tracks the page's static loads; Chromium aborts those in flight with ERR_NETWORK_CHANGED
+    whenever Docker adds or removes a veth interface (other tests start containers), which
+    leaves a Gradio page half-loaded. `goto`/`reload` below notice it and load again."""
+
+    def __init__(self, page: Any) -> None:
+        self.inflight: set[Any] = set()
+        self.network_changed = False
+        page.on("request", self._start)
+        page.on("requestfinished", self._end)
+        page.on("requestfailed", self._failed)
+
+    @staticmethod
+    def _static(request: Any) -> bool:
+        return request.method == "GET" and (
+            "/assets/" in request.url or request.url.endswith(("/config", ".css", ".js"))
+        )
+
+    def _start(self, request: Any) -> None:
+        if self._static(request):
+            self.inflight.add(request)
+
+    def _end(self, request: Any) -> None:
+        self.inflight.discard(request)
+
+    def _failed(self, request: Any) -> None:
+        self.inflight.discard(request)
+        if "ERR_NETWORK_CHANGED" in (request.failure or ""):
+            self.network_changed = True
+
+
+def _robust(page: Any, watch: _AssetWatch, navigate: Callable[..., Any]) -> Callable[..., Any]:
+    def load(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(4):
+            watch.network_changed = False
+            response = navigate(*args, **kwargs)
+            deadline = time.monotonic() + 30
+            quiet_since = None
+            while time.monotonic() < deadline and not watch.network_changed:
+                page.wait_for_timeout(100)
+                if watch.inflight:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 0.5:
+                    break
+            if not watch.network_changed:
+                return response
+            print(f"page load hit ERR_NETWORK_CHANGED (attempt {attempt + 1}); loading again")
+        return response
+
+    return load
+
+
 @pytest.fixture
-def page(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
-    context.set_default_timeout(30_000)
-    page = context.new_page()
-    console: list[str] = []
-    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
-    yield page
+def new_page(browser: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """Factory: a page in a fresh browser context (its own storage), closed after the test."""
+    opened: list[tuple[Any, list[str]]] = []
+
+    def make() -> Any:
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        context.set_default_timeout(30_000)
+        page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+        watch = _AssetWatch(page)
+        page.goto = _robust(page, watch, page.goto)
+        page.reload = _robust(page, watch, page.reload)
+        opened.append((page, console))
+        return page
+
+    yield make
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        # Leave evidence next to the test's files: what the page looked like and said.
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(tmp_path / "failure.png"))
-        (tmp_path / "console.log").write_text("\n".join(console))
-        print(f"browser evidence: {tmp_path}/failure.png, console.log")
-    context.close()
+    for index, (page, console) in enumerate(opened):
+        if report is not None and report.failed:
+            # Leave evidence next to the test's files: what each page looked like and said.
+            shot = tmp_path / f"failure-{index}.png"
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(shot))
+            (tmp_path / f"console-{index}.log").write_text("\n".join(console))
+            print(f"browser evidence: {shot}")
+        page.context.close()
+
+
+@pytest.fixture
+def page(new_page: Callable[[], Any]) -> Any:
+    """A page in a fresh browser context, 1440x1000, robust to Docker's network changes."""
+    return new_page()
 
 
 # ---------------------------------------------------------------------------------- appliance
@@ -192,6 +265,13 @@ class Appliance:
                     proc.kill()
 
 
+def _read_settings(home: Path) -> dict[str, dict[str, Any]]:
+    path = home / "config" / "settings.toml"
+    if not path.exists():
+        return {}
+    return tomllib.loads(path.read_text())
+
+
 def _settings_toml(settings: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     for section, values in settings.items():
@@ -218,8 +298,12 @@ def appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
         demo: bool = True,  # False: the engine settings decide (e.g. runtime=docker)
     ) -> Appliance:
         home = home or tmp_path / f"appliance-{len(started)}"
-        ui_port, api_port, engine_port = free_port(), free_port(), free_port()
-        merged: dict[str, dict[str, Any]] = {"engine": {"port": engine_port}}
+        ui_port, api_port = free_port(), free_port()
+        # A restart on the same home keeps its settings, so it finds (adopts) the same engine.
+        previous = _read_settings(home)
+        engine_port = int(previous.get("engine", {}).get("port") or free_port())
+        merged: dict[str, dict[str, Any]] = previous
+        merged.setdefault("engine", {})["port"] = engine_port
         for section, values in (settings or {}).items():
             merged.setdefault(section, {}).update(values)
         config = home / "config"

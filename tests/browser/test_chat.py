@@ -80,8 +80,8 @@ def test_stop_ends_the_request_in_the_engine(appliance, page):
     send(page, "Tell me a very long story")
     page.wait_for_selector(f"{THOUGHT_TITLE}.expanded")
     wait_until(lambda: app.gauge() == 1, timeout_s=10)
-    stop_button(page).click()
     clicked = time.monotonic()
+    stop_button(page).click()
     wait_until(lambda: app.gauge() == 0, timeout_s=5)
     took = time.monotonic() - clicked
     print(f"running-request gauge back to 0 {took:.2f} s after Stop")
@@ -133,7 +133,7 @@ def test_regenerate_edit_and_undo(appliance, page):
     assert page.locator(STATS).count() == 0
 
 
-def test_reload_keeps_the_conversation(appliance, page, browser):
+def test_reload_keeps_the_conversation(appliance, page, new_page):
     app = appliance()
     open_chat(page, app.url)
     send(page, "remember me")
@@ -147,13 +147,12 @@ def test_reload_keeps_the_conversation(appliance, page, browser):
     assert answer in page.locator(BOT).last.inner_text()
     assert last_stats(page).inner_text() == stats
     # A different browser (no local state) finds it in the history list.
-    other = browser.new_context().new_page()
+    other = new_page()
     open_chat(other, app.url)
     other.locator("#history-list").get_by_label("remember me").check()
     wait_for_replies(other, 1)
     assert answer in other.locator(BOT).last.inner_text()
     assert last_stats(other).inner_text() == stats
-    other.context.close()
 
 
 def make_noise_png(path: Path, megabytes: int) -> Path:
