@@ -83,6 +83,9 @@ def test_start_phases_ready_chat_stop(dk, settings, make_sup) -> None:
     (container,) = _ours(dk, settings.engine.container_name)
     assert container.id == status.container_id
     assert container.status == "running"
+    # host PIDs of the engine (what NVML reports), for the dashboard's per-process memory
+    pids = sup.runtime.engine_pids(container.id)
+    assert container.attrs["State"]["Pid"] in pids
 
     client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none")
     reply = client.chat.completions.create(
