@@ -70,7 +70,9 @@ def build(services: Any) -> ChatTab:
         return render.image_file(image, image_folder())
 
     # ------------------------------------------------------------------------------- layout
-    conversation = gr.BrowserState(None, storage_key="step-station-conversation")
+    # The open conversation's id. It is mirrored into the page's URL (`?c=ID`), so a reload, a
+    # bookmark or a second tab opens the same conversation.
+    conversation = gr.Textbox(visible=False, elem_id="conversation-id")
     positions = gr.State([])
     kinds = gr.State([])
     engine_seen = gr.State(None)
@@ -511,12 +513,22 @@ def build(services: Any) -> ChatTab:
         on_engine, [engine_seen], [banner_row, banner, engine_seen], show_progress="hidden"
     )
 
-    async def on_load(conversation_id: str | None, query: str, seen: Any) -> tuple[Any, ...]:
+    conversation.change(
+        None,
+        [conversation],
+        None,
+        js="(c) => { const u = new URL(window.location.href); "
+        "if (c) { u.searchParams.set('c', c); } else { u.searchParams.delete('c'); } "
+        "window.history.replaceState(null, '', u); return []; }",
+    )
+
+    async def on_load(query: str, seen: Any, request: gr.Request) -> tuple[Any, ...]:
+        conversation_id = request.query_params.get("c") or None
         return (*await on_open(conversation_id, query), *on_engine(seen))
 
     return ChatTab(
         go_to_model=go_to_model,
         on_load=on_load,
-        load_inputs=[conversation, search, engine_seen],
+        load_inputs=[search, engine_seen],
         load_outputs=[*open_outputs, banner_row, banner, engine_seen],
     )

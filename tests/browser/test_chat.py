@@ -140,6 +140,7 @@ def test_reload_keeps_the_conversation(appliance, page, new_page):
     wait_for_replies(page, 1)
     answer = 'Simulated reply from step3p7-flash to "remember me"'
     stats = last_stats(page).inner_text()
+    assert "?c=" in page.url  # the open conversation is in the address
     page.reload()
     page.wait_for_selector(INPUT)
     wait_for_replies(page, 1)
