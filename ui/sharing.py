@@ -7,6 +7,7 @@ goes into the snippets so they can be copied as they are.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import gradio as gr
@@ -24,7 +25,7 @@ _SHOWN_LABEL = "New API key: copy it now, it is shown only this once"
 
 
 def _ids(name: str) -> str:
-    return "ss-snippet-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return "ss-snippet-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def build(services: Any) -> None:
@@ -107,6 +108,7 @@ def build(services: Any) -> None:
                         codes.append(
                             gr.Code(
                                 value=value,
+                                label=name,
                                 language=_LANGUAGES.get(name, "yaml"),  # type: ignore[arg-type]
                                 buttons=["copy"],
                                 elem_id=_ids(name),
