@@ -151,6 +151,11 @@ class GatewayApp:
         self._config = value
         self.limiter.configure(value.per_key_concurrency, value.per_key_requests_per_minute)
 
+    def sweep_idle(self) -> None:
+        """Close engine connections nobody reused for a while."""
+        for pool in self._pools.values():
+            pool.sweep()
+
     async def aclose(self) -> None:
         for pool in self._pools.values():
             pool.close()

@@ -338,6 +338,7 @@ class Gateway:
         async def flush_forever() -> None:
             while True:
                 await asyncio.sleep(FLUSH_EVERY_S)
+                self.app.sweep_idle()
                 if self.keys.has_pending():
                     try:
                         await anyio.to_thread.run_sync(self.keys.flush)

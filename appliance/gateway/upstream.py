@@ -275,6 +275,15 @@ class UpstreamPool:
             raise
         return response
 
+    def sweep(self) -> None:
+        """Close connections idle for longer than IDLE_S (they would not be reused)."""
+        now = time.monotonic()
+        keep = deque(c for c in self._idle if not c.closed and now - c.idle_since < IDLE_S)
+        for conn in self._idle:
+            if conn not in keep:
+                conn.close()
+        self._idle = keep
+
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
