@@ -402,3 +402,16 @@ class OwnerLogin:
         """Gradio's `auth=` callable: True when the login matches; False when none is set."""
         stored = st.load_secrets().ui_login_hash
         return bool(stored) and verify_login(stored, username, password)
+
+
+def ui_lan_active(settings: st.Settings) -> bool:
+    """True when the UI listens beyond loopback: "UI on LAN" is on and an owner login is set."""
+    return settings.ui.lan and OwnerLogin().is_set()
+
+
+def ui_bind_host(settings: st.Settings) -> str:
+    """Where the UI listens: `ui.host`, or with "UI on LAN" every interface (or `ui.host` when it
+    names a specific non-loopback address)."""
+    if not ui_lan_active(settings):
+        return settings.ui.host
+    return "0.0.0.0" if settings.ui.host in ("127.0.0.1", "localhost", "") else settings.ui.host  # noqa: S104

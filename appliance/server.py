@@ -83,7 +83,10 @@ def bind_port(listener: Listener) -> socket.socket:
 
 
 def ui_listener(settings: Settings) -> Listener:
-    return Listener(settings.ui.host, settings.ui.port, "ui.port", "--ui-port", "the browser UI")
+    from appliance.keys import ui_bind_host  # "UI on LAN" (Sharing tab) needs the owner login
+
+    host = ui_bind_host(settings)
+    return Listener(host, settings.ui.port, "ui.port", "--ui-port", "the browser UI")
 
 
 def gateway_listener(settings: Settings) -> Listener:

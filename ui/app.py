@@ -56,4 +56,14 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
         ssr_mode=False,
         css=chat.CSS,
         show_error=True,
+        **_owner_login(services),
     )
+
+
+def _owner_login(services: Any) -> dict[str, Any]:
+    """With "UI on LAN" on (Sharing tab), every page needs the owner login."""
+    from appliance.keys import OwnerLogin, ui_lan_active
+
+    if not ui_lan_active(services.settings):
+        return {}
+    return {"auth": OwnerLogin().check, "auth_message": "Step Station: owner login"}

@@ -285,9 +285,9 @@ class Sharing:
 
     def ui_lan_status(self) -> str:
         if not self.settings.ui.lan:
-            return "The UI is on this machine only."
+            return "The UI is on this machine only; the owner login is set on first use."
         user = self.login.username()
-        return f"The UI is reachable on the LAN with the owner login ({user!r})."
+        return f"UI on LAN is on, with the owner login ({user!r}); it applies from a start."
 
     def set_ui_lan(self, on: bool, username: str = "", password: str = "") -> str:
         """Turn "UI on LAN" on (needs an owner login: set on first use) or off."""
@@ -305,9 +305,9 @@ class Sharing:
             )
         self.settings.ui.lan = on
         st.save_settings(self.settings)
-        return (
-            "The UI will listen on the LAN with the owner login (restart the appliance if it "
-            "does not switch by itself)."
-            if on
-            else "The UI is back on this machine only."
-        )
+        if on:
+            return (
+                "UI on LAN is on: from the next start of Step Station the UI listens on the "
+                f"network and every page asks for the owner login ({self.login.username()!r})."
+            )
+        return "UI on LAN is off: from the next start the UI listens on this machine only."

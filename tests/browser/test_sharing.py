@@ -107,3 +107,44 @@ def test_share_switch_key_snippets_usage_and_revoke(appliance, page) -> None:
     expect(page.locator("#ss-share-status")).to_contain_text("Not shared", timeout=30_000)
     assert second not in page.content()
     assert key not in page.content()
+
+
+def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> None:
+    app = appliance()
+    _open_tab(page, app)
+    page.get_by_text("UI on LAN", exact=True).click()
+    switch = page.locator("#ss-ui-lan input")
+    switch.check()  # no login yet: refused, with the reason, and the switch goes back off
+    expect(page.get_by_text("needs an owner login first").first).to_be_visible(timeout=15_000)
+    expect(switch).not_to_be_checked()
+    page.locator("#ss-ui-user input, #ss-ui-user textarea").first.fill("owner")
+    page.locator("#ss-ui-password input").fill("station-pass-1")
+    switch.check()
+    expect(page.locator("#ss-ui-lan-status")).to_contain_text("owner login ('owner')")
+    secrets = (app.home / "config" / "secrets.toml").read_text()
+    assert "station-pass-1" not in secrets
+    assert "ui_login_hash" in secrets
+    app.stop()
+
+    # From the next start the UI listens beyond loopback (127.0.0.2 stands in for the LAN here)
+    # and every page asks for the login.
+    again = appliance(home=app.home, settings={"ui": {"host": "127.0.0.2"}}, wait=False)
+    url = f"http://127.0.0.2:{again.ui_port}/"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.2", again.ui_port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    page.goto(url)
+    password = page.locator("input[type=password]")
+    expect(password).to_be_visible(timeout=60_000)
+    page.locator("input[type=text], input:not([type])").first.fill("owner")
+    password.fill("wrong-password")
+    page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
+    expect(page.get_by_text(re.compile("incorrect", re.IGNORECASE)).first).to_be_visible()
+    page.locator("input[type=text], input:not([type])").first.fill("owner")
+    password.fill("station-pass-1")
+    page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
+    expect(page.get_by_role("tab", name="Sharing")).to_be_visible(timeout=60_000)

@@ -1,0 +1,96 @@
+"""Where the gateway and the UI listen, what needs a key, the addresses and snippets shown."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import psutil
+import pytest
+import yaml
+
+from appliance import settings as st
+from appliance.errors import SettingsError
+from appliance.gateway.service import bind_host, config_for
+from appliance.gateway.sharing import SNIPPETS, share_addresses
+from appliance.keys import OwnerLogin, ui_bind_host
+
+
+def test_the_gateway_listens_on_loopback_unless_shared() -> None:
+    gw = st.GatewaySettings()
+    assert bind_host(gw) == "127.0.0.1"
+    gw.interface = "10.1.2.3"
+    assert bind_host(gw) == "127.0.0.1"  # an interface alone does not share
+    gw.share_lan = True
+    assert bind_host(gw) == "10.1.2.3"
+    gw.interface = ""
+    assert bind_host(gw) == "0.0.0.0"
+    gw.interface = "lo"  # an interface name resolves to its IPv4 address
+    assert bind_host(gw) == "127.0.0.1"
+    gw.interface = "no-such-if0"
+    with pytest.raises(SettingsError, match="not an interface"):
+        bind_host(gw)
+
+
+def test_keys_are_required_whenever_shared_and_optional_on_loopback() -> None:
+    gw = st.GatewaySettings()
+    assert not config_for(gw, "127.0.0.1").require_key
+    gw.require_key_on_loopback = True
+    assert config_for(gw, "127.0.0.1").require_key
+    gw.require_key_on_loopback = False
+    assert config_for(gw, "0.0.0.0").require_key
+    assert config_for(gw, "192.168.1.20").require_key
+    gw.share_lan = True
+    assert config_for(gw, "127.0.0.2").require_key  # shared on a loopback-looking interface
+    gw.max_body_mb = 3
+    assert config_for(gw, "0.0.0.0").max_body_bytes == 3 << 20
+
+
+def test_the_ui_goes_beyond_loopback_only_with_an_owner_login() -> None:
+    settings = st.Settings()
+    assert ui_bind_host(settings) == "127.0.0.1"
+    settings.ui.lan = True
+    assert ui_bind_host(settings) == "127.0.0.1"  # no login set: stays on loopback
+    OwnerLogin().set("owner", "long enough")
+    assert ui_bind_host(settings) == "0.0.0.0"
+    settings.ui.host = "192.168.7.7"
+    assert ui_bind_host(settings) == "192.168.7.7"
+
+
+def test_addresses_list_every_ipv4_of_up_interfaces_best_first() -> None:
+    everything = share_addresses("0.0.0.0", 8000)
+    mine = {
+        a.address
+        for name, addrs in psutil.net_if_addrs().items()
+        for a in addrs
+        if a.family.name == "AF_INET" and psutil.net_if_stats()[name].isup
+    }
+    assert {a.address for a in everything} == mine
+    assert all(a.url == f"http://{a.address}:8000/v1" for a in everything)
+    notes = [a.note for a in everything]
+    assert notes[-1] == "this machine only"  # loopback last
+    for a in everything:
+        if a.interface.startswith("docker"):
+            assert "cannot reach" in a.note
+    one = share_addresses("127.0.0.1", 9000)
+    assert [(a.address, a.url) for a in one] == [("127.0.0.1", "http://127.0.0.1:9000/v1")]
+
+
+def test_snippets_carry_the_url_key_and_model_and_are_valid() -> None:
+    url, key, model = "http://192.168.1.20:8000/v1", "sk-step-abcdef12secret", "step3p7-flash"
+    made = {name: make(url, key, model) for name, make in SNIPPETS.items()}
+    for name, text in made.items():
+        assert url in text, name
+        assert key in text, name
+    python = made["Python (openai SDK)"]
+    ast.parse(python)
+    assert f'model="{model}"' in python
+    curl = made["curl"]
+    body = curl.split("-d '", 1)[1].rsplit("'", 1)[0]
+    assert json.loads(body)["model"] == model
+    assert f"{url}/chat/completions" in curl
+    continue_cfg = yaml.safe_load(made["Continue"].split("\n", 1)[1])
+    entry = continue_cfg["models"][0]
+    assert (entry["apiBase"], entry["apiKey"], entry["model"]) == (url, key, model)
+    assert entry["provider"] == "openai"
+    assert f"OPENAI_API_BASE_URL={url}" in made["Open WebUI"]
