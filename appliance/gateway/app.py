@@ -505,16 +505,22 @@ def _prepare(payload: dict[str, Any], body: bytes, check: EngineCheck) -> tuple[
             f"`{check.model}`; GET /v1/models lists it.",
             param="model",
         )
+    # The two fields the gateway itself acts on must have their types (as vLLM's schema says).
+    if payload.get("stream") is not None and not isinstance(payload.get("stream"), bool):
+        raise _Reply(400, "invalid_type", "`stream` must be true or false.", param="stream")
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _Reply(
+            400, "invalid_type", "`stream_options` must be an object.", param="stream_options"
+        )
     stream = payload.get("stream") is True
     strip = False
     if stream:
-        options = payload.get("stream_options")
-        if options is None or (
-            isinstance(options, dict) and options.get("include_usage") is not True
-        ):
+        if options is None or options.get("include_usage") is not True:
             # Ask the engine for usage so the key's tokens are counted; hide that chunk again.
             payload["stream_options"] = {**(options or {}), "include_usage": True}
             changed = strip = True
     if changed:
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        # ASCII escapes: JSON may carry lone surrogates ("\ud800") that UTF-8 cannot encode.
+        body = json.dumps(payload, separators=(",", ":")).encode()
     return body, stream, strip

@@ -586,3 +586,24 @@ def test_concurrent_clients_share_the_engine(make_stack) -> None:
         thread.join(60)
     assert not errors
     assert totals == [40] * 16
+
+
+def test_odd_but_valid_json_is_forwarded_or_refused_cleanly(make_stack) -> None:
+    stack = make_stack()
+    # Text JSON allows but UTF-8 cannot carry (a lone surrogate), in a streamed request the
+    # gateway rewrites (it adds include_usage): forwarded, never a gateway error.
+    for text, engine_ok in (("\u2028 line separator", True), ("\ud800 lone surrogate", False)):
+        body = json.dumps(
+            {"model": MODEL, "stream": True, "max_tokens": 5,
+             "messages": [{"role": "user", "content": text}]}
+        ).encode()  # fmt: skip
+        reply = stack.raw(http("POST", "/v1/chat/completions", body=body))
+        assert reply.headers.get("via") == "1.1 step-station"  # the engine answered
+        if engine_ok:
+            assert reply.status == 200
+            assert b"data: [DONE]" in reply.body
+    for field, value in (("stream", "yes"), ("stream_options", [1])):
+        payload = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], field: value}
+        bad = stack.raw(http("POST", "/v1/chat/completions", body=json.dumps(payload).encode()))
+        assert bad.status == 400
+        assert bad.json()["error"]["param"] == field

@@ -68,7 +68,12 @@ def fuzz_stack(simulator):
 # ------------------------------------------------------------------------------- strategies
 
 json_values = s.recursive(
-    s.none() | s.booleans() | s.integers() | s.floats(allow_nan=False) | s.text(max_size=30),
+    s.none()
+    | s.booleans()
+    | s.integers()
+    | s.floats(allow_nan=False)
+    | s.text(max_size=30)
+    | s.sampled_from(["\ud800", "x\udfff", "\x00", "\u2028"]),  # lone surrogates, controls
     lambda inner: (
         s.lists(inner, max_size=4) | s.dictionaries(s.text(max_size=10), inner, max_size=4)
     ),
