@@ -16,8 +16,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
+import openai
 import pytest
 from fixtures.sim import DEFAULT_MODEL, FAST_KNOBS, STATION_FLAGS, SimulatorProcess, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 SERVED = "step3p7-flash"
 
@@ -251,3 +254,25 @@ class Launcher:
         for server in self.started:
             server.stop()
         self.started.clear()
+
+
+def client_for(server: Server, api_key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=api_key or server.api_key or "EMPTY",
+        max_retries=0,
+        timeout=60,
+    )
+
+
+def scrape(server: Server) -> dict:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict, name: str, sample: str | None = None, **labels: str) -> float:
+    total = 0.0
+    for s in families[name].samples:
+        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
+            total += s.value
+    return total

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conformance_servers import Launcher, Server
+from conformance_servers import Launcher, Server, client_for
 from fixtures.docker import TEST_LABEL
 from fixtures.sim import start_simulator
 
@@ -84,15 +84,6 @@ def pulled_image(docker_client: object, registry_image: str) -> str:
     """The simulator image as the appliance gets it: pulled from the local registry."""
     docker_client.images.pull(registry_image)  # type: ignore[attr-defined]
     return registry_image
-
-
-def client_for(server: Server, api_key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{server.url}/v1",
-        api_key=api_key or server.api_key or "EMPTY",
-        max_retries=0,
-        timeout=60,
-    )
 
 
 @pytest.fixture

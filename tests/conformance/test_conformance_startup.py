@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conformance_servers import http_status, wait_until
-from conftest import client_for
+from conformance_servers import client_for, http_status, wait_until
 
 # Log lines (stdout) in the order vLLM prints them (reference/vllm.md, startup).
 ORDER = (

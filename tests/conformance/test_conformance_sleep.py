@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from conformance_servers import wait_until
-from conftest import client_for
-from test_metrics import scrape, value
+from conformance_servers import client_for, scrape, value, wait_until
 
 
 def is_sleeping(server) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import client_for
+from conformance_servers import client_for
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import io
 
 import openai
 import pytest
-from conformance_servers import Server
-from conftest import client_for
+from conformance_servers import Server, client_for
 from PIL import Image
 
 

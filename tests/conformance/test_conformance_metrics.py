@@ -7,9 +7,7 @@ import json
 import time
 
 import httpx
-from conformance_servers import Server, wait_until
-from conftest import client_for
-from prometheus_client.parser import text_string_to_metric_families
+from conformance_servers import Server, client_for, scrape, value, wait_until
 
 EXPECTED = {
     "vllm:num_requests_running": "gauge",
@@ -25,19 +23,6 @@ EXPECTED = {
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram",
 }
-
-
-def scrape(server: Server) -> dict:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def value(families: dict, name: str, sample: str | None = None, **labels: str) -> float:
-    total = 0.0
-    for s in families[name].samples:
-        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
-            total += s.value
-    return total
 
 
 def test_metrics_parse_with_vllm_names_and_types(server: Server) -> None:

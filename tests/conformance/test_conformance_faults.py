@@ -6,8 +6,7 @@ import time
 
 import openai
 import pytest
-from conformance_servers import http_status, wait_until
-from conftest import client_for
+from conformance_servers import client_for, http_status, wait_until
 
 
 def test_cuda_oom_at_start_exits_1(launch) -> None:

@@ -6,8 +6,7 @@ import json
 
 import openai
 import pytest
-from conformance_servers import Server
-from conftest import client_for
+from conformance_servers import Server, client_for
 
 LEVELS = ("low", "medium", "high")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conformance_servers import Server
-from conftest import client_for
+from conformance_servers import Server, client_for
 
 
 def error_body(response: httpx.Response) -> dict:
