@@ -1,6 +1,6 @@
 """The gateway's access log: one line per request, never a body, a key or a query string.
 
-Lines go to the `step_station.gateway.access` logger (and a rotating file the gateway attaches);
+Lines go to the gateway's own rotating file and to the `step_station.gateway.access` logger;
 the last few hundred records stay in memory for the sharing panel's "recent usage".
 """
 
@@ -72,6 +72,14 @@ class AccessLog:
     def add(self, record: AccessRecord) -> None:
         with self._lock:
             self._records.append(record)
+        handler = self._handler
+        if handler is not None:  # this gateway's own file, whatever the logging configuration
+            handler.handle(
+                logging.makeLogRecord(
+                    {"name": access_log.name, "msg": record.line(), "levelno": logging.INFO,
+                     "levelname": "INFO"}
+                )
+            )  # fmt: skip
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(record.line())
 
@@ -90,13 +98,9 @@ class AccessLog:
             path, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(handler)
-        if access_log.level == logging.NOTSET or access_log.level > logging.INFO:
-            access_log.setLevel(logging.INFO)
         self._handler = handler
 
     def detach_file(self) -> None:
-        if self._handler is not None:
-            access_log.removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.close()
