@@ -218,6 +218,10 @@ if have docker && docker image inspect "$IMAGE" >/dev/null 2>&1; then
   fi
 fi
 
+if have loginctl && [ "$(loginctl show-user "$(id -un)" --property=Linger --value 2>/dev/null)" = yes ]; then
+  say "note: lingering stays enabled for $(id -un) (other services may use it); to turn it off: loginctl disable-linger $(id -un)"
+fi
+
 say ""
 if [ "$DRY_RUN" = 1 ]; then
   say "dry run: nothing was removed."

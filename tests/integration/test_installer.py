@@ -52,7 +52,7 @@ TEST_IMAGE_DOCKERFILE = """\
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
-RUN pkgs="systemd desktop-file-utils"; \\
+RUN pkgs="systemd dbus dbus-user-session libpam-systemd desktop-file-utils"; \\
     python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs="$pkgs python3-venv"; \\
     apt-get update -q && apt-get install -y -q --no-install-recommends $pkgs \\
     && rm -rf /var/lib/apt/lists/* \\
@@ -133,9 +133,16 @@ def installer_image(docker_client: docker.DockerClient) -> str:
 class Box:
     """A running container; `sh` runs bash as the owner with pip's environment."""
 
-    def __init__(self, container: docker.models.containers.Container, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        container: docker.models.containers.Container,
+        env: dict[str, str],
+        runtime_dir: str = "/tmp/runtime-owner",
+    ) -> None:
         self.container = container
-        self.env = {**env, "HOME": HOME, "USER": "owner", "XDG_RUNTIME_DIR": "/tmp/runtime-owner"}
+        self.env = {**env, "HOME": HOME, "USER": "owner", "XDG_RUNTIME_DIR": runtime_dir}
+        if runtime_dir.startswith("/run/user/"):  # a real user manager: systemctl --user uses it
+            self.env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={runtime_dir}/bus"
 
     def sh(self, script: str, *, user: str = "owner", check: bool = True) -> tuple[int, str]:
         code, out = self.container.exec_run(
@@ -153,26 +160,48 @@ class Box:
         return self.sh(f"cat '{path}'")[1]
 
 
-@pytest.fixture
-def box(
-    docker_client: docker.DockerClient, installer_image: str, docker_labels: dict[str, str]
+def _start_box(
+    client: docker.DockerClient,
+    image: str,
+    labels: dict[str, str],
+    *,
+    systemd: bool = False,
 ) -> Box:
     PIP_CACHE.mkdir(parents=True, exist_ok=True)
     os.chown(PIP_CACHE, OWNER_UID, OWNER_UID)  # the owner's pip writes it; the host runs as root
-    container = docker_client.containers.run(
-        installer_image,
-        ["sleep", "infinity"],
-        detach=True,
-        init=True,  # reaps the `up` processes the test stops
-        labels=docker_labels,
-        name=f"step-installer-{docker_labels['io.step-station.test'][:12]}",
-        volumes={
-            str(REPO): {"bind": "/checkout", "mode": "ro"},
-            str(HOST_CA): {"bind": str(HOST_CA), "mode": "ro"},
-            str(PIP_CACHE): {"bind": "/pip-cache", "mode": "rw"},
-        },
-    )
-    box = Box(container, _pip_environment())
+    volumes = {
+        str(REPO): {"bind": "/checkout", "mode": "ro"},
+        str(HOST_CA): {"bind": str(HOST_CA), "mode": "ro"},
+        str(PIP_CACHE): {"bind": "/pip-cache", "mode": "rw"},
+    }
+    name = f"step-installer-{labels['io.step-station.test'][:12]}"
+    if systemd:
+        # systemd as PID 1 (unprivileged: cgroups read-only, /run on tmpfs); SIGRTMIN+3 halts it.
+        volumes["/sys/fs/cgroup"] = {"bind": "/sys/fs/cgroup", "mode": "ro"}
+        container = client.containers.run(
+            image,
+            ["/lib/systemd/systemd"],
+            detach=True,
+            labels=labels,
+            name=name,
+            volumes=volumes,
+            tmpfs={"/run": "", "/run/lock": ""},
+            stop_signal="SIGRTMIN+3",
+        )
+        box = Box(container, _pip_environment(), runtime_dir=f"/run/user/{OWNER_UID}")
+    else:
+        container = client.containers.run(
+            image,
+            ["sleep", "infinity"],
+            detach=True,
+            init=True,  # reaps the `up` processes the test stops
+            labels=labels,
+            name=name,
+            volumes=volumes,
+        )
+        box = Box(container, _pip_environment())
+    if systemd:
+        _wait_booted(box)
     # The checkout as the owner would have it (a clone): sources and installer, no venv or caches.
     box.sh(
         f"mkdir -p {SRC} /tmp/runtime-owner && chmod 700 /tmp/runtime-owner && cd /checkout && "
@@ -180,6 +209,29 @@ def box(
         f"| tar -x -C {SRC}"
     )
     return box
+
+
+def _wait_booted(box: Box) -> None:
+    """systemd reached its default target (running or degraded) within 60 s."""
+    box.sh(
+        "for i in $(seq 120); do s=$(systemctl is-system-running 2>/dev/null); "
+        'case $s in running|degraded) exit 0;; esac; sleep 0.5; done; echo "$s"; exit 1',
+        user="root",
+    )
+
+
+@pytest.fixture
+def box(
+    docker_client: docker.DockerClient, installer_image: str, docker_labels: dict[str, str]
+) -> Box:
+    return _start_box(docker_client, installer_image, docker_labels)
+
+
+@pytest.fixture
+def systemd_box(
+    docker_client: docker.DockerClient, installer_image: str, docker_labels: dict[str, str]
+) -> Box:
+    return _start_box(docker_client, installer_image, docker_labels, systemd=True)
 
 
 def _run_installer(box: Box, args: str) -> tuple[str, float]:
@@ -301,6 +353,77 @@ def test_install_upgrade_uninstall_end_to_end(box: Box) -> None:
     assert leftover.split() == [], leftover
     assert box.exists(OTHER_MODEL)
     assert box.sh(f"find {HOME} -iname '*step-station*' -not -path '{SRC}/*'")[1] == ""
+
+
+HEALTH_PROBE = """
+import sys, time, urllib.request
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:7860/healthz", timeout=2) as resp:
+            print(resp.status, resp.read().decode())
+            raise SystemExit(0)
+    except OSError:
+        time.sleep(0.5)
+raise SystemExit("no answer from /healthz")
+"""
+
+
+def _healthz(box: Box, within_s: float = 120) -> str:
+    return box.sh(f"python3 - {within_s} <<'EOF'\n{HEALTH_PROBE}\nEOF")[1]
+
+
+def _service(box: Box, *props: str) -> dict[str, str]:
+    out = box.sh(f"systemctl --user show step-station.service -p {' -p '.join(props)}")[1]
+    return dict(line.split("=", 1) for line in out.split())
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_service_starts_restarts_on_failure_and_comes_back_after_reboot(systemd_box: Box) -> None:
+    box = systemd_box
+    # The administrator allows start at boot (polkit lets owners do it themselves on a desktop).
+    box.sh("loginctl enable-linger owner", user="root")
+    box.sh(f"for i in $(seq 100); do test -S /run/user/{OWNER_UID}/bus && exit 0; sleep 0.1; done")
+
+    out, _ = _run_installer(box, "--demo")
+    assert "[ok  ] systemd         user service manager reachable" in out
+    assert "service is up" in out  # the installer waited for /healthz of the started service
+    assert "start at boot: on (lingering is enabled for owner)" in out
+    assert box.sh("systemctl --user is-enabled step-station.service")[1].strip() == "enabled"
+    assert _healthz(box).startswith('200 {"ok":true,"demo":true')
+
+    # Restart=on-failure: a killed appliance comes back by itself.
+    first = _service(box, "MainPID")["MainPID"]
+    box.sh(f"kill -9 {first}")
+    box.sh(
+        "for i in $(seq 200); do p=$(systemctl --user show step-station -p MainPID --value); "
+        f'[ "$p" != 0 ] && [ "$p" != {first} ] && exit 0; sleep 0.1; done; exit 1'
+    )
+    assert _service(box, "NRestarts")["NRestarts"] == "1"
+    assert _healthz(box).startswith("200 ")
+
+    # A reboot, and nobody logs in: lingering starts the user manager, which starts the service.
+    box.container.restart(timeout=30)
+    _wait_booted(box)
+    assert _healthz(box).startswith("200 ")
+    assert _service(box, "ActiveState")["ActiveState"] == "active"
+
+    # A second run with the service up: ports held by it are fine, it is restarted on new code.
+    out, _ = _run_installer(box, "--demo")
+    assert "is held by the running step-station.service, which this install restarts" in out
+    assert "service is up" in out
+
+    out = box.sh(f"{SRC}/installer/uninstall.sh --purge")[1]
+    assert box.sh("systemctl --user is-active step-station.service", check=False)[0] != 0
+    assert box.sh("systemctl --user cat step-station.service", check=False)[0] != 0
+    assert box.sh("python3 - 5 <<'EOF'\n" + HEALTH_PROBE + "\nEOF", check=False)[0] != 0
+    leftover = box.sh(
+        f"cd {HOME} && find . -not -type d -not -path './src/*' -not -path './.bash*' "
+        "-not -path './.profile' | sort"
+    )[1]
+    assert leftover.split() == [], leftover
+    assert "loginctl disable-linger owner" in out  # linger is the owner's to keep or drop
 
 
 @pytest.mark.docker
