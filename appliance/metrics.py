@@ -71,10 +71,53 @@ class ParsedMetrics:
         return sum(values) / len(values) if values else None
 
 
+# The metric families read here (a family's samples add `_total`, `_bucket`, `_sum`, ...).
+FAMILIES: tuple[str, ...] = tuple(
+    name.removesuffix("_total")
+    for name in (
+        RUNNING,
+        WAITING,
+        KV_USAGE,
+        PROMPT_TOKENS,
+        GENERATION_TOKENS,
+        PREFIX_QUERIES,
+        PREFIX_HITS,
+        SPEC_DRAFTS,
+        SPEC_DRAFT_TOKENS,
+        SPEC_ACCEPTED,
+        TTFT,
+        SLEEP_STATE,
+    )
+)
+
+
+def _metric_name(line: str) -> str:
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        return parts[2] if len(parts) > 2 and parts[1] in ("HELP", "TYPE") else ""
+    return line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
+
+
+_WANTED = frozenset(FAMILIES)
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+def _wanted(name: str) -> bool:
+    if name in _WANTED:
+        return True
+    return any(name.endswith(x) and name[: -len(x)] in _WANTED for x in _SUFFIXES)
+
+
+def relevant_text(text: str) -> str:
+    """Only the lines of the families read here: vLLM exports hundreds of lines (histograms of
+    every latency) and parsing them all would cost most of the sampler's budget."""
+    return "\n".join(line for line in text.splitlines() if _wanted(_metric_name(line))) + "\n"
+
+
 def parse_metrics(text: str) -> ParsedMetrics:
-    """Parse Prometheus text exposition with prometheus_client's parser."""
+    """Parse Prometheus text exposition (the families read here) with prometheus_client."""
     parsed = ParsedMetrics()
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(relevant_text(text)):
         for sample in family.samples:
             parsed.samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return parsed

@@ -18,7 +18,9 @@ Any reading the GPU does not support is None here and "n/a" on screen.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -40,7 +42,9 @@ log = logging.getLogger(__name__)
 
 ENGINE_LABEL = "Step-3.7-Flash engine"
 SYSFS = Path("/sys")
-ENGINE_PID_REFRESH_S = 30.0  # re-ask the runtime at most this often when a GPU pid is unknown
+ENGINE_PID_REFRESH_S = 30.0
+SAMPLER_THREAD = "ss-sampler"
+PR_SET_NAME = 15  # re-ask the runtime at most this often when a GPU pid is unknown
 
 
 # ------------------------------------------------------------------------------------ samples
@@ -295,7 +299,7 @@ class Sampler:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="step-station-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=SAMPLER_THREAD, daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -311,6 +315,7 @@ class Sampler:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        _name_os_thread(SAMPLER_THREAD)
         next_at = time.monotonic()
         while not self._stop.is_set():
             started = time.thread_time()
@@ -403,6 +408,18 @@ class Sampler:
     @property
     def capacity(self) -> int:
         return self._buffer.maxlen or 0
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the OS thread a name (`top -H`, /proc/PID/task/TID/comm), best effort, Linux only:
+    the sampler's own CPU cost can then be read from outside (benchmarks/sampler_cost.py)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _state_value(status: Any) -> str:

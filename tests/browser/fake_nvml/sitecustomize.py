@@ -24,7 +24,19 @@ if os.environ.get("STEP_FAKE_NVML") == "gb300":
     ENGINE_BYTES = int(0.95 * TOTAL) - 2 * GIB
     OTHER = (4242, int(1.2 * GIB))  # e.g. a desktop session on the same GPU
 
+    _cache: dict[str, tuple[float, int | None]] = {}
+
     def _engine_pid() -> int | None:
+        """The demo engine's pid, read at most every 0.5 s (NVML itself answers in µs)."""
+        now = time.monotonic()
+        cached = _cache.get("pid")
+        if cached is not None and now - cached[0] < 0.5:
+            return cached[1]
+        pid = _read_engine_pid()
+        _cache["pid"] = (now, pid)
+        return pid
+
+    def _read_engine_pid() -> int | None:
         data = Path(os.environ["STEP_STATION_HOME"]) / "data"
         for record in data.glob("*.process.json"):
             try:
