@@ -181,6 +181,7 @@ def effective_markdown(status: EngineStatus) -> str:
         return "n/a" if value in (None, "") else fmt.format(value)
 
     ctx = eff.get("max_model_len")
+    command = str(eff.get("command") or "")
     rows = [
         ("Model", val("model")),
         ("Served as", status.served_model_name or val("served_model_name")),
@@ -191,6 +192,7 @@ def effective_markdown(status: EngineStatus) -> str:
         ("KV-cache memory", val("kv_cache_gib", "{} GiB")),
         ("Weights in GPU memory", val("weights_gib", "{} GiB")),
         ("GPU memory fraction", val("gpu_memory_utilization")),
+        ("MTP speculative decoding", "on" if "--speculative-config" in command else "off"),
         ("vLLM", val("vllm_version")),
         ("Image", val("image")),
     ]

@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS_IMG = REPO / "docs" / "img"
 LABEL_NAME = "io.step-station.name"
 PAD_BYTES = 24_000_000  # the fresh image layer the pull has to fetch
+# A simulated GB300 (NVML cannot run here; tests/gpu/ covers the real one), see fake_nvml/.
+FAKE_GPU_ENV = {
+    "PYTHONPATH": str(Path(__file__).with_name("fake_nvml")),
+    "STEP_FAKE_NVML": "gb300",
+}
 
 
 def containers(docker_client, name: str) -> list:
@@ -243,3 +248,36 @@ def test_two_pages_clicking_start_at_once_start_one_engine(
         assert containers(docker_client, engine_name) == []
     finally:
         other_context.close()
+
+
+def test_profile_picker_offers_what_fits_with_reasons_and_switches(appliance, page, engine_name):
+    """On a (simulated) DGX Station GPU: the two Station profiles are offered, the others are
+    listed with the planner's reasons; MTP and sleep mode are offered where the profile allows."""
+    app = appliance(
+        demo=False,
+        wait=False,
+        env=FAKE_GPU_ENV,
+        settings={"engine": {"container_name": engine_name}},
+    )
+    wait_up(app)
+    open_model_tab(page, app.url)
+    profile = page.locator("#ss-profile")
+    expect(profile.locator("input")).to_have_value(re.compile("^fp8-tp1"))
+    profile.locator("input").click()
+    options = page.get_by_role("option")
+    expect(options).to_have_count(2)
+    expect(options.nth(0)).to_contain_text("fp8-tp1")
+    expect(options.nth(1)).to_contain_text("nvfp4-tp1")
+    unfit = page.locator("#ss-unfit")
+    expect(unfit).to_contain_text("Not offered on this machine")
+    expect(unfit).to_contain_text("bf16-tp8: needs 8 GPUs, this machine has 1")
+    expect(unfit).to_contain_text("nvfp4-tp4: needs 4 GPUs, this machine has 1")
+
+    mtp = page.locator("#ss-mtp input")
+    sleep = page.locator("#ss-sleep input")
+    expect(mtp).to_be_enabled()  # FP8 keeps the MTP weights
+    expect(sleep).to_be_enabled()
+    options.nth(1).click()  # NVFP4: the checkpoint ships no MTP weights
+    expect(mtp).to_be_disabled()
+    expect(mtp).not_to_be_checked()
+    expect(page.locator("#ss-mtp")).to_contain_text("no MTP weights")

@@ -6,7 +6,13 @@ import httpx
 import pytest
 
 from appliance.errors import EngineError
-from appliance.metrics import MetricsScraper, histogram_quantile, parse_metrics, summarize
+from appliance.metrics import (
+    MetricsScraper,
+    histogram_quantile,
+    parse_metrics,
+    relevant_text,
+    summarize,
+)
 
 LABELS = 'engine="0",model_name="step3p7-flash"'
 
@@ -174,3 +180,21 @@ def test_scrape_of_the_simulator_counts_a_real_request(simulator) -> None:
     assert after.generation_tokens_per_s > 0
     assert after.ttft_median_s is not None
     scraper.close()
+
+
+def test_only_the_families_read_are_parsed() -> None:
+    other = (
+        "# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency.\n"
+        "# TYPE vllm:e2e_request_latency_seconds histogram\n"
+        f'vllm:e2e_request_latency_seconds_bucket{{{LABELS},le="1.0"}} 3.0\n'
+        f"vllm:num_preemptions_total{{{LABELS}}} 7.0\n"
+    )
+    kept = relevant_text(other + exposition())
+    assert "e2e_request_latency" not in kept
+    assert "num_preemptions" not in kept
+    assert "vllm:time_to_first_token_seconds_bucket" in kept
+    assert "# TYPE vllm:prompt_tokens_total counter" in kept
+    assert "vllm:engine_sleep_state{" in kept
+    parsed = parse_metrics(other + exposition())
+    assert "vllm:num_preemptions_total" not in parsed.samples
+    assert summarize(parsed, 1.0).ttft_median_s == pytest.approx(0.4)
