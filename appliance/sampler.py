@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_LABEL = "Step-3.7-Flash engine"
 SYSFS = Path("/sys")
-ENGINE_PID_REFRESH_S = 30.0
+ENGINE_PID_REFRESH_S = 2.0  # re-ask the runtime at most this often, only when a GPU pid is new
 SAMPLER_THREAD = "ss-sampler"
 PR_SET_NAME = 15  # re-ask the runtime at most this often when a GPU pid is unknown
 

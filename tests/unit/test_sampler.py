@@ -483,3 +483,27 @@ def test_status_sample_for_the_cli_without_an_appliance(monkeypatch: pytest.Monk
     assert host["weights_disk_free_bytes"] > 0
     assert 0.0 <= host["cpu_pct"] <= 100.0
     assert status_json(None) == {"gpus": [], "host": None}
+
+
+def test_an_engine_process_that_appears_later_is_labelled_soon() -> None:
+    """The engine's CUDA process shows up on the GPU seconds after its container started (same
+    container id): it is labelled at the next allowed lookup, and known pids never re-trigger."""
+    now = [0.0]
+    engine: set[int] = set()
+    calls: list[float] = []
+
+    def lookup() -> set[int]:
+        calls.append(now[0])
+        return set(engine)
+
+    pids = EnginePids(lookup, clock=lambda: now[0])  # the default refresh (2 s)
+    assert pids.for_gpu_pids({10}, key="c1") == set()  # a desktop process, not the engine
+    engine.add(20)
+    now[0] = 1.0
+    assert pids.for_gpu_pids({10, 20}, key="c1") == set()  # asked 1 s ago: not yet
+    now[0] = 2.5
+    assert pids.for_gpu_pids({10, 20}, key="c1") == {20}
+    for t in (5.0, 10.0, 60.0):
+        now[0] = t
+        assert pids.for_gpu_pids({10, 20}, key="c1") == {20}
+    assert calls == [0.0, 2.5]
