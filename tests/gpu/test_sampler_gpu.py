@@ -1,6 +1,8 @@
 """The sampler against a real NVIDIA GPU: known torch allocations in a child process.
 
-Run on the device machine (one H200): `pytest -q -s -m gpu tests/gpu/test_sampler_gpu.py`.
+Run on the device machine (one H200): `python tests/gpu/test_sampler_gpu.py` (pytest without the
+repository's conftest, so only pytest, torch, nvidia-ml-py, psutil and platformdirs are needed;
+same as `pytest -q -s --noconftest -m gpu tests/gpu/test_sampler_gpu.py`).
 A child process (tests/gpu/alloc_child.py) creates its CUDA context, allocates 8 GiB, then 16 GiB
 more, frees everything and exits. After each step the sampler's device memory and the child's
 per-process memory must match what was allocated within 1%, and fall back after the release.
@@ -19,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hardware
-from appliance.sampler import ENGINE_LABEL, Sample, Sampler, status_payload
-from appliance.settings import Settings
+# The device machine runs this file from a plain checkout (nothing installed): import from it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from appliance import hardware  # noqa: E402
+from appliance.sampler import ENGINE_LABEL, Sample, Sampler, status_payload  # noqa: E402
+from appliance.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -216,3 +223,9 @@ def test_background_sampler_sees_the_allocation(gpu: hardware.GpuReading) -> Non
     finally:
         sampler.stop()
         child.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        pytest.main([__file__, "-q", "-s", "--noconftest", "-p", "no:cacheprovider", "-m", "gpu"])
+    )
