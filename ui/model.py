@@ -123,6 +123,11 @@ def timeline_html(status: EngineStatus, tl: Timeline) -> str:
         f'<div class="ss-timeline" data-state="{state}">',
         f'<div class="ss-headline" id="ss-headline">{html.escape(tl.headline)}</div>',
     ]
+    if status.restart_needed:
+        parts.append(
+            '<div class="ss-retry" id="ss-restart-needed">Settings changed since the engine '
+            "started: stop and start it to apply them.</div>"
+        )
     if status.retry_note:
         parts.append(
             f'<div class="ss-retry">Retried once with {html.escape(status.retry_note)}</div>'
