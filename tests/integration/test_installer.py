@@ -19,6 +19,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -28,7 +29,12 @@ from pathlib import Path
 
 import docker  # noqa: TID251 - the test drives containers directly
 import docker.errors  # noqa: TID251
+import httpx
+import openai
 import pytest
+import yaml
+
+from appliance import settings as st
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -503,3 +509,137 @@ def test_scripts_shellcheck_report() -> None:
     assert done.returncode in (0, 1), done.stderr  # 1: findings; anything else: it did not run
     if done.stdout:
         warnings.warn(f"shellcheck findings in scripts/:\n{done.stdout}", stacklevel=1)
+
+
+# ----------------------------------------------------------------------------- appliance image
+
+COMPOSE = REPO / "docker" / "compose.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _compose_service() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]["step-station"]
+
+
+def test_compose_file_runs_the_appliance_beside_the_engine() -> None:
+    text = COMPOSE.read_text()
+    assert "WARNING" in text
+    assert "AS ROOT" in text  # the socket grants root on the host, and the file says so
+    service = _compose_service()
+    assert service["build"]["dockerfile"] == "docker/Dockerfile"
+    assert service["network_mode"] == "host"  # the engine's port is on the host's loopback
+    assert "/var/run/docker.sock:/var/run/docker.sock" in service["volumes"]
+    home = service["environment"]["STEP_STATION_HOME"]
+    assert f"{home}:{home}" in service["volumes"]  # same path inside and outside
+    assert service["restart"] == "unless-stopped"
+    demo = yaml.safe_load(text)["services"]["step-station-demo"]
+    assert "--demo" in demo["command"]
+    assert not any("docker.sock" in v for v in demo["volumes"])
+
+
+def _image_context() -> io.BytesIO:
+    """What `docker build -f docker/Dockerfile .` sends, plus the host's CA for pip (see the
+    Dockerfile's docker/extra-ca.crt)."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name in ("pyproject.toml", "README.md", "appliance", "ui", "docker"):
+            tar.add(
+                REPO / name,
+                arcname=name,
+                filter=lambda info: None if "__pycache__" in info.name else info,
+            )
+        tar.add(HOST_CA, arcname="docker/extra-ca.crt")
+    context.seek(0)
+    return context
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1200)
+def test_appliance_image_starts_the_engine_through_the_socket(
+    docker_client: docker.DockerClient,
+    sim_image_ref: str,
+    docker_labels: dict[str, str],
+    station_home: Path,
+) -> None:
+    """The image run as compose.yaml runs it: host network, the Docker socket, the state folder
+    at the same path. `step-station start` inside it starts a sibling engine container, which the
+    UI reports ready and the LAN endpoint serves (openai SDK)."""
+    image, _ = docker_client.images.build(
+        fileobj=_image_context(),
+        custom_context=True,
+        dockerfile="docker/Dockerfile",
+        buildargs={"BASE_IMAGE": _base_image(docker_client)},
+        tag="step-station/appliance-test:latest",
+        rm=True,
+    )
+    service = _compose_service()
+    settings = st.Settings()
+    e = settings.engine
+    e.image, e.profile, e.request_gpu = sim_image_ref, "fp8-tp1", False
+    e.container_name = f"sst-appliance-{docker_labels['io.step-station.test'][:10]}"
+    e.port, settings.ui.port, settings.gateway.port = _free_port(), _free_port(), _free_port()
+    model = station_home / "models" / "Step-3.7-Flash-FP8"  # a local model: no download
+    model.mkdir(parents=True)
+    e.model_override = str(model)
+    e.start_timeout_s = 120
+    st.save_settings(settings)
+
+    home = str(station_home)
+    volumes = [
+        v.replace("${STEP_STATION_DIR:-/var/lib/step-station}", home) for v in service["volumes"]
+    ]
+    assert f"{home}:{home}" in volumes
+    try:
+        container = docker_client.containers.run(
+            image.id,
+            service["command"],
+            detach=True,
+            labels=docker_labels,
+            name=f"sst-appliance-app-{docker_labels['io.step-station.test'][:10]}",
+            network_mode=service["network_mode"],
+            volumes=volumes,
+            environment={"STEP_STATION_HOME": home},
+        )
+        ui = f"http://127.0.0.1:{settings.ui.port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                health = httpx.get(f"{ui}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                container.reload()
+                assert container.status == "running", container.logs()[-3000:].decode()
+                assert time.monotonic() < deadline, container.logs()[-3000:].decode()
+                time.sleep(0.5)
+        assert health.json() == {"ok": True, "demo": False, "engine": "absent"}
+
+        # The image's own HEALTHCHECK command answers.
+        check = image.attrs["Config"]["Healthcheck"]["Test"]
+        assert check[0] == "CMD-SHELL"
+        assert container.exec_run(["sh", "-c", check[1]]).exit_code == 0
+
+        code, out = container.exec_run(["step-station", "start"])
+        assert code == 0, out.decode()
+        assert httpx.get(f"{ui}/healthz", timeout=5).json()["engine"] == "ready"
+        engine = docker_client.containers.get(e.container_name)
+        assert engine.labels["io.step-station.managed"] == "true"
+        assert any(m["Source"] == str(model) for m in engine.attrs["Mounts"])
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.gateway.port}/v1", api_key="-")
+        model_id = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens > 0
+
+        code, out = container.exec_run(["step-station", "stop"])
+        assert code == 0, out.decode()
+    finally:
+        for leftover in docker_client.containers.list(all=True, filters={"name": e.container_name}):
+            leftover.remove(force=True)
