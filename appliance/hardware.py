@@ -238,7 +238,7 @@ class GpuReading:
     power_w: float | None
     power_limit_w: float | None
     sm_clock_mhz: int | None
-    throttle_reasons: list[str] = field(default_factory=list)
+    throttle_reasons: list[str] | None = field(default_factory=list)  # None: not supported
     processes: list[ProcessMemory] = field(default_factory=list)
 
 
@@ -441,7 +441,9 @@ def read_gpus(nvml: NvmlSession | None = None) -> list[GpuReading]:
                 power_w=_watts(s.query(api.power_mw, handle)),
                 power_limit_w=_watts(s.query(api.power_limit_mw, handle)),
                 sm_clock_mhz=s.query(api.sm_clock_mhz, handle),
-                throttle_reasons=[n for bit, n in THROTTLE_REASONS.items() if (reasons or 0) & bit],
+                throttle_reasons=None
+                if reasons is None
+                else [n for bit, n in THROTTLE_REASONS.items() if reasons & bit],
                 processes=[ProcessMemory(pid, used) for pid, used in processes],
             )
         )

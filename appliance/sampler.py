@@ -187,7 +187,9 @@ def gpu_sample(
         power_w=_opt_float(reading.power_w),
         power_limit_w=_opt_float(reading.power_limit_w),
         sm_clock_mhz=_opt_int(reading.sm_clock_mhz),
-        throttle_reasons=tuple(reading.throttle_reasons),
+        throttle_reasons=None
+        if reading.throttle_reasons is None
+        else tuple(reading.throttle_reasons),
         processes=processes,
     )
 
