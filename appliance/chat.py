@@ -38,6 +38,11 @@ TOKENS_PER_IMAGE = 3164  # upper bound per image: 169-token global view + 81 per
 CHARS_PER_TOKEN = 3.0  # conservative (real text averages ~4): over-estimates, never under
 TOKENS_PER_MESSAGE = 8  # chat-template overhead per turn
 MIN_REPLY_TOKENS = 256  # a conversation must leave at least this much room for the answer
+# The browser re-renders a streaming message whole on every update, so an update costs more as
+# the message grows. Updates spread out with it: the base interval (chat.stream_interval_ms,
+# 50 ms) plus this much per 1,000 characters on screen (about 320 ms at 18,000 characters, the
+# end of a 4,000-token answer). Measured in benchmarks/stream_smoothness.py.
+INTERVAL_PER_KCHAR_S = 0.015
 
 # Magic numbers of the formats vLLM's image loader (Pillow) accepts and browsers send.
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -444,6 +449,8 @@ class Reply:
     finished_at: float | None = None
     finished_wall: float | None = None  # time.time() when the engine's last chunk arrived
     deltas: int = 0
+    reasoning_chars: int = 0
+    content_chars: int = 0
     usage: Usage | None = None
     finish_reason: str = ""
     error: str = ""
@@ -478,12 +485,14 @@ class Reply:
             if self.reasoning_started is None:
                 self.reasoning_started = now
             self.reasoning_parts.append(event.text)
+            self.reasoning_chars += len(event.text)
             if self.phase == WAITING:
                 self.phase = THINKING
         elif isinstance(event, ContentDelta):
             if self.reasoning_started is not None and self.reasoning_ended is None:
                 self.reasoning_ended = now
             self.content_parts.append(event.text)
+            self.content_chars += len(event.text)
             self.phase = ANSWERING
         elif isinstance(event, Usage):
             self.usage = event
@@ -512,6 +521,10 @@ class Reply:
         self.phase = phase
 
     # ------------------------------------------------------------------------------ numbers
+
+    def visible_chars(self) -> int:
+        """Characters the page renders: the thinking while it is open, then the answer."""
+        return self.content_chars if self.phase == ANSWERING else self.reasoning_chars
 
     def thinking_seconds(self) -> float:
         if self.reasoning_started is None:
@@ -556,14 +569,16 @@ async def coalesce(
     reply: Reply,
     *,
     interval_s: float = 0.05,
+    per_kchar_s: float = 0.0,
     tick_s: float = 0.25,
 ) -> AsyncGenerator[Reply, None]:
-    """Apply `events` to `reply` and yield it at most once per `interval_s`.
+    """Apply `events` to `reply` and yield it at most once per interval.
 
-    Never once per token: a browser re-rendering a message per token falls seconds behind at
-    300 tokens/s. While nothing arrives it still yields every `tick_s` so timers move. The final
-    state is yielded at once, without waiting for the interval. Cancelling the consumer (Stop)
-    cancels the reader, which closes `events` and with it the HTTP request.
+    The interval is `interval_s` plus `per_kchar_s` per 1,000 characters on screen. Never once
+    per token: a browser re-rendering a message per token falls seconds behind at 300 tokens/s.
+    While nothing arrives it still yields every `tick_s` so timers move. The final state is
+    yielded at once, without waiting for the interval. Cancelling the consumer (Stop) cancels
+    the reader, which closes `events` and with it the HTTP request.
     """
     changed = asyncio.Event()
 
@@ -585,12 +600,15 @@ async def coalesce(
         while True:
             if last is not None:
                 # Rate limit: let tokens pile up until the interval since the last update passed.
-                pause = interval_s - (time.monotonic() - last)
+                interval = interval_s + per_kchar_s * reply.visible_chars() / 1000
+                pause = interval - (time.monotonic() - last)
                 if pause > 0:
                     await asyncio.wait({reader}, timeout=pause)
             if not reader.done():
                 wait = asyncio.ensure_future(changed.wait())
-                await asyncio.wait({wait, reader}, timeout=tick_s)
+                await asyncio.wait(
+                    {wait, reader}, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED
+                )
                 wait.cancel()
             if reader.done():
                 if not reader.cancelled() and reader.exception() is not None:

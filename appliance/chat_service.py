@@ -245,7 +245,9 @@ class ChatService:
         events = self._client(view).stream(payload, options)
         interval = max(0.0, self.settings.chat.stream_interval_ms / 1000.0)
         last_saved = time.monotonic()
-        updates = chat.coalesce(events, reply, interval_s=interval)
+        updates = chat.coalesce(
+            events, reply, interval_s=interval, per_kchar_s=chat.INTERVAL_PER_KCHAR_S
+        )
         try:
             async for current in updates:
                 now = time.monotonic()

@@ -283,24 +283,29 @@ def build(services: Any) -> ChatTab:
             gr.Warning(str(err), title="Not sent")
         finally:
             await updates.aclose()
-        final = rendered(conversation_id)
-        yield final.messages, final.positions, final.kinds, "", await context_text(conversation_id)
+        # The last update above already showed the finished reply; only the context line moves.
+        yield gr.skip(), gr.skip(), gr.skip(), "", await context_text(conversation_id)
 
     async def on_finished(conversation_id: str | None, query: str) -> tuple[Any, ...]:
-        """After a reply ended, or was cancelled by Stop (Gradio runs `.then` after a cancel):
-        show what the history holds, which says `stopped` when Stop ended it."""
-        stopped = False
+        """After a reply ended, or was cancelled by Stop (Gradio runs `.then` after a cancel).
+        A cancelled reply is shown as saved (`stopped`); a finished one is already on screen,
+        and re-sending a long chat would only make the browser render it again."""
+        last = None
         if conversation_id:
             await svc.settled(conversation_id)
             messages = svc.history.get_conversation(conversation_id).messages
-            stopped = bool(messages) and messages[-1].status == hist.STOPPED
+            last = messages[-1] if messages else None
+        if last is not None and last.role == "assistant" and last.status != hist.STOPPED:
+            return idle_box(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         final = rendered(conversation_id)
         return (
             idle_box(),
             final.messages,
             final.positions,
             final.kinds,
-            "Stopped: the engine ended the request." if stopped else "",
+            "Stopped: the engine ended the request."
+            if last is not None and last.status == hist.STOPPED
+            else "",
             list_update(query, conversation_id),
         )
 

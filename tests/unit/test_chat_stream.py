@@ -118,6 +118,29 @@ def test_coalescing_never_updates_per_token() -> None:
     assert updates[-1] == "".join(f"c{i} " for i in range(2000, 4000))
 
 
+def test_each_new_token_is_shown_without_waiting_for_a_tick() -> None:
+    """The source only moves on once the consumer has seen its last token; with a tick of a
+    minute, any wait for something other than "a token arrived" would deadlock."""
+    shown: list[asyncio.Event] = [asyncio.Event() for _ in range(20)]
+
+    async def lockstep() -> AsyncIterator[chat.ChatEvent]:
+        for i in range(20):
+            yield chat.ContentDelta(f"<{i}>")
+            await shown[i].wait()
+
+    async def run() -> int:
+        reply = chat.Reply(level="low")
+        updates = 0
+        async for current in chat.coalesce(lockstep(), reply, interval_s=0.0, tick_s=60.0):
+            updates += 1
+            for i in range(20):
+                if f"<{i}>" in current.content:
+                    shown[i].set()
+        return updates
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) >= 20
+
+
 def test_ticks_keep_coming_while_the_engine_is_silent() -> None:
     async def slow_start() -> AsyncIterator[chat.ChatEvent]:
         await asyncio.sleep(0.4)
