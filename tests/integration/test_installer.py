@@ -133,6 +133,13 @@ def installer_image(docker_client: docker.DockerClient) -> str:
         docker_client.images.build(
             fileobj=context, custom_context=True, tag=tag, buildargs={"BASE_IMAGE": base}, rm=True
         )
+        # Earlier builds (another base or Dockerfile) are dead weight now.
+        for old in docker_client.images.list(filters={"label": "io.step-station.installer-test"}):
+            if tag not in old.tags:
+                try:
+                    docker_client.images.remove(old.id, force=False)
+                except docker.errors.APIError:
+                    pass  # still used by a container of a test running now
     return tag
 
 
@@ -577,6 +584,8 @@ def test_appliance_image_starts_the_engine_through_the_socket(
         tag="step-station/appliance-test:latest",
         rm=True,
     )
+    # The build before this one lost its tag; drop it (the layer cache stays).
+    docker_client.images.prune(filters={"dangling": True, "label": "io.step-station.appliance"})
     service = _compose_service()
     settings = st.Settings()
     e = settings.engine
