@@ -350,6 +350,13 @@ class GatewayApp:
             while chunk := await response.read():
                 if tap is not None:
                     chunk = tap.feed(chunk)
+                    if tap.final and not ex.accounted:
+                        # Count now, before the client sees the end: an SDK that stops reading
+                        # at `[DONE]` may hang up before the stream's last empty chunk.
+                        ex.usage = tap.usage
+                        self._account(ex)
+                    if tap.done:
+                        ex.response_done = True
                     if not chunk:
                         continue
                 elif kept_size <= _MAX_USAGE_SCAN:
@@ -359,11 +366,10 @@ class GatewayApp:
         except UpstreamError:
             ex.notes.append("engine closed the stream early")
         rest = tap.finish() if tap is not None else b""
-        if response.status == 200:
-            if tap is not None:
-                ex.usage = tap.usage
-            elif kept_size <= _MAX_USAGE_SCAN:
-                ex.usage = usage_of_body(b"".join(kept))
+        if tap is not None:
+            ex.usage = ex.usage or tap.usage  # a stream cut before its usage chunk: what we saw
+        elif response.status == 200 and kept_size <= _MAX_USAGE_SCAN:
+            ex.usage = usage_of_body(b"".join(kept))
         self._account(ex)  # before the last byte: a client that saw the end sees the count
         ex.response_done = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
@@ -386,7 +392,7 @@ class GatewayApp:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _account(self, ex: _Exchange) -> None:
-        if ex.accounted or ex.key is None or not ex.status or ex.status >= 400:
+        if ex.accounted or ex.key is None or ex.status != 200:
             return
         ex.accounted = True
         usage = ex.usage or Usage()

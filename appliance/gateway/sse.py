@@ -40,6 +40,8 @@ class UsageTap:
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
+        self.done = False  # `data: [DONE]` went by: the client may hang up from now on
+        self.final = False  # the final usage chunk (`choices: []`) went by: usage is complete
         self._pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -53,6 +55,8 @@ class UsageTap:
             return b""
         end += len(_BOUNDARY)
         complete, self._pending = buffer[:end], buffer[end:]
+        if b"data: [DONE]" in complete:
+            self.done = True
         if b'"usage"' not in complete:
             return complete
         return self._inspect(complete)
@@ -70,8 +74,10 @@ class UsageTap:
                 usage = Usage.from_json(payload.get("usage")) if payload else None
                 if usage is not None:
                     self.usage = usage
-                    if self.strip and payload is not None and payload.get("choices") == []:
-                        continue
+                    if payload is not None and payload.get("choices") == []:
+                        self.final = True
+                        if self.strip:
+                            continue
             kept.append(event + _BOUNDARY)
         return b"".join(kept)
 

@@ -607,3 +607,25 @@ def test_odd_but_valid_json_is_forwarded_or_refused_cleanly(make_stack) -> None:
         bad = stack.raw(http("POST", "/v1/chat/completions", body=json.dumps(payload).encode()))
         assert bad.status == 400
         assert bad.json()["error"]["param"] == field
+
+
+def test_usage_counts_when_the_client_hangs_up_right_after_done(make_stack) -> None:
+    """Some clients close the connection the moment they read `[DONE]`."""
+    stack = make_stack(require_key_on_loopback=True)
+    key = stack.key("hasty")
+    body = json.dumps(
+        {"model": MODEL, "stream": True, "max_tokens": 20, "ignore_eos": True,
+         "messages": [{"role": "user", "content": "x"}]}
+    ).encode()  # fmt: skip
+    for _ in range(5):
+        with socket.create_connection((stack.host, stack.port)) as sock:
+            sock.sendall(
+                http("POST", "/v1/chat/completions", body=body,
+                     headers={"Authorization": f"Bearer {key}"})
+            )  # fmt: skip
+            seen = b""
+            while b"data: [DONE]" not in seen:
+                seen += sock.recv(65536)
+    record = next(k for k in stack.keys.list() if k.name == "hasty")
+    assert record.requests == 5
+    assert record.completion_tokens == 100

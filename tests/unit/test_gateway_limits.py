@@ -88,8 +88,12 @@ def test_usage_tap_passes_events_on_as_they_complete_and_strips_the_injected_usa
     assert tap.feed(first[:10]) == b""  # half an event waits
     assert tap.feed(first[10:]) == first  # sent the moment it is complete
     usage = _event({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 34}})
+    assert not tap.final
+    assert not tap.done
     out = tap.feed(usage + b"data: [DONE]\n\n")
     assert out == b"data: [DONE]\n\n"
+    assert tap.final
+    assert tap.done
     assert tap.usage is not None
     assert (tap.usage.prompt_tokens, tap.usage.completion_tokens) == (
         12,
@@ -109,6 +113,7 @@ def test_usage_tap_keeps_usage_the_client_asked_for() -> None:
         {"choices": [{"delta": {}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
     )
     assert tap.feed(chunk) == chunk
+    assert not tap.final  # running totals: the count waits for the final usage chunk
     # `"usage": null` on ordinary chunks is not usage.
     tap = UsageTap(strip_usage_chunk=True)
     plain = _event({"choices": [{"delta": {"content": "x"}}], "usage": None})
