@@ -3,7 +3,7 @@
 #   plan and doctor on the detected GPU, then the GPU tests (hardware probe, sampler vs torch).
 # The device machine has no package registry: wheels carried in .whl/ fill the gaps.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
     export PYTHONPATH=/tmp/site

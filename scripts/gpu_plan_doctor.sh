@@ -5,7 +5,7 @@
 # Needs: psutil, platformdirs, nvidia-ml-py, pytest. Wheels in .whl/ are installed offline when a
 # module is missing (the GPU machine has no package registry).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import sys" 2>/dev/null; then PY=${PYTHON:-.venv/bin/python}; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,6 +19,7 @@ PY
 )
 if [ -n "$missing" ] && [ -d .whl ]; then
     echo "== installing from .whl/: $missing"
+    # shellcheck disable=SC2086 # a list of module names, split on purpose
     "$PY" -m pip install -q --no-index --find-links .whl $missing || true
 fi
 
