@@ -491,7 +491,14 @@ def build(services: Any) -> ChatTab:
         open_outputs,
         cancels=[sent_reply, retry_reply, edit_reply],
     )
-    search.input(list_update, [search, conversation], [history_list], show_progress="hidden")
+    # always_last: a search typed while the previous one runs is not dropped.
+    search.change(
+        list_update,
+        [search, conversation],
+        [history_list],
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
     new_chat.click(
         on_new,
         [search],
