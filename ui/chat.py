@@ -132,6 +132,9 @@ def build(services: Any) -> ChatTab:
                     stop_btn=False,
                     scale=5,
                     max_lines=12,
+                    # Gradio turns pasted text over 1,000 characters into a .txt attachment,
+                    # which is not an image: keep pasted text as text.
+                    max_plain_text_length=10_000_000,
                     elem_id="chat-input",
                 )
                 level = gr.Radio(
