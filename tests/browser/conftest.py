@@ -86,9 +86,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 class _AssetWatch:
-    """Tracks the page's static loads; Chromium aborts those in flight with ERR_NETWORK_CHANGED
-    whenever Docker adds or removes a veth interface (other tests start containers), which
-    leaves a Gradio page half-loaded. `goto`/`reload` below notice it and load again."""
+    """Tracks the page's loads. Chromium aborts requests in flight with ERR_NETWORK_CHANGED
+    whenever Docker adds or removes a veth interface (other tests start containers), which can
+    leave a Gradio page half-loaded (a component chunk, the config or the load event's stream
+    lost). `goto`/`reload` below notice it and load the page again."""
+
+    LONG_LIVED = ("/heartbeat/", "/queue/data")
 
     def __init__(self, page: Any) -> None:
         self.inflight: set[Any] = set()
@@ -97,14 +100,8 @@ class _AssetWatch:
         page.on("requestfinished", self._end)
         page.on("requestfailed", self._failed)
 
-    @staticmethod
-    def _static(request: Any) -> bool:
-        return request.method == "GET" and (
-            "/assets/" in request.url or request.url.endswith(("/config", ".css", ".js"))
-        )
-
     def _start(self, request: Any) -> None:
-        if self._static(request):
+        if not any(part in request.url for part in self.LONG_LIVED):
             self.inflight.add(request)
 
     def _end(self, request: Any) -> None:
@@ -129,7 +126,7 @@ def _robust(page: Any, watch: _AssetWatch, navigate: Callable[..., Any]) -> Call
                     quiet_since = None
                 elif quiet_since is None:
                     quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since > 0.5:
+                elif time.monotonic() - quiet_since > 1.0:
                     break
             if not watch.network_changed:
                 return response
