@@ -52,7 +52,9 @@ def test_share_switch_key_snippets_usage_and_revoke(appliance, page) -> None:
     key = shown.input_value()
 
     # The address list and the snippets use the LAN address; the snippet carries the new key.
-    expect(page.locator("#ss-share-addresses")).to_contain_text(f"127.0.0.2:{app.api_port}")
+    expect(page.locator("#ss-share-addresses")).to_contain_text(
+        f"127.0.0.2:{app.api_port}", timeout=15_000
+    )
     python = _code_text(page, "Python (openai SDK)", "ss-snippet-python-openai-sdk")
     assert f'base_url="http://127.0.0.2:{app.api_port}/v1"' in python
     assert key in python
@@ -88,7 +90,7 @@ def test_share_switch_key_snippets_usage_and_revoke(appliance, page) -> None:
     expect(shown).not_to_have_value(key, timeout=15_000)
     second = shown.input_value()
     assert second.startswith(KEY_PREFIX)
-    expect(page.locator("#ss-keys")).to_contain_text("bob-laptop")
+    expect(page.locator("#ss-keys")).to_contain_text("bob-laptop", timeout=15_000)
     page.locator("#ss-revoke-choice input").click()
     page.get_by_role("option", name=re.compile(r"^lan-")).click()
     page.locator("#ss-revoke").click()
@@ -116,11 +118,13 @@ def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> No
     switch = page.locator("#ss-ui-lan input")
     switch.check()  # no login yet: refused, with the reason, and the switch goes back off
     expect(page.get_by_text("needs an owner login first").first).to_be_visible(timeout=15_000)
-    expect(switch).not_to_be_checked()
+    expect(switch).not_to_be_checked(timeout=15_000)
     page.locator("#ss-ui-user input, #ss-ui-user textarea").first.fill("owner")
     page.locator("#ss-ui-password input").fill("station-pass-1")
     switch.check()
-    expect(page.locator("#ss-ui-lan-status")).to_contain_text("owner login ('owner')")
+    expect(page.locator("#ss-ui-lan-status")).to_contain_text(
+        "owner login ('owner')", timeout=15_000
+    )
     secrets = (app.home / "config" / "secrets.toml").read_text()
     assert "station-pass-1" not in secrets
     assert "ui_login_hash" in secrets
@@ -143,7 +147,9 @@ def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> No
     page.locator("input[type=text], input:not([type])").first.fill("owner")
     password.fill("wrong-password")
     page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
-    expect(page.get_by_text(re.compile("incorrect", re.IGNORECASE)).first).to_be_visible()
+    expect(page.get_by_text(re.compile("incorrect", re.IGNORECASE)).first).to_be_visible(
+        timeout=15_000
+    )
     page.locator("input[type=text], input:not([type])").first.fill("owner")
     password.fill("station-pass-1")
     page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
