@@ -7,6 +7,8 @@ import socket
 import time
 import urllib.request
 
+from fixtures.aio import run_async
+
 from appliance import chat
 
 
@@ -35,7 +37,7 @@ async def stream_all(url: str, level: str, text: str = "hello") -> chat.Reply:
 
 def test_reasoning_and_answer_arrive_apart_with_the_level_and_usage(simulator) -> None:
     url = simulator()
-    reply = asyncio.run(stream_all(url, "high", "What is 2+2?"))
+    reply = run_async(stream_all(url, "high", "What is 2+2?"))
     assert reply.phase == chat.FINISHED
     assert reply.reasoning.startswith("Reasoning level: high.")
     assert 'The user wrote: "What is 2+2?"' in reply.reasoning
@@ -52,7 +54,7 @@ def test_each_level_reaches_the_engine(simulator) -> None:
     url = simulator()
     lengths = {}
     for level in chat.REASONING_LEVELS:
-        reply = asyncio.run(stream_all(url, level))
+        reply = run_async(stream_all(url, level))
         assert reply.reasoning.startswith(f"Reasoning level: {level}.")
         lengths[level] = reply.usage.completion_tokens if reply.usage else 0
     assert lengths["low"] < lengths["medium"] < lengths["high"]
@@ -70,7 +72,7 @@ def test_model_info_and_exact_token_count(simulator) -> None:
         finally:
             await client.aclose()
 
-    info, count = asyncio.run(run())
+    info, count = run_async(run())
     assert info == chat.ModelInfo("step3p7-flash", 32768)
     assert count is not None
     assert count > 0
@@ -95,7 +97,7 @@ def test_closing_the_stream_aborts_the_request_in_the_engine(simulator) -> None:
         await client.aclose()
         return time.monotonic() - closed
 
-    asyncio.run(asyncio.wait_for(run(), 30))
+    run_async(asyncio.wait_for(run(), 30))
     assert running(url) == 0
 
 
@@ -114,7 +116,7 @@ def test_an_engine_error_becomes_a_stream_error(simulator) -> None:
         finally:
             await client.aclose()
 
-    (event,) = asyncio.run(run())
+    (event,) = run_async(run())
     assert isinstance(event, chat.StreamError)
     assert "HTTP 404" in event.message
 
@@ -136,6 +138,6 @@ def test_an_engine_that_is_not_there_is_a_clear_error() -> None:
         finally:
             await client.aclose()
 
-    (event,) = asyncio.run(run())
+    (event,) = run_async(run())
     assert isinstance(event, chat.StreamError)
     assert "refused the connection" in event.message

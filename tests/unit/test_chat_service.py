@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from fixtures.aio import run_async
 from PIL import Image
 
 from appliance import chat
@@ -72,7 +73,7 @@ def test_a_turn_is_stored_then_answered_and_stored(simulator, tmp_path: Path) ->
             svc, turn.conversation_id, chat.SamplingOptions("high")
         )
 
-    cid, reply = asyncio.run(run())
+    cid, reply = run_async(run())
     assert reply.phase == chat.FINISHED
     assert "There are 2 image(s)" in reply.reasoning  # both images reached the engine
     conv = svc.history.get_conversation(cid)
@@ -101,7 +102,7 @@ def test_a_long_reply_is_saved_while_it_streams(simulator) -> None:
         await updates.aclose()
         return turn.conversation_id, midway
 
-    cid, midway = asyncio.run(run())
+    cid, midway = run_async(run())
     assert midway.status == hist.STREAMING
     assert midway.reasoning.startswith("Reasoning level: low.")  # written before the end
     final = svc.history.get_conversation(cid).messages[-1]
@@ -131,7 +132,7 @@ def test_stop_ends_the_request_in_the_engine(simulator) -> None:
             await asyncio.sleep(0.02)
         return turn.conversation_id
 
-    cid = asyncio.run(asyncio.wait_for(run(), 30))
+    cid = run_async(asyncio.wait_for(run(), 30))
     assert running(url) == 0
     assert svc.history.get_conversation(cid).messages[-1].status == hist.STOPPED
 
@@ -144,14 +145,14 @@ def test_an_over_long_conversation_is_refused_and_nothing_is_stored(simulator) -
         await svc.submit(None, "word " * 3000, [], OPTS)
 
     with pytest.raises(chat.ContextTooLongError, match=r"context is 2,048 tokens"):
-        asyncio.run(run())
+        run_async(run())
     assert svc.history.list_conversations() == []
 
 
 def test_engine_not_ready_refuses_before_storing(simulator) -> None:
     svc = service("http://127.0.0.1:9", ready=False)
     with pytest.raises(chat.EngineNotReadyError, match=r"not running \(Stopped\).*Model tab"):
-        asyncio.run(svc.submit(None, "hello", [], OPTS))
+        run_async(svc.submit(None, "hello", [], OPTS))
     assert svc.history.list_conversations() == []
 
 
@@ -167,7 +168,7 @@ def test_image_count_includes_earlier_messages(simulator, tmp_path: Path) -> Non
         await svc.submit(turn.conversation_id, "two more", first, OPTS)
 
     with pytest.raises(BadInputError, match=r"2 in this message and 2 earlier"):
-        asyncio.run(run())
+        run_async(run())
     (summary,) = svc.history.list_conversations()
     assert summary.message_count == 2  # the refused message was not stored
 
@@ -187,7 +188,7 @@ def test_regenerate_edit_and_undo(simulator) -> None:
         assert '"edited question"' in edited.reasoning
         return turn.conversation_id
 
-    cid = asyncio.run(run())
+    cid = run_async(run())
     messages = svc.history.get_conversation(cid).messages
     assert [(m.role, m.status) for m in messages] == [
         ("user", "complete"),
@@ -203,4 +204,4 @@ def test_regenerate_edit_and_undo(simulator) -> None:
 def test_empty_message_is_refused() -> None:
     svc = service("http://127.0.0.1:9")
     with pytest.raises(BadInputError, match="empty"):
-        asyncio.run(svc.submit(None, "   ", [], OPTS))
+        run_async(svc.submit(None, "   ", [], OPTS))

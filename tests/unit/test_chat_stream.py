@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from fixtures.aio import run_async
 
 from appliance import chat
 
@@ -113,7 +114,7 @@ async def collect(events: AsyncIterator[chat.ChatEvent], **kwargs: float) -> lis
 
 
 def test_coalescing_never_updates_per_token() -> None:
-    updates = asyncio.run(collect(burst(4000), interval_s=0.05))
+    updates = run_async(collect(burst(4000), interval_s=0.05))
     assert len(updates) <= 4  # 4,000 tokens arrived at once: a handful of updates, not 4,000
     assert updates[-1] == "".join(f"c{i} " for i in range(2000, 4000))
 
@@ -138,7 +139,7 @@ def test_each_new_token_is_shown_without_waiting_for_a_tick() -> None:
                     shown[i].set()
         return updates
 
-    assert asyncio.run(asyncio.wait_for(run(), 30)) >= 20
+    assert run_async(asyncio.wait_for(run(), 30)) >= 20
 
 
 def test_ticks_keep_coming_while_the_engine_is_silent() -> None:
@@ -153,7 +154,7 @@ def test_ticks_keep_coming_while_the_engine_is_silent() -> None:
             phases.append(current.phase)
         return phases
 
-    phases = asyncio.run(run())
+    phases = run_async(run())
     assert phases.count(chat.WAITING) >= 2  # the waiting timer moved before the first token
     assert phases[-1] == chat.FINISHED
 
@@ -179,7 +180,7 @@ def test_closing_the_consumer_closes_the_source() -> None:
         await asyncio.wait_for(closed.wait(), 5)
         return reply
 
-    reply = asyncio.run(run())
+    reply = run_async(run())
     assert reply.phase == chat.STOPPED
 
 
@@ -210,7 +211,7 @@ def test_cancelling_the_consumer_task_closes_the_source() -> None:
         await asyncio.wait_for(closed.wait(), 5)
         return reply
 
-    assert asyncio.run(run()).phase == chat.STOPPED
+    assert run_async(run()).phase == chat.STOPPED
 
 
 def test_context_check_refuses_with_numbers() -> None:
