@@ -39,9 +39,11 @@ ensure_packages() {
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   # Update the package lists only when an install fails without it (fresh images ship none).
-  if ! sudo_ apt-get install -y -q --no-install-recommends "${missing[@]}" >"$H/apt.log" 2>&1; then
+  # Recommends stay on: the verified recipe (reference/machines.md) installs them, and dockerd,
+  # debootstrap (keyring) and chromium (fonts) lean on them.
+  if ! sudo_ apt-get install -y -q "${missing[@]}" >"$H/apt.log" 2>&1; then
     sudo_ apt-get update -q >>"$H/apt.log" 2>&1 || die "apt-get update failed; see $H/apt.log"
-    sudo_ apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$H/apt.log" 2>&1 \
+    sudo_ apt-get install -y -q "${missing[@]}" >>"$H/apt.log" 2>&1 \
       || die "apt-get install ${missing[*]} failed; see $H/apt.log"
   fi
 }
