@@ -110,6 +110,7 @@ class Supervisor:
         self.monitor_interval_s = monitor_interval_s
         self.lock_timeout_s = lock_timeout_s
         self.outside_poll_s = outside_poll_s
+        self.exit_settle_s = 2.0  # see _settle_exit
         self.health_interval_s = health_interval_s
         self.idle_sleep_s = idle_sleep_s  # None: engine.idle_sleep_minutes
         self._lock = threading.RLock()
@@ -754,6 +755,7 @@ class Supervisor:
             if not info.running:
                 if self._cancel.is_set():
                     return
+                info = self._settle_exit(handle, info)
                 self._wait_logs_drained()
                 if info.gone:
                     self._forget_engine()
@@ -783,6 +785,18 @@ class Supervisor:
                 self._maybe_idle_sleep()
             self._tick.wait(self.monitor_interval_s)
             self._tick.clear()
+
+    def _settle_exit(self, handle: EngineHandle, info: EngineExit) -> EngineExit:
+        """An engine another process stops exits a moment before that process removes it: give
+        the removal a short, bounded chance so a deliberate stop is not reported as a crash."""
+        for _ in range(int(self.exit_settle_s / 0.1)):
+            if info.gone or self._cancel.wait(0.1):
+                break
+            try:
+                info = self.runtime.inspect(handle)
+            except DockerUnavailableError:
+                break
+        return info
 
     def _maybe_idle_sleep(self) -> None:
         engine = self.settings.engine

@@ -346,6 +346,9 @@ class GatewayApp:
         tap = UsageTap(strip_usage_chunk=strip_usage) if sse else None
         kept: list[bytes] = []
         kept_size = 0
+        # A plain (non-SSE) body is sent one chunk behind: its last chunk goes out only after the
+        # usage is counted, so a client that has read the whole body sees the count.
+        held = b""
         try:
             while chunk := await response.read():
                 if tap is not None:
@@ -359,13 +362,17 @@ class GatewayApp:
                         ex.response_done = True
                     if not chunk:
                         continue
-                elif kept_size <= _MAX_USAGE_SCAN:
-                    kept.append(chunk)
-                    kept_size += len(chunk)
+                else:
+                    if kept_size <= _MAX_USAGE_SCAN:
+                        kept.append(chunk)
+                        kept_size += len(chunk)
+                    chunk, held = held, chunk
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError:
             ex.notes.append("engine closed the stream early")
-        rest = tap.finish() if tap is not None else b""
+        rest = tap.finish() if tap is not None else held
         if tap is not None:
             ex.usage = ex.usage or tap.usage  # a stream cut before its usage chunk: what we saw
         elif response.status == 200 and kept_size <= _MAX_USAGE_SCAN:
