@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import free_port  # noqa: E402
+
 from appliance import settings as st  # noqa: E402
 from appliance.engine import EngineState, Supervisor  # noqa: E402
 from appliance.engine.docker_runtime import parse_docker_time  # noqa: E402
@@ -42,12 +43,6 @@ from appliance.engine.launch import launch_spec_for  # noqa: E402
 
 SIM_IMAGE = os.environ.get("STEP_SIM_IMAGE", "localhost:5000/vllm/vllm-openai:stepfun37")
 BEGIN, END = "<!-- engine_start:begin -->", "<!-- engine_start:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_for(runtime: str) -> st.Settings:

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,17 +33,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "step3p7-flash"
 _TOKEN_EVENT = re.compile(rb'"(?:content|reasoning|reasoning_content|text)":\s*"[^"]')
 _USAGE_EVENT = re.compile(rb'"choices":\s*\[\]')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------ client

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,25 +29,11 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from common import CHROMIUM_ARGS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_NVML = REPO / "tests" / "browser" / "fake_nvml"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def thread_cpu_s(pid: int, name: str) -> float:

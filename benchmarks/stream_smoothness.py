@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,16 +34,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from common import CHROMIUM_ARGS, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PROMPT = "Write a long, detailed answer about streaming."
 LEVEL = "low"
 
@@ -71,12 +63,6 @@ PROBE = """(sel) => {
   }).observe({type: 'longtask', buffered: false});
   return now();
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], check: Any = None) -> None:

@@ -17,18 +17,13 @@ import zlib
 from dataclasses import dataclass, field
 
 import openai
+from fixtures.sim import free_port
 
 from appliance import settings as st
 from appliance.gateway import Gateway
 from appliance.keys import KeyStore
 
 MODEL = "step3p7-flash"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -16,18 +16,13 @@ import httpx
 import openai
 import psutil
 import pytest
+from fixtures.sim import free_port
 
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor, phases
 from appliance.engine.health import port_is_free
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

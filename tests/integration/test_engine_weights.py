@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from engine_hub import FakeHub, Repo
+from fixtures.sim import free_port
 
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor
@@ -105,14 +106,6 @@ def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on discard
     with pytest.raises(WeightsError, match="Cannot reach the Hugging Face Hub"):
         ensure_weights(REPO, hf_cache=tmp_path)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_supervisor_downloads_then_starts_offline(

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fixtures.sim import free_port
 from openai import OpenAI
 
 from appliance import settings as st
@@ -24,14 +25,6 @@ from appliance.sampler import build_sampler, engine_pid_lookup
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
