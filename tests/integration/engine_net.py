@@ -71,6 +71,10 @@ class Proxy:
                 client.close()
                 continue
             with self._lock:
+                if self._server is not server:  # cut while this one was being connected
+                    client.close()
+                    upstream.close()
+                    return
                 self._conns += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
@@ -97,6 +101,8 @@ class Proxy:
             server, self._server = self._server, None
             conns, self._conns = self._conns, []
         if server is not None:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
             server.close()
         for sock in conns:
             with contextlib.suppress(OSError):
