@@ -31,6 +31,28 @@ def open_chat(page: Any, url: str) -> None:
     page.wait_for_function("() => window.gradio_config !== undefined")
 
 
+def after_next_frames(page: Any, frames: int = 3) -> None:
+    """Let the page paint a few frames."""
+    page.evaluate(
+        """(n) => new Promise((done) => {
+            const step = (left) => left ? requestAnimationFrame(() => step(left - 1)) : done();
+            step(n);
+        })""",
+        frames,
+    )
+
+
+def open_accordion(page: Any, selector: str) -> None:
+    """Expand a closed accordion and wait until its fields can be typed into.
+
+    Gradio mounts a closed accordion's children on expand with their first values, then one
+    animation frame later sets their stored values again: a field filled in that frame is set
+    back (a user cannot type that fast; a test can)."""
+    page.locator(f"{selector} > .label-wrap, {selector} button.label-wrap").first.click()
+    page.wait_for_selector(f"{selector} [data-testid=accordion-content]", state="visible")
+    after_next_frames(page)
+
+
 def set_level(page: Any, level: str) -> None:
     page.locator("#reasoning-level").get_by_label(level, exact=True).check()
 

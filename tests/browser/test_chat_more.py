@@ -12,6 +12,7 @@ from chat_page import (
     STATS,
     USER,
     last_stats,
+    open_accordion,
     open_chat,
     send,
     set_level,
@@ -19,6 +20,7 @@ from chat_page import (
     wait_for_replies,
     wait_until,
 )
+from playwright.sync_api import expect
 
 
 def test_markdown_code_latex_advanced_settings_and_context_limit(appliance, page):
@@ -35,10 +37,11 @@ def test_markdown_code_latex_advanced_settings_and_context_limit(appliance, page
     assert user.locator("strong").first.inner_text() == "briefly"
 
     # Advanced: Max tokens caps the reply, and the reply says it was cut.
-    page.locator("#advanced").click()
+    open_accordion(page, "#advanced")
     page.locator("#max-tokens input").fill("30")
     page.locator("#max-tokens input").press("Tab")
     set_level(page, "low")
+    expect(page.locator("#max-tokens input")).to_have_value("30")
     send(page, "short please")
     wait_for_replies(page, 2)
     stats = last_stats(page).inner_text()
@@ -80,7 +83,7 @@ def test_history_sidebar_search_rename_export_delete(appliance, page):
     # Open one, rename it.
     page.locator("#history-list").get_by_label("alpha question").check()
     page.wait_for_selector(f"{USER}:has-text('alpha question')")
-    page.locator("#manage").click()
+    open_accordion(page, "#manage")
     page.locator("#title-box textarea, #title-box input").first.fill("Renamed alpha")
     page.locator("#rename").click()
     wait_until(lambda: "Renamed alpha" in _history_titles(page), 10)
