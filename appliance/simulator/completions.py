@@ -40,6 +40,60 @@ from appliance.simulator.prompts import ChatPrompt, read_chat, reasoning_level
 
 THINK_END = "\n</think>\n\n"
 
+# Request fields with a fixed type, checked as pydantic's lax mode does in vLLM's request models.
+BOOL_FIELDS = ("stream", "echo", "ignore_eos", "skip_special_tokens")
+INT_FIELDS = ("n", "seed", "min_tokens", "top_k", "top_logprobs")
+NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")  # fmt: skip
+DICT_FIELDS = ("stream_options", "response_format", "logit_bias", "chat_template_kwargs")
+LAX_BOOLS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"}
+
+
+def check_field_types(body: dict[str, Any]) -> None:
+    """A wrongly typed field is vLLM's 400 validation error, never a 500."""
+    for name in BOOL_FIELDS:
+        value = body.get(name)
+        if value is None or isinstance(value, bool) or value in (0, 1):
+            continue
+        if not (isinstance(value, str) and value.lower() in LAX_BOOLS):
+            raise validation_error(name, "Input should be a valid boolean", value, "bool_type")
+    for name in INT_FIELDS:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise validation_error(name, "Input should be a valid integer", value, "int_type")
+    for name in NUMBER_FIELDS:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise validation_error(name, "Input should be a valid number", value, "float_type")
+    for name in DICT_FIELDS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise validation_error(name, DICT_MSG, value, "dict_type")
+
+
+def check_text(value: Any) -> None:
+    """A lone surrogate (JSON allows `\\ud800`) cannot be tokenized: vLLM's preprocessing turns
+    the tokenizer's UnicodeEncodeError, a ValueError, into a 400."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as err:
+            raise bad_request(f"Invalid text in the request: {err}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key)
+            check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item)
+
+
+def wants_stream(body: dict[str, Any]) -> bool:
+    value = body.get("stream")
+    if isinstance(value, str):
+        return value.lower() in {"true", "1", "yes", "on", "t", "y"}
+    return bool(value)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -120,6 +174,8 @@ class Completions:
     async def chat(self, body: dict[str, Any]) -> Response | StreamResponse:
         if not isinstance(body, dict):
             raise validation_error("body", DICT_MSG, body, "dict_type")
+        check_field_types(body)
+        check_text(body)
         model = self.model_name(body)
         level = reasoning_level(body)
         prompt = read_chat(body, level, self.args.limit_mm_per_prompt.get("image"))
@@ -128,7 +184,7 @@ class Completions:
         cap = self.output_cap(body, prompt_tokens, None)
         reply = self._plan_chat(body, model, level, prompt, tool_choice, cap)
         sequence = self._sequence(reply)
-        if body.get("stream"):
+        if wants_stream(body):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             chunks = self._chat_stream(model, reply, sequence, prompt_tokens, include_usage)
             return StreamResponse(chunks)
@@ -313,6 +369,8 @@ class Completions:
     async def completion(self, body: dict[str, Any]) -> Response | StreamResponse:
         if not isinstance(body, dict):
             raise validation_error("body", DICT_MSG, body, "dict_type")
+        check_field_types(body)
+        check_text(body)
         model = self.model_name(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list):
@@ -333,7 +391,7 @@ class Completions:
             "created": int(time.time()),
             "model": model,
         }
-        if body.get("stream"):
+        if wants_stream(body):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             stream = self._completion_stream(head, text, prompt_tokens, finish, include_usage)
             return StreamResponse(stream)

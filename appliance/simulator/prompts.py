@@ -14,6 +14,10 @@ from appliance.simulator.errors import ApiError, bad_request, validation_error
 from appliance.simulator.generation import LEVELS, count_prompt_tokens
 from appliance.simulator.images import ImageError, ImageInfo, decode_image_url
 
+# The roles of vLLM's ChatCompletionMessageParam union.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+ROLE_WORDS = ", ".join(f"'{r}'" for r in ROLES[:-1]) + f" or '{ROLES[-1]}'"
+
 
 @dataclass
 class ChatPrompt:
@@ -59,15 +63,24 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
     for message in messages:
         if not isinstance(message, dict) or "role" not in message:
             raise validation_error("messages", "Field required", message, "missing")
-        role = str(message["role"])
+        role = message["role"]
+        if role not in ROLES:
+            raise validation_error(
+                "messages", f"Input should be {ROLE_WORDS}", role, "literal_error"
+            )
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise validation_error(
+                "messages", "Input should be a valid string", name, "string_type"
+            )
         text = _content_text(message.get("content"), prompt)
-        for call in message.get("tool_calls") or []:
-            text += json.dumps(call.get("function", {}))
+        for call in _tool_calls(message.get("tool_calls")):
+            text += json.dumps(call["function"])
         lines.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
         if role == "user":
             prompt.user_text = text
         if role == "tool":
-            prompt.tool_result, prompt.tool_result_name = text, message.get("name")
+            prompt.tool_result, prompt.tool_result_name = text, name
         elif role in ("user", "system"):
             prompt.tool_result = None
     lines.append("<|im_start|>assistant\n<think>\n")
@@ -78,6 +91,17 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
             " Set `--limit-mm-per-prompt` to increase this limit."
         )
     return prompt
+
+
+def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise validation_error("messages", "Input should be a valid list", calls, "list_type")
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise validation_error("messages", "Field required", call, "missing")
+    return calls
 
 
 def _content_text(content: Any, prompt: ChatPrompt) -> str:
