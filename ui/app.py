@@ -7,6 +7,7 @@ a generous default so one slow click never queues another person's chat.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gradio as gr
@@ -15,6 +16,10 @@ from fastapi import FastAPI
 from ui import chat, dashboard, model, sharing
 
 DEFAULT_CONCURRENCY = 16
+# Gradio's queue looks for new events every 1 ms while it has none: ~70 ms of CPU a second on an
+# idle appliance, most of what it used. Every 5 ms costs a fifth of that and starts a click's
+# event on average ~2 ms later (benchmarks/ui_idle.py measures both, side by side).
+QUEUE_POLL_MS = float(os.environ.get("STEP_STATION_QUEUE_POLL_MS") or 5)
 TAB_IDS = ("chat", "model", "dashboard", "sharing")
 
 
@@ -37,7 +42,15 @@ def build_ui(services: Any) -> gr.Blocks:
             show_progress="hidden",
         )
     blocks.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
+    tune_queue(blocks, QUEUE_POLL_MS)
     return blocks
+
+
+def tune_queue(blocks: gr.Blocks, poll_ms: float) -> None:
+    """Set how often the idle queue polls (a Gradio internal; a test checks it still exists)."""
+    queue = getattr(blocks, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(0.001, poll_ms / 1000)
 
 
 def mount(app: FastAPI, services: Any) -> FastAPI:
