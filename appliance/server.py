@@ -58,7 +58,9 @@ class Listener:
 def bind_port(listener: Listener) -> socket.socket:
     """Bind (not yet listen) the port, or raise PortInUseError naming it and its setting."""
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the listening
+    # socket says TCP; without it Nagle held each small write (an event's SSE message) ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
     try:
         sock.bind((listener.host, listener.port))
