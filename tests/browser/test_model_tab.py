@@ -229,8 +229,12 @@ def test_two_pages_clicking_start_at_once_start_one_engine(
         second = open_model_tab(other, app.url)
         expect(first).to_have_text("Start")
         expect(second).to_have_text("Start")
-        first.click()
-        second.click()  # both pages still showed "Start" when clicked
+        # Both clicks leave while both pages show "Start". Playwright's click() waits ~100 ms
+        # for actionability first, long enough at times for the second page's once-a-second
+        # refresh to learn of the start and turn its button into Stop (a real stop, as the
+        # owner would have seen it). dispatch_event sends the click at once.
+        first.dispatch_event("click")
+        second.dispatch_event("click")
         for p in (page, other):
             expect(p.locator("#ss-headline")).to_contain_text("Ready in", timeout=120_000)
             expect(p.locator("#ss-engine-button")).to_have_text("Stop")
