@@ -1,8 +1,15 @@
-"""What the benchmark scripts share: the repo root, Chromium's quiet launch flags, a free port."""
+"""What the benchmark scripts share: the repo root, Chromium's quiet launch flags, a free port,
+and `step-station up --demo` started in its own home on free ports."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,3 +28,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def launch_demo(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `step-station up --demo` with STEP_STATION_HOME=home (its log: home/up.log)."""
+    ui_port, api_port, engine_port = free_port(), free_port(), free_port()
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
+        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "STEP_STATION_HOME": str(home),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "STEP_SIM_LOAD_S": "1",
+            **env,
+        },
+        stdout=(home / "up.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{ui_port}/"
+
+
+def wait_demo_ready(proc: subprocess.Popen[bytes], url: str, home: Path) -> None:
+    """Until /healthz says the engine is ready; exit with the log if the appliance died."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=2) as response:
+                if json.loads(response.read()).get("engine") == "ready":
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"appliance exited: {(home / 'up.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    raise SystemExit("appliance not ready in 120 s")

@@ -18,20 +18,16 @@ Measured from outside the appliance process, side by side in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
-from common import CHROMIUM_ARGS, free_port
+from common import CHROMIUM_ARGS, REPO, launch_demo, wait_demo_ready
 
-REPO = Path(__file__).resolve().parents[1]
 FAKE_NVML = REPO / "tests" / "browser" / "fake_nvml"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,40 +52,10 @@ def process_cpu_s(proc: psutil.Process) -> float:
 
 
 def start_appliance(home: Path, real_nvml: bool) -> tuple[subprocess.Popen[bytes], str]:
-    ui_port, api_port, engine_port = free_port(), free_port(), free_port()
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
-    env = {
-        **os.environ,
-        "STEP_STATION_HOME": str(home),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "STEP_SIM_LOAD_S": "1",
-    }
-    if not real_nvml:
-        env |= {"PYTHONPATH": str(FAKE_NVML), "STEP_FAKE_NVML": "gb300"}
-    log = (home / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{ui_port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "healthz", timeout=2) as response:
-                if json.loads(response.read()).get("engine") == "ready":
-                    return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"appliance exited: {(home / 'up.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    raise SystemExit("appliance not ready in 120 s")
+    env = {} if real_nvml else {"PYTHONPATH": str(FAKE_NVML), "STEP_FAKE_NVML": "gb300"}
+    proc, url = launch_demo(home, env)
+    wait_demo_ready(proc, url, home)
+    return proc, url
 
 
 def measure(pid: int, window_s: float) -> dict[str, float]:

@@ -18,16 +18,14 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import httpx
 import psutil
-from common import REPO, free_port
+from common import launch_demo, wait_demo_ready
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -35,44 +33,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def main_thread_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def start(home: Path, poll_ms: float) -> tuple[subprocess.Popen[bytes], str]:
-    ui_port, api_port, engine_port = free_port(), free_port(), free_port()
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
-    env = {
-        **os.environ,
-        "STEP_STATION_HOME": str(home),
-        "STEP_STATION_QUEUE_POLL_MS": str(poll_ms),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "STEP_SIM_LOAD_S": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
-        cwd=REPO,
-        env=env,
-        stdout=(home / "up.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return proc, f"http://127.0.0.1:{ui_port}/"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, home: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "healthz", timeout=2) as response:
-                if json.loads(response.read()).get("engine") == "ready":
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"appliance exited: {(home / 'up.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    raise SystemExit("appliance not ready in 120 s")
 
 
 def idle_cpu(pid: int, window_s: float) -> tuple[float, float]:
@@ -143,9 +103,11 @@ def main() -> None:
         try:
             for poll in polls:
                 home = Path(tmp) / f"poll-{poll:g}"
-                running.append((poll, home, *start(home, poll)))
+                running.append(
+                    (poll, home, *launch_demo(home, {"STEP_STATION_QUEUE_POLL_MS": str(poll)}))
+                )
             for _, home, proc, url in running:
-                wait_ready(proc, url, home)
+                wait_demo_ready(proc, url, home)
             events = {poll: SearchEvent(url) for poll, _, _, url in running}
             time.sleep(5)  # start-up work settles
             cpu: dict[float, list[tuple[float, float]]] = {p: [] for p in polls}
