@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 # Shared fixture plugins (tests/ is on sys.path through pytest's rootdir conftest insertion).
-pytest_plugins = ["fixtures.sim", "fixtures.docker"]
+pytest_plugins = ["fixtures.sim", "fixtures.docker", "fixtures.realvllm"]
 
 
 @pytest.fixture(autouse=True)
