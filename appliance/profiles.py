@@ -119,6 +119,18 @@ _CASCADE_NOTE = (
     "The appliance adds --disable-cascade-attn: the seed's troubleshooting says to always pass "
     "it (the hybrid sliding/global attention schedule does not work with cascade attention)."
 )
+# Flags the appliance passes that an engine image may no longer know, and that are safe to drop
+# from the command line when it does not (the engine's flag check, `engine/compat.py`): flag ->
+# why dropping it changes nothing. The flags take no value.
+NOOP_FLAGS: dict[str, str] = {
+    # vLLM removed cascade attention; 0.32 keeps the flag only to warn ("--disable-cascade-attn
+    # is deprecated and has no effect since cascade attention has been removed. It will be
+    # removed in v0.33.0.": vllm/engine/arg_utils.py, _DISABLE_CASCADE_ATTN_DEPRECATION_MESSAGE;
+    # vllm/config/model.py, ModelConfig.disable_cascade_attn). An image without the flag has no
+    # cascade attention left to disable.
+    "--disable-cascade-attn": "vLLM removed cascade attention, so there is nothing to disable; "
+    "the flag has had no effect since vLLM 0.32 and is due for removal",
+}
 _NVFP4_MTP_NOTE = "The NVFP4 checkpoint ships no MTP weights, so MTP is not offered."
 _NVFP4_SIZE_NOTE = "NVFP4 checkpoint size is unconfirmed (~110-130 GB); 120 GB is assumed."
 

@@ -132,6 +132,8 @@ def timeline_html(status: EngineStatus, tl: Timeline) -> str:
         parts.append(
             f'<div class="ss-retry">Retried once with {html.escape(status.retry_note)}</div>'
         )
+    for note in status.notes:  # flags dropped for this image, a template without the effort
+        parts.append(f'<div class="ss-retry ss-note">{html.escape(note)}</div>')
     if tl.steps:
         parts.append('<ol class="ss-steps">')
         for step in tl.steps:

@@ -212,6 +212,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _report_start(status: EngineStatus, *, waited: bool) -> int:
+    for note in status.notes:
+        print(f"Note: {note}", file=sys.stderr)
     if status.state == EngineState.FAILED:
         print(f"step-station: {status.message}", file=sys.stderr)
         for line in status.log_tail[-10:]:
@@ -297,6 +299,8 @@ def _print_status(status: EngineStatus) -> None:
                 print(f"{key}: {status.effective[key]:,}")
     if status.message:
         print(status.message)
+    for note in status.notes:
+        print(f"Note: {note}")
     if status.state == EngineState.FAILED:
         for line in status.log_tail[-10:]:
             print(f"  | {line}")

@@ -26,6 +26,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
+from appliance.engine.compat import FlagCheckUnavailable
 from appliance.engine.runtime import (
     EngineExit,
     EngineHandle,
@@ -43,6 +44,7 @@ from appliance.errors import (
 )
 
 T = TypeVar("T")
+LABEL_PROBE = "io.step-station.probe"  # throwaway containers (the flag check); never the engine
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,15 @@ class DockerRuntime(Runtime):
     kind = "docker"
 
     def __init__(
-        self, base_url: str | None = None, timeout_s: int = 60, pull_stall_s: float = PULL_STALL_S
+        self,
+        base_url: str | None = None,
+        timeout_s: int = 60,
+        pull_stall_s: float = PULL_STALL_S,
+        platform: str | None = None,
     ) -> None:
         self._base_url = base_url
         self.pull_stall_s = pull_stall_s
+        self._platform = platform  # None: the Docker engine's own (linux/arm64 on a Station)
         self._timeout_s = timeout_s
         self._client: Any = None
         self._lock = threading.Lock()
@@ -211,7 +218,87 @@ class DockerRuntime(Runtime):
         return True
 
     def ensure_image(self, spec: LaunchSpec, on_progress: ProgressCallback) -> None:
+        self.check_platform(spec.image)
         pull_image(self, spec.image, on_progress, stall_s=self.pull_stall_s)
+
+    def host_platform(self) -> str:
+        """`os/arch` the Docker engine runs images for, e.g. linux/arm64 on a DGX Station."""
+        if self._platform:
+            return self._platform
+        info = self._call(self.client.info)
+        arch = str(info.get("Architecture", ""))
+        arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7"}.get(arch, arch)
+        return f"{info.get('OSType') or 'linux'}/{arch}"
+
+    def check_platform(self, ref: str) -> None:
+        """ImagePullError before any byte is pulled when the registry's `ref` has no variant for
+        this machine (Docker's own pull would fail minutes later with a generic message).
+
+        Asks the registry through the Docker engine (the distribution inspect API): an
+        unreachable registry or a missing tag fails here the way the pull would; any other
+        answer leaves the verdict to the pull.
+        """
+        platform = self.host_platform()
+        try:
+            data = self._call(lambda: self.client.images.get_registry_data(ref))
+        except docker.errors.APIError as err:
+            reason = _explain(err)
+            lowered = reason.lower()
+            if isinstance(err, docker.errors.NotFound) or any(
+                word in lowered for word in ("connection refused", "no such host", "dial tcp")
+            ):
+                raise _pull_error(ref, reason) from err
+            return
+        if data.has_platform(platform):
+            return
+        offered = ", ".join(_platform_names(data.attrs.get("Platforms") or [])) or "none listed"
+        raise ImagePullError(
+            f"The image {ref} has no {platform} variant (it offers: {offered}), so this machine "
+            "cannot run it; nothing was pulled.",
+            hint=f"Use a tag built for {platform} (`step-station config set engine.image "
+            "IMAGE`); on a DGX Station that is an arm64 (or multi-arch) build of the vLLM image.",
+        )
+
+    def image_digest(self, ref: str) -> str:
+        """The local image's id (`sha256:` of its config): the same bytes, the same id."""
+        try:
+            image = self._call(lambda: self.client.images.get(ref))
+        except docker.errors.APIError as err:
+            raise ImagePullError(
+                f"The engine image {ref} is not on this machine.",
+                hint="Pull it with `step-station pull`.",
+            ) from err
+        return str(image.id)
+
+    def serve_help(self, ref: str, timeout_s: float) -> tuple[int, str]:
+        """(exit code, stdout) of the image's entrypoint (`vllm serve`) with `--help=all`, in a
+        throwaway container without network or GPU, removed afterwards."""
+        container = self._call(
+            lambda: self.client.containers.create(
+                image=ref,
+                command=["--help=all"],
+                detach=True,
+                network_disabled=True,
+                environment={"COLUMNS": "200"},  # one option per line, whatever the default
+                labels={LABEL_PROBE: "flags"},
+            )
+        )
+        try:
+            self._call(container.start)
+            try:
+                result = container.wait(timeout=max(1, int(timeout_s)))
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+                raise FlagCheckUnavailable(
+                    f"`vllm serve --help=all` ran past {timeout_s:.0f} s"
+                ) from err
+            code = int(result.get("StatusCode", -1))
+            out = self._call(lambda: container.logs(stdout=True, stderr=code != 0))
+            return code, out.decode("utf-8", "replace")
+        except docker.errors.APIError as err:
+            raise FlagCheckUnavailable(f"Docker could not run it: {_explain(err)}") from err
+        finally:
+            with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
+                container.remove(force=True)
 
     # ------------------------------------------------------------------------ containers
 
@@ -377,6 +464,14 @@ class DockerRuntime(Runtime):
             )
         )
         return [self._handle(c) for c in found]
+
+
+def _platform_names(platforms: list[Any]) -> list[str]:
+    names = []
+    for p in platforms:
+        name = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+        names.append(f"{name}/{p['variant']}" if p.get("variant") else name)
+    return sorted(set(names))
 
 
 def _log_lines(message: str) -> Iterator[LogLine]:

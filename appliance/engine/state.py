@@ -94,6 +94,7 @@ class EngineStatus:
     oom: bool = False  # killed by the kernel OOM killer, or CUDA out of memory in the log
     restart_needed: bool = False
     retry_note: str = ""  # set when a start was retried with safer settings
+    notes: list[str] = field(default_factory=list)  # what this start changed or warns about
     effective: dict[str, Any] = field(default_factory=dict)  # served name, max_model_len, kv tokens
     version: int = 0  # bumped on every change; UIs compare it to skip redraws
 
@@ -133,6 +134,7 @@ class EngineStatus:
             "oom": self.oom,
             "restart_needed": self.restart_needed,
             "retry_note": self.retry_note,
+            "notes": list(self.notes),
             "effective": dict(self.effective),
             "version": self.version,
         }

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance import settings as st
-from appliance.engine import health, phases
+from appliance.engine import compat, health, phases
 from appliance.engine.lock import EngineLock
 from appliance.engine.process_runtime import ProcessRuntime
 from appliance.engine.runtime import EngineExit, EngineHandle, LogLine, Runtime
@@ -482,7 +482,14 @@ class Supervisor:
             self._pull(spec)
         if self._cancel.is_set():
             return
+        if not self.demo:  # flags the engine does not know: dropped (known no-ops) or refused
+            self._update(message="Checking the engine's flags (once per image).")
+            flags = compat.check_flags(spec, self.runtime)
+            spec = dataclasses.replace(spec, args=flags.args)
+            self._update(notes=list(flags.notes), effective=_effective(spec))
         spec = self._ensure_weights(spec)
+        if template_notes := compat.template_notes(spec):
+            self._update(notes=[*self.status().notes, *template_notes])
         retried = False
         while not self._cancel.is_set():
             handle = self._launch(spec)

@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> ServeArgs:
     """Parse `vllm serve` arguments; argparse prints the usage and exits 2 on bad input."""
     parser = build_parser()
-    ns = parser.parse_args(list(argv))
+    # vLLM's `--help=all` prints every flag group (FlexibleArgumentParser.format_help in
+    # vllm/utils/argparse_utils.py); plain argparse would reject the value.
+    ns = parser.parse_args(["--help" if a == "--help=all" else a for a in argv])
     model = ns.model_tag or ns.model or "Qwen/Qwen3-0.6B"
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         parser.error(f"model_tag {ns.model_tag!r} and --model {ns.model!r} differ")
