@@ -1089,13 +1089,10 @@ def _bytes_detail(done: int, total: int) -> str:
 
 
 def _failure_hint(failure: str | None, info: EngineExit) -> str:
-    if failure in (phases.CUDA_OOM, phases.KV_NO_MEMORY) or info.oom_killed:
-        return (
-            "Free GPU memory used by other programs, lower engine.max_model_len or "
-            "engine.gpu_memory_utilization, or pick a smaller profile (`step-station plan`)."
-        )
-    if failure == phases.MAX_LEN_TOO_LARGE:
-        return "Lower engine.max_model_len (`step-station config set engine.max_model_len N`)."
+    if info.oom_killed and failure != phases.MAX_LEN_TOO_LARGE:
+        return phases.FAILURE_HINTS[phases.CUDA_OOM]
+    if failure in phases.FAILURE_HINTS:  # what to do per failure kind recognised in the log
+        return phases.FAILURE_HINTS[failure]
     if info.gone:
         return "Start it again if you want it running."
     return "See the log lines below or `step-station logs`, then start again."

@@ -3,11 +3,18 @@
 The load time (`STEP_SIM_LOAD_S`) is spread over the phases as on a real start: weights about
 half, compile a fifth, KV-cache profiling, CUDA-graph capture, then the API server. Durations in
 the log lines are the real elapsed times; memory figures come from `memory.py`.
+
+The lines are vLLM's own format strings for a GPU start (vllm/entrypoints/serve/utils/api_utils.py
+logo, model_executor/model_loader/default_loader.py, compilation/monitor.py and backends.py,
+v1/worker/gpu_worker.py, v1/core/kv_cache_utils.py, v1/worker/gpu_model_runner.py,
+v1/engine/core.py; tests/data/vllm_logs/README.md lists them). The version comes as vLLM's ASCII
+logo, or as one line with VLLM_DISABLE_LOG_LOGO=1, never as `vLLM API server version`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import NoReturn
 
@@ -55,8 +62,8 @@ class Startup:
 
     async def run(self) -> MemoryPlan:
         args, log = self.args, self.log
-        log.info(f"vLLM API server version {VLLM_VERSION}", "api_server.py:1839")
-        log.info(f"non-default args: {args.non_default}", "utils.py:233")
+        self._version()
+        log.info(f"non-default args: {args.non_default}", "api_utils.py:286")
         try:
             plan = plan_memory(args, self.knobs)
         except StartupError as err:
@@ -64,8 +71,8 @@ class Startup:
                 self._fail_config(str(err))
             self.failure = err
             plan = _fallback_plan(args, self.knobs)
-        log.info(f"Resolved architecture: {plan.architecture}", "model.py:547")
-        log.info(f"Using max model len {plan.max_model_len}", "model.py:1510")
+        log.info(f"Resolved architecture: {plan.architecture}", "model.py:733")
+        log.info(f"Using max model len {plan.max_model_len}", "model.py:2152")
         log.info("Chunked prefill is enabled with max_num_batched_tokens=8192.", "scheduler.py:205")
         log.info(
             f"Initializing a V1 LLM engine (v{VLLM_VERSION}) with config: "
@@ -74,18 +81,34 @@ class Startup:
             CORE,
         )
         await self._load_weights(plan)
-        await self._compile()
+        compile_s = await self._compile()
         await self._profile(plan)
         await self._graphs()
         log.info(
             "init engine (profile, create kv cache, warmup model) took "
-            f"{time.monotonic() - self.t0:.2f} seconds",
-            "core.py:226",
+            f"{time.monotonic() - self.t0:.2f} s (compilation: {compile_s:.2f} s)",
+            "core.py:396",
             CORE,
         )
         await self.pause(self.knobs.load_s * SHARE["api"] / 2)
         log.info("Supported_tasks: ['generate']", "api_server.py:1611")
         return plan
+
+    def _version(self) -> None:
+        """vLLM's logo with the version and model, or one line with VLLM_DISABLE_LOG_LOGO=1."""
+        where, model = "api_utils.py:347", self.args.model
+        if os.environ.get("VLLM_DISABLE_LOG_LOGO", "0") not in ("", "0"):
+            self.log.info(f"vLLM server version {VLLM_VERSION}, serving model {model}", where)
+            return
+        for line in (
+            "",
+            "       █     █     █▄   ▄█",
+            f" ▄▄ ▄█ █     █     █ ▀▄▀ █  version {VLLM_VERSION}",
+            f"  █▄█▀ █     █     █     █  model   {model}",
+            "   ▀▀  ▀▀▀▀▀ ▀▀▀▀▀ ▀     ▀",
+            "",
+        ):
+            self.log.info(line, where)
 
     def _config_text(self, plan: MemoryPlan) -> str:
         a = self.args
@@ -105,7 +128,7 @@ class Startup:
 
     async def _load_weights(self, plan: MemoryPlan) -> None:
         log = self.log
-        log.info(f"Starting to load model {self.args.model}...", "gpu_model_runner.py:3092", CORE)
+        log.info(f"Starting to load model {self.args.model}...", "gpu_model_runner.py:5040", CORE)
         log.info(
             "Using FLASHINFER attention backend out of potential backends: "
             "['FLASHINFER', 'FLASH_ATTN']",
@@ -126,33 +149,44 @@ class Startup:
                 self._fail_engine(str(self.failure), oom=True)
         log.bar_end()
         took = time.monotonic() - started
-        log.info(f"Loading weights took {took:.2f} seconds", "default_loader.py:314", CORE)
+        log.info(f"Loading weights took {took:.2f} seconds", "default_loader.py:502", CORE)
         log.info(
-            f"Model loading took {plan.model_gib:.4f} GiB memory and {took:.6f} seconds",
-            "gpu_model_runner.py:3171",
+            f"Model loading took {round(plan.model_gib, 2)} GiB memory and {took:.6f} seconds",
+            "gpu_model_runner.py:5150",
             CORE,
         )
 
-    async def _compile(self) -> None:
+    async def _compile(self) -> float:
+        """torch.compile as vLLM logs it on a GPU; the compile time, for the init-engine line."""
         started = time.monotonic()
         share = self.knobs.load_s * SHARE["compile"]
-        self.log.info(
-            "Encoder cache will be initialized with a budget of 16384 tokens, and profiled with "
-            "1 image items of the maximum feature size.",
-            "gpu_model_runner.py:3870",
+        log = self.log
+        log.info("Starting torch.compile", "monitor.py:40", CORE)
+        log.info(
+            "Using cache directory: /root/.cache/vllm/torch_compile_cache/1f0c2b7a9d/rank_0_0/"
+            "backbone for vLLM's torch.compile",
+            "backends.py:1104",
             CORE,
         )
         await self.pause(share / 4)
         dynamo = time.monotonic() - started
-        self.log.info(f"Dynamo bytecode transform time: {dynamo:.2f} s", "backends.py:548", CORE)
+        log.info(f"Dynamo bytecode transform time: {dynamo:.2f} s", "backends.py:1166", CORE)
         await self.pause(share * 3 / 4)
         total = time.monotonic() - started
-        self.log.info(
-            f"Compiling a graph for dynamic shape takes {total - dynamo:.2f} s",
-            "backends.py:215",
+        log.info(
+            f"Compiling a graph for compile range (1, 8192) takes {total - dynamo:.2f} s",
+            "backends.py:398",
             CORE,
         )
-        self.log.info(f"torch.compile took {total:.2f} s in total", "monitor.py:34", CORE)
+        log.info(f"torch.compile took {total:.2f} s in total", "monitor.py:57", CORE)
+        log.info("Initial profiling/warmup run took 0.42 s", "monitor.py:91", CORE)
+        log.info(
+            "Encoder cache will be initialized with a budget of 16384 tokens, and profiled with "
+            "1 image items of the maximum feature size.",
+            "gpu_model_runner.py:5566",
+            CORE,
+        )
+        return total
 
     async def _profile(self, plan: MemoryPlan) -> None:
         await self.pause(self.knobs.load_s * SHARE["profile"])
@@ -161,12 +195,14 @@ class Startup:
         if self.failure is not None:
             self._fail_engine(str(self.failure))
         log = self.log
-        log.info(f"Available KV cache memory: {plan.kv_gib:.2f} GiB", "gpu_worker.py:298", CORE)
-        log.info(f"GPU KV cache size: {plan.kv_tokens:,} tokens", "kv_cache_utils.py:1087", CORE)
-        self.log.info(
-            f"Maximum concurrency for {plan.max_model_len:,} tokens per request: "
-            f"{plan.max_concurrency:.2f}x",
-            "kv_cache_utils.py:1091",
+        log.info(
+            f"Available KV cache memory: {round(plan.kv_gib, 2)} GiB", "gpu_worker.py:760", CORE
+        )
+        # One line since vLLM logs the capacity with update_kv_cache_capacity (kv_cache_utils.py).
+        log.info(
+            f"GPU KV cache size: {plan.kv_tokens:,} tokens, Maximum concurrency for "
+            f"{plan.max_model_len:,} tokens per request: {plan.max_concurrency:.2f}x",
+            "kv_cache_utils.py:2327",
             CORE,
         )
 
@@ -188,7 +224,7 @@ class Startup:
         took = time.monotonic() - started
         self.log.info(
             f"Graph capturing finished in {max(1, round(took))} secs, took 1.21 GiB",
-            "gpu_model_runner.py:4130",
+            "gpu_model_runner.py:6582",
             CORE,
         )
 

@@ -1,15 +1,28 @@
-"""Start-up as vLLM does it: argv, log lines in order with tqdm bars, port closed until ready."""
+"""Start-up as vLLM does it: argv, log lines in order with tqdm bars, port closed until ready.
+
+The phase parser (appliance/engine/phases.py) reads every start log here, the real engine's
+(vLLM 0.32 CPU) and the simulator's (vLLM 0.23's GPU lines), and every line that names a phase
+or a failure must be one it classifies (tests/fixtures/logcheck.py).
+"""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
-from conformance_servers import client_for, http_status, wait_until
+from conformance_servers import client_for, http_status, vllm_version, wait_until
+from fixtures.logcheck import assert_log_classified
 
-# Log lines (stdout) in the order vLLM prints them (reference/vllm.md, startup).
+from appliance.engine import phases
+from appliance.engine.phases import PhaseTracker
+from appliance.engine.runtime import split_lines
+
+# Log lines (stdout) in the order the simulator prints them: vLLM 0.23's GPU start of the
+# Station's FP8 profile (reference/vllm.md, startup; tests/data/vllm_logs/README.md).
 ORDER = (
-    "vLLM API server version",
+    " version 0.23.0",  # the ASCII logo (VLLM_DISABLE_LOG_LOGO unset)
+    "  model   stepfun-ai/Step-3.7-Flash-FP8",
     "Resolved architecture: Step3p7ForConditionalGeneration",
     "Initializing a V1 LLM engine",
     "Starting to load model stepfun-ai/Step-3.7-Flash-FP8...",
@@ -25,6 +38,51 @@ ORDER = (
     "Route: /health, Methods: GET",
     "Application startup complete.",
 )
+# What every start logs, real (0.32 CPU) or simulated, in this order.
+COMMON_ORDER = (
+    "Resolved architecture: ",
+    "Initializing a V1 LLM engine",
+    "Starting to load model ",
+    "Loading weights took",
+    "Model loading took",
+    " KV cache size: ",
+    "init engine (profile, create kv cache, warmup model) took",
+    "Starting vLLM server on http://",
+    "Route: /health, Methods: GET",
+    "Application startup complete.",
+)
+
+
+def _in_order(logs: str, markers: tuple[str, ...]) -> None:
+    positions = [logs.find(marker) for marker in markers]
+    assert -1 not in positions, [m for m, p in zip(markers, positions, strict=True) if p < 0]
+    assert positions == sorted(positions), markers
+
+
+def _tracked(logs: str) -> PhaseTracker:
+    lines, rest = split_lines(logs)
+    tracker = PhaseTracker()
+    tracker.begin(0.0)
+    for i, line in enumerate([*lines, rest], start=1):
+        tracker.feed(line, float(i))
+    return tracker
+
+
+def test_start_log_phases_in_order_all_classified(server) -> None:
+    logs = server.logs()
+    _in_order(logs, COMMON_ORDER)
+    assert_log_classified(logs, f"the {server.model_kind} start log")
+    tracker = _tracked(logs)
+    expected = list(phases.LOG_PHASES)
+    if not server.simulated:
+        expected.remove(phases.CUDA_GRAPHS)  # the CPU build captures no CUDA graphs
+    assert [p.name for p in tracker.phases] == expected
+    facts = tracker.facts
+    version = tuple(int(p) for p in str(facts["vllm_version"]).split(".")[:3])
+    assert version == vllm_version(server)  # from the logo, as GET /version says
+    assert facts["kv_cache_tokens"] > 0
+    assert facts["max_model_len"] == facts["model_max_len"]
+    assert tracker.failure is None, tracker.failure_line
 
 
 def test_port_is_closed_until_ready_and_logs_come_in_order(launch) -> None:
@@ -41,9 +99,8 @@ def test_port_is_closed_until_ready_and_logs_come_in_order(launch) -> None:
     assert seen[0] is None, "the port must refuse connections while the model loads"
     assert set(seen[:-1]) <= {None}
     logs = server.logs()
-    positions = [logs.find(marker) for marker in ORDER]
-    assert -1 not in positions, [m for m, p in zip(ORDER, positions, strict=True) if p < 0]
-    assert positions == sorted(positions)
+    _in_order(logs, ORDER)
+    assert_log_classified(logs, "the simulator's start log")
     assert "\rLoading safetensors checkpoint shards:" in logs
     assert "Loading safetensors checkpoint shards: 100% Completed | 50/50" in logs
     assert "\rCapturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%" in logs
@@ -57,7 +114,13 @@ def test_unknown_arguments_exit_2_like_vllm(launch, extra: str) -> None:
         pytest.skip("cannot relaunch a remote vLLM")
     server = launch(extra, wait=False)
     assert server.exit_code(timeout=30) == 2
-    assert f"vllm serve: error: unrecognized arguments: {extra}" in server.logs()
+    logs = server.logs()
+    # Real vLLM (0.32, tests/data/vllm_logs/cpu-0.32-unknown-flag.log) reports it from the
+    # top-level parser: `vllm: error: unrecognized arguments: X`; the simulator from `vllm serve`.
+    assert re.search(rf"^vllm(?: serve)?: error: unrecognized arguments: {extra}$", logs, re.M)
+    tracker = _tracked(logs)
+    assert tracker.failure == phases.UNKNOWN_ARGUMENT
+    assert tracker.facts["unknown_arguments"] == extra
 
 
 def test_served_names_and_max_model_len(launch) -> None:
