@@ -52,6 +52,17 @@ _OPTION = re.compile(r"^--?[A-Za-z][A-Za-z0-9_.-]*$")
 _EFFORT = re.compile(r"\breasoning_effort\b")
 
 
+_IMAGE_HINT = (
+    "Use an engine image made for this appliance (`step-station config set engine.image IMAGE`),"
+    " or another profile (`step-station plan` lists them)."
+)
+_PROGRAM_HINT = (
+    "Install the vLLM version this appliance is made for (`pip install 'step-station[native]'`),"
+    " use the Docker runtime (`step-station config set engine.runtime docker`), or pick another"
+    " profile (`step-station plan` lists them)."
+)
+
+
 class FlagCheckUnavailable(Exception):
     """The engine could not say which flags it knows (the check is skipped, with a note)."""
 
@@ -143,8 +154,7 @@ def decide_flags(
         raise EngineError(
             f"{engine[0].upper()}{engine[1:]} does not know the flag{'' if one else 's'} {names} "
             'that this profile passes; vLLM would exit at once with "unrecognized arguments".',
-            hint="Use an engine image made for this appliance (`step-station config set "
-            "engine.image IMAGE`), or another profile (`step-station plan` lists them).",
+            hint=_PROGRAM_HINT if engine.startswith("the program") else _IMAGE_HINT,
         )
     return FlagCheck(tuple(kept), tuple(notes), tuple(dropped))
 

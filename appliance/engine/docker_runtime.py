@@ -15,7 +15,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -270,9 +270,12 @@ class DockerRuntime(Runtime):
             ) from err
         return str(image.id)
 
-    def serve_help(self, ref: str, timeout_s: float) -> tuple[int, str]:
+    def serve_help(
+        self, ref: str, timeout_s: float, labels: Mapping[str, str] | None = None
+    ) -> tuple[int, str]:
         """(exit code, stdout) of the image's entrypoint (`vllm serve`) with `--help=all`, in a
-        throwaway container without network or GPU, removed afterwards."""
+        throwaway container without network or GPU, removed afterwards (`labels`: extra labels
+        for it, e.g. a test's own)."""
         container = self._call(
             lambda: self.client.containers.create(
                 image=ref,
@@ -280,7 +283,7 @@ class DockerRuntime(Runtime):
                 detach=True,
                 network_disabled=True,
                 environment={"COLUMNS": "200"},  # one option per line, whatever the default
-                labels={LABEL_PROBE: "flags"},
+                labels={**(labels or {}), LABEL_PROBE: "flags"},
             )
         )
         try:
