@@ -7,4 +7,7 @@ the environment (`STEP_SIM_*`, see `knobs.py`), so any client, Docker included, 
 
 from __future__ import annotations
 
-VLLM_VERSION = "0.16.1.dev0+stepsim"
+# The release the simulator imitates: the vllm-openai:stepfun37 image is a 0.22/0.23 nightly
+# (step3p7.py first ships in 0.23.0), so where vLLM versions differ the simulator answers as 0.23.0
+# does (its source), and the conformance suite checks real vLLM 0.32 against the same tests.
+VLLM_VERSION = "0.23.0"

