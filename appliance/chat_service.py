@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance import chat
 from appliance import history as hist
-from appliance.errors import BadInputError
+from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import Settings
 
 PERSIST_INTERVAL_S = 1.0  # how often a streaming reply is written to the history
@@ -54,6 +54,15 @@ def engine_view_from(supervisor: Any, default_model: str = "step3p7-flash") -> E
         label=label,
         message=status.message if state != "ready" else "",
     )
+
+
+class EngineActivity(Protocol):
+    """What the chat tells the engine's owner (the Supervisor): a request is about to go (wake a
+    sleeping engine, hold off idle sleep: vLLM's /sleep aborts running requests) and ended."""
+
+    def begin_use(self, timeout_s: float = ...) -> None: ...
+
+    def end_use(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,11 +114,13 @@ class ChatService:
         engine: Callable[[], EngineView],
         *,
         api_key: str = "",
+        activity: EngineActivity | None = None,
     ) -> None:
         self.settings = settings
         self.history = history
         self._engine = engine
         self._api_key = api_key
+        self._activity = activity
         self._clients: dict[tuple[str, str], chat.ChatClient] = {}
         self._model_info: dict[tuple[str, str], chat.ModelInfo] = {}
         self._active: dict[str, asyncio.Event] = {}  # conversation id -> set when its reply ended
@@ -124,6 +135,28 @@ class ChatService:
         if not view.ready:
             raise chat.EngineNotReadyError(view.not_ready_text())
         return view
+
+    async def _begin_use(self) -> None:
+        """Before anything goes to the engine: wake it if it sleeps, and hold off idle sleep
+        until `_end_use` (runs in a thread: a wake-up takes seconds)."""
+        if self._activity is None:
+            return
+        try:
+            await asyncio.to_thread(self._activity.begin_use)
+        except ApplianceError as err:
+            raise chat.EngineNotReadyError(f"The model could not be woken up: {err}") from err
+
+    def _end_use(self) -> None:
+        if self._activity is not None:
+            self._activity.end_use()
+
+    @contextlib.asynccontextmanager
+    async def _using_engine(self) -> AsyncIterator[None]:
+        await self._begin_use()
+        try:
+            yield
+        finally:
+            self._end_use()
 
     def _client(self, view: EngineView) -> chat.ChatClient:
         key = (view.url, view.model)
@@ -204,12 +237,13 @@ class ChatService:
         if conversation_id:
             earlier = self.history.get_conversation(conversation_id).messages
         images = self.prepare_images(image_paths, earlier)
-        view = self._ready_engine()
-        stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]
-        pending = hist.Message(0, len(earlier), "user", text, images=stored)
-        await self.check_context(
-            view, to_openai([*earlier, pending], options.system_prompt), options
-        )
+        async with self._using_engine():  # a sleeping engine wakes as the message is sent
+            view = self._ready_engine()
+            stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]
+            pending = hist.Message(0, len(earlier), "user", text, images=stored)
+            await self.check_context(
+                view, to_openai([*earlier, pending], options.system_prompt), options
+            )
         created = not conversation_id
         if not conversation_id:
             title = hist.title_from(text or ", ".join(i.name for i in images))
@@ -230,49 +264,53 @@ class ChatService:
                 "There is no question to answer: the conversation does not end with your message.",
                 hint="Type a message first.",
             )
-        view = self._ready_engine()
-        payload = to_openai(messages, options.system_prompt)
-        await self.check_context(view, payload, options)
-        reply = chat.Reply(level=options.reasoning_effort)
-        stored = self.history.add_message(
-            conversation_id,
-            "assistant",
-            "",
-            status=hist.STREAMING,
-            meta={"level": options.reasoning_effort, "model": view.model},
-        )
-        ended = self._active[conversation_id] = asyncio.Event()
-        events = self._client(view).stream(payload, options)
-        interval = max(0.0, self.settings.chat.stream_interval_ms / 1000.0)
-        last_saved = time.monotonic()
-        updates = chat.coalesce(
-            events, reply, interval_s=interval, per_kchar_s=chat.INTERVAL_PER_KCHAR_S
-        )
+        await self._begin_use()  # wakes a sleeping engine; idle sleep waits for the end
         try:
-            async for current in updates:
-                now = time.monotonic()
-                if current.active and now - last_saved >= PERSIST_INTERVAL_S:
-                    self.history.update_message(
-                        stored.id, content=current.content, reasoning=current.reasoning
-                    )
-                    last_saved = now
-                yield current
-        finally:
-            await updates.aclose()  # cancels the reader, which closes the HTTP request
-            reply.stop()  # no-op when it already ended; Stop / page gone otherwise
-            meta = {**reply.stats(), "model": view.model}
-            if reply.error:
-                meta["error"] = reply.error
-            self.history.update_message(
-                stored.id,
-                content=reply.content,
-                reasoning=reply.reasoning,
-                status=final_status(reply.phase),
-                meta=meta,
+            view = self._ready_engine()
+            payload = to_openai(messages, options.system_prompt)
+            await self.check_context(view, payload, options)
+            reply = chat.Reply(level=options.reasoning_effort)
+            stored = self.history.add_message(
+                conversation_id,
+                "assistant",
+                "",
+                status=hist.STREAMING,
+                meta={"level": options.reasoning_effort, "model": view.model},
             )
-            ended.set()
-            if self._active.get(conversation_id) is ended:
-                del self._active[conversation_id]
+            ended = self._active[conversation_id] = asyncio.Event()
+            events = self._client(view).stream(payload, options)
+            interval = max(0.0, self.settings.chat.stream_interval_ms / 1000.0)
+            last_saved = time.monotonic()
+            updates = chat.coalesce(
+                events, reply, interval_s=interval, per_kchar_s=chat.INTERVAL_PER_KCHAR_S
+            )
+            try:
+                async for current in updates:
+                    now = time.monotonic()
+                    if current.active and now - last_saved >= PERSIST_INTERVAL_S:
+                        self.history.update_message(
+                            stored.id, content=current.content, reasoning=current.reasoning
+                        )
+                        last_saved = now
+                    yield current
+            finally:
+                await updates.aclose()  # cancels the reader, which closes the HTTP request
+                reply.stop()  # no-op when it already ended; Stop / page gone otherwise
+                meta = {**reply.stats(), "model": view.model}
+                if reply.error:
+                    meta["error"] = reply.error
+                self.history.update_message(
+                    stored.id,
+                    content=reply.content,
+                    reasoning=reply.reasoning,
+                    status=final_status(reply.phase),
+                    meta=meta,
+                )
+                ended.set()
+                if self._active.get(conversation_id) is ended:
+                    del self._active[conversation_id]
+        finally:
+            self._end_use()
 
     async def settled(self, conversation_id: str, timeout_s: float = 10.0) -> None:
         """Wait until the conversation's streaming reply (if any) is finalised in the history."""
@@ -300,13 +338,14 @@ class ChatService:
         text = text.strip()
         if not text and not target.images:
             raise BadInputError("The edited message is empty.", hint="Type some text.")
-        view = self._ready_engine()
-        edited = hist.Message(0, position, "user", text, images=target.images)
-        await self.check_context(
-            view,
-            to_openai([*messages[:position], edited], options.system_prompt),
-            options,
-        )
+        async with self._using_engine():
+            view = self._ready_engine()
+            edited = hist.Message(0, position, "user", text, images=target.images)
+            await self.check_context(
+                view,
+                to_openai([*messages[:position], edited], options.system_prompt),
+                options,
+            )
         self.history.truncate(conversation_id, position)
         self.history.add_message(conversation_id, "user", text, images=target.images)
 

@@ -113,7 +113,10 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
         Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=services.secrets)
     )
     services.chat = ChatService(
-        settings, services.history, lambda: engine_view_from(services.supervisor)
+        settings,
+        services.history,
+        lambda: engine_view_from(services.supervisor),
+        activity=services.supervisor,  # wakes a sleeping engine; no idle sleep mid-answer
     )
     # ---- other areas build their services here (additive: one block per area) ----
     # ---- sampler and start-up rates (model tab and dashboard) ----

@@ -12,15 +12,19 @@ until it stops; one log thread per engine feeds the phase tracker. `status()` re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from appliance import settings as st
 from appliance.engine import compat, health, phases
@@ -36,15 +40,22 @@ from appliance.engine.spec import (
 )
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
 from appliance.errors import ApplianceError, DockerUnavailableError, EngineError, SettingsError
+from appliance.profiles import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
 
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 200
-RETRYABLE = (phases.CUDA_OOM, phases.MAX_LEN_TOO_LARGE)
+RETRYABLE = phases.RETRYABLE_FAILURES
 _RETRY_REASON = {
     phases.CUDA_OOM: "Out of GPU memory",
     phases.MAX_LEN_TOO_LARGE: "The context length did not fit in the KV cache",
+    phases.MEMORY_IN_USE: "Less free memory than the engine asked for",
 }
+# vLLM's start-up memory check, GPU (`v1/worker/utils.py`) and CPU (`v1/worker/cpu_worker.py`):
+# "Free memory on device D (F/T GiB) on startup is less than desired GPU memory utilization (U, R
+# GiB)" / "Available memory on node N (F/T GiB) on startup is less than desired CPU memory ...".
+_FREE_MEMORY = re.compile(r"\(([\d.]+)/([\d.]+) GiB\) on startup is less than desired")
+_FREE_MARGIN = 0.05  # of the total, left to other programs when the retry follows the free memory
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"
 
@@ -129,6 +140,12 @@ class Supervisor:
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._desired_hash = ""
         self._last_activity = clock()
+        # Idle sleep: vLLM's POST /sleep aborts every running request, so the decision to sleep
+        # and a browser chat's start exclude each other (see _maybe_idle_sleep, begin_use).
+        self._sleep_gate = threading.Lock()
+        self._in_use = 0  # browser chat streams open now
+        self._engine_was_busy = False  # the engine's gauges showed requests at the last look
+        self.dead_exit_grace_s = 8.0  # see _dead_engine
 
     @classmethod
     def for_demo(cls, settings: st.Settings, **kwargs: Any) -> Supervisor:
@@ -378,6 +395,42 @@ class Supervisor:
         """A request went to the engine: restarts the idle-sleep clock."""
         self._last_activity = self._clock()
 
+    def idle_s(self) -> float:
+        """Seconds since the last activity (a request, a browser chat, the engine seen busy)."""
+        return max(0.0, self._clock() - self._last_activity)
+
+    def begin_use(self, timeout_s: float = 120.0) -> None:
+        """A browser chat is about to send a request: idle sleep waits until `end_use()`, and a
+        sleeping engine is woken first (EngineError when it does not wake).
+
+        The gateway's requests need no such call: the engine's own gauges show them (see
+        `_maybe_idle_sleep`). Blocks while an idle sleep is being entered, then wakes the engine.
+        """
+        with self._sleep_gate:
+            with self._lock:
+                self._in_use += 1
+            self.note_activity()
+        try:
+            self.ensure_awake(timeout_s)
+        except BaseException:
+            self.end_use()
+            raise
+
+    def end_use(self) -> None:
+        """The browser chat's request ended: the idle time counts from now."""
+        with self._lock:
+            self._in_use = max(0, self._in_use - 1)
+        self.note_activity()
+
+    @contextlib.contextmanager
+    def in_use(self, timeout_s: float = 120.0) -> Iterator[None]:
+        """`begin_use()` ... `end_use()` around a block."""
+        self.begin_use(timeout_s)
+        try:
+            yield
+        finally:
+            self.end_use()
+
     def sleep(self, level: int = 1, timeout_s: float = 120.0) -> EngineStatus:
         """Put a ready engine to sleep (dev-mode endpoints on loopback; needs `sleep_mode`)."""
         if not self.settings.engine.sleep_mode:
@@ -506,7 +559,7 @@ class Supervisor:
                 return
             safer = None
             if not retried and outcome.failure in RETRYABLE:
-                safer = safer_spec(spec, outcome.failure or "", self._facts())
+                safer = self._safer(spec, outcome.failure or "")
             if safer is None:
                 if retried and outcome.failure in RETRYABLE:
                     outcome.message += f" It failed again after a retry with {self._retry_note()}."
@@ -521,6 +574,27 @@ class Supervisor:
                 f"retrying once with {note}.",
                 effective={**_effective(spec), "retry": note},
             )
+
+    def _safer(self, spec: LaunchSpec, failure: str) -> tuple[LaunchSpec, str] | None:
+        """The one safer retry: when vLLM's start-up check found less free memory than
+        `--gpu-memory-utilization` asks for (another program holds memory), ask for what was free
+        minus a margin; otherwise `spec.safer_spec` (lower utilization, or shorter context)."""
+        with self._lock:
+            line = self._engine.tracker.failure_line if self._engine else ""
+        match = _FREE_MEMORY.search(line) if failure == phases.MEMORY_IN_USE else None
+        if match is None:
+            return safer_spec(spec, failure, self._facts())
+        free, total = float(match.group(1)), float(match.group(2))
+        current = spec.arg_value("--gpu-memory-utilization")
+        was = float(current) if current else VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+        fits = int((free / total - _FREE_MARGIN) * 100) / 100 if total > 0 else 0.0
+        if fits >= was or fits < 0.1:
+            return None
+        note = (
+            f"--gpu-memory-utilization {fits:.2f} (was {was:.2f}; "
+            f"{free:.1f} of {total:.1f} GiB free)"
+        )
+        return spec.with_arg("--gpu-memory-utilization", f"{fits:.2f}"), note
 
     def _facts(self) -> dict[str, Any]:
         with self._lock:
@@ -661,7 +735,9 @@ class Supervisor:
             "engine.start_timeout_s (`step-station config set engine.start_timeout_s SECONDS`)."
         )
 
-    def _exited_outcome(self, info: EngineExit, *, starting: bool) -> _Outcome:
+    def _exited_outcome(
+        self, info: EngineExit, *, starting: bool, watched: bool = True
+    ) -> _Outcome:
         with self._lock:
             failure = self._engine.tracker.failure if self._engine else None
             failure_line = self._engine.tracker.failure_line if self._engine else ""
@@ -677,8 +753,18 @@ class Supervisor:
             message = f"No GPU memory was left for the KV cache{code}."
         elif info.oom_killed:
             message = f"The engine was killed by the kernel's out-of-memory killer {when}{code}."
-        else:
+        elif not watched:
+            shown = code or " (exit code unknown)"
+            message = (
+                f"The engine crashed while no step-station watched it{shown}: it ended without "
+                "being stopped."
+            )
+        elif starting and failure is not None:
             message = f"The engine exited {when}{code}."
+        else:
+            # Any exit we did not ask for is a crash, even code 0 (vLLM's API server exits 0
+            # when its engine core dies: vLLM issue 48966).
+            message = f"The engine crashed: it exited {when}{code}."
         hint = _failure_hint(failure, info)
         if failure_line and failure not in (None, phases.CUDA_OOM):
             message += f" Log: {failure_line[-200:]}"
@@ -779,19 +865,36 @@ class Supervisor:
             if self._status.state == EngineState.READY and due:
                 last_probe = self._clock()
                 if health.probe_health(self._url(), timeout_s=2.0) == 503:
-                    self.runtime.stop(handle, self.settings.engine.stop_timeout_s)
-                    self._fail_engine(
-                        handle,
-                        _Outcome(
-                            message="The engine reported itself dead (/health 503) and was stopped."
-                            " Start it again; if it keeps happening, see `step-station logs`."
-                        ),
-                    )
+                    self._dead_engine(handle)
                     return
             if self._status.state == EngineState.READY:
                 self._maybe_idle_sleep()
             self._tick.wait(self.monitor_interval_s)
             self._tick.clear()
+
+    def _dead_engine(self, handle: EngineHandle) -> None:
+        """/health answered 503: the engine core died. vLLM's API server notices and exits by
+        itself within ~5 s (with code 0); wait a bounded moment for that so the report carries
+        its exit code and last lines, then stop what is left."""
+        self._update(message="The engine reported itself dead (/health 503).")
+        deadline = self._clock() + self.dead_exit_grace_s
+        info = self.runtime.inspect(handle)
+        while info.running and self._clock() < deadline:
+            if self._cancel.wait(0.2):
+                return
+            info = self.runtime.inspect(handle)
+        if not info.running:
+            self._wait_logs_drained()
+            self._fail_engine(handle, self._exited_outcome(info, starting=False))
+            return
+        self.runtime.stop(handle, self.settings.engine.stop_timeout_s)
+        self._fail_engine(
+            handle,
+            _Outcome(  # no exit code: the engine did not end by itself, our stop ended it
+                message="The engine crashed: it reported itself dead (/health 503) and was "
+                "stopped. Start it again; if it keeps happening, see `step-station logs`.",
+            ),
+        )
 
     def _settle_exit(self, handle: EngineHandle, info: EngineExit) -> EngineExit:
         """An engine another process stops exits a moment before that process removes it: give
@@ -806,6 +909,17 @@ class Supervisor:
         return info
 
     def _maybe_idle_sleep(self) -> None:
+        """Sleep after the idle time, never while a request runs.
+
+        vLLM's `POST /sleep` aborts every running and waiting request: its `mode` defaults to
+        "abort" and the engine core's `pause_scheduler` then finishes them all as aborted
+        (vllm 0.32: `entrypoints/serve/dev/sleep/api_router.py` `sleep`, `v1/engine/core.py`
+        `EngineCore.sleep` / `pause_scheduler`; older releases offload the weights under running
+        requests). So right before sleeping: no browser chat open (`begin_use`), and the engine's
+        own `vllm:num_requests_running` + `vllm:num_requests_waiting` at 0 (the gateway's and any
+        other client's requests). While the engine is busy the idle clock keeps restarting, so
+        the idle time counts from the end of the last request of any kind.
+        """
         engine = self.settings.engine
         idle_s = (
             self.idle_sleep_s if self.idle_sleep_s is not None else engine.idle_sleep_minutes * 60
@@ -814,31 +928,49 @@ class Supervisor:
             return
         if self._clock() - self._last_activity < idle_s:
             return
-        try:
-            self.sleep()
-        except EngineError as err:
-            self._update(message=f"Idle sleep failed: {err}")
-            self.note_activity()
+        with self._sleep_gate:
+            with self._lock:
+                in_use = self._in_use
+            if in_use:
+                self.note_activity()
+                return
+            if self._clock() - self._last_activity < idle_s:
+                return
+            busy = requests_in_engine(self._url())
+            if busy is None:  # the gauges are unreadable: not safe to sleep; try after idle_s
+                log.info("idle sleep postponed: the engine's /metrics did not answer")
+                self.note_activity()
+                return
+            if busy > 0:  # look again next round, until the engine is idle
+                self._engine_was_busy = True
+                return
+            if self._engine_was_busy:
+                self._engine_was_busy = False
+                self.note_activity()  # the last request just ended: the idle time starts now
+                return
+            try:
+                self.sleep()
+            except EngineError as err:
+                self._update(message=f"Idle sleep failed: {err}")
+                self.note_activity()
 
     def _report_exited(self, handle: EngineHandle, info: EngineExit) -> None:
+        """An exited engine found at attach: a crash, whatever its exit code.
+
+        Our own stop removes the engine (container, pid file), so one that still exists ended
+        without being asked to. Its exit code says nothing: vLLM's API server exits 0 when its
+        engine core dies (vLLM issue 48966; seen here with the real 0.32 engine).
+        """
         tail = self._safe_tail(handle)
         for line in tail:
             self._tail.append(line)
-        if info.exit_code in (0, 143) and not info.oom_killed:
-            self._update(
-                state=EngineState.STOPPED,
-                container_id=handle.id,
-                exit_code=info.exit_code,
-                message="The engine is stopped.",
-            )
-            return
         tracker = phases.PhaseTracker()
         for line in tail:
             tracker.feed(line, self._wall())
         with self._lock:
             self._engine = _Engine(handle, tracker, threading.Event(), threading.Event())
             self._engine.logs_done.set()
-        outcome = self._exited_outcome(info, starting=False)
+        outcome = self._exited_outcome(info, starting=False, watched=False)
         self._fail(
             outcome.message,
             exit_code=info.exit_code,
@@ -1054,6 +1186,27 @@ def _make_runtime(kind: str) -> Runtime:
         f"Unknown engine runtime {kind!r}.",
         hint="Use `step-station config set engine.runtime docker` (or `process`).",
     )
+
+
+_GAUGE = re.compile(r"^vllm:num_requests_(?:running|waiting)(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
+
+
+def requests_in_engine(base_url: str, timeout_s: float = 2.0) -> int | None:
+    """Requests running or waiting in the engine, from its `/metrics` gauges (summed over
+    engines); None when it does not answer."""
+    try:
+        response = httpx.get(f"{base_url}/metrics", timeout=timeout_s)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    values = _GAUGE.findall(response.text)
+    if not values:
+        return None
+    try:
+        return round(sum(float(v) for v in values))
+    except ValueError:
+        return None
 
 
 def _phase_name(status: EngineStatus) -> str:

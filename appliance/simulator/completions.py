@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.simulator.args import ServeArgs
-from appliance.simulator.engine import Engine
+from appliance.simulator.engine import Engine, RequestAbortedError
 from appliance.simulator.errors import DICT_MSG, ApiError, bad_request, validation_error
 from appliance.simulator.generation import (
     ANSWER_FILLER,
@@ -376,6 +376,14 @@ class Completions:
             yield _sse(err.body())
             yield b"data: [DONE]\n\n"
             return
+        except RequestAbortedError as aborted:  # /sleep aborted it, as vLLM's does
+            yield chunk({}, "abort")
+            if include_usage:
+                yield _sse(
+                    {**head, "choices": [], "usage": _usage(prompt_tokens, aborted.generated)}
+                )
+            yield b"data: [DONE]\n\n"
+            return
         if not finished:  # the end-of-sequence token has no text: an empty delta
             yield chunk({}, reply.finish_reason)
         if include_usage:
@@ -447,6 +455,15 @@ class Completions:
                     yield _sse({**head, "choices": [choice]})
         except ApiError as err:
             yield _sse(err.body())
+            yield b"data: [DONE]\n\n"
+            return
+        except RequestAbortedError as aborted:  # /sleep aborted it, as vLLM's does
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": "abort"}
+            yield _sse({**head, "choices": [{**choice, "stop_reason": None}]})
+            if usage:
+                yield _sse(
+                    {**head, "choices": [], "usage": _usage(prompt_tokens, aborted.generated)}
+                )
             yield b"data: [DONE]\n\n"
             return
         if usage:

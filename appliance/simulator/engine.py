@@ -24,6 +24,15 @@ from appliance.simulator.metrics import EngineMetrics
 _ACCEPT_CYCLE = (3, 2, 4, 3, 1, 4, 3, 2)
 
 
+class RequestAbortedError(Exception):
+    """The engine aborted the request (vLLM's `/sleep` does so to every running and waiting
+    request: `mode` defaults to "abort"); the client sees finish_reason "abort"."""
+
+    def __init__(self, generated: int) -> None:
+        super().__init__("request aborted")
+        self.generated = generated
+
+
 @dataclass(eq=False)  # identity-hashed: lives in the running set
 class _Running:
     prompt_tokens: int
@@ -39,6 +48,7 @@ class Engine:
         self.metrics = EngineMetrics(args.served_name, spec_decode=args.num_speculative_tokens > 0)
         self.dead = False
         self.sleep_level = 0
+        self.sleeps = 0  # how many times /sleep ran: requests older than the last one are aborted
         self.awake = asyncio.Event()
         self.awake.set()
         self.slots = asyncio.Semaphore(args.max_num_seqs)
@@ -70,9 +80,11 @@ class Engine:
         self.waiting += 1
         self._gauges()
         queued = True
+        era = self.sleeps
         try:
-            await self.awake.wait()
+            await self.awake.wait()  # arrived while asleep: queued until wake-up, not aborted
             async with self.slots:
+                self._check_aborted(era, state)
                 queued = False
                 self.waiting -= 1
                 self.running.add(state)
@@ -100,6 +112,7 @@ class Engine:
                         # A lagging loop catches up by emitting every token that is due.
                         n = max(n, int((now - first) * rate) + 1 - state.generated)
                         self.metrics.itl.observe(now - last)
+                    self._check_aborted(era, state)
                     n = min(n, max_new - state.generated)
                     last = now
                     self._account_step(state, n, speculative=step_no > 0)
@@ -116,6 +129,10 @@ class Engine:
                 self.waiting -= 1
             self.running.discard(state)
             self._finish(state, finished, arrival, first)
+
+    def _check_aborted(self, era: int, state: _Running) -> None:
+        if self.sleeps != era:
+            raise RequestAbortedError(state.generated)
 
     def _step_size(self, step_no: int) -> int:
         k = self.args.num_speculative_tokens
@@ -171,6 +188,9 @@ class Engine:
             return
         started = time.monotonic()
         self.awake.clear()
+        # vLLM 0.32 `EngineCore.sleep` -> `pause_scheduler(mode="abort")`: every running and
+        # waiting request finishes as aborted before the weights move (v1/engine/core.py).
+        self.sleeps += 1
         await asyncio.sleep(self.knobs.sleep_s)
         self.sleep_level = level
         self.metrics.set_sleep(level)
