@@ -69,6 +69,7 @@ MEMORY_IN_USE = "memory_in_use"  # the start-up free-memory check: another proce
 CONFIG_INVALID = "config_invalid"  # vLLM refused the configuration (a pydantic ValidationError)
 UNKNOWN_ARGUMENT = "unknown_argument"  # argparse: the image's vLLM does not know a flag (exit 2)
 BAD_ARGUMENT = "bad_argument"  # argparse: a flag's value is invalid (exit 2)
+NOT_SUPPORTED = "not_supported"  # a setting this hardware or vLLM build cannot do
 ENGINE_INIT_FAILED = "engine_init_failed"  # generic: the root cause, if any, is above it
 
 # A failure the supervisor may answer with one safer retry (spec.safer_spec: a lower
@@ -97,6 +98,9 @@ FAILURE_HINTS: dict[str, str] = {
     "(engine.image) or a profile without it, then start again.",
     BAD_ARGUMENT: "vLLM refused a flag's value (named in the log line): fix the setting that "
     "sets it, then start again.",
+    NOT_SUPPORTED: "This machine or this vLLM build cannot do a setting named in the log line "
+    "(e.g. an FP8 KV cache needs hardware support): change that setting or pick another "
+    "profile, then start again.",
     ENGINE_INIT_FAILED: "The engine could not start; the lines above it in the log say why "
     "(`step-station logs`). Fix that, then start again.",
 }
@@ -124,6 +128,7 @@ _PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|Initial profiling/warmup run took|Warming up done\."
             r"|Directly load the compiled graph|Cache the graph .* for later use"
             r"|Starting torch\.compile|for vLLM's torch\.compile$|torch\.compile cache is disabled"
+            r"|Compiling model again due to"
         ),
     ),
     (
@@ -165,10 +170,12 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (CONFIG_INVALID, re.compile(r"ValidationError: \d+ validation errors? for ")),
     (UNKNOWN_ARGUMENT, re.compile(r"^\S*vllm(?: \w+)?: error: unrecognized arguments: ")),
     (BAD_ARGUMENT, re.compile(r"^\S*vllm(?: \w+)?: error: argument ")),
+    (NOT_SUPPORTED, re.compile(r"NotImplementedError: \S")),
     (
         ENGINE_INIT_FAILED,
         re.compile(
-            r"Engine core initialization failed|EngineCore failed to start\."
+            r"Worker failed with error '"
+            r"|Engine core initialization failed|EngineCore failed to start\."
             r"|WorkerProc failed to start\.|WorkerProc initialization failed"
         ),
     ),

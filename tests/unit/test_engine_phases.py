@@ -175,6 +175,9 @@ FAILURES = {
         phases.CONFIG_INVALID
     ),
     "vllm: error: unrecognized arguments: --disable-cascade-attn": phases.UNKNOWN_ARGUMENT,
+    "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX.": (
+        phases.NOT_SUPPORTED
+    ),
     "vllm serve: error: argument --port: invalid int value: 'x'": phases.BAD_ARGUMENT,
 }
 
@@ -304,6 +307,25 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any], str | None]] = {
         [phases.LAUNCHING, phases.INITIALIZING],
         {"vllm_version": "0.32.0", "architecture": "Qwen2ForCausalLM"},
         phases.MEMORY_IN_USE,
+    ),
+    # This machine's CPU has no AVX-512: vLLM compiles, sizes the KV cache, then refuses FP8 KV.
+    "cpu-0.32-std-fp8-kv-cache-refused.log": (
+        CPU_START[:-1],
+        {
+            "vllm_version": "0.32.0",
+            "kv_cache_gib": 1.0,
+            "kv_cache_tokens": 2_097_152,
+            "max_model_len": 4096,
+            "max_concurrency": 512.0,
+        },
+        phases.NOT_SUPPORTED,
+    ),
+    # A stop during start logs "EngineCore failed to start." (a generic failure line): the
+    # supervisor must judge a stop it asked for by the request, not by the log.
+    "cpu-0.32-sigterm-while-compiling.log": (
+        CPU_START[:4],
+        {"vllm_version": "0.32.0", "weights_load_s": 0.05},
+        phases.ENGINE_INIT_FAILED,
     ),
     "gpu-from-source-start.log": (
         GPU_START,
