@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 from engine_net import free_port
 from fixtures.realvllm import (
-    COMMON_FLAGS,
     ENGINE_ENV,
     MODELS,
     SERVED,
-    _take_slot,
     engine_env,
     require_real_vllm,
 )
@@ -33,7 +31,6 @@ from appliance import settings as st
 from appliance.engine import EngineState, Supervisor, compat
 from appliance.engine.docker_runtime import DockerRuntime
 from appliance.engine.launch import launch_spec_for
-from appliance.engine.process_runtime import ProcessRuntime
 from appliance.engine.spec import LABEL_NAME, LaunchSpec
 from appliance.errors import EngineError, ImagePullError
 
@@ -260,6 +257,16 @@ def test_real_vllm_rejects_an_unknown_flag_as_the_check_predicts(tmp_path: Path)
     assert list(cache.glob("*.json")) == [cached]  # answered from the cache
 
 
+def _tiny_std_without_effort(folder: Path) -> Path:
+    """The tiny standard model with its template's `reasoning_effort` renamed."""
+    shutil.copytree(MODELS["std"], folder)
+    template = folder / "chat_template.jinja"
+    text = template.read_text(encoding="utf-8")
+    assert "reasoning_effort" in text
+    template.write_text(text.replace("reasoning_effort", "thinking_level"), encoding="utf-8")
+    return folder
+
+
 def test_the_tiny_models_templates_use_reasoning_effort() -> None:
     require_real_vllm()
     for model in MODELS.values():
@@ -269,57 +276,17 @@ def test_the_tiny_models_templates_use_reasoning_effort() -> None:
         assert compat.template_notes(spec) == [], model
 
 
-@pytest.mark.timeout(900)
-def test_real_vllm_started_by_the_supervisor_warns_about_a_template_without_effort(
-    tmp_path: Path,
+@pytest.mark.docker
+def test_a_start_warns_when_the_model_template_drops_the_effort(
+    dk, settings, make_sup, tmp_path: Path
 ) -> None:
-    """The tiny standard model with its template's `reasoning_effort` renamed: the real engine
-    serves it, and the start says that the reasoning level will be dropped."""
-    exe = require_real_vllm()
-    model = tmp_path / "tiny-std-no-effort"
-    shutil.copytree(MODELS["std"], model)
-    template = model / "chat_template.jinja"
-    template.write_text(template.read_text().replace("reasoning_effort", "thinking_level"))
-
-    settings = st.Settings()
-    settings.engine.runtime = "process"
-    settings.engine.port = free_port()
-    settings.engine.container_name = f"sst-compat-{uuid.uuid4().hex[:10]}"
-    settings.engine.start_timeout_s = 600
-
-    def build(sup: Supervisor, profile: str | None) -> LaunchSpec:
-        del profile
-        port = sup.settings.engine.port
-        return LaunchSpec(
-            name=sup.settings.engine.container_name,
-            image="",
-            args=(str(model), "--host", "127.0.0.1", "--port", str(port), *COMMON_FLAGS,
-                  "--disable-cascade-attn"),
-            profile="fp8-tp1",
-            served_model_name=SERVED,
-            host_port=port,
-            runtime="process",
-            env=tuple(sorted(ENGINE_ENV.items())),
-            executable=(str(exe), "serve"),
-        )  # fmt: skip
-
-    slot = _take_slot()
-    sup = Supervisor(
-        settings,
-        runtime=ProcessRuntime(),
-        spec_builder=build,
-        download_weights=False,
-        poll_interval_s=0.2,
-        outside_poll_s=0,
-    )
-    try:
-        sup.start()
-        status = sup.wait_ready(900)
-        (note,) = status.notes
-        assert "chat_template.jinja" in note
-        assert "does not use reasoning_effort" in note
-        assert "--disable-cascade-attn" in status.effective["command"]  # 0.32 knows it
-    finally:
-        sup.stop(timeout_s=30)
-        sup.close()
-        slot.close()
+    """A local checkpoint (mounted read-only into the engine): the tiny model whose template
+    does not read reasoning_effort. The engine serves; the start carries the warning."""
+    require_real_vllm()  # the tiny models come with the real-vLLM harness
+    settings.engine.model_override = str(_tiny_std_without_effort(tmp_path / "tiny-no-effort"))
+    sup = make_sup()
+    sup.start()
+    status = sup.wait_ready(180)
+    (note,) = status.notes
+    assert "chat template (chat_template.jinja) does not use reasoning_effort" in note
+    assert status.to_dict()["notes"] == [note]

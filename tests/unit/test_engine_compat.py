@@ -392,3 +392,26 @@ def test_a_model_not_on_disk_gives_no_warning(tmp_path: Path) -> None:
     )
     assert compat.template_notes(spec) == []
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------ where notes show
+
+
+def test_notes_reach_the_cli_and_the_model_tab(capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.commands.engine import _print_status, _report_start
+    from appliance.engine.state import EngineState, EngineStatus
+    from appliance.timeline import build_timeline
+    from ui.model import timeline_html
+
+    note = "Dropped --disable-cascade-attn: the image <x> does not know it."
+    status = EngineStatus(
+        state=EngineState.READY, engine_url="http://127.0.0.1:1", served_model_name="s",
+        notes=[note],
+    )  # fmt: skip
+    assert _report_start(status, waited=True) == 0
+    assert f"Note: {note}" in capsys.readouterr().err
+    _print_status(status)
+    assert f"Note: {note}" in capsys.readouterr().out
+    page = timeline_html(status, build_timeline(status))
+    assert "Dropped --disable-cascade-attn: the image &lt;x&gt; does not know it." in page
+    assert status.to_dict()["notes"] == [note]
