@@ -236,7 +236,7 @@ def real_server(launcher: Launcher, config: ServerConfig, real_start: bool) -> R
     env = dict(config.env)
     if any(name.startswith("STEP_SIM_") for name in env):
         pytest.skip("fault injection and simulator knobs exist only in the simulator")
-    if "--enable-sleep-mode" in config.flags or env.get("VLLM_SERVER_DEV_MODE"):
+    if "--enable-sleep-mode" in config.flags:  # dev mode alone runs: /sleep pauses and aborts
         pytest.skip(SLEEP_ON_CPU)
     if "--speculative-config" in config.flags:
         pytest.skip(SPEC_ON_CPU)
