@@ -139,7 +139,13 @@ _PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     (CUDA_GRAPHS, re.compile(r"Capturing CUDA graphs?|Graph capturing finished")),
-    (API_SERVER, re.compile(r"Starting vLLM (API )?server|Route: /|Application startup complete")),
+    (
+        API_SERVER,
+        re.compile(
+            r"Supported[_ ]tasks: \[|Starting vLLM (API )?server|Route: /"
+            r"|Application startup complete"
+        ),
+    ),
 )
 
 _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (

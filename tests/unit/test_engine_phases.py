@@ -308,6 +308,20 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any], str | None]] = {
         {"vllm_version": "0.32.0", "architecture": "Qwen2ForCausalLM"},
         phases.MEMORY_IN_USE,
     ),
+    # Ready, then SIGTERM: 0.32 stops in 0.3 s and (here) logs no EngineDeadError traceback.
+    "cpu-0.32-std-start-logo-sigterm.log": (
+        CPU_START,
+        {
+            "vllm_version": "0.32.0",
+            "architecture": "Qwen2ForCausalLM",
+            "kv_cache_gib": 1.0,
+            "kv_cache_tokens": 1_048_576,
+            "max_model_len": 4096,
+            "max_concurrency": 256.0,
+            "engine_init_s": 73.01,
+        },
+        None,
+    ),
     # This machine's CPU has no AVX-512: vLLM compiles, sizes the KV cache, then refuses FP8 KV.
     "cpu-0.32-std-fp8-kv-cache-refused.log": (
         CPU_START[:-1],
