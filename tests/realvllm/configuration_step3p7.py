@@ -71,6 +71,14 @@ class Step3p7TextConfig(PretrainedConfig):
             "norm_expert_weight": True,
             "moe_router_scaling_factor": 1.0,
             "tie_word_embeddings": False,
+            # Read as attributes (not getattr with a default) by vLLM's step3p5.py.
+            "swiglu_limits": None,
+            "swiglu_limits_shared": None,
+            "rope_scaling": None,
+            "attention_other_setting": None,
+            "layer_types": None,
+            "max_position_embeddings": None,
+            "num_nextn_predict_layers": 0,
         }
         fields.update(kwargs)
         passthrough = {

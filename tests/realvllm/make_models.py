@@ -386,6 +386,8 @@ def make_step(tok: object, out: Path) -> dict[str, object]:
         "need_fp32_gate": True,
         "att_impl_type": "GQA",
         "num_nextn_predict_layers": 0,
+        "swiglu_limits": [0.0] * layers,
+        "swiglu_limits_shared": [0.0] * layers,
         "tie_word_embeddings": False,
         "bos_token_id": endoftext,
         "eos_token_id": eos,
