@@ -173,6 +173,7 @@ class ProcessRuntime(Runtime):
     def stop(self, handle: EngineHandle, timeout_s: float) -> None:
         pid = self._pid(handle)
         if not self.inspect(handle).running:
+            self._kill_leftovers(handle)
             return
         self._signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -190,8 +191,28 @@ class ProcessRuntime(Runtime):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)  # the engine runs in its own session: pgid == pid
 
+    def _kill_leftovers(self, handle: EngineHandle) -> None:
+        """The API server is gone but its group may not be: when vLLM's engine core is killed,
+        its worker process lives on (seen with the real 0.32 engine), holding the model's memory.
+        Kill what is left of the engine's process group: processes whose group is the engine's
+        pid and that started after it (a reused pid is never mistaken for ours)."""
+        pid = self._pid(handle)
+        record = self._read_record(handle.name)
+        created = (
+            float(record.get("create_time", 0.0)) if record and record.get("pid") == pid else 0.0
+        )
+        if not created:
+            return
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == pid and proc.create_time() >= created - 1.0:
+                    proc.kill()
+            except (OSError, psutil.Error):
+                continue
+
     def remove(self, handle: EngineHandle) -> None:
         pid = self._pid(handle)
+        self._kill_leftovers(handle)
         with self._lock:
             child = self._children.pop(pid, None)
         if child is not None:
