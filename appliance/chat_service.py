@@ -36,6 +36,8 @@ class EngineView:
     message: str = ""
 
     def not_ready_text(self) -> str:
+        if self.label == "Sleeping":
+            return "The model is asleep (idle sleep); sending a message wakes it first."
         detail = f" {self.message}" if self.message else ""
         return f"The model is not running ({self.label}).{detail} Start it in the Model tab."
 

@@ -171,6 +171,7 @@ def test_a_browser_chat_holds_off_idle_sleep_and_wakes_the_engine(
     assert wait_until(lambda: sup.idle_s() < IDLE_S, 30), sup.idle_s()
 
     sleeps_after_idle(sup, clock)
+    assert "sending a message wakes it" in svc.engine().not_ready_text()  # the Chat tab's line
     # A chat sent to the sleeping engine wakes it first, then answers in full.
     again = run_async(browser_chat(svc, "Are you awake?"))
     assert again.phase == chat.FINISHED, (again.phase, again.error)
