@@ -31,7 +31,9 @@ lines of the 0.22/0.23 image from the same files, read with the `search` tool's 
   allocation is less than requested memory for kv`; `v1/engine/utils.py` `RuntimeError: Engine
   core initialization failed. See root cause above. Failed core proc(s): {...}`;
   `config/model.py` `Sleep mode is not supported on current platform.` (a pydantic
-  `ValidationError`); argparse's `vllm: error: unrecognized arguments: X` (exit 2).
+  `ValidationError`); argparse's `vllm: error: unrecognized arguments: X` (exit 2);
+  `v1/engine/core_client.py` `[shutdown] MPClient: engine core exited unexpectedly; starting
+  cleanup` when the engine core dies while serving (the API server then exits 0).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ UNKNOWN_ARGUMENT = "unknown_argument"  # argparse: the image's vLLM does not kno
 BAD_ARGUMENT = "bad_argument"  # argparse: a flag's value is invalid (exit 2)
 NOT_SUPPORTED = "not_supported"  # a setting this hardware or vLLM build cannot do
 ENGINE_INIT_FAILED = "engine_init_failed"  # generic: the root cause, if any, is above it
+ENGINE_DIED = "engine_died"  # generic: the engine core (or its worker) process went away
 
 # A failure the supervisor may answer with one safer retry (spec.safer_spec: a lower
 # --gpu-memory-utilization, or a shorter --max-model-len when the context did not fit).
@@ -101,6 +104,8 @@ FAILURE_HINTS: dict[str, str] = {
     NOT_SUPPORTED: "This machine or this vLLM build cannot do a setting named in the log line "
     "(e.g. an FP8 KV cache needs hardware support): change that setting or pick another "
     "profile, then start again.",
+    ENGINE_DIED: "The engine's core process died (killed from outside, or a crash: the log "
+    "lines before it say which); start the engine again.",
     ENGINE_INIT_FAILED: "The engine could not start; the lines above it in the log say why "
     "(`step-station logs`). Fix that, then start again.",
 }
@@ -178,6 +183,13 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (BAD_ARGUMENT, re.compile(r"^\S*vllm(?: \w+)?: error: argument ")),
     (NOT_SUPPORTED, re.compile(r"NotImplementedError: \S")),
     (
+        ENGINE_DIED,
+        re.compile(
+            r"engine core exited unexpectedly|Engine core process \S+ died unexpectedly"
+            r"|Worker proc \S+ died unexpectedly|RuntimeError: Process \S+ \(PID: \d+\) died"
+        ),
+    ),
+    (
         ENGINE_INIT_FAILED,
         re.compile(
             r"Worker failed with error '"
@@ -187,7 +199,7 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
 )
 # A generic failure gives way to a specific one logged after it (the processes' lines interleave).
-_GENERIC_FAILURES = (ENGINE_INIT_FAILED,)
+_GENERIC_FAILURES = (ENGINE_INIT_FAILED, ENGINE_DIED)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NUM = r"([\d,]+(?:\.\d+)?)"
@@ -327,10 +339,12 @@ class PhaseTracker:
         return True
 
     def _note_failure(self, event: LogEvent, line: str) -> None:
-        if event.failure and (self.failure is None or self.failure in _GENERIC_FAILURES):
-            if event.failure != self.failure:
-                self.failure = event.failure
-                self.failure_line = line
+        if event.failure and (
+            self.failure is None
+            or (self.failure in _GENERIC_FAILURES and event.failure not in _GENERIC_FAILURES)
+        ):
+            self.failure = event.failure
+            self.failure_line = line
         elif "config_error" in event.facts and self.failure == CONFIG_INVALID:
             # pydantic prints "ValidationError: 1 validation error for X" and the reason below it
             self.failure_line = f"Value error, {event.facts['config_error']}"

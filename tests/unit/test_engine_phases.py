@@ -175,6 +175,8 @@ FAILURES = {
         phases.CONFIG_INVALID
     ),
     "vllm: error: unrecognized arguments: --disable-cascade-attn": phases.UNKNOWN_ARGUMENT,
+    "(APIServer pid=7) WARNING 12-01 03:33:43 [core_client.py:817] [shutdown] MPClient: engine "
+    "core exited unexpectedly; starting cleanup": phases.ENGINE_DIED,
     "NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX.": (
         phases.NOT_SUPPORTED
     ),
@@ -206,6 +208,9 @@ def test_generic_failure_gives_way_to_the_root_cause_but_not_the_reverse() -> No
     assert (tracker.failure, tracker.failure_line) == (phases.MEMORY_IN_USE, cause)
     tracker = track([cause, generic])
     assert (tracker.failure, tracker.failure_line) == (phases.MEMORY_IN_USE, cause)
+    died = "RuntimeError: Process EngineCore (PID: 7) died with exit code -9"
+    tracker = track([died, generic])  # the first generic line stays
+    assert (tracker.failure, tracker.failure_line) == (phases.ENGINE_DIED, died)
 
 
 def test_validation_error_reason_becomes_the_failure_line() -> None:
@@ -322,6 +327,13 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any], str | None]] = {
         },
         None,
     ),
+    # VLLM_DISABLE_LOG_LOGO=1, ready, then the EngineCore process killed (SIGKILL): the API server
+    # logs "engine core exited unexpectedly" and an EngineDeadError, and exits 0.
+    "cpu-0.32-std-start-nologo-enginecore-killed.log": (
+        CPU_START,
+        {"vllm_version": "0.32.0", "kv_cache_tokens": 1_048_576, "max_model_len": 4096},
+        phases.ENGINE_DIED,
+    ),
     # This machine's CPU has no AVX-512: vLLM compiles, sizes the KV cache, then refuses FP8 KV.
     "cpu-0.32-std-fp8-kv-cache-refused.log": (
         CPU_START[:-1],
@@ -334,12 +346,12 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any], str | None]] = {
         },
         phases.NOT_SUPPORTED,
     ),
-    # A stop during start logs "EngineCore failed to start." (a generic failure line): the
-    # supervisor must judge a stop it asked for by the request, not by the log.
+    # A stop during start logs "Worker proc ... died unexpectedly" and "EngineCore failed to
+    # start." (generic failure lines): a stop the supervisor asked for is judged by the request.
     "cpu-0.32-sigterm-while-compiling.log": (
         CPU_START[:4],
         {"vllm_version": "0.32.0", "weights_load_s": 0.05},
-        phases.ENGINE_INIT_FAILED,
+        phases.ENGINE_DIED,
     ),
     "gpu-from-source-start.log": (
         GPU_START,
