@@ -189,13 +189,11 @@ def save_tokenizer(tok: object, out: Path, image_placeholder: str) -> str:
         model_max_length=4096,
         chat_template=template,
     )
+    # Loaded back, transformers 5 makes tiny-std's a Qwen2Tokenizer (by model_type, whatever
+    # tokenizer_config says: it puts Qwen2's regex split before this BPE) and tiny-step3p7's the
+    # generic backend (vllm/tokenizers/registry.py forces that for step3p7). So the two split
+    # prompts differently; the added tokens, the markers and the decoding of the chain are the same.
     fast.save_pretrained(out)
-    # Generic class (not Qwen2Tokenizer): transformers 5 would rebuild a model-specific
-    # tokenizer with its own pre-tokenizer instead of reading tokenizer.json as written.
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return template
 
 
