@@ -23,6 +23,7 @@ IMAGE=${REALVLLM_IMAGE:-localhost:${REGISTRY##*:}/vllm/vllm-openai:stepfun37-rea
 BASE=${HARNESS_LOCAL_BASE:-step-station/debian-python:bookworm}
 DOCKERFILE=docker/realvllm/Dockerfile
 WORKAROUNDS=tests/realvllm/cpu_workarounds.py
+CLI=docker/realvllm/vllm_cli.py
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
@@ -70,7 +71,7 @@ inputs_hash() {
   base_id=$(docker image inspect --format '{{.Id}}' "$BASE" 2>/dev/null) \
     || die "the base image $BASE is missing; run scripts/harness.sh up (it builds it)"
   # The wheels by name and size (names carry versions; reading 1 GB to hash it costs seconds).
-  { cat "$DOCKERFILE" "$WORKAROUNDS" "$R/requirements.txt"
+  { cat "$DOCKERFILE" "$CLI" "$WORKAROUNDS" "$R/requirements.txt"
     (cd "$WHEELS" && find . -maxdepth 1 -name '*.whl' -printf '%f %s\n' | LC_ALL=C sort)
     echo "$base_id"; } | sha256sum | cut -c1-16
 }
@@ -112,7 +113,7 @@ build() {
   log "building $IMAGE from $BASE (log: $LOGS/realvllm-build.log)"
   local ctx
   ctx=$(mktemp -d)
-  cp "$DOCKERFILE" "$WORKAROUNDS" "$R/requirements.txt" "$ctx/"
+  cp "$DOCKERFILE" "$CLI" "$WORKAROUNDS" "$R/requirements.txt" "$ctx/"
   DOCKER_BUILDKIT=0 docker build --network host \
       --build-arg "BASE_IMAGE=$BASE" \
       --build-arg "WHEELS_URL=http://127.0.0.1:$port/" \

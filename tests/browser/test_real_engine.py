@@ -45,7 +45,7 @@ from appliance import settings as st
 from appliance.engine import phases
 from appliance.engine.health import port_is_free
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_NAME = "io.step-station.name"

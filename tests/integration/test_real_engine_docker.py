@@ -42,7 +42,7 @@ from appliance.engine.health import port_is_free
 from appliance.engine.launch import launch_spec_for
 from appliance.engine.spec import LABEL_NAME
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = json.loads((MODELS["std"].parent / "models.json").read_text())["std"]
