@@ -484,17 +484,18 @@ def main(argv: list[str]) -> int:
         "step": make_step(tok, step_dir),
     }
     (tmp / "models.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    # Swap in: the old models go only once the new ones are complete.
+    # Swap in: the old models go only once the new ones are complete, each folder by two renames
+    # (an engine starting meanwhile from another checkout's run sees one or the other, whole).
     for old in root.glob(".made-*"):
         old.unlink()
+    retired = tmp / "retired"
+    retired.mkdir()
     for name in (SERVED_STD, SERVED_STEP, "models.json"):
         target = root / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+        if target.exists():
+            target.rename(retired / name)
         (tmp / name).rename(target)
-    tmp.rmdir()
+    shutil.rmtree(tmp)
     stamp.write_text(stamp.name + "\n")
     print(f"make_models: wrote {root / SERVED_STD}, {root / SERVED_STEP}, {root / 'models.json'}")
     return 0
