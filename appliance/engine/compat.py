@@ -18,7 +18,7 @@ Chat template: vLLM passes a request's `reasoning_effort` to the chat template o
 template references the variable; otherwise it silently drops it (`resolve_chat_template_kwargs`
 keeps only the template's undeclared variables, found with `jinja2.meta.
 find_undeclared_variables`: vllm/renderers/hf.py in 0.32, vllm/entrypoints/chat_utils.py in
-0.22/0.23). After the weights are on disk, `template_notes` warns when the model's template
+earlier releases). After the weights are on disk, `template_notes` warns when the model's template
 (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) never names it.
 """
 
