@@ -116,6 +116,7 @@ _PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(
             r"vLLM server version |█.*\s(?:version|model)\s+\S"
             r"|non-default args: |Initializing a V1 LLM engine|Resolved architecture"
+            r"|Multi-modal warmup completed in"
         ),
     ),
     (

@@ -334,6 +334,17 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any], str | None]] = {
         {"vllm_version": "0.32.0", "kv_cache_tokens": 1_048_576, "max_model_len": 4096},
         phases.ENGINE_DIED,
     ),
+    # The real Step-3.7 architecture, dummy weights (no shard bar, no "Loading weights took").
+    "cpu-0.32-step-start-nologo-sigterm.log": (
+        CPU_START,
+        {
+            "vllm_version": "0.32.0",
+            "architecture": "Step3p7ForConditionalGeneration",
+            "kv_cache_tokens": 1_342_177,
+            "max_concurrency": 327.68,
+        },
+        None,
+    ),
     # This machine's CPU has no AVX-512: vLLM compiles, sizes the KV cache, then refuses FP8 KV.
     "cpu-0.32-std-fp8-kv-cache-refused.log": (
         CPU_START[:-1],
