@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.simulator import VLLM_VERSION
 from appliance.simulator.args import ServeArgs
 from appliance.simulator.engine import Engine, RequestAbortedError
 from appliance.simulator.errors import DICT_MSG, ApiError, bad_request, validation_error
@@ -125,6 +127,7 @@ class Completions:
         self.knobs = knobs
         self.engine = engine
         self.max_model_len = max_model_len
+        self.fingerprint = fingerprint(args)
 
     # ----------------------------------------------------------------------------- shared checks
 
@@ -315,12 +318,16 @@ class Completions:
                     "logprobs": None,
                     "finish_reason": reply.finish_reason,
                     "stop_reason": None,
+                    "token_ids": None,
+                    "routed_experts": None,
                 }
             ],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "usage": _usage(prompt_tokens, len(seq)),
             "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "prompt_text": None,
             "kv_transfer_params": None,
         }
 
@@ -345,16 +352,23 @@ class Completions:
         # Serialize the constant part once: 200 streams at 350 tokens/s make 70k chunks a second.
         prefix = _sse({**head, "choices": [{"index": 0, "delta": None}]})
         prefix = prefix[: prefix.rindex(b"null}]}")]
-        suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
+        suffix = b',"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
 
+        # Chunk fields as 0.23.0 serializes them (exclude_unset): token_ids on every choice, the
+        # fingerprint on the finish chunk unless a usage chunk follows (then on that one).
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             if finish is None:
                 return prefix + json.dumps(delta, separators=(",", ":")).encode() + suffix
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            choice["stop_reason"] = None
-            return _sse({**head, "choices": [choice]})
+            choice.update(stop_reason=None, token_ids=None)
+            last = {**head, "choices": [choice]}
+            if not include_usage:
+                last["system_fingerprint"] = self.fingerprint
+            return _sse(last)
 
-        yield chunk({"role": "assistant", "content": ""})
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        first["finish_reason"] = None
+        yield _sse({**head, "choices": [first], "prompt_token_ids": None, "prompt_text": None})
         finish = "length" if reply.finish_reason == "length" else "stop"
         sent = 0
         finished = False
@@ -386,8 +400,11 @@ class Completions:
             return
         if not finished:  # the end-of-sequence token has no text: an empty delta
             yield chunk({}, reply.finish_reason)
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, len(seq))})
+        if include_usage:  # exclude_none: no prompt_tokens_details here
+            usage = {k: v for k, v in _usage(prompt_tokens, len(seq)).items() if v is not None}
+            yield _sse(
+                {**head, "choices": [], "usage": usage, "system_fingerprint": self.fingerprint}
+            )
         yield b"data: [DONE]\n\n"
 
     # ----------------------------------------------------------------------------- completions
@@ -491,6 +508,14 @@ def _deltas(seq: Output, start: int, end: int, calls: list[ToolCall]) -> list[di
                 {"tool_calls": [{"index": seg.tool, "function": {"arguments": call.arguments}}]}
             )
     return out
+
+
+def fingerprint(args: ServeArgs) -> str:
+    """`system_fingerprint`: vllm-<version>[-tp<n>]-<8 hex of the config>, as 0.23.0's "full"
+    mode builds it (vllm/entrypoints/serve/utils/fingerprint.py)."""
+    parallel = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    config = f"{args.model}|{args.max_model_len}|{args.num_speculative_tokens}"
+    return f"vllm-{VLLM_VERSION}{parallel}-{zlib.crc32(config.encode()):08x}"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:

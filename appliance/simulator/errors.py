@@ -74,12 +74,17 @@ ENDPOINTS = {
 
 
 def validation_error(
-    field: str, msg: str, value: Any, kind: str, ctx: dict[str, str] | None = None
+    field: str | tuple[str | int, ...],
+    msg: str,
+    value: Any,
+    kind: str,
+    ctx: dict[str, str] | None = None,
 ) -> ApiError:
     """FastAPI's RequestValidationError as vLLM 0.23.0's handler answers it: 400, type "Bad
     Request", `param` null (0.23 sets it only for its own VLLMValidationError; 0.32 fills it from
     the error's loc, e.g. "body.temperature")."""
-    detail: dict[str, Any] = {"type": kind, "loc": ("body", field), "msg": msg, "input": value}
+    loc = ("body", *field) if isinstance(field, tuple) else ("body", field)
+    detail: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": value}
     if ctx:
         detail["ctx"] = ctx
     return ApiError(400, str([detail]), type_="Bad Request", param=None, details=[detail])

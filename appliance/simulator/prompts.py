@@ -67,7 +67,7 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
     if tools:
         lines.append("# Tools\n" + json.dumps(tools) + "\n")
     lines.append("<|im_end|>\n")
-    for message in messages:
+    for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise validation_error("messages", "Field required", message, "missing")
         role = message["role"]
@@ -83,7 +83,7 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
                 "messages", "Input should be a valid string", name, "string_type"
             )
         text = _content_text(message.get("content"), prompt)
-        for call in _tool_calls(message.get("tool_calls")):
+        for call in _tool_calls(message.get("tool_calls"), index):
             text += json.dumps(call["function"])
         lines.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
         if role == "user":
@@ -102,14 +102,15 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
     return prompt
 
 
-def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    where = ("messages", index, "tool_calls")
     if calls is None:
         return []
     if not isinstance(calls, list):
-        raise validation_error("messages", "Input should be a valid list", calls, "list_type")
+        raise validation_error(where, "Input should be a valid list", calls, "list_type")
     for call in calls:
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-            raise validation_error("messages", "Field required", call, "missing")
+            raise validation_error(where, "Field required", call, "missing")
     return calls
 
 

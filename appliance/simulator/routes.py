@@ -23,7 +23,10 @@ Route = Callable[[Request], Awaitable[Result]]
 # vLLM's --api-key middleware guards only these prefixes: 0.23.0's GUARDED_PREFIX in
 # vllm/entrypoints/serve/utils/server_utils.py (later versions add "/cohere").
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# vLLM serves /metrics as prometheus_client's CONTENT_TYPE_LATEST (0.23.0:
+# vllm/entrypoints/serve/instrumentator/metrics.py); with the prometheus_client of 2026 images
+# that is the 1.0.0 text format. Real vLLM 0.32 answers a plain GET with exactly this.
+METRICS_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 
 
 class Api:

@@ -186,7 +186,10 @@ SPEC_ON_CPU = (
 )
 # Flags whose meaning on the CPU build differs from the GPU's: --gpu-memory-utilization is the
 # fraction of the NUMA node's RAM there, and 0.95 is refused on a shared machine.
-GPU_ONLY_FLAGS = ("--gpu-memory-utilization", "--tensor-parallel-size", "-tp")
+# And the FP8 KV cache: the fixture passes it only where the CPU can store it (AVX-512/AMX).
+GPU_ONLY_FLAGS = ("--gpu-memory-utilization", "--tensor-parallel-size", "-tp") + (
+    () if "--kv-cache-dtype" in COMMON_FLAGS else ("--kv-cache-dtype",)
+)
 
 
 @dataclass
@@ -215,6 +218,20 @@ class RealServer:
     def stop(self) -> None:
         if not self.shared:  # the session's engines are stopped by their fixtures
             self.process.stop()
+
+
+@dataclass
+class AttachedEngine:
+    """A real engine someone else started (its URL only): no logs, never stopped here."""
+
+    url: str
+    returncode: int | None = None
+
+    def logs(self) -> str:
+        pytest.skip("an attached real engine's logs are not visible to the suite")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        return None
 
 
 def _without_gpu_flags(flags: tuple[str, ...]) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conformance_servers import Launcher, Server, client_for
+from conformance_servers import AttachedEngine, Launcher, Server, client_for
 from fixtures.docker import TEST_LABEL
 from fixtures.sim import start_simulator
 
@@ -82,7 +82,13 @@ def _launcher(kind: str, request: pytest.FixtureRequest, log_dir: Path) -> Launc
     if kind == "remote":
         return Launcher(kind)
     if kind.startswith("real-"):
-        shared = request.getfixturevalue(f"real_vllm_{kind.removeprefix('real-')}")
+        model = kind.removeprefix("real-")
+        # A developer iterating on the suite may attach to a real engine already running with
+        # the fixture's flags (STEP_REALVLLM_URL_STD / _STEP) instead of starting one per run.
+        attached = os.environ.get(f"STEP_REALVLLM_URL_{model.upper()}")
+        shared = (
+            AttachedEngine(attached) if attached else request.getfixturevalue(f"real_vllm_{model}")
+        )
         return Launcher(kind, shared=shared, log_dir=log_dir)
     if kind == "process":
 

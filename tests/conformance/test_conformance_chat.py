@@ -141,6 +141,12 @@ def test_stream_chunk_shapes(server: Server) -> None:
     assert {e["id"] for e in events} == {first["id"]}
     assert usage["choices"] == []
     assert usage["usage"]["completion_tokens"] > 0
+    # vllm-<version>[-<parallelism>]-<hash8> (vllm/entrypoints/serve/utils/fingerprint.py), on
+    # the last chunk only: the usage chunk here, the finish chunk without include_usage.
+    version = ".".join(str(part) for part in vllm_version(server))
+    assert usage["system_fingerprint"].startswith(f"vllm-{version}")
+    assert "system_fingerprint" not in finish
+    assert all("token_ids" in e["choices"][0] for e in [*middle, finish])
     if server.model_kind == "step":
         return  # random text: a stop or a cut, either way a finish chunk came
     assert finish["choices"][0]["finish_reason"] == "stop"

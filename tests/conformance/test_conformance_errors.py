@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -138,12 +140,12 @@ MISTYPED = [
     pytest.param({"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages", id="role-dict"),
     pytest.param(
         {"messages": [{"role": "assistant", "content": "a", "tool_calls": "x"}]},
-        "messages",
+        "toolcall",
         id="tool_calls-str",
     ),
     pytest.param(
         {"messages": [{"role": "assistant", "content": "a", "tool_calls": [1]}]},
-        "messages",
+        "toolcall",
         id="tool_call-int",
     ),
     pytest.param(
@@ -162,11 +164,19 @@ def test_a_mistyped_field_is_a_400_naming_it(server: Server, change: dict, field
     response = post(server, "/v1/chat/completions", payload)
     assert response.status_code == 400, response.text
     error = error_body(response)
+    # "toolcall": the simulator names messages.0.tool_calls, 0.32 the tool call's param class.
+    assert (
+        field in error["message"].replace("_", "").lower()
+        if field == "toolcall"
+        else (field in error["message"])
+    )
+    if error["type"] == "BadRequestError":  # 0.32 checks tool calls in its own code, after pydantic
+        assert vllm_version(server) >= (0, 32)
+        return
     assert error["type"] == "Bad Request"
-    assert field in error["message"]
-    assert error["message"].startswith("1 validation error")
+    assert re.match(r"\d+ validation errors?:\n", error["message"])
     if vllm_version(server) >= (0, 32):
-        assert error["param"].startswith(f"body.{field}")
+        assert error["param"].startswith("body.")
     else:
         assert error["param"] is None
 
@@ -200,8 +210,8 @@ def test_the_newer_reasoning_levels_are_accepted(server: Server, client, level: 
 
 
 def test_a_lone_surrogate_is_a_400_on_both_routes(server: Server) -> None:
-    if not server.simulated:
-        pytest.skip("the simulator's answer to text the tokenizer cannot take")
+    """JSON allows "\\ud800"; no tokenizer takes it. Real vLLM 0.32 answers the tokenizer's
+    TypeError as a 400 ("TextEncodeInput must be Union[...]"); never a 500."""
     headers = {"Content-Type": "application/json"}
     if server.api_key:
         headers["Authorization"] = f"Bearer {server.api_key}"
@@ -212,4 +222,5 @@ def test_a_lone_surrogate_is_a_400_on_both_routes(server: Server) -> None:
     for path, body in bodies.items():
         response = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
         assert response.status_code == 400, (path, response.text)
-        assert "Invalid text" in error_body(response)["message"]
+        message = error_body(response)["message"]
+        assert "Invalid text" in message if server.simulated else message

@@ -28,9 +28,9 @@ EXPECTED = {
 
 def test_metrics_parse_with_vllm_names_and_types(server: Server) -> None:
     response = httpx.get(f"{server.url}/metrics", timeout=10)
-    # prometheus_client's negotiated type: without an Accept asking for 1.0.0, the 0.0.4 text
-    # (exposition.choose_encoder; vLLM mounts make_asgi_app, instrumentator/metrics.py).
-    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    # prometheus_client's CONTENT_TYPE_LATEST (vllm/entrypoints/serve/instrumentator/metrics.py,
+    # 0.23.0 and 0.32): the 1.0.0 text format with the prometheus_client of 2026.
+    assert response.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
     families = scrape(server)
     for name, kind in EXPECTED.items():
         assert families[name].type == kind, name
