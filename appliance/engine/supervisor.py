@@ -780,6 +780,10 @@ class Supervisor:
             oom=bool(info and info.oom_killed) or outcome.failure == phases.CUDA_OOM,
             tail=tail,
         )
+        try:  # what outlived the engine's main process (vLLM's worker after its core died)
+            self.runtime.stop(handle, 5.0)
+        except ApplianceError as err:
+            log.info("could not clean up after the failed engine: %s", err)
 
     # ---------------------------------------------------------------------- adopted / ready
 
