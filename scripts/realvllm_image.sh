@@ -5,6 +5,7 @@
 #
 #   scripts/realvllm_image.sh up       idempotent: seconds when the registry already holds the
 #                                      image built from the same inputs
+#   scripts/realvllm_image.sh build    build only (no push), e.g. to check the Dockerfile
 #   scripts/realvllm_image.sh status
 #   scripts/realvllm_image.sh hash     the inputs hash (wheel list, Dockerfile, workarounds, base)
 #
@@ -157,11 +158,13 @@ cmd_up() {
 
 case "${1:-up}" in
   up) cmd_up ;;
+  build)  # build (when the local image's inputs differ), never push
+    ensure_wheels; h=$(inputs_hash); [ "$(local_hash)" = "$h" ] || build "$h" ;;
   hash) ensure_wheels; inputs_hash ;;
   status)
     echo "image: $IMAGE"
     echo "inputs: $( [ -f "$WHEELS/.complete-$VLLM_VERSION-2" ] && inputs_hash || echo 'wheels missing')"
     echo "registry: $(registry_hash)"
     echo "local: $(local_hash)" ;;
-  *) die "usage: scripts/realvllm_image.sh up|status|hash" ;;
+  *) die "usage: scripts/realvllm_image.sh up|build|status|hash" ;;
 esac
