@@ -262,6 +262,7 @@ def test_logcheck_flags_a_notable_line_the_parser_misses() -> None:
             "    raise MemoryError('boom')",
             "MemoryError: boom",  # the exception line: checked
             P + "Found ulimit of 20000 and failed to automatically increase with error x",
+            'INFO:     127.0.0.1:47382 - "GET /version HTTP/1.1" 200 OK',  # an access log line
         ]
     )
     assert unclassified_notable_lines(text) == [
