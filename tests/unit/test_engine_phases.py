@@ -263,6 +263,8 @@ def test_logcheck_flags_a_notable_line_the_parser_misses() -> None:
             "MemoryError: boom",  # the exception line: checked
             P + "Found ulimit of 20000 and failed to automatically increase with error x",
             'INFO:     127.0.0.1:47382 - "GET /version HTTP/1.1" 200 OK',  # an access log line
+            "(APIServer pid=1) INFO 12-01 03:55:22 [loggers.py:335] Engine 000: Avg prompt "
+            "throughput: 157.7 tokens/s, Running: 0 reqs, CPU KV cache usage: 0.0%",
         ]
     )
     assert unclassified_notable_lines(text) == [
