@@ -227,7 +227,7 @@ def test_model_tab_pulls_and_starts_the_real_engine_showing_every_phase_in_order
             from_log.append(event.phase)
     assert from_log == REAL_CPU_PHASES, from_log
     expect(page.locator("#ss-log textarea")).to_have_value(
-        re.compile("Starting vLLM"), timeout=20_000
+        re.compile("Application startup complete"), timeout=20_000
     )
     expect(page.locator("#ss-effective")).to_contain_text("4,096 tokens")
     expect(button).to_have_text("Stop")
