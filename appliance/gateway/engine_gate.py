@@ -4,8 +4,10 @@ The supervisor (appliance/engine) is the truth; its `status()` may touch Docker,
 asks at most once a second and shares one answer among concurrent requests. A connection refused
 by the engine invalidates the cached answer at once.
 
-Residency is the owner's: an API client can only cause a start or a wake, and only when the
-owner turned on `gateway.start_on_request`. Nothing here stops, unloads or reconfigures.
+Residency is the owner's: an API client can cause a start or a wake only when the owner turned on
+`gateway.start_on_request`, or, for a wake alone, turned on idle sleep (an engine put to sleep
+because nobody used it wakes when somebody does; otherwise a LAN client would get 503 until the
+owner chatted in the browser). Nothing here stops, unloads or reconfigures.
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ class EngineGate:
         engine: EngineView,
         *,
         start_on_request: Callable[[], bool] = lambda: False,
+        wake_on_request: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self._start_on_request = start_on_request
+        self._wake_on_request = wake_on_request
         self._clock = clock
         self._cached: EngineCheck | None = None
         self._expires = 0.0
@@ -116,9 +120,7 @@ class EngineGate:
     async def check(self) -> EngineCheck:
         cached = self._cached
         if cached is not None and self._clock() < self._expires:
-            if cached.ready or not (
-                self._start_on_request() and cached.state in ("absent", "stopped", "sleeping")
-            ):
+            if cached.ready or not self._may_act(cached.state):
                 return cached
         if self._inflight is not None:
             return await asyncio.shield(self._inflight)
@@ -138,10 +140,16 @@ class EngineGate:
         self._expires = self._clock() + (READY_TTL_S if result.ready else NOT_READY_TTL_S)
         return result
 
+    def _may_act(self, state: str) -> bool:
+        """May a request start (absent, stopped) or wake (sleeping) the engine?"""
+        if state == "sleeping":
+            return self._start_on_request() or self._wake_on_request()
+        return state in ("absent", "stopped") and self._start_on_request()
+
     async def _ask(self) -> EngineCheck:
         status = await anyio.to_thread.run_sync(self.engine.status)
         check = self._from_status(status)
-        if check.ready or not self._start_on_request():
+        if check.ready or not self._may_act(check.state):
             return check
         if check.state == "sleeping" and hasattr(self.engine, "wake"):
             return await self._wake(check)

@@ -142,7 +142,9 @@ class Gateway:
         self.access = access or AccessLog()
         self._log_file = access_log_file
         self.gate = EngineGate(
-            engine, start_on_request=lambda: self.settings.gateway.start_on_request
+            engine,
+            start_on_request=lambda: self.settings.gateway.start_on_request,
+            wake_on_request=lambda: self.settings.engine.idle_sleep_minutes > 0,
         )
         self.app = GatewayApp(
             keys=keys,

@@ -18,6 +18,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 from fixtures.aio import run_async
 from fixtures.sim import free_port
@@ -179,6 +180,36 @@ def test_a_browser_chat_holds_off_idle_sleep_and_wakes_the_engine(
     assert sup.status().state == EngineState.READY
     assert not engine_sleeping(sup)
     run_async(svc.aclose())
+
+
+def test_a_gateway_request_wakes_an_engine_that_slept_for_idleness(
+    sup: Supervisor, clock: SkippingClock
+) -> None:
+    """Idle sleep on, start-on-request off (the default): a LAN client's request wakes the engine
+    instead of getting 503 until the owner chats in the browser."""
+    sup.settings.engine.idle_sleep_minutes = 10
+    assert not sup.settings.gateway.start_on_request
+    stack = start_gateway(sup.settings, sup, sup.engine_url)
+    try:
+        sleeps_after_idle(sup, clock)
+        reply = stack.client().chat.completions.create(
+            model=sup.served_model_name,
+            messages=[{"role": "user", "content": "Are you awake?"}],
+            max_tokens=8,
+        )
+        assert reply.choices[0].message.content or reply.choices[0].message.reasoning
+        assert sup.status().state == EngineState.READY
+        assert not engine_sleeping(sup)
+        # Without idle sleep (and without start-on-request) a sleeping engine stays asleep.
+        sup.settings.engine.idle_sleep_minutes = 0
+        sup.sleep()
+        with pytest.raises(openai.APIStatusError) as refused:
+            stack.client().models.list()
+        assert refused.value.status_code == 503
+        assert refused.value.body["engine_state"] == "sleeping"
+        assert engine_sleeping(sup)
+    finally:
+        stack.gateway.stop()
 
 
 def test_sleep_aborts_a_running_stream_in_the_simulator_as_in_vllm(sup: Supervisor) -> None:
