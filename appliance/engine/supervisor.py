@@ -432,7 +432,17 @@ class Supervisor:
             self.end_use()
 
     def sleep(self, level: int = 1, timeout_s: float = 120.0) -> EngineStatus:
-        """Put a ready engine to sleep (dev-mode endpoints on loopback; needs `sleep_mode`)."""
+        """Put a ready engine to sleep (dev-mode endpoints on loopback; needs `sleep_mode`).
+
+        Level 1 only: level 2 discards the weights, and vLLM 0.23 then answers with garbage after
+        `/wake_up` until a `reload_weights` RPC and a prefix-cache reset (seen on an H200:
+        docs/runs/h200-vllm-0.23-notes.md). Level 1 parks them in host memory instead.
+        """
+        if level != 1:
+            raise EngineError(
+                f"Sleep level {level} is not supported; the appliance sleeps at level 1.",
+                hint="Level 1 keeps the weights in host memory and wakes in about a second.",
+            )
         if not self.settings.engine.sleep_mode:
             raise EngineError(
                 "Sleep mode is off.",
