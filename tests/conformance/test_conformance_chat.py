@@ -373,6 +373,8 @@ def test_tool_call_streaming_assembles(server: Server, client) -> None:
 
 
 def test_named_tool_choice_is_honoured(server: Server, client) -> None:
+    # Structured output forces the JSON, but random weights never close its strings.
+    skip_random_text(server, RANDOM_TEXT + ": the forced JSON arguments never end")
     other = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "name": "get_time"}}
     reply = client.chat.completions.create(
         model=server.model,

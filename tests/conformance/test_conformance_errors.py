@@ -126,6 +126,18 @@ def test_error_bodies_have_vllms_shape(server: Server) -> None:
     assert error_body(response)["message"]
 
 
+def test_version_is_a_release(launch) -> None:
+    """/version names a real vLLM release: the simulator the one it imitates (0.23.0, the
+    stepfun37 image's line), the real engine its own (0.32.0 here). (Its own simulator: the
+    shared one's log is checked line by line by the start-up tests.)"""
+    server = launch()
+    version = httpx.get(f"{server.url}/version", timeout=10).json()["version"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\S*)", version)
+    assert tuple(int(p) for p in version.split(".")[:2]) == vllm_version(server)[:2]
+    if server.simulated:
+        assert version == "0.23.0"
+
+
 def test_unknown_route_is_fastapi_404(server: Server) -> None:
     response = httpx.get(f"{server.url}/no/such/route", timeout=10)
     assert response.status_code == 404
