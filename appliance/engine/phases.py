@@ -116,7 +116,7 @@ _PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(
             r"vLLM server version |█.*\s(?:version|model)\s+\S"
             r"|non-default args: |Initializing a V1 LLM engine|Resolved architecture"
-            r"|Multi-modal warmup completed in"
+            r"|[Mm]ulti-modal warmup completed in"
         ),
     ),
     (
@@ -141,10 +141,14 @@ _PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         KV_CACHE,
         re.compile(
             r"Available KV cache memory|\w+ KV cache size: [\d,]+ tokens|Maximum concurrency for"
+            r"|CUDA graph memory profiling is (?:enabled|disabled)"
             r"|\) GiB for KV cache on node"
         ),
     ),
-    (CUDA_GRAPHS, re.compile(r"Capturing CUDA graphs?|Graph capturing finished")),
+    (
+        CUDA_GRAPHS,
+        re.compile(r"Capturing CUDA graphs?|Graph capturing finished|CUDA graph pool memory: "),
+    ),
     (
         API_SERVER,
         re.compile(

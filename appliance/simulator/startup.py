@@ -198,11 +198,13 @@ class Startup:
         log.info(
             f"Available KV cache memory: {round(plan.kv_gib, 2)} GiB", "gpu_worker.py:760", CORE
         )
-        # One line since vLLM logs the capacity with update_kv_cache_capacity (kv_cache_utils.py).
+        # vLLM 0.23 logs the capacity on two lines (docs/runs/h200-vllm-0.23-*-startup.log);
+        # 0.32's update_kv_cache_capacity puts both on one line.
+        log.info(f"GPU KV cache size: {plan.kv_tokens:,} tokens", "kv_cache_utils.py:1744", CORE)
         log.info(
-            f"GPU KV cache size: {plan.kv_tokens:,} tokens, Maximum concurrency for "
-            f"{plan.max_model_len:,} tokens per request: {plan.max_concurrency:.2f}x",
-            "kv_cache_utils.py:2327",
+            f"Maximum concurrency for {plan.max_model_len:,} tokens per request: "
+            f"{plan.max_concurrency:.2f}x",
+            "kv_cache_utils.py:1745",
             CORE,
         )
 
