@@ -231,18 +231,22 @@ def _apply_choice(services: Any, name: str, mtp: bool, sleep: bool) -> None:
     supervisor.apply_settings(supervisor.settings)
 
 
+ALREADY_STARTED = "The engine is already starting or running (started from another page)."
+
+
 def press(services: Any, seen_label: str, name: str | None, mtp: bool, sleep: bool) -> None:
     """The one button: start when it said Start, stop when it said Stop; the engine decides."""
     supervisor = services.supervisor
     status = supervisor.status()
     if seen_label == START:
         if status.state not in _STARTABLE:
-            gr.Info("The engine is already starting or running (started from another page).")
+            gr.Info(ALREADY_STARTED)
             return
         if not name:
             raise gr.Error("No launch profile fits this machine; see the reasons above.")
         _apply_choice(services, name, mtp, sleep)
-        supervisor.start(name)
+        if not supervisor.try_start(name):  # another page's click got there first
+            gr.Info(ALREADY_STARTED)
     elif seen_label == STOP:
         if status.state in _STARTABLE:
             return

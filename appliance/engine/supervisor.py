@@ -313,9 +313,15 @@ class Supervisor:
 
         Does nothing when the engine is already starting or running.
         """
+        self.try_start(profile)
+        return self.status()
+
+    def try_start(self, profile: str | None = None) -> bool:
+        """`start()`, saying whether this call started the engine: False when it was already
+        starting or running (two pages clicking Start at once: one starts, one is told)."""
         with self._decide, self._lock:
             if self._busy() or self._status.state in (EngineState.READY, EngineState.SLEEPING):
-                return self.status()
+                return False
             self._cancel.clear()
             self._pre_phases = []
             self._tail.clear()
@@ -333,7 +339,7 @@ class Supervisor:
             self._bump()
             self._spawn(self._run_start, profile)
         self._notify()
-        return self.status()
+        return True
 
     def stop(self, timeout_s: float | None = None) -> EngineStatus:
         """Stop gracefully (SIGTERM, deadline, kill), remove the engine, and return when done."""

@@ -235,10 +235,16 @@ def test_two_pages_clicking_start_at_once_start_one_engine(
         # owner would have seen it). dispatch_event sends the click at once.
         first.dispatch_event("click")
         second.dispatch_event("click")
+        # Whichever click reached the engine second is told so (a toast lasts a few seconds, so
+        # look now, not after the start): on exactly one of the two pages.
+        told = [p.get_by_text("already starting or running") for p in (page, other)]
+        deadline = time.monotonic() + 30
+        while not any(t.is_visible() for t in told) and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert sum(t.is_visible() for t in told) == 1
         for p in (page, other):
             expect(p.locator("#ss-headline")).to_contain_text("Ready in", timeout=120_000)
             expect(p.locator("#ss-engine-button")).to_have_text("Stop")
-        expect(other.get_by_text("already starting or running")).to_be_visible()
         assert len(containers(docker_client, engine_name)) == 1
         managed = docker_client.containers.list(
             all=True, filters={"label": "io.step-station.managed=true", "name": engine_name}
