@@ -16,6 +16,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 H=${HARNESS_DIR:-$ROOT/.harness}
+# The registry's storage outlives a checkout (like Docker's own image store): a second clone on
+# the same machine (CI) finds the images already pushed and skips building and pushing them.
+if [ -n "${HARNESS_REGISTRY_DATA:-}" ]; then
+  REGISTRY_DATA=$HARNESS_REGISTRY_DATA
+elif [ "$(id -u)" = 0 ]; then
+  REGISTRY_DATA=/var/lib/step-station-harness/registry
+else
+  REGISTRY_DATA=$H/registry/data
+fi
 REGISTRY=${HARNESS_REGISTRY:-127.0.0.1:5000}
 IMAGE=${HARNESS_IMAGE:-localhost:${REGISTRY##*:}/vllm/vllm-openai:stepfun37}
 LOCAL_BASE=${HARNESS_LOCAL_BASE:-step-station/debian-python:bookworm}
@@ -75,14 +84,14 @@ registry_up() { curl -fsS --max-time 2 "http://$REGISTRY/v2/" >/dev/null 2>&1; }
 ensure_registry() {
   registry_up && return 0
   have docker-registry || die "docker-registry is missing; install docker-registry"
-  mkdir -p "$H/registry/data"
+  mkdir -p "$REGISTRY_DATA" "$H/registry"
   cat >"$H/registry/config.yml" <<YML
 version: 0.1
 log:
   level: warn
 storage:
   filesystem:
-    rootdirectory: $H/registry/data
+    rootdirectory: $REGISTRY_DATA
   delete:
     enabled: true
 http:

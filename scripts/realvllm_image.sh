@@ -60,7 +60,7 @@ ensure_wheels() {
   "$venv/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$WHEELS" "${more[@]}" \
       "torchvision==$TORCHVISION_VERSION" >>"$LOGS/realvllm-wheels.log" 2>&1 \
     || die "downloading torchvision $TORCHVISION_VERSION failed"
-  if ls "$WHEELS" | grep -q -E '^(nvidia_|torch-[0-9.]+-)'; then
+  if find "$WHEELS" -maxdepth 1 -printf '%f\n' | grep -q -E '^(nvidia_|torch-[0-9.]+-)'; then
     die "a CUDA torch or nvidia-* wheel got into $WHEELS; see $LOGS/realvllm-wheels.log"
   fi
   touch "$stamp"
@@ -96,7 +96,7 @@ local_hash() {
 
 build() {
   local hash=$1 port pip_wheel server t0=$SECONDS
-  pip_wheel=$(cd "$WHEELS" && ls pip-*.whl | sort -V | tail -1)
+  pip_wheel=$(find "$WHEELS" -maxdepth 1 -name 'pip-*.whl' -printf '%f\n' | sort -V | tail -1)
   # A fixed port keeps WHEELS_URL, and so the build cache, the same from build to build; a
   # random one when it is taken.
   port=${REALVLLM_WHEELS_PORT:-38765}
@@ -121,7 +121,7 @@ build() {
       --build-arg "PIP_WHEEL=$pip_wheel" \
       --build-arg "INPUTS_HASH=$hash" \
       --build-arg "TORCH_WHEEL=$(cd "$WHEELS" && ls torch-*.whl)" \
-      --build-arg "DEPS_HASH=$(cd "$WHEELS" && ls ./*.whl | sha256sum | cut -c1-16)" \
+      --build-arg "DEPS_HASH=$(find "$WHEELS" -maxdepth 1 -name '*.whl' -printf './%f\n' | LC_ALL=C sort | sha256sum | cut -c1-16)" \
       --build-arg "VLLM_VERSION=$VLLM_VERSION" \
       -t "$IMAGE" "$ctx" >"$LOGS/realvllm-build.log" 2>&1 \
     || { rm -rf "$ctx"; tail -30 "$LOGS/realvllm-build.log" >&2; die "building $IMAGE failed; see $LOGS/realvllm-build.log"; }

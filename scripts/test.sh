@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
 scripts/harness.sh up
 scripts/realvllm.sh up
+scripts/realvllm_image.sh up
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
