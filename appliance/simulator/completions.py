@@ -51,8 +51,18 @@ DICT_FIELDS = ("stream_options", "response_format", "logit_bias", "chat_template
 LAX_BOOLS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"}
 
 
+STREAM_OPTIONS_MSG = "Stream options can only be defined when `stream=True`."
+
+
 def check_field_types(body: dict[str, Any]) -> None:
     """A wrongly typed field is vLLM's 400 validation error, never a 500."""
+    # vLLM 0.23's request models check this in a "before" model validator, so it comes ahead of
+    # every field's type, as a VLLMValidationError whose `parameter` becomes the error's `param`
+    # (chat_completion/protocol.py `validate_stream_options`; seen on an H200 with real 0.23).
+    if body.get("stream_options") and not body.get("stream"):
+        error = validation_error((), f"Value error, {STREAM_OPTIONS_MSG}", body, "value_error")
+        error.param = "stream_options"
+        raise error
     for name in BOOL_FIELDS:
         value = body.get(name)
         if value is None or isinstance(value, bool) or value in (0, 1):

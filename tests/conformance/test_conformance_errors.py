@@ -188,7 +188,9 @@ def test_a_mistyped_field_is_a_400_naming_it(server: Server, change: dict, field
     assert error["type"] == "Bad Request"
     assert re.match(r"\d+ validation errors?:\n", error["message"])
     if vllm_version(server) >= (0, 32):
-        assert error["param"].startswith("body.")
+        assert error["param"].startswith("body")
+    elif field == "stream_options":  # 0.23's validate_stream_options names its parameter
+        assert error["param"] == "stream_options"  # (seen on an H200 with real 0.23.0)
     else:
         assert error["param"] is None
 
