@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,14 @@ def json_dict(value: str) -> dict[str, Any]:
 
 
 json_dict.__name__ = "loads"  # argparse names the type in its error message, as vLLM's does
+
+
+TOP_USAGE = (
+    "usage: vllm [-h] [-v]\n"
+    "            {chat,complete,serve,launch,bench,collect-env,download-kernels,preload,"
+    "run-batch,snapshot}\n"
+    "            ...\n"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +189,10 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     parser = build_parser()
     # vLLM's `--help=all` prints every flag group (FlexibleArgumentParser.format_help in
     # vllm/utils/argparse_utils.py); plain argparse would reject the value.
-    ns = parser.parse_args(["--help" if a == "--help=all" else a for a in argv])
+    ns, unknown = parser.parse_known_args(["--help" if a == "--help=all" else a for a in argv])
+    if unknown:  # vLLM's top-level parser reports these, not `vllm serve`'s (real 0.32 log)
+        sys.stderr.write(f"{TOP_USAGE}vllm: error: unrecognized arguments: {' '.join(unknown)}\n")
+        raise SystemExit(2)
     model = ns.model_tag or ns.model or "Qwen/Qwen3-0.6B"
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         parser.error(f"model_tag {ns.model_tag!r} and --model {ns.model!r} differ")

@@ -118,8 +118,9 @@ def test_unknown_arguments_exit_2_like_vllm(launch, extra: str) -> None:
     assert server.exit_code(timeout=30) == 2
     logs = server.logs()
     # Real vLLM (0.32, tests/data/vllm_logs/cpu-0.32-unknown-flag.log) reports it from the
-    # top-level parser: `vllm: error: unrecognized arguments: X`; the simulator from `vllm serve`.
-    assert re.search(rf"^vllm(?: serve)?: error: unrecognized arguments: {extra}$", logs, re.M)
+    # top-level parser, after its usage: `vllm: error: unrecognized arguments: X`.
+    assert re.search(rf"^vllm: error: unrecognized arguments: {extra}$", logs, re.M)
+    assert re.search(r"^usage: vllm \[-h\] \[-v\]$", logs, re.M)
     tracker = _tracked(logs)
     assert tracker.failure == phases.UNKNOWN_ARGUMENT
     assert tracker.facts["unknown_arguments"] == extra
