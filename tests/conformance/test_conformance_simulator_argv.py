@@ -73,5 +73,7 @@ def test_bad_flags_exit_2(argv: list[str], message: str, capsys: pytest.CaptureF
         parse_args(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: vllm serve [model_tag] [options]")
-    assert f"vllm serve: error: {message}" in err
+    # Unknown arguments come from vLLM's top-level parser, bad values from `vllm serve`'s.
+    prog = "vllm" if message.startswith("unrecognized") else "vllm serve"
+    assert err.startswith("usage: vllm [-h] [-v]" if prog == "vllm" else "usage: vllm serve ")
+    assert f"{prog}: error: {message}" in err
