@@ -37,6 +37,11 @@ def test_metrics_parse_with_vllm_names_and_types(server: Server) -> None:
     running = families["vllm:num_requests_running"].samples[0]
     assert running.labels["model_name"] == server.model
     assert "engine" in running.labels
+    # Sleep state, where exposed: one series per state, each labelled (real 0.23 on an H200 had
+    # exactly awake / weights_offloaded / discard_all; docs/runs/h200-vllm-0.23-notes.md).
+    if "vllm:engine_sleep_state" in families:
+        states = [x.labels.get("sleep_state") for x in families["vllm:engine_sleep_state"].samples]
+        assert sorted(states) == ["awake", "discard_all", "weights_offloaded"], states
 
 
 def test_counters_move_with_traffic(server: Server, client) -> None:
