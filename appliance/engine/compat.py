@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ from appliance import profiles
 from appliance import settings as st
 from appliance.engine.spec import LaunchSpec
 from appliance.errors import EngineError
+
+log = logging.getLogger(__name__)
 
 HELP_TIMEOUT_S = 300.0  # importing vLLM (torch, CUDA libraries) can take a minute on a cold disk
 CACHE_FORMAT = 1
@@ -192,7 +195,8 @@ def load_cached(folder: Path, key: str) -> frozenset[str] | None:
 
 
 def save_cached(folder: Path, key: str, options: frozenset[str], engine: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Store the options; a cache that cannot be written (full disk, read-only or dangling
+    folder) only costs the next start another `--help=all`, so it never fails a start."""
     path = _cache_file(folder, key)
     payload = {
         "format": CACHE_FORMAT,
@@ -202,8 +206,12 @@ def save_cached(folder: Path, key: str, options: frozenset[str], engine: str) ->
         "options": sorted(options),
     }
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)  # readers never see half a file
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        os.replace(tmp, path)  # readers never see half a file
+    except OSError as err:
+        log.warning("could not cache the engine's flags in %s: %s", folder, err)
 
 
 # --------------------------------------------------------------------- asking the engine

@@ -181,7 +181,11 @@ def test_an_image_without_a_no_op_flag_starts_without_it_and_says_so(
     code, text = runtime.serve_help(settings.engine.image, 120)
     assert code == 0
     without = compat.parse_help(text) - {"--disable-cascade-attn", "--no-disable-cascade-attn"}
-    compat.save_cached(compat.cache_folder(), f"image:{digest}", without, "seeded")
+    folder = compat.cache_folder()
+    if folder.is_symlink():  # the session's shared cache (tests/conftest.py): seed a private one
+        folder.unlink()
+        folder.mkdir()
+    compat.save_cached(folder, f"image:{digest}", without, "seeded")
 
     sup = make_sup(runtime=runtime)
     sup.start()
@@ -287,6 +291,6 @@ def test_a_start_warns_when_the_model_template_drops_the_effort(
     sup = make_sup()
     sup.start()
     status = sup.wait_ready(180)
-    (note,) = status.notes
+    (note,) = [n for n in status.notes if "reasoning_effort" in n]
     assert "chat template (chat_template.jinja) does not use reasoning_effort" in note
-    assert status.to_dict()["notes"] == [note]
+    assert note in status.to_dict()["notes"]

@@ -415,3 +415,12 @@ def test_notes_reach_the_cli_and_the_model_tab(capsys: pytest.CaptureFixture[str
     page = timeline_html(status, build_timeline(status))
     assert "Dropped --disable-cascade-attn: the image &lt;x&gt; does not know it." in page
     assert status.to_dict()["notes"] == [note]
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_start(tmp_path: Path) -> None:
+    """A dangling engine-flags folder (a home mounted into a container whose link points
+    outside it) or a full disk: the options are not cached, the check still answers."""
+    folder = tmp_path / "engine-flags"
+    folder.symlink_to(tmp_path / "gone", target_is_directory=True)
+    compat.save_cached(folder, "k", frozenset({"--port"}), "the image x")
+    assert compat.load_cached(folder, "k") is None
