@@ -67,3 +67,15 @@ def wait_demo_ready(proc: subprocess.Popen[bytes], url: str, home: Path) -> None
             raise SystemExit(f"appliance exited: {(home / 'up.log').read_text()[-2000:]}")
         time.sleep(0.3)
     raise SystemExit("appliance not ready in 120 s")
+
+
+def write_section(begin: str, end: str, text: str) -> None:
+    """Replace the section between the markers in docs/benchmarks.md (or append it)."""
+    path = REPO / "docs" / "benchmarks.md"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + text + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(current)

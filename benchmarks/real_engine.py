@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port  # noqa: E402
+from common import free_port, write_section  # noqa: E402
 
 from appliance import settings as st  # noqa: E402
 from appliance.engine import EngineState, Supervisor  # noqa: E402
@@ -235,14 +235,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "docs" / "benchmarks.md"
-        current = path.read_text()
-        if BEGIN in current and END in current:
-            head, rest = current.split(BEGIN, 1)
-            current = head + text + rest.split(END, 1)[1]
-        else:
-            current = current.rstrip("\n") + "\n\n" + text + "\n"
-        path.write_text(current)
+        write_section(BEGIN, END, text)
     return 0
 
 
