@@ -398,8 +398,13 @@ class Supervisor:
     # ------------------------------------------------------------------------------- sleeping
 
     def note_activity(self) -> None:
-        """A request went to the engine: restarts the idle-sleep clock."""
+        """A request went to the engine or ended: restarts the idle-sleep clock.
+
+        A busy engine seen before this (`_maybe_idle_sleep`) is forgotten: the clock now counts
+        from here, and a request still running is seen again when the idle time is up.
+        """
         self._last_activity = self._clock()
+        self._engine_was_busy = False
 
     def idle_s(self) -> float:
         """Seconds since the last activity (a request, a browser chat, the engine seen busy)."""

@@ -227,6 +227,9 @@ class GatewayApp:
             await self._proxy(route, upstream_body, strip_usage, check, receive, send, ex)
         finally:
             self.limiter.release(principal)
+            # the idle-sleep clock counts from the end of the last answer, not its start: a
+            # stream longer than the idle time must not leave the engine "idle" when it ends
+            self.gate.note_activity()
 
     def _authenticate(self, scope: Scope, ex: _Exchange, cfg: GatewayConfig) -> ApiKey | None:
         token = _bearer(scope)

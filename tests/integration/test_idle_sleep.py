@@ -140,9 +140,35 @@ def test_a_gateway_stream_holds_off_idle_sleep_until_it_ends(
     assert finishes[-1] in ("stop", "length"), finishes  # "abort" if the engine had slept
     assert rest[-1].usage.completion_tokens == ANSWER_TOKENS
     assert EngineState.SLEEPING not in sup.states  # type: ignore[attr-defined]
-    # The idle time counts from the end of the request, seen in the engine's gauges.
+    # The idle time counts from the end of the request (the gateway notes it as it ends).
     assert wait_until(lambda: sup.idle_s() < IDLE_S, 30), sup.idle_s()
     assert sup.status().state == EngineState.READY
+    sleeps_after_idle(sup, clock)
+
+
+def test_a_direct_client_stream_holds_off_idle_sleep_through_the_engine_gauges(
+    sup: Supervisor, clock: SkippingClock
+) -> None:
+    """A client that talks to the engine itself (not through the gateway, so no activity is
+    noted): the supervisor still sees it in vllm:num_requests_running and does not sleep."""
+    direct = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none", max_retries=0)
+    stream = direct.chat.completions.create(
+        model=sup.served_model_name,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        stream=True,
+        stream_options={"include_usage": True},
+        timeout=60,
+    )
+    chunks = iter(stream)
+    assert next(chunks).choices
+    clock.skip(IDLE_S + 1)
+    rest = list(chunks)
+    finishes = [c.choices[0].finish_reason for c in rest if c.choices]
+    assert finishes[-1] in ("stop", "length"), finishes  # "abort" if the engine had slept
+    assert rest[-1].usage.completion_tokens == ANSWER_TOKENS
+    assert EngineState.SLEEPING not in sup.states  # type: ignore[attr-defined]
+    # the gauges went to 0: the idle time starts then
+    assert wait_until(lambda: sup.idle_s() < IDLE_S, 30), sup.idle_s()
     sleeps_after_idle(sup, clock)
 
 
