@@ -107,6 +107,8 @@ class GatewaySettings:
     max_body_mb: int = 64
     per_key_concurrency: int = 32
     per_key_requests_per_minute: int = 600
+    max_connections_per_address: int = 64  # open sockets one client address may hold
+    header_timeout_s: float = 10.0  # a connection whose request head is slower is closed
     start_on_request: bool = False
 
 

@@ -7,7 +7,10 @@ no decoding, dot-segment or slash trick can name another engine route), and how 
 engine request by closing the upstream connection).
 
 Order of checks: address locked out (429) -> route (404) -> key (401) -> body size (413) -> JSON
-(400) -> engine ready (503) -> model name (404) -> per-key limits (429) -> forward.
+(400) -> what the body asks of the engine (400: `limits.check_body`: media only as data URLs, no
+engine-side templates/tensors/extension fields, caps on n, tokens, logprobs...) -> engine ready
+(503) -> model name (404) -> per-key limits (429) -> forward. A refused body never wakes or
+reaches the engine.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import anyio
 
 from appliance.gateway.access import AccessLog, AccessRecord, printable_path
 from appliance.gateway.engine_gate import EngineCheck, EngineGate
-from appliance.gateway.limits import FailureThrottle, KeyLimiter
+from appliance.gateway.limits import BodyCaps, FailureThrottle, KeyLimiter, check_body
 from appliance.gateway.sse import Usage, UsageTap, usage_of_body
 from appliance.gateway.upstream import (
     UpstreamError,
@@ -66,6 +69,7 @@ class GatewayConfig:
     per_key_concurrency: int = 32
     per_key_requests_per_minute: int = 600
     engine_api_key: str = ""
+    caps: BodyCaps = field(default_factory=BodyCaps)
 
 
 class _Reply(Exception):  # noqa: N818 - control flow: an error response to send
@@ -205,6 +209,10 @@ class GatewayApp:
         ex.key = self._authenticate(scope, ex, cfg)
         body = await _read_body(scope, receive, cfg.max_body_bytes)
         payload = _parse_json(body) if route != MODELS else None
+        if payload is not None:
+            refused = check_body(route, payload, cfg.caps)
+            if refused is not None:
+                raise _Reply(400, refused.code, refused.message, param=refused.param)
         check = await self.gate.check()
         if not check.ready:
             raise _Reply(

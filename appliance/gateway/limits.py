@@ -1,13 +1,21 @@
-"""Request limits: failed-authentication throttle per address, concurrency and rate per key.
+"""Request limits: failed-authentication throttle per address, concurrency and rate per key,
+what a forwarded body may ask of the engine, and how many connections one address may hold.
 
-Pure and synchronous (the gateway's event loop is the only caller); clocks are injectable so the
-tests drive time instead of sleeping. Every table is bounded, so a scan from many addresses cannot
-grow memory without limit.
+The throttles are pure and synchronous (the gateway's event loop is the only caller); clocks are
+injectable so the tests drive time instead of sleeping. Every table is bounded, so a scan from
+many addresses cannot grow memory without limit. `check_body` is pure too. `guarded_protocol`
+is the one piece tied to the server: uvicorn's httptools protocol with a header read timeout and a
+per-address connection cap, applied when a connection is accepted (before any ASGI code runs).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import math
+import resource
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -151,3 +159,452 @@ class KeyLimiter:
 def _trim(table: OrderedDict[str, Any], limit: int) -> None:
     while len(table) > limit:
         table.popitem(last=False)
+
+
+# ------------------------------------------------------------------------- request bodies
+#
+# What a LAN client may ask the engine to do. The gateway forwards the JSON body as it came, so
+# every field vLLM acts on is reachable by anyone holding a key (or anyone on loopback when keys
+# are off). Fields and content parts named below come from vLLM 0.32's own source:
+# vllm/entrypoints/openai/chat_completion/protocol.py (ChatCompletionRequest),
+# vllm/entrypoints/openai/completion/protocol.py (CompletionRequest),
+# vllm/renderers/chat_utils.py (MM_PARSER_MAP, _parse_chat_message_content_mm_part) and
+# vllm/sampling_params.py. Values that are not numbers are left to vLLM's own validation.
+
+MAX_N = 4  # vLLM's own ceiling is VLLM_MAX_N_SEQUENCES (sampling_params._verify_num_sequences)
+MAX_OUTPUT_TOKENS = 262_144  # Step-3.7-Flash's context; vLLM refuses more than max_model_len too
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs maximum and vLLM's default --max-logprobs
+MAX_STOP_STRINGS = 4  # vLLM's default VLLM_MAX_STOP_STRINGS (generate/base/protocol.py StopParam)
+MAX_TOKEN_LISTS = 1024  # allowed_token_ids, stop_token_ids, bad_words, logprob_token_ids
+MAX_LOGIT_BIAS = 300  # OpenAI's documented limit for logit_bias entries
+MAX_MESSAGES = 4096
+MAX_PROMPTS = 16  # /v1/completions: a list of prompts is that many requests at once
+MAX_SCHEMA_BYTES = 64 << 10  # structured outputs: regex / grammar / JSON schema text
+DEFAULT_MAX_IMAGES = 8  # the chat's limit (engine.max_images_per_prompt's default)
+
+# Fields refused whatever their value (None and empty are let through: SDKs send defaults).
+REFUSED_FIELDS: dict[str, str] = {
+    # A Jinja template from the client, rendered in the engine. vLLM refuses it too unless
+    # --trust-request-chat-template (chat_completion/serving.py), which the appliance never sets.
+    "chat_template": "a chat template from the client is rendered in the engine",
+    # Passed to the media connectors (video frame counts, audio decoding): memory per request.
+    "media_io_kwargs": "it sets how the engine decodes media (frames, sizes)",
+    # Passed to the Hugging Face processor: e.g. a larger max_pixels makes one image cost more.
+    "mm_processor_kwargs": "it changes how the engine's image processor sizes inputs",
+    # Disaggregated serving internals (KV / encoder-cache transfer between engines).
+    "kv_transfer_params": "it is for engine-to-engine transfer, not clients",
+    "ec_transfer_params": "it is for engine-to-engine transfer, not clients",
+    # Free-form parameters for custom extensions of the engine.
+    "vllm_xargs": "it passes free-form parameters to engine extensions",
+    # Older vLLM accepted logits processors by qualified name from the request.
+    "logits_processors": "it loads code in the engine by name",
+    # Tensors deserialised by the engine (torch.load; CVE-2025-62164 in vLLM < 0.11.1).
+    "prompt_embeds": "the engine deserialises tensors from it",
+    # [prompt length x k] log-probabilities are allocated up front; vocabulary-wide with -1
+    # (an OOM reported against vLLM: local-inference-lab/vllm#264).
+    "prompt_logprobs": "its memory grows with the prompt length times k",
+}
+# Content parts that carry tensors or Python objects rather than text or media data
+# (vllm/renderers/chat_utils.py: image_embeds/audio_embeds/video_embeds need
+# --enable-mm-embeds; prompt_embeds is torch.load-ed; image_pil is a Python object).
+REFUSED_PARTS = frozenset(
+    {"image_embeds", "audio_embeds", "video_embeds", "prompt_embeds", "image_pil"}
+)
+# Content parts whose URL the engine fetches (MediaConnector.fetch_image/_audio/_video): any
+# http(s) URL, on the LAN or the Internet; file:// with --allowed-local-media-path.
+URL_PARTS = {
+    "image_url": "image",
+    "input_image": "image",
+    "audio_url": "audio",
+    "video_url": "video",
+}
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
+_STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
+                      "guided_grammar", "guided_choice")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BodyCaps:
+    """The caps a request body is held to (the gateway's config carries one)."""
+
+    max_n: int = MAX_N
+    max_output_tokens: int = MAX_OUTPUT_TOKENS
+    max_images: int = DEFAULT_MAX_IMAGES
+
+
+@dataclass(frozen=True)
+class BodyRefusal:
+    """A 400 for one field: its OpenAI `param` path, a code and what to send instead."""
+
+    param: str
+    code: str
+    message: str
+
+
+def check_body(route: str, payload: dict[str, Any], caps: BodyCaps) -> BodyRefusal | None:
+    """The first reason this chat or completions body must not reach the engine, or None."""
+    for name, why in REFUSED_FIELDS.items():
+        value = payload.get(name)
+        if value is None or value in ({}, [], "") or (name == "prompt_logprobs" and value == 0):
+            continue
+        return BodyRefusal(
+            name,
+            "field_not_allowed",
+            f"`{name}` is not accepted by this gateway ({why}). Remove it from the request.",
+        )
+    refusal = _check_numbers(payload, caps) or _check_lists(payload) or _check_structured(payload)
+    if refusal is not None:
+        return refusal
+    kwargs = payload.get("chat_template_kwargs")
+    if isinstance(kwargs, dict):
+        for key, value in kwargs.items():
+            if key not in CHAT_TEMPLATE_KWARGS or isinstance(value, (dict, list)):
+                allowed = ", ".join(sorted(CHAT_TEMPLATE_KWARGS))
+                return BodyRefusal(
+                    f"chat_template_kwargs.{str(key)[:64]}",
+                    "field_not_allowed",
+                    f"`chat_template_kwargs` may only set {allowed} (to a plain value) through "
+                    "this gateway; use `reasoning_effort` for the reasoning level.",
+                )
+    if "messages" in payload:
+        return _check_messages(payload.get("messages"), caps)
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) > MAX_PROMPTS:
+            return BodyRefusal(
+                "prompt",
+                "too_many_prompts",
+                f"`prompt` holds {len(prompt)} prompts; this gateway accepts at most "
+                f"{MAX_PROMPTS} per request. Send them in several requests.",
+            )
+    return None
+
+
+def _number(value: Any) -> float | None:  # noqa: ANN401 - any JSON value
+    """A JSON value as vLLM's (lax) schema would read it as a number, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value.strip())
+    return None
+
+
+def _check_numbers(payload: dict[str, Any], caps: BodyCaps) -> BodyRefusal | None:
+    limits: list[tuple[str, float, str]] = [
+        ("n", caps.max_n, "Ask for fewer choices, or send several requests."),
+        ("best_of", caps.max_n, "Ask for fewer candidates."),
+        (
+            "max_tokens",
+            caps.max_output_tokens,
+            "Ask for fewer tokens (the engine's context length is the most any answer gets).",
+        ),
+        ("max_completion_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
+        ("min_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
+        ("top_logprobs", MAX_LOGPROBS, "Ask for fewer log-probabilities."),
+    ]
+    if not isinstance(payload.get("logprobs"), bool):  # /v1/completions: logprobs is a count
+        limits.append(("logprobs", MAX_LOGPROBS, "Ask for fewer log-probabilities."))
+    for name, limit, advice in limits:
+        value = _number(payload.get(name))
+        if value is None:
+            continue
+        if value < 0 or value > limit:
+            return BodyRefusal(
+                name,
+                "value_above_limit",
+                f"`{name}` is {payload.get(name)!r}; this gateway accepts 0 to {int(limit)}. "
+                + advice,
+            )
+    return None
+
+
+def _check_lists(payload: dict[str, Any]) -> BodyRefusal | None:
+    stop = payload.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        return BodyRefusal(
+            "stop",
+            "too_many_items",
+            f"`stop` has {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted.",
+        )
+    for name in ("allowed_token_ids", "stop_token_ids", "bad_words", "logprob_token_ids"):
+        items = payload.get(name)
+        if isinstance(items, list) and len(items) > MAX_TOKEN_LISTS:
+            return BodyRefusal(
+                name,
+                "too_many_items",
+                f"`{name}` has {len(items)} items; at most {MAX_TOKEN_LISTS} are accepted.",
+            )
+    bias = payload.get("logit_bias")
+    if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS:
+        return BodyRefusal(
+            "logit_bias",
+            "too_many_items",
+            f"`logit_bias` has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted.",
+        )
+    return None
+
+
+def _check_structured(payload: dict[str, Any]) -> BodyRefusal | None:
+    # Regular expressions and grammars are compiled in the engine per request; a large one costs
+    # compile time and memory before the first token.
+    for name in _STRUCTURED_FIELDS:
+        value = payload.get(name)
+        if value is None:
+            continue
+        size = len(json.dumps(value)) if not isinstance(value, str) else len(value)
+        if size > MAX_SCHEMA_BYTES:
+            return BodyRefusal(
+                name,
+                "value_too_large",
+                f"`{name}` is {size} characters; at most {MAX_SCHEMA_BYTES} are accepted. Send "
+                "a smaller schema, regular expression or grammar.",
+            )
+    return None
+
+
+def _check_messages(messages: Any, caps: BodyCaps) -> BodyRefusal | None:  # noqa: ANN401
+    if not isinstance(messages, list):
+        return None  # vLLM's schema refuses it
+    if len(messages) > MAX_MESSAGES:
+        return BodyRefusal(
+            "messages",
+            "too_many_items",
+            f"`messages` has {len(messages)} messages; at most {MAX_MESSAGES} are accepted.",
+        )
+    images = 0
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            refusal, kind = _check_part(part, where)
+            if refusal is not None:
+                return refusal
+            if kind == "image":
+                images += 1
+                if images > caps.max_images:
+                    return BodyRefusal(
+                        where,
+                        "too_many_images",
+                        f"The request has more than {caps.max_images} images; this appliance "
+                        f"accepts at most {caps.max_images} per request (the owner sets it with "
+                        "`step-station config set engine.max_images_per_prompt N`).",
+                    )
+    return None
+
+
+def _check_part(part: dict[str, Any], where: str) -> tuple[BodyRefusal | None, str]:
+    kind = part.get("type")
+    if kind is None:  # vLLM guesses the type from the first media key it finds
+        kind = next((key for key in URL_PARTS if key in part), None)
+        kind = kind or next((key for key in REFUSED_PARTS if key in part), None)
+    if not isinstance(kind, str):
+        return None, ""
+    if kind in REFUSED_PARTS:
+        return BodyRefusal(
+            f"{where}.type",
+            "content_part_not_allowed",
+            f"Content parts of type `{kind}` are not accepted by this gateway (the engine would "
+            "deserialise tensors or objects from them). Send images as `image_url` parts with "
+            "a base64 `data:` URL.",
+        ), ""
+    modality = URL_PARTS.get(kind)
+    if modality is None:
+        return None, ""
+    if part.get("uuid") is not None:
+        # vLLM keys its media cache by a client's uuid instead of the content's hash, and an
+        # item with a uuid and no data is served from that cache: another client's image.
+        return BodyRefusal(
+            f"{where}.uuid",
+            "field_not_allowed",
+            "`uuid` on a media part is not accepted by this gateway (the engine would cache "
+            "media under a name of the client's choosing). Remove it.",
+        ), modality
+    field_name = "image_url" if kind == "input_image" else kind
+    value = part.get(field_name)
+    url = value.get("url") if isinstance(value, dict) else value
+    path = f"{where}.{field_name}" + (".url" if isinstance(value, dict) else "")
+    if not isinstance(url, str) or not url[:5].lower() == "data:":
+        example = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}[modality]
+        shown = url[:80] if isinstance(url, str) else json.dumps(url)[:80]
+        return BodyRefusal(
+            path,
+            "media_url_not_allowed",
+            f"`{path}` is {shown!r}: this gateway accepts {modality}s only inline, as a base64 "
+            f"data URL (`data:{example};base64,...`); the engine never fetches URLs for "
+            "clients. Download the file and send its bytes in the data URL.",
+        ), modality
+    return None, modality
+
+
+# ----------------------------------------------------------------------------- connections
+#
+# uvicorn (0.54) has no header read timeout: its keep-alive timer is armed only after a response,
+# so a connection that sends nothing, or one header byte every few seconds, is held for ever
+# (uvicorn/protocols/http/httptools_impl.py: connection_made arms nothing; data_received cancels
+# the keep-alive timer). `limit_concurrency` answers 503 only once a request's headers are in, so
+# it does not bound idle sockets either. Both are added here, at accept time.
+
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS_PER_ADDRESS = 64
+MAX_CONNECTIONS = 4096  # every address together; also bounded by the open-file limit
+
+_log = logging.getLogger("step_station.gateway")
+
+
+class ConnectionGuard:
+    """Open connections per client address, and the limits new ones are held to."""
+
+    def __init__(
+        self,
+        per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        total: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.per_address = per_address
+        self.header_timeout_s = header_timeout_s
+        self.total = total
+        self._open: dict[str, int] = {}
+        self._count = 0
+        self.refused = 0  # connections closed at accept (for logs and tests)
+        self.timed_out = 0  # connections closed for headers that did not arrive in time
+
+    def configure(self, per_address: int, header_timeout_s: float) -> None:
+        self.per_address = per_address
+        self.header_timeout_s = header_timeout_s
+
+    def open_count(self, address: str | None = None) -> int:
+        return self._count if address is None else self._open.get(address, 0)
+
+    def admit(self, address: str) -> str:
+        """'' when the connection may stay (count it; call `release`), else why it may not."""
+        held = self._open.get(address, 0)
+        if self.per_address > 0 and held >= self.per_address:
+            return (
+                f"{address} already has {held} connections open to this gateway (limit "
+                f"{self.per_address}). Close idle connections or reuse them (keep-alive); the "
+                "owner can raise it with `step-station config set "
+                "gateway.max_connections_per_address N`."
+            )
+        if self.total > 0 and self._count >= self.total:
+            return (
+                f"The gateway has {self._count} connections open (limit {self.total}); try "
+                "again shortly."
+            )
+        self._open[address] = held + 1
+        self._count += 1
+        return ""
+
+    def release(self, address: str) -> None:
+        left = self._open.get(address, 0) - 1
+        if left > 0:
+            self._open[address] = left
+        else:
+            self._open.pop(address, None)
+        self._count = max(0, self._count - 1)
+
+
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards the hard limit; the soft limit after.
+
+    Each connection is a file descriptor, and the UI shares the gateway's process: with the usual
+    soft limit of 1,024 a thousand idle sockets would leave the UI unable to accept or open files.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return int(soft)
+
+
+def _canned(status: int, reason: str, code: str, message: str) -> bytes:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "rate_limit_error" if status == 429 else "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }  # fmt: skip
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    )
+    if status == 429:
+        head += "retry-after: 5\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol held to `guard`: pass the result as `uvicorn.Config(http=)`."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _address = ""
+        _admitted = False
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._address = self.client[0] if self.client else "?"
+            why = guard.admit(self._address)
+            if why:
+                guard.refused += 1
+                _log.warning("gateway: connection from %s refused: too many open", self._address)
+                transport.write(_canned(429, "Too Many Requests", "too_many_connections", why))
+                transport.close()
+                return
+            self._admitted = True
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_timer()
+            if self._admitted:
+                self._admitted = False
+                guard.release(self._address)
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._header_timer is None:
+                self._arm_header_timer()  # the next request on a kept-alive connection
+
+        def on_headers_complete(self) -> None:
+            self._disarm_header_timer()
+            super().on_headers_complete()
+
+        def _arm_header_timer(self) -> None:
+            if guard.header_timeout_s > 0:
+                self._header_timer = self.loop.call_later(
+                    guard.header_timeout_s, self._headers_late
+                )
+
+        def _disarm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            guard.timed_out += 1
+            if self.cycle is None or self.cycle.response_complete:
+                message = (
+                    f"The request headers did not arrive within {guard.header_timeout_s:g} s; "
+                    "the connection is closed. Send the whole request head at once."
+                )
+                self.transport.write(_canned(408, "Request Timeout", "request_timeout", message))
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol

@@ -31,6 +31,7 @@ from appliance.errors import PortInUseError, SettingsError
 from appliance.gateway.access import AccessLog, AccessRecord
 from appliance.gateway.app import GatewayApp, GatewayConfig
 from appliance.gateway.engine_gate import EngineGate, EngineView
+from appliance.gateway.limits import ConnectionGuard, guarded_protocol, raise_open_file_limit
 from appliance.keys import KeyStore
 
 log = logging.getLogger("step_station.gateway")
@@ -158,6 +159,8 @@ class Gateway:
         self._listener: _Listener | None = None
         self._draining: list[_Listener] = []
         self._flusher: asyncio.Task[None] | None = None
+        # per-address connection cap and header read timeout, at accept (see limits.py)
+        self.connections = ConnectionGuard()
 
     @classmethod
     def from_services(cls, services: Any) -> Gateway:
@@ -213,6 +216,7 @@ class Gateway:
             if self._log_file:
                 self.access.attach_file(st.data_dir() / "logs" / "gateway-access.log")
             self.app.config = config_for(self.settings.gateway, host, self.engine_api_key)
+            _configure_guard(self.connections, self.settings.gateway)
             self._listener = self._call(self._serve(sock, host))
             self._listener.shared = self.settings.gateway.share_lan or not is_loopback(host)
             self._flusher = self._call(self._start_flusher())
@@ -247,6 +251,7 @@ class Gateway:
             if old is None or (old.host, old.port) == (host, port):
                 self.settings = settings
                 self.app.config = config_for(settings.gateway, host, self.engine_api_key)
+                _configure_guard(self.connections, settings.gateway)
                 return
             # Requests on a loopback-only listener may finish; a LAN listener's are cut at once,
             # since whatever replaces it no longer admits them (sharing off, other interface).
@@ -261,6 +266,7 @@ class Gateway:
                 raise
             self.settings = settings
             self.app.config = config_for(settings.gateway, host, self.engine_api_key)
+            _configure_guard(self.connections, settings.gateway)
             self._listener = self._call(self._serve(sock, host))
             self._listener.shared = settings.gateway.share_lan or not is_loopback(host)
             self._draining.append(old)
@@ -291,7 +297,9 @@ class Gateway:
         config = uvicorn.Config(
             self.app,
             lifespan="off",
-            http="httptools",  # C parser; h11 costs several times more CPU per streamed event
+            # httptools (C parser; h11 costs several times more CPU per streamed event), with a
+            # header read timeout and a per-address connection cap (limits.guarded_protocol)
+            http=guarded_protocol(self.connections),
             access_log=False,
             log_config=None,
             log_level="warning",
@@ -348,6 +356,12 @@ class Gateway:
                         log.exception("saving API key usage failed")
 
         return asyncio.get_running_loop().create_task(flush_forever())
+
+
+def _configure_guard(guard: ConnectionGuard, gateway: st.GatewaySettings) -> None:
+    guard.configure(gateway.max_connections_per_address, gateway.header_timeout_s)
+    # every connection is a file descriptor of the process the UI shares: room for the cap
+    guard.total = max(64, min(4096, raise_open_file_limit() // 2))
 
 
 def _cut_connections(server: uvicorn.Server) -> None:

@@ -1,0 +1,230 @@
+"""Attacks through the gateway's forwarded body: media URLs the engine would fetch into the LAN,
+engine-side fields a client must not set, and sizes vLLM has had denial-of-service bugs with.
+
+Each attack goes to a real gateway in front of the real simulator process; the proof that nothing
+reached the engine is the engine's own access log (vLLM's uvicorn line, which the simulator
+writes the same way), read after a good request sent last has been logged.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+from integration.gateway_kit import (
+    MODEL,
+    GatewayStack,
+    free_port,
+    http,
+    png_data_url,
+    start_gateway,
+    wait_until,
+)
+
+from appliance import settings as st
+from appliance.gateway import FixedEngine
+
+pytestmark = pytest.mark.timeout(180)
+
+CHAT_LINE = '"POST /v1/chat/completions HTTP/1.1"'
+COMPLETIONS_LINE = '"POST /v1/completions HTTP/1.1"'
+
+
+class Listener:
+    """A TCP listener of the test's own on loopback that records every connection it accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[tuple[str, int]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(peer)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+@pytest.fixture
+def stack(simulator):
+    sim = simulator()
+    settings = st.Settings()
+    settings.gateway.port = free_port()
+    settings.gateway.require_key_on_loopback = True
+    gw = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
+    gw.sim = sim  # type: ignore[attr-defined]
+    gw.secret = gw.key("attacker-with-a-key")  # type: ignore[attr-defined]
+    yield gw
+    gw.gateway.stop()
+
+
+def _post(stack: GatewayStack, path: str, body: dict) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    reply = stack.raw(
+        http(
+            "POST",
+            path,
+            body=data,
+            headers={
+                "Authorization": f"Bearer {stack.secret}",  # type: ignore[attr-defined]
+                "Content-Type": "application/json",
+            },
+        ),
+        timeout=60,
+    )
+    return reply.status, reply.json() if reply.body else {}
+
+
+def _chat(**extra) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        **extra,
+    }
+
+
+def _with_part(part: dict) -> dict:
+    content = [{"type": "text", "text": "what is this?"}, part]
+    return _chat(messages=[{"role": "user", "content": content}])
+
+
+def _engine_lines(stack: GatewayStack, line: str) -> int:
+    return stack.sim.output().count(line)  # type: ignore[attr-defined]
+
+
+def _assert_engine_saw_only(stack: GatewayStack, good_chats: int) -> None:
+    """The engine logged exactly `good_chats` chat requests before a good one sent now."""
+    # Once the engine has logged this last request, it has logged everything sent before it
+    # (the test sends one request at a time).
+    status, _ = _post(stack, "/v1/chat/completions", _chat())
+    assert status == 200
+    assert wait_until(lambda: _engine_lines(stack, CHAT_LINE) >= good_chats + 1, 30)
+    seen = _engine_lines(stack, CHAT_LINE)
+    assert seen == good_chats + 1, stack.sim.output()[-3000:]  # type: ignore[attr-defined]
+
+
+def test_media_urls_are_refused_before_the_engine_and_nothing_is_fetched(stack, listener):
+    target = f"http://127.0.0.1:{listener.port}/secret.png"
+    parts = {
+        "image_url": {"type": "image_url", "image_url": {"url": target}},
+        "image_url as a string, no type": {"image_url": target},
+        "input_image": {"type": "input_image", "image_url": target},
+        "audio_url": {"type": "audio_url", "audio_url": {"url": target.replace("png", "wav")}},
+        "video_url": {"type": "video_url", "video_url": {"url": target.replace("png", "mp4")}},
+        "https": {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+        "file": {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+        "leading space": {"type": "image_url", "image_url": {"url": " " + target}},
+    }
+    for name, part in parts.items():
+        status, body = _post(stack, "/v1/chat/completions", _with_part(part))
+        assert status == 400, (name, body)
+        error = body["error"]
+        assert error["code"] == "media_url_not_allowed", (name, error)
+        assert "data:" in error["message"], error
+        assert "base64" in error["message"], error
+        assert error["param"].startswith("messages[0].content[1]"), error
+    # the same picture inline is fine
+    status, body = _post(stack, "/v1/chat/completions", _with_part(
+        {"type": "image_url", "image_url": {"url": png_data_url()}}))  # fmt: skip
+    assert status == 200, body
+    _assert_engine_saw_only(stack, good_chats=1)
+    assert listener.accepted == []
+
+
+def test_engine_side_fields_and_parts_are_refused(stack):
+    attacks = {
+        "chat_template": _chat(chat_template="{{ raise_exception('x') }}"),
+        "media_io_kwargs": _chat(media_io_kwargs={"video": {"num_frames": 100000}}),
+        "mm_processor_kwargs": _chat(mm_processor_kwargs={"max_pixels": 10**9}),
+        "kv_transfer_params": _chat(kv_transfer_params={"do_remote_prefill": True}),
+        "ec_transfer_params": _chat(ec_transfer_params={"x": 1}),
+        "vllm_xargs": _chat(vllm_xargs={"x": 1}),
+        "logits_processors": _chat(logits_processors=["os.system"]),
+        "prompt_logprobs": _chat(prompt_logprobs=-1),
+        "chat_template_kwargs.tools": _chat(chat_template_kwargs={"tools": [{"x": 1}]}),
+        "messages[0].content[1].type": _with_part({"type": "image_embeds", "image_embeds": "AAAA"}),
+        "messages[0].content[1].uuid": _with_part(
+            {"type": "image_url", "image_url": {"url": png_data_url()}, "uuid": "victim-image"}
+        ),
+    }
+    for param, body in attacks.items():
+        status, reply = _post(stack, "/v1/chat/completions", body)
+        assert status == 400, (param, reply)
+        assert reply["error"]["param"] == param, reply
+        assert reply["error"]["type"] == "invalid_request_error"
+    status, reply = _post(
+        stack, "/v1/completions", {"model": MODEL, "prompt": "x", "prompt_embeds": "AAAA"}
+    )
+    assert (status, reply["error"]["param"]) == (400, "prompt_embeds"), reply
+    _assert_engine_saw_only(stack, good_chats=0)
+    assert _engine_lines(stack, COMPLETIONS_LINE) == 0
+
+
+def test_caps_are_refused_with_the_limit_and_never_reach_the_engine(stack):
+    many_images = [{"type": "image_url", "image_url": {"url": png_data_url(2, 2)}}] * 9
+    attacks = {
+        "n": _chat(n=1000),
+        "max_tokens": _chat(max_tokens=10**9),
+        "max_completion_tokens": _chat(max_completion_tokens="1000000000"),
+        "min_tokens": _chat(min_tokens=10**9),
+        "top_logprobs": _chat(logprobs=True, top_logprobs=100000),
+        "stop": _chat(stop=[f"s{i}" for i in range(5000)]),
+        "logit_bias": _chat(logit_bias={str(i): 1 for i in range(5000)}),
+        "allowed_token_ids": _chat(allowed_token_ids=list(range(5000))),
+        "structured_outputs": _chat(structured_outputs={"regex": "(a|aa)*" * 20000}),
+        "messages": _chat(messages=[{"role": "user", "content": "x"}] * 5000),
+        "messages[0].content[8]": _chat(messages=[{"role": "user", "content": many_images}]),
+    }
+    for param, body in attacks.items():
+        status, reply = _post(stack, "/v1/chat/completions", body)
+        assert status == 400, (param, reply)
+        error = reply["error"]
+        assert error["param"] == param, error
+        assert any(ch.isdigit() for ch in error["message"]), error  # names the limit
+    status, reply = _post(stack, "/v1/chat/completions", attacks["messages[0].content[8]"])
+    assert "engine.max_images_per_prompt" in reply["error"]["message"]
+    for body in (
+        {"model": MODEL, "prompt": "x", "best_of": 500},
+        {"model": MODEL, "prompt": "x", "logprobs": 1000},
+        {"model": MODEL, "prompt": ["x"] * 500},
+    ):
+        status, reply = _post(stack, "/v1/completions", body)
+        assert status == 400, (body, reply)
+    _assert_engine_saw_only(stack, good_chats=0)
+    assert _engine_lines(stack, COMPLETIONS_LINE) == 0
+
+
+def test_ordinary_requests_within_the_caps_still_pass(stack):
+    images = [{"type": "image_url", "image_url": {"url": png_data_url(4, 4)}}] * 2
+    for body in (
+        _chat(n=2, max_tokens=8, logprobs=True, top_logprobs=5, stop=["a", "b", "c", "d"]),
+        _chat(max_completion_tokens=16, chat_template_kwargs={"enable_thinking": False}),
+        _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, *images]}]),
+        _chat(seed=1, temperature=0, logit_bias={"1": 0.5}, prompt_logprobs=None),
+    ):
+        status, reply = _post(stack, "/v1/chat/completions", body)
+        assert status == 200, (body, reply)
+    status, reply = _post(
+        stack, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4}
+    )
+    assert status == 200, reply
