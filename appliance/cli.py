@@ -17,6 +17,7 @@ from appliance.errors import ApplianceError
 # Each module exposes register(subparsers) and sets `func` on the parsers it adds.
 COMMAND_MODULES = (
     "appliance.commands.up",
+    "appliance.commands.open",
     "appliance.commands.engine",
     "appliance.commands.plan",
     "appliance.commands.doctor",
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Whatever the appliance writes (settings, keys, history, logs) is its user's alone, even
+    # under a shell's umask 022; explicit modes back this up where files are created.
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -74,15 +74,21 @@ class RunningAppliance:
     log_path: Path
 
     @property
-    def url(self) -> str:
+    def base(self) -> str:
         return f"http://127.0.0.1:{self.ui_port}/"
+
+    @property
+    def url(self) -> str:
+        """With the per-install UI secret the appliance made at its start (`step-station open`)."""
+        token = (self.home / "config" / "ui-token").read_text().strip()
+        return f"{self.base}?token={token}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def health(self) -> dict | None:
         try:
-            with urllib.request.urlopen(self.url + "healthz", timeout=2) as response:
+            with urllib.request.urlopen(self.base + "healthz", timeout=2) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError):
             return None

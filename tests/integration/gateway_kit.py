@@ -80,7 +80,7 @@ def raw_request(host: str, port: int, data: bytes, timeout: float = 15.0) -> Raw
 
 def http(method: str, target: str, *, body: bytes = b"", headers: dict[str, str] | None = None):
     """A request as bytes with Connection: close (and Content-Length when there is a body)."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: gateway", "Connection: close"]
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
     if body and not any(k.lower() == "transfer-encoding" for k in (headers or {})):

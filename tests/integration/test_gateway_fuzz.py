@@ -161,7 +161,7 @@ openai_bodies = s.fixed_dictionaries(
 
 
 def _send(stack, method: str, target: str, headers: dict[str, str], body: bytes):
-    lines = [f"{method} {target} HTTP/1.1", "Host: fuzz", "Connection: close"]
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines.append(f"Content-Length: {len(body)}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
@@ -187,7 +187,7 @@ def _still_serving(stack) -> None:
     reply = raw_request(
         stack.host,
         stack.port,
-        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         + f"Authorization: Bearer {KEY['value']}\r\n\r\n".encode(),
     )
     assert reply.status in (200, 429)
@@ -230,13 +230,13 @@ def test_framing_edge_cases(fuzz_stack) -> None:
     key = KEY["value"]
     cases = [
         b"GARBAGE\r\n\r\n",
-        b"GET /v1/models HTTP/9.9\r\nHost: x\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"GET /v1/models HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Length: 5\r\n\r\n0\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n",
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
         + b"\r\nContent-Length: 100000000000\r\n\r\n{}",
     ]  # fmt: skip
     for data in cases:
