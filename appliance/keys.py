@@ -15,6 +15,8 @@ request (the file's mtime changes).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -384,8 +386,31 @@ def login_user(stored: str) -> str:
         return ""
 
 
+# One or two scrypt checks at a time, on threads of their own: hashlib.scrypt releases the GIL,
+# so a check costs the event loop nothing, and a burst of logins queues here instead of filling the
+# loop's default executor that the rest of the appliance uses (`asyncio.to_thread`).
+_LOGIN_CHECKERS = 2
+_checker_lock = threading.Lock()
+_checker: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _login_executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _checker
+    with _checker_lock:
+        if _checker is None:
+            _checker = concurrent.futures.ThreadPoolExecutor(
+                _LOGIN_CHECKERS, thread_name_prefix="step-station-login"
+            )
+        return _checker
+
+
 class OwnerLogin:
-    """The owner login for the UI on the LAN: set on first use, stored hashed in the secrets."""
+    """The owner login for the UI on the LAN: set on first use, stored hashed in the secrets.
+
+    Once a login exists, changing it needs the current password (`set(..., current=...)`); so
+    does turning "UI on LAN" on (`appliance.gateway.sharing.Sharing.set_ui_lan`). The one other way
+    to change it is editing the owner's own 0600 secrets file, which whoever can do is the owner.
+    """
 
     def is_set(self) -> bool:
         return bool(st.load_secrets().ui_login_hash)
@@ -393,15 +418,43 @@ class OwnerLogin:
     def username(self) -> str:
         return login_user(st.load_secrets().ui_login_hash)
 
-    def set(self, username: str, password: str) -> None:
+    def fingerprint(self) -> str:
+        """Changes whenever the login is set or changed (sessions from before then end)."""
+        stored = st.load_secrets().ui_login_hash
+        return hashlib.sha256(stored.encode()).hexdigest()[:16] if stored else ""
+
+    def set(self, username: str, password: str, *, current: str = "") -> None:
+        """Set the login; when one exists, `current` must be its password."""
         secrets_ = st.load_secrets()
+        stored = secrets_.ui_login_hash
+        if stored and not verify_login(stored, login_user(stored), current):
+            raise BadInputError(
+                "Changing the owner login needs the current owner password.",
+                hint="Enter the current password too. Forgot it? On this machine, in your own "
+                "account, delete the `ui_login_hash` line of the secrets file (`step-station "
+                "config path` shows where) and set a new login.",
+            )
         secrets_.ui_login_hash = hash_login(username, password)
         st.save_secrets(secrets_)
 
+    def check_password(self, password: str) -> bool:
+        """True when `password` is the current owner password (any user name)."""
+        stored = st.load_secrets().ui_login_hash
+        return bool(stored) and verify_login(stored, login_user(stored), password)
+
     def check(self, username: str, password: str) -> bool:
-        """Gradio's `auth=` callable: True when the login matches; False when none is set."""
+        """True when the login matches; False when none is set. Slow (scrypt): not on a loop."""
         stored = st.load_secrets().ui_login_hash
         return bool(stored) and verify_login(stored, username, password)
+
+    async def check_async(self, username: str, password: str) -> bool:
+        """Gradio's `auth=` callable: `check` on a login thread, never on the event loop.
+
+        Gradio's POST /login awaits a coroutine function and calls anything else inline, in the
+        event loop (gradio/routes.py, `login`); a slow hash there stalled every chat stream.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_login_executor(), self.check, username, password)
 
 
 def ui_lan_active(settings: st.Settings) -> bool:

@@ -68,6 +68,8 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
         footer_links=["settings"],
         ssr_mode=False,
         css=chat.CSS,
+        head=chat.HEAD,  # no remote images in the page (issue 12 item 8)
+        max_file_size=chat.max_upload_bytes(services.settings),  # = chat.max_image_mb
         show_error=True,
         **_owner_login(services),
     )
@@ -79,4 +81,7 @@ def _owner_login(services: Any) -> dict[str, Any]:
 
     if not ui_lan_active(services.settings):
         return {}
-    return {"auth": OwnerLogin().check, "auth_message": "Step Station: owner login"}
+    # A coroutine function: Gradio's POST /login awaits it, and the slow hash runs on a login
+    # thread (a plain function would be called inline, in the event loop every chat streams on).
+    # Throttling, session lifetime and POST-only logout: appliance/login_guard.py.
+    return {"auth": OwnerLogin().check_async, "auth_message": "Step Station: owner login"}

@@ -14,6 +14,7 @@ import gradio as gr
 
 from appliance.errors import ApplianceError
 from appliance.gateway.sharing import SNIPPETS, Sharing
+from appliance.keys import ui_lan_active
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-sharing"
@@ -22,6 +23,16 @@ KEY_HEADERS = ["Name", "Key", "Created", "Last used", "From", "Requests", "Promp
 RECENT_HEADERS = ["When", "From", "Key", "Request", "Status", "Tokens", "Time"]
 _LANGUAGES = {"curl": "shell", "Python (openai SDK)": "python", "Open WebUI": "shell"}
 _SHOWN_LABEL = "New API key: copy it now, it is shown only this once"
+PLAIN_HTTP = (
+    "**This is plain HTTP.** Keys, the owner password and chats cross the network unencrypted: "
+    "share on a network you trust, or behind a VPN (WireGuard, Tailscale) or a TLS proxy. The UI "
+    "can serve HTTPS itself with a certificate you provide: `step-station config set ui.tls_cert "
+    "/path/cert.pem` and `ui.tls_key /path/key.pem`."
+)
+LOGOUT_JS = (
+    "() => fetch('/logout', {method: 'POST', credentials: 'same-origin'})"
+    ".finally(() => window.location.reload())"
+)
 
 
 def _ids(name: str) -> str:
@@ -50,6 +61,7 @@ def build(services: Any) -> None:
             "and every request needs an API key; the engine, its metrics and its controls stay on "
             "this machine."
         )
+        gr.Markdown(PLAIN_HTTP, elem_id="ss-plain-http")
         with gr.Row():
             share = gr.Checkbox(
                 label="Share on LAN",
@@ -131,10 +143,27 @@ def build(services: Any) -> None:
             with gr.Row():
                 user = gr.Textbox(label="Owner user name", elem_id="ss-ui-user")
                 password = gr.Textbox(
-                    label="Owner password (8+ characters; set on first use)",
+                    label="Owner password (8+ characters; set on first use, asked again to turn "
+                    "this on)",
                     type="password",
                     elem_id="ss-ui-password",
                 )
+            with gr.Row():
+                current = gr.Textbox(
+                    label="Current owner password",
+                    type="password",
+                    elem_id="ss-login-current",
+                )
+                new_user = gr.Textbox(label="New user name", elem_id="ss-login-user")
+                new_password = gr.Textbox(
+                    label="New password (8+ characters)",
+                    type="password",
+                    elem_id="ss-login-password",
+                )
+                change = gr.Button("Change owner login", elem_id="ss-login-change")
+            logout = gr.Button(
+                "Log out", visible=ui_lan_active(services.settings), elem_id="ss-logout"
+            )
         timer = gr.Timer(5.0, active=False)
 
     def tables(base_url: str, key: str, choice: str | None = None) -> tuple[Any, ...]:
@@ -227,6 +256,24 @@ def build(services: Any) -> None:
         return (on, sharing.ui_lan_status() + " " + message, "")
 
     ui_lan.input(on_ui_lan, [ui_lan, user, password], [ui_lan, ui_status, password])
+
+    def on_change_login(old: str, name: str, secret: str) -> tuple[Any, ...]:
+        try:
+            message = sharing.change_login(old, name, secret)
+        except ApplianceError as err:
+            gr.Warning(str(err))
+            return ("", "", sharing.ui_lan_status())
+        gr.Info(message)
+        return ("", "", sharing.ui_lan_status())
+
+    change.click(
+        on_change_login,
+        [current, new_user, new_password],
+        [current, new_password, ui_status],
+        show_progress="hidden",
+    )
+    # Logout is a POST (appliance/login_guard.py refuses GET /logout): then the login page.
+    logout.click(None, None, None, js=LOGOUT_JS)
 
     def refresh(base_url: str, key: str, choice: str | None) -> tuple[Any, ...]:
         return tables(base_url, key, choice)

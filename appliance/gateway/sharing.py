@@ -285,12 +285,20 @@ class Sharing:
 
     def ui_lan_status(self) -> str:
         if not self.settings.ui.lan:
+            if self.login.is_set():
+                return (
+                    f"The UI is on this machine only. An owner login ({self.login.username()!r}) "
+                    "is set: turning this on asks for its password."
+                )
             return "The UI is on this machine only; the owner login is set on first use."
         user = self.login.username()
         return f"UI on LAN is on, with the owner login ({user!r}); it applies from a start."
 
     def set_ui_lan(self, on: bool, username: str = "", password: str = "") -> str:
-        """Turn "UI on LAN" on (needs an owner login: set on first use) or off."""
+        """Turn "UI on LAN" on or off. On needs the owner login: set here on first use; once one
+        exists, `password` must be its current password (a page or a neighbour that reaches this
+        switch must not open the UI to the LAN with a login it does not know). Off needs nothing:
+        it only takes the UI off the network."""
         if on and not self.login.is_set():
             if not username.strip() or not password:
                 raise BadInputError(
@@ -299,9 +307,13 @@ class Sharing:
                     "it on again.",
                 )
             self.login.set(username, password)
-        elif on and password and not self.login.check(username, password):
+        elif on and not self.login.check_password(password):
             raise BadInputError(
-                "That is not the owner login.", hint="Enter the user name and password set before."
+                "Turning the UI on the LAN on needs the current owner password."
+                if not password
+                else "That is not the owner password.",
+                hint="Enter the owner password set before (the user name is not needed), then "
+                "switch it on again.",
             )
         self.settings.ui.lan = on
         st.save_settings(self.settings)
@@ -311,3 +323,17 @@ class Sharing:
                 f"network and every page asks for the owner login ({self.login.username()!r})."
             )
         return "UI on LAN is off: from the next start the UI listens on this machine only."
+
+    def change_login(self, current: str, username: str, password: str) -> str:
+        """Replace the owner login; needs the current password once a login exists. Every
+        session signed in with the old login ends (appliance/login_guard.py)."""
+        if not current and self.login.is_set():
+            raise BadInputError(
+                "Changing the owner login needs the current owner password.",
+                hint="Enter the current password, then the new user name and password.",
+            )
+        self.login.set(username, password, current=current)
+        return (
+            f"The owner login is now {self.login.username()!r}; pages signed in with the old "
+            "one must sign in again."
+        )
