@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fixtures.appliance import Appliance, appliance
+from fixtures.appliance import Appliance, appliance, module_appliance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # gateway_kit
 
-__all__ = ["Appliance", "appliance"]
+__all__ = ["Appliance", "appliance", "module_appliance"]
