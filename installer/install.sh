@@ -583,9 +583,13 @@ write_unit() {
 }
 
 write_desktop_entry() {
-  render "$INSTALLER_DIR/step-station.desktop.in" URL "$(ui_url)" | write_file "$DESKTOP_FILE" 644
+  # `step-station open` carries the UI's per-install secret (the UI on loopback asks for it).
+  local port exec_line
+  port=${UI_PORT:-$(setting ui port)}
+  exec_line="\"$VENV/bin/step-station\" open --port ${port:-7860}"
+  render "$INSTALLER_DIR/step-station.desktop.in" EXEC "$exec_line" | write_file "$DESKTOP_FILE" 644
   write_file "$ICON_FILE" 644 <"$INSTALLER_DIR/step-station.svg"
-  say "desktop entry: $DESKTOP_FILE (opens $(ui_url))"
+  say "desktop entry: $DESKTOP_FILE (opens $(ui_url) with \`step-station open\`)"
   if have update-desktop-database; then
     act update-desktop-database -q "$(dirname "$DESKTOP_FILE")" || true
   fi

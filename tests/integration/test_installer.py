@@ -316,7 +316,11 @@ def test_install_upgrade_uninstall_end_to_end(box: Box) -> None:
     assert (code, verify.strip()) == (0, "")
 
     desktop = box.read(DESKTOP)
-    assert "Exec=xdg-open http://127.0.0.1:7860\n" in desktop
+    assert f'Exec="{VENV}/bin/step-station" open --port 7860\n' in desktop
+    # what the entry opens: the UI's address with the per-install secret (owner-only file)
+    opened = box.sh(f"{VENV}/bin/step-station open --print --port 7860")[1].strip()
+    assert opened.startswith("http://127.0.0.1:7860/?token=")
+    assert len(opened.split("token=", 1)[1]) >= 32
     assert "Icon=step-station\n" in desktop
     assert box.sh(f"desktop-file-validate {DESKTOP} 2>&1", check=False) == (0, "")
     assert "<svg" in box.read(ICON)
