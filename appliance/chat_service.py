@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ class EngineView:
     model: str = ""
     label: str = "Not started"  # the state in the user's words
     message: str = ""
+    api_key: str = field(default="", repr=False)  # the engine's key (fresh on every start)
 
     def not_ready_text(self) -> str:
         if self.label == "Sleeping":
@@ -55,6 +56,7 @@ def engine_view_from(supervisor: Any, default_model: str = "step3p7-flash") -> E
         model=status.served_model_name or default_model,
         label=label,
         message=status.message if state != "ready" else "",
+        api_key=str(getattr(supervisor, "engine_api_key", "") or ""),
     )
 
 
@@ -123,7 +125,7 @@ class ChatService:
         self._engine = engine
         self._api_key = api_key
         self._activity = activity
-        self._clients: dict[tuple[str, str], chat.ChatClient] = {}
+        self._clients: dict[tuple[str, str, str], chat.ChatClient] = {}
         self._model_info: dict[tuple[str, str], chat.ModelInfo] = {}
         self._active: dict[str, asyncio.Event] = {}  # conversation id -> set when its reply ended
 
@@ -161,10 +163,11 @@ class ChatService:
             self._end_use()
 
     def _client(self, view: EngineView) -> chat.ChatClient:
-        key = (view.url, view.model)
+        api_key = view.api_key or self._api_key
+        key = (view.url, view.model, api_key)  # a restarted engine has a new key: a new client
         client = self._clients.get(key)
         if client is None:
-            client = chat.ChatClient(view.url, view.model, api_key=self._api_key)
+            client = chat.ChatClient(view.url, view.model, api_key=api_key)
             self._clients[key] = client
         return client
 

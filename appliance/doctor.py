@@ -97,6 +97,60 @@ def check_docker(settings: Settings, facts: DockerFacts) -> Check:
     return Check("docker", PASS, f"Docker {facts.version} reachable (API {facts.api_version})")
 
 
+# Docker releases whose port publishing lets other machines reach ports published on loopback:
+# - before 28.0.0, a host on the same network segment that routes a container subnet via this
+#   machine ("direct routing") reaches container ports, those published on 127.0.0.1 included
+#   (moby/moby#45610; fixed in 28.0.0 by filtering direct-routed packets, epic moby/moby#48815);
+# - 28.0.0 to 28.3.2: a firewalld reload removes that filtering, opening them again
+#   (CVE-2025-54388, GHSA-x4rx-4gw3-53p4; fixed in 28.3.3 by moby/moby#50506).
+DOCKER_DIRECT_ROUTING_FIXED = (28, 0, 0)
+DOCKER_FIREWALLD_FIXED = (28, 3, 3)
+DOCKER_UPGRADE_FIX = "sudo apt-get install --only-upgrade docker-ce docker-ce-cli"
+
+
+def _version_tuple(text: str) -> tuple[int, int, int] | None:
+    """`20.10.24+dfsg1` -> (20, 10, 24); None when it is not a version."""
+    parts = text.split("+", 1)[0].split("-", 1)[0].split(".")[:3]
+    if not all(p.isdigit() for p in parts):
+        return None
+    numbers = [int(p) for p in parts] + [0, 0]
+    return numbers[0], numbers[1], numbers[2]
+
+
+def check_docker_version(settings: Settings, facts: DockerFacts) -> Check:
+    """Warn on a Docker release with a known way around loopback-only port publishing."""
+    name = "docker-version"
+    if settings.engine.runtime != "docker" or facts.error or not facts.version:
+        return Check(name, PASS, "not checked (Docker not in use or not reachable)")
+    version = _version_tuple(facts.version)
+    if version is None:
+        return Check(name, PASS, f"Docker {facts.version}: version not recognised, not checked")
+    note = (
+        " The engine itself uses the host's network on 127.0.0.1 and publishes nothing, but "
+        "every other container's published ports are exposed this way."
+    )
+    if version < DOCKER_DIRECT_ROUTING_FIXED:
+        return Check(
+            name,
+            WARN,
+            f"Docker {facts.version} is older than 28.0.0: ports published on 127.0.0.1 can be "
+            "reached from other machines on the same network that route to Docker's bridge "
+            "(moby/moby#45610, fixed in 28.0.0); and 28.0.0-28.3.2 lose that fix on a firewalld "
+            "reload (CVE-2025-54388, fixed in 28.3.3). Upgrade to 28.3.3 or newer." + note,
+            DOCKER_UPGRADE_FIX,
+        )
+    if version < DOCKER_FIREWALLD_FIXED:
+        return Check(
+            name,
+            WARN,
+            f"Docker {facts.version}: after a firewalld reload, ports published on 127.0.0.1 "
+            "can be reached from the local network (CVE-2025-54388, GHSA-x4rx-4gw3-53p4, fixed "
+            "in 28.3.3). Upgrade to 28.3.3 or newer." + note,
+            DOCKER_UPGRADE_FIX,
+        )
+    return Check(name, PASS, f"Docker {facts.version} has the known port-publishing fixes")
+
+
 def _cdi_specs(dirs: Iterable[str]) -> list[str]:
     found: list[str] = []
     for folder in dirs:
@@ -346,6 +400,7 @@ def run_doctor(
     checks = [
         check_settings(settings_warnings or []),
         check_docker(settings, facts),
+        check_docker_version(settings, facts),
         check_nvidia_runtime(settings, facts, cdi_dirs),
         check_gpu(settings, hw),
         check_profile(settings, result),

@@ -26,6 +26,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
+from appliance.engine import engine_key
 from appliance.engine.compat import FlagCheckUnavailable
 from appliance.engine.runtime import (
     EngineExit,
@@ -35,7 +36,7 @@ from appliance.engine.runtime import (
     Runtime,
     split_lines,
 )
-from appliance.engine.spec import LABEL_MANAGED, LABEL_NAME, LaunchSpec
+from appliance.engine.spec import ENGINE_KEY_DIR, LABEL_MANAGED, LABEL_NAME, LaunchSpec
 from appliance.errors import (
     DockerUnavailableError,
     EngineError,
@@ -45,6 +46,21 @@ from appliance.errors import (
 
 T = TypeVar("T")
 LABEL_PROBE = "io.step-station.probe"  # throwaway containers (the flag check); never the engine
+
+# The engine container's entrypoint when it has a key: a POSIX shell reads the key (and, only when
+# the engine downloads itself, the HF token) from the read-only key folder into the environment,
+# then execs the image's own entrypoint (`vllm serve`) with the spec's arguments. The secrets are
+# thus in no `docker inspect` field and on no command line. No key file, no engine: an engine
+# without its key must not serve unprotected.
+KEY_ENTRYPOINT_SCRIPT = (
+    f'k="{ENGINE_KEY_DIR}/{engine_key.KEY_FILE}"; '
+    'IFS= read -r VLLM_API_KEY < "$k" && [ -n "$VLLM_API_KEY" ] || '
+    '{ echo "step-station: cannot read the engine key $k; refusing to serve without it" >&2; '
+    "exit 78; }; export VLLM_API_KEY; "
+    f't="{ENGINE_KEY_DIR}/{engine_key.HF_TOKEN_FILE}"; '
+    'if [ -f "$t" ]; then IFS= read -r HF_TOKEN < "$t"; export HF_TOKEN; fi; '
+    'exec "$@"'
+)
 
 
 @dataclass(frozen=True)
@@ -327,7 +343,10 @@ class DockerRuntime(Runtime):
         for mount in spec.mounts:
             if not mount.read_only:
                 Path(mount.source).mkdir(parents=True, exist_ok=True)
-        kwargs = container_kwargs(spec)
+        entrypoint: list[str] | None = None
+        if spec.engine_key_dir:
+            entrypoint = self._image_entrypoint(spec.image)
+        kwargs = container_kwargs(spec, image_entrypoint=entrypoint)
         try:
             container = self._call(lambda: self.client.containers.create(**kwargs))
         except docker.errors.ImageNotFound as err:
@@ -347,6 +366,19 @@ class DockerRuntime(Runtime):
                 f"Docker refused to create the engine container: {_explain(err)}"
             ) from err
         return self._handle(container)
+
+    def _image_entrypoint(self, ref: str) -> list[str]:
+        """The image's own entrypoint (`vllm serve` for vllm/vllm-openai), which the key
+        entrypoint execs."""
+        try:
+            image = self._call(lambda: self.client.images.get(ref))
+        except docker.errors.ImageNotFound as err:
+            raise ImagePullError(
+                f"The engine image {ref} is not on this machine.",
+                hint="Pull it with `step-station pull`.",
+            ) from err
+        config = image.attrs.get("Config") or {}
+        return [str(part) for part in config.get("Entrypoint") or []]
 
     def launch(self, spec: LaunchSpec) -> EngineHandle:
         handle = self.create(spec)
@@ -438,12 +470,14 @@ class DockerRuntime(Runtime):
             container = self._container(handle)
             self._call(lambda: container.remove(force=True))
         except docker.errors.NotFound:
+            engine_key.discard(handle.name, handle.labels)
             return
         except docker.errors.APIError as err:
             if err.status_code != 409:  # 409: removal already in progress
                 raise EngineError(
                     f"Could not remove the engine container: {_explain(err)}"
                 ) from err
+        engine_key.discard(handle.name, handle.labels)
 
     def engine_pids(self, container_id: str) -> set[int]:
         """Host PIDs of the processes in the engine's container (`docker top`). NVML lists host
@@ -509,8 +543,11 @@ def _start_error(err: Any, spec: LaunchSpec) -> Exception:
     return EngineError(f"Docker could not start the engine container: {text}")
 
 
-def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
-    """docker-py `containers.create()` arguments for the spec (pure)."""
+def container_kwargs(spec: LaunchSpec, image_entrypoint: list[str] | None = None) -> dict[str, Any]:
+    """docker-py `containers.create()` arguments for the spec (pure).
+
+    With a key (`spec.engine_key_dir`), the entrypoint becomes the key-reading shell followed by
+    `image_entrypoint`; the command stays exactly the spec's arguments."""
     device_requests = []
     if spec.gpus is not None:
         if spec.gpus:
@@ -518,14 +555,30 @@ def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
         else:
             request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
         device_requests.append(request)
+    network: dict[str, Any] = {"network_mode": spec.network_mode} if spec.network_mode else {}
+    if spec.network_mode != "host":  # Docker's bridge: publish on loopback only
+        network["ports"] = {f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)}
+    entry: dict[str, Any] = {}
+    if spec.engine_key_dir:
+        entry["entrypoint"] = [
+            "/bin/sh",
+            "-c",
+            KEY_ENTRYPOINT_SCRIPT,
+            "step-station-engine",
+            *(image_entrypoint or []),
+        ]
+    # The container's environment never holds a secret (docker inspect shows it to anyone who
+    # can reach the Docker socket): the key and the HF token travel through the key folder.
+    environment = {k: v for k, v in spec.env_map.items() if k not in ("VLLM_API_KEY", "HF_TOKEN")}
     return {
         "image": spec.image,
         "command": list(spec.args),
         "name": spec.name,
         "detach": True,
         "labels": spec.label_map,
-        "environment": spec.env_map,
-        "ports": {f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)},
+        "environment": environment,
+        **entry,
+        **network,
         "ipc_mode": spec.ipc_mode,
         "ulimits": [docker.types.Ulimit(name=n, soft=s, hard=h) for n, s, h in spec.ulimits],
         "mounts": [

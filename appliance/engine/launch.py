@@ -8,6 +8,7 @@ import sys
 
 from appliance import profiles
 from appliance import settings as st
+from appliance.engine import engine_key
 from appliance.engine.spec import LaunchSpec, build_launch_spec, listen_host
 from appliance.errors import EngineError, HardwareError, SettingsError
 
@@ -79,6 +80,15 @@ def launch_spec_for(
         executable=_executable(kind, demo),
         download_weights=download_weights,
     )
+
+
+def with_fresh_engine_key(spec: LaunchSpec) -> LaunchSpec:
+    """The spec with a new key for this start, written to its private file (engine_key.py).
+
+    In a container, the HF token goes through the same private folder, and only when the engine
+    itself downloads (the appliance's own download leaves it offline)."""
+    token = spec.hf_token if spec.runtime == "docker" and spec.engine_fetches_weights else ""
+    return spec.with_engine_key(engine_key.issue(spec.name, hf_token=token))
 
 
 def served_name_for(settings: st.Settings) -> str:

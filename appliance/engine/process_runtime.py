@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from appliance import settings as st
+from appliance.engine import engine_key
 from appliance.engine.runtime import EngineExit, EngineHandle, LogLine, ProgressCallback, Runtime
 from appliance.engine.runtime import split_lines as _split
 from appliance.engine.spec import LaunchSpec
@@ -76,6 +77,9 @@ class ProcessRuntime(Runtime):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._state_dir.mkdir(parents=True, exist_ok=True)
         argv = [*spec.executable, *spec.args]
+        # Secrets (the engine key as VLLM_API_KEY, the HF token when the engine downloads) go in
+        # the environment, which only the owner (and root) can read; never in argv, which `ps`
+        # shows every local user.
         env = dict(os.environ) | spec.env_map
         with log_path.open("wb") as log:
             try:
@@ -220,3 +224,4 @@ class ProcessRuntime(Runtime):
         record = self._read_record(handle.name)
         if record is not None and record.get("pid") == pid:
             self._pid_file(handle.name).unlink(missing_ok=True)
+            engine_key.discard(handle.name, handle.labels)

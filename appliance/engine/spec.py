@@ -1,8 +1,10 @@
 """The engine's launch spec, built as frozen data by pure functions, then handed to a runtime once.
 
 Everything Docker (or a subprocess) needs is decided here: image, `vllm serve` arguments, GPU by
-UUID, ipc/ulimits, the loopback-only port, cache mounts, environment and ownership labels. Tests
-check the spec without Docker; one integration test checks it on a created container.
+UUID, ipc/ulimits, the network (the host's, with vLLM on loopback only), cache mounts, environment
+and ownership labels. Tests check the spec without Docker; one integration test checks it on a
+created container. Secrets (the per-start engine key, the HF token) never enter `env`, `args` or
+`labels`: see `with_engine_key` and docs/security/engine.md.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import settings as st
+from appliance.engine.engine_key import LABEL_KEY_ID, EngineKey
 from appliance.settings import EngineSettings
 
 CONTAINER_HOME = "/root"
@@ -27,6 +30,21 @@ LABEL_PROFILE = "io.step-station.profile"
 LABEL_SETTINGS_HASH = "io.step-station.settings-hash"
 LABEL_PORT = "io.step-station.port"
 LABEL_SERVED_NAME = "io.step-station.served-model-name"
+LABEL_ENGINE_KEY_ID = LABEL_KEY_ID
+
+# Inside the container: the per-start key folder, mounted read-only (see engine_key.py).
+ENGINE_KEY_DIR = "/run/step-station"
+# vLLM's CORS default is allow-all in 0.23 (`allowed_origins` default ["*"] in
+# vllm/entrypoints/openai/cli_args.py) and closed in 0.32 (`[]` in
+# vllm/entrypoints/launchers/cli_args.py): pass the closed value, so no web page can read the
+# engine's answers whatever the image's version. (The flag's value is parsed with json.loads.)
+CLOSED_ORIGINS = "[]"
+# The engine shares the host's network namespace and vLLM listens on loopback only: nothing is
+# published through Docker's NAT (whose loopback publishing other hosts on the LAN could reach
+# before Docker 28.0), and no other container, on the default bridge or any other, can reach it.
+# Dev-mode routes (/sleep, /wake_up, /collective_rpc, ...) are outside vLLM's key check, so where
+# the engine listens is what keeps them the appliance's.
+DOCKER_NETWORK_MODE = "host"
 
 MEMLOCK_UNLIMITED = ("memlock", -1, -1)
 STACK_64MIB = ("stack", 67108864, 67108864)
@@ -68,6 +86,10 @@ class LaunchSpec:
     weights_repo: str = ""  # a Hub repo to download before starting; "" when local
     hf_cache: str = ""  # host folder of the HF cache (holds hub/)
     settings_hash: str = ""
+    network_mode: str = ""  # docker: "host" (vLLM on 127.0.0.1 of the host); "": Docker's bridge
+    hf_token: str = field(default="", repr=False)  # for the appliance's download; see engine_env
+    engine_key: str = field(default="", repr=False)  # this start's key (with_engine_key)
+    engine_key_dir: str = ""  # host folder holding the key file, mounted at ENGINE_KEY_DIR
 
     @property
     def model(self) -> str:
@@ -85,6 +107,15 @@ class LaunchSpec:
     @property
     def engine_url(self) -> str:
         return f"http://{self.host_ip}:{self.host_port}"
+
+    @property
+    def engine_fetches_weights(self) -> bool:
+        """Whether the engine itself may download from the Hub (and so needs the HF token): not
+        when the appliance downloads first (it then runs the engine with HF_HUB_OFFLINE=1), nor
+        for a local checkpoint."""
+        if self.weights_repo or dict(self.env).get("HF_HUB_OFFLINE") == "1":
+            return False
+        return not self.model.startswith("/")
 
     def arg_value(self, flag: str) -> str | None:
         """The value following `flag` in args (None when absent)."""
@@ -109,7 +140,30 @@ class LaunchSpec:
 
     def with_env(self, **values: str) -> LaunchSpec:
         env = dict(self.env) | values
-        return dataclasses.replace(self, env=tuple(sorted(env.items())))
+        secret = self.secret_env
+        if env.get("HF_HUB_OFFLINE") == "1":  # an offline engine never needs the token
+            secret = tuple((k, v) for k, v in secret if k != "HF_TOKEN")
+        return dataclasses.replace(self, env=tuple(sorted(env.items())), secret_env=secret)
+
+    def with_engine_key(self, key: EngineKey) -> LaunchSpec:
+        """This start's key, given to the engine without showing it: in a container through the
+        key folder mounted read-only (the runtime's entrypoint reads it into VLLM_API_KEY), as a
+        process through its environment (never argv). The container carries only the key's id."""
+        labels = dict(self.labels) | {LABEL_ENGINE_KEY_ID: key.id}
+        changes: dict[str, Any] = {
+            "engine_key": key.secret,
+            "labels": tuple(sorted(labels.items())),
+        }
+        if self.runtime == "docker":
+            mount = Mount(str(key.folder), ENGINE_KEY_DIR, read_only=True)
+            changes["mounts"] = (*self.mounts, mount)
+            changes["engine_key_dir"] = str(key.folder)
+        else:
+            secret = dict(self.secret_env) | {"VLLM_API_KEY": key.secret}
+            if self.engine_fetches_weights and self.hf_token:
+                secret["HF_TOKEN"] = self.hf_token
+            changes["secret_env"] = tuple(sorted(secret.items()))
+        return dataclasses.replace(self, **changes)
 
     def display_command(self) -> list[str]:
         """The program and its arguments as they will run, for logs and `plan`."""
@@ -120,9 +174,10 @@ class LaunchSpec:
 
 
 def listen_host(engine: EngineSettings, runtime: str) -> str:
-    """Where vLLM listens: inside a container on 0.0.0.0 (the container's own network, which
-    Docker publishes on 127.0.0.1 only); as a local process on the configured loopback host."""
-    return "0.0.0.0" if runtime == "docker" else engine.host
+    """Where vLLM listens: the configured loopback host (127.0.0.1), as a local process and in a
+    container alike, since the container shares the host's network (DOCKER_NETWORK_MODE)."""
+    del runtime
+    return engine.host
 
 
 def hf_cache_root(engine: EngineSettings) -> Path:
@@ -214,6 +269,10 @@ def build_launch_spec(
             model = target
     if args:
         args[0] = model
+    if "--allowed-origins" not in args and not any(
+        a.startswith("--allowed-origins=") for a in args
+    ):
+        args += ["--allowed-origins", CLOSED_ORIGINS]
     env: dict[str, str] = {}
     if runtime != "docker":
         env["HF_HOME"] = str(hf_root)
@@ -236,6 +295,11 @@ def build_launch_spec(
         LABEL_PORT: str(engine.port),
         LABEL_SERVED_NAME: served_model_name,
     }
+    weights_repo = "" if (local or not download_weights) else model
+    # The HF token reaches the engine only when the engine itself downloads (no appliance
+    # download first): as a process through its environment here, in a container through the
+    # private key folder (`engine_key.issue(..., hf_token=)`), never in `docker inspect`.
+    engine_downloads = not weights_repo and not local and runtime != "docker"
     return LaunchSpec(
         name=engine.container_name,
         image=engine.image,
@@ -247,15 +311,17 @@ def build_launch_spec(
         host_ip="127.0.0.1",
         container_port=engine.port,
         env=tuple(sorted(env.items())),
-        secret_env=(("HF_TOKEN", hf_token),) if hf_token else (),
+        secret_env=(("HF_TOKEN", hf_token),) if hf_token and engine_downloads else (),
         mounts=mounts,
         gpus=gpus,
         ulimits=ulimits,
         labels=tuple(sorted(labels.items())),
         executable=tuple(executable),
-        weights_repo="" if (local or not download_weights) else model,
+        weights_repo=weights_repo,
         hf_cache=str(hf_root),
         settings_hash=digest,
+        network_mode=DOCKER_NETWORK_MODE if runtime == "docker" else "",
+        hf_token=hf_token,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from appliance import settings as st
-from appliance.engine import compat, health, phases
+from appliance.engine import compat, engine_key, health, phases
 from appliance.engine.lock import EngineLock
 from appliance.engine.process_runtime import ProcessRuntime
 from appliance.engine.runtime import EngineExit, EngineHandle, LogLine, Runtime
@@ -146,6 +146,7 @@ class Supervisor:
         self._in_use = 0  # browser chat streams open now
         self._engine_was_busy = False  # the engine's gauges showed requests at the last look
         self.dead_exit_grace_s = 8.0  # see _dead_engine
+        self._engine_key = ""  # this start's engine key (engine_key.py); "" for none
 
     @classmethod
     def for_demo(cls, settings: st.Settings, **kwargs: Any) -> Supervisor:
@@ -160,6 +161,12 @@ class Supervisor:
     @property
     def engine_url(self) -> str:
         return self._url()
+
+    @property
+    def engine_api_key(self) -> str:
+        """The running engine's key, which vLLM requires on /v1 (the gateway and the chat send
+        it); a fresh one on every start, recovered from its private file on adoption."""
+        return self._engine_key
 
     @property
     def served_model_name(self) -> str:
@@ -688,7 +695,7 @@ class Supervisor:
         fetch(
             spec.weights_repo,
             hf_cache=spec.hf_cache,
-            token=dict(spec.secret_env).get("HF_TOKEN", ""),
+            token=spec.hf_token,
             on_progress=on_progress,
             cancel=self._cancel,
         )
@@ -713,6 +720,10 @@ class Supervisor:
                 message="Starting the engine.",
                 exit_code=None,
             )
+            from appliance.engine.launch import with_fresh_engine_key  # local: see _build_spec
+
+            spec = with_fresh_engine_key(spec)  # a new key for every start, before it runs
+            self._engine_key = spec.engine_key
             handle = self.runtime.launch(spec)
         self._watch_logs(handle, spec, fresh=True)
         self._update(container_id=handle.id, message="Loading the model.")
@@ -810,6 +821,10 @@ class Supervisor:
 
     def _adopt(self, handle: EngineHandle, spec: LaunchSpec | None) -> None:
         labels = handle.labels
+        key = engine_key.recover(handle.name, labels)
+        if key is None:
+            log.warning("the running engine's key file is gone; restart the engine to use it")
+        self._engine_key = key or ""
         self._update(
             state=EngineState.STARTING,
             container_id=handle.id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -139,7 +140,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.keys = keys
-        self.engine_api_key = engine_api_key
+        self._engine_api_key = engine_api_key  # fixed (an engine the appliance does not run)
         self.access = access or AccessLog()
         self._log_file = access_log_file
         self.gate = EngineGate(
@@ -159,6 +160,20 @@ class Gateway:
         self._listener: _Listener | None = None
         self._draining: list[_Listener] = []
         self._flusher: asyncio.Task[None] | None = None
+        listen = getattr(engine, "add_listener", None)
+        if listen is not None:  # the engine's key is new on every start: follow it
+            listen(lambda status: self._follow_engine_key())
+
+    @property
+    def engine_api_key(self) -> str:
+        """The key the engine requires on /v1: the supervisor's current one (fresh on every
+        engine start, set before the engine runs), else the fixed one given."""
+        return str(getattr(self.gate.engine, "engine_api_key", "") or self._engine_api_key)
+
+    def _follow_engine_key(self) -> None:
+        key = self.engine_api_key
+        if self.app.config.engine_api_key != key:
+            self.app.config = dataclasses.replace(self.app.config, engine_api_key=key)
         # per-address connection cap and header read timeout, at accept (see limits.py)
         self.connections = ConnectionGuard()
 

@@ -43,6 +43,8 @@ class ServeArgs:
     enable_auto_tool_choice: bool
     max_num_seqs: int
     non_default: dict[str, Any] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ("*",)  # 0.23's default: every origin
+    allow_credentials: bool = False
 
     @property
     def served_name(self) -> str:
@@ -106,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tool-call-parser", default=None)
     add("--tool-parser-plugin", default=None)
     add("--enable-auto-tool-choice", action="store_true")
-    add("--allowed-origins", default=None)
+    # vLLM parses the CORS lists with json.loads (cli_args.py `_customize_cli_kwargs`), so a bad
+    # value reads "argument --allowed-origins: invalid loads value: 'x'"; 0.23's default allows
+    # every origin (["*"]), 0.32's none ([]).
+    add("--allowed-origins", type=json.loads, default=None)
+    add("--allow-credentials", action="store_true")
     add("--root-path", default=None)
     add("--middleware", action="append", default=None)
     add("--disable-log-requests", action="store_true")
@@ -226,4 +232,8 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
         enable_auto_tool_choice=bool(ns.enable_auto_tool_choice),
         max_num_seqs=ns.max_num_seqs or 256,
         non_default=non_default,
+        allowed_origins=("*",)
+        if ns.allowed_origins is None
+        else tuple(str(o) for o in ns.allowed_origins),
+        allow_credentials=bool(ns.allow_credentials),
     )

@@ -59,6 +59,7 @@ class StreamResponse:
     chunks: AsyncIterator[bytes]
     status: int = 200
     content_type: str = "text/event-stream; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response | StreamResponse]]
@@ -155,7 +156,7 @@ class HttpServer:
         head = (
             f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
             f"content-type: {response.content_type}\r\ntransfer-encoding: chunked\r\n"
-            "server: uvicorn\r\n\r\n"
+            "server: uvicorn\r\n" + "".join(f"{k}: {v}\r\n" for k, v in response.headers) + "\r\n"
         ).encode()
         conn.writer.write(head)
         chunks = response.chunks

@@ -27,6 +27,12 @@ GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
 # vllm/entrypoints/serve/instrumentator/metrics.py); with the prometheus_client of 2026 images
 # that is the 1.0.0 text format. Real vLLM 0.32 answers a plain GET with exactly this.
 METRICS_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+# CORS as vLLM's app does it: Starlette's CORSMiddleware with --allowed-origins (0.23's default
+# ["*"]), allowed methods and headers "*". The key check wraps it (vLLM adds the key middleware
+# after CORS, so it runs first): a 401 carries no CORS header, and preflights (OPTIONS) pass the
+# key check. A disallowed preflight is Starlette's 400 "Disallowed CORS origin".
+CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
 
 class Api:
@@ -66,6 +72,54 @@ class Api:
         return sorted({(path, method) for method, path in self.routes})
 
     async def handle(self, request: Request) -> Result:
+        origin = request.headers.get("origin")
+        if (
+            origin is not None
+            and request.method == "OPTIONS"
+            and "access-control-request-method" in request.headers
+        ):
+            return self._preflight(request, origin)
+        result = await self._guarded(request)
+        if origin is not None and result.status != 401:
+            result.headers.extend(self._cors_headers(origin))
+        return result
+
+    def _origin_allowed(self, origin: str) -> bool:
+        return "*" in self.args.allowed_origins or origin in self.args.allowed_origins
+
+    def _cors_headers(self, origin: str) -> list[tuple[str, str]]:
+        allow_all = "*" in self.args.allowed_origins
+        headers: list[tuple[str, str]] = []
+        if allow_all and not self.args.allow_credentials:
+            headers.append(("access-control-allow-origin", "*"))
+        elif self._origin_allowed(origin):
+            headers.append(("access-control-allow-origin", origin))
+        if self.args.allow_credentials:
+            headers.append(("access-control-allow-credentials", "true"))
+        headers.append(("vary", "Origin"))
+        return headers
+
+    def _preflight(self, request: Request, origin: str) -> Response:
+        headers = [("vary", PREFLIGHT_VARY)]
+        allowed = self._origin_allowed(origin)
+        if allowed:
+            explicit = "*" not in self.args.allowed_origins or self.args.allow_credentials
+            headers.append(("access-control-allow-origin", origin if explicit else "*"))
+        headers += [
+            ("access-control-allow-methods", CORS_METHODS),
+            ("access-control-max-age", "600"),
+        ]
+        requested = request.headers.get("access-control-request-headers")
+        if requested is not None:
+            headers.append(("access-control-allow-headers", requested))
+        if self.args.allow_credentials:
+            headers.append(("access-control-allow-credentials", "true"))
+        if not allowed:
+            body = b"Disallowed CORS origin"
+            return Response(400, body, "text/plain; charset=utf-8", headers)
+        return Response(200, b"OK", "text/plain; charset=utf-8", headers)
+
+    async def _guarded(self, request: Request) -> Result:
         if (
             self.api_keys
             and request.method != "OPTIONS"

@@ -52,9 +52,11 @@ class Polls:
         return sum(1 for fn in self.fn_ids if fn in ids)
 
 
-def chat_load(engine_url: str, requests: int = 2, max_tokens: int = 700) -> threading.Thread:
+def chat_load(
+    engine_url: str, api_key: str, requests: int = 2, max_tokens: int = 700
+) -> threading.Thread:
     def run() -> None:
-        client = OpenAI(base_url=f"{engine_url}/v1", api_key="none")
+        client = OpenAI(base_url=f"{engine_url}/v1", api_key=api_key)
 
         def one() -> None:
             stream = client.chat.completions.create(
@@ -116,7 +118,9 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(breakdown).to_contain_text("vLLM reserves most of the GPU when it starts")
 
     # Traffic: the engine numbers and the plots follow it.
-    load = chat_load(app.engine_url)
+    # the engine's per-start key, from the appliance's private key file (engine_key.py)
+    (key_file,) = (app.home / "data" / "engine-keys").glob("*/*/engine-key")
+    load = chat_load(app.engine_url, key_file.read_text().strip())
     expect(field(page, "requests-running")).to_have_text("2", timeout=20_000)
     expect(field(page, "generation")).not_to_have_text(re.compile(r"^(0\.0 tokens/s|n/a)$"))
     expect(page.locator("#ss-plot-tokens")).to_be_visible(timeout=15_000)

@@ -87,7 +87,8 @@ def test_start_phases_ready_chat_stop(dk, settings, make_sup) -> None:
     pids = sup.runtime.engine_pids(container.id)
     assert container.attrs["State"]["Pid"] in pids
 
-    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none")
+    # vLLM requires the engine's per-start key on /v1 (only the appliance holds it)
+    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key)
     reply = client.chat.completions.create(
         model=sup.served_model_name,
         messages=[{"role": "user", "content": "Say hi"}],
@@ -116,8 +117,10 @@ def test_created_container_spec(dk, settings, station_home: Path) -> None:
     assert host["IpcMode"] == "host"
     limits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
     assert limits == {"memlock": (-1, -1), "stack": (67108864, 67108864)}
-    port = settings.engine.port
-    assert host["PortBindings"] == {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+    # the host's network, vLLM on its loopback: nothing published (tests/security)
+    assert host["NetworkMode"] == "host"
+    assert not host.get("PortBindings")
+    assert spec.arg_value("--host") == "127.0.0.1"
     mounts = {m["Target"]: m for m in host["Mounts"]}
     cache = station_home / "cache"
     assert mounts["/root/.cache/huggingface"]["Source"] == str(cache / "huggingface")
@@ -126,7 +129,7 @@ def test_created_container_spec(dk, settings, station_home: Path) -> None:
     assert mounts["/root/.triton"]["Source"] == str(cache / "compile" / "triton")
     assert all(m["Type"] == "bind" for m in mounts.values())
     env = dict(e.split("=", 1) for e in config["Env"])
-    assert env["HF_TOKEN"] == "hf_test_token"
+    assert "HF_TOKEN" not in env  # the appliance downloads; the offline engine never has it
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["STEP_SIM_LOAD_S"] == "1.5"
     assert config["Cmd"] == list(spec.args)

@@ -57,6 +57,10 @@ def make_supervisor(settings: st.Settings):
         sup.close()
 
 
+def _auth(sup: Supervisor) -> dict[str, str]:
+    return {"Authorization": f"Bearer {sup.engine_api_key}"}
+
+
 def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> None:
     sup = make_supervisor()
     seen: list[EngineState] = []
@@ -74,7 +78,8 @@ def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> Non
     assert seen[0] == EngineState.STARTING
     assert seen[-1] == EngineState.READY
 
-    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none")
+    # vLLM requires the engine's per-start key on /v1 (only the appliance holds it)
+    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key)
     reply = client.chat.completions.create(
         model=sup.served_model_name,
         messages=[{"role": "user", "content": "Say hi"}],
@@ -179,7 +184,7 @@ def test_context_too_long_retries_with_the_estimate_and_serves(
     assert "Started after one retry" in status.message
     new_len = int(status.retry_note.split()[1])
     assert 0 < new_len < 262144
-    models = httpx.get(f"{sup.engine_url}/v1/models").json()["data"]
+    models = httpx.get(f"{sup.engine_url}/v1/models", headers=_auth(sup)).json()["data"]
     assert models[0]["max_model_len"] == new_len
 
 
@@ -241,7 +246,12 @@ def test_changed_settings_ask_for_a_restart(settings, sim_env, make_supervisor) 
     status = sup.restart()
     status = sup.wait_ready(60)
     assert not status.restart_needed
-    assert httpx.get(f"{sup.engine_url}/v1/models").json()["data"][0]["max_model_len"] == 65536
+    assert (
+        httpx.get(f"{sup.engine_url}/v1/models", headers=_auth(sup)).json()["data"][0][
+            "max_model_len"
+        ]
+        == 65536
+    )
 
 
 def test_stop_during_load_cancels_the_start(settings, sim_env, make_supervisor) -> None:

@@ -151,7 +151,9 @@ def test_a_direct_client_stream_holds_off_idle_sleep_through_the_engine_gauges(
 ) -> None:
     """A client that talks to the engine itself (not through the gateway, so no activity is
     noted): the supervisor still sees it in vllm:num_requests_running and does not sleep."""
-    direct = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key="none", max_retries=0)
+    direct = openai.OpenAI(
+        base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key, max_retries=0
+    )
     stream = direct.chat.completions.create(
         model=sup.served_model_name,
         messages=[{"role": "user", "content": "Tell me a long story."}],
@@ -249,7 +251,8 @@ def test_sleep_aborts_a_running_stream_in_the_simulator_as_in_vllm(sup: Supervis
     }
 
     async def run() -> tuple[list[str], dict, dict]:
-        async with httpx.AsyncClient(timeout=60) as client:
+        auth = {"Authorization": f"Bearer {sup.engine_api_key}"}  # the engine's per-start key
+        async with httpx.AsyncClient(timeout=60, headers=auth) as client:
             lines: list[str] = []
             async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
                 reader = resp.aiter_lines()

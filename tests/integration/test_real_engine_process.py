@@ -215,7 +215,9 @@ def test_start_shows_the_real_phases_in_order(rig: Rig) -> None:
 
 def test_chat_through_the_sdk_and_the_gateway(rig: Rig) -> None:
     settings = rig.ready()
-    direct = openai.OpenAI(base_url=f"{rig.sup.engine_url}/v1", api_key="none", max_retries=0)
+    direct = openai.OpenAI(
+        base_url=f"{rig.sup.engine_url}/v1", api_key=rig.sup.engine_api_key, max_retries=0
+    )
     reply = direct.chat.completions.create(
         model=rig.sup.served_model_name,
         messages=[{"role": "user", "content": "What is the answer?"}],

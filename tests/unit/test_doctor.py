@@ -18,6 +18,7 @@ from appliance.settings import Settings
 NAMES = [
     "settings",
     "docker",
+    "docker-version",
     "nvidia-runtime",
     "gpu",
     "profile",
@@ -151,7 +152,7 @@ def test_corrupt_settings_is_a_warning(
 
 
 def _station_docker() -> DockerFacts:
-    return DockerFacts(version="28.2.2", api_version="1.50", runtimes=("nvidia", "runc"))
+    return DockerFacts(version="28.3.3", api_version="1.51", runtimes=("nvidia", "runc"))
 
 
 def _run(settings: Settings, **kwargs: object) -> doctor.Report:

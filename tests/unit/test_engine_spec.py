@@ -38,10 +38,12 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
     spec = launch_spec_for(settings, secrets=secrets)
     prof = profiles.get_profile("fp8-tp1")
     assert spec.args[0] == prof.checkpoint
-    assert list(spec.args) == profiles.build_vllm_args(prof, settings.engine, listen_host="0.0.0.0")
-    # inside the container vLLM listens on every interface of the container; Docker publishes
-    # the port on loopback only
-    assert spec.arg_value("--host") == "0.0.0.0"
+    seed = profiles.build_vllm_args(prof, settings.engine, listen_host="127.0.0.1")
+    assert list(spec.args) == [*seed, "--allowed-origins", "[]"]  # vLLM 0.23 allows every origin
+    # the container shares the host's network and vLLM listens on its loopback only: nothing is
+    # published through Docker's NAT, no other container can reach it
+    assert spec.network_mode == "host"
+    assert spec.arg_value("--host") == "127.0.0.1"
     assert (spec.host_ip, spec.host_port, spec.container_port) == ("127.0.0.1", 8123, 8123)
     assert spec.gpus == (UUID,)
     assert spec.ipc_mode == "host"
@@ -61,9 +63,11 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
     assert labels[LABEL_NAME] == "step-station-engine"
     assert labels[LABEL_PROFILE] == "fp8-tp1"
     assert labels[LABEL_SETTINGS_HASH] == spec.settings_hash
-    # the token reaches the engine but never the plain env, the labels or the repr
-    assert spec.env_map["HF_TOKEN"] == "hf_secret_value"
-    assert "HF_TOKEN" not in dict(spec.env)
+    # the appliance downloads with the token; the engine (offline) never gets it; not in the
+    # plain env, the labels or the repr
+    assert spec.hf_token == "hf_secret_value"
+    assert "HF_TOKEN" not in spec.env_map
+    assert not spec.engine_fetches_weights
     assert "hf_secret_value" not in repr(spec)
     assert spec.weights_repo == prof.checkpoint
 
