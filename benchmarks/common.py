@@ -3,8 +3,11 @@ and `step-station up --demo` started in its own home on free ports."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -30,11 +33,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def give_ui_secret(home: Path) -> str:
+    """Write the per-install UI secret before the appliance starts (it reads config/ui-token)."""
+    token = secrets.token_urlsafe(32)
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    (home / "config" / "ui-token").write_text(token + "\n")
+    (home / "config" / "ui-token").chmod(0o600)
+    return token
+
+
+def ui_cookie(home: Path, url: str) -> dict[str, str]:
+    """The Cookie header a browser holds after `step-station open` (appliance/web_guard.py)."""
+    token = (home / "config" / "ui-token").read_text().strip()
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    value = hmac.new(token.encode(), b"step-station ui cookie", hashlib.sha256).hexdigest()
+    return {"Cookie": f"step-station-ui-{port}={value}"}
+
+
+def open_url(home: Path, url: str) -> str:
+    """What `step-station open` opens: the UI's address with its secret."""
+    return f"{url}?token={(home / 'config' / 'ui-token').read_text().strip()}"
+
+
 def launch_demo(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """Start `step-station up --demo` with STEP_STATION_HOME=home (its log: home/up.log)."""
     ui_port, api_port, engine_port = free_port(), free_port(), free_port()
     (home / "config").mkdir(parents=True)
     (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
+    give_ui_secret(home)
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
         + ["--ui-port", str(ui_port), "--api-port", str(api_port)],

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import CHROMIUM_ARGS, REPO, launch_demo, wait_demo_ready
+from common import CHROMIUM_ARGS, REPO, launch_demo, open_url, wait_demo_ready
 
 FAKE_NVML = REPO / "tests" / "browser" / "fake_nvml"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,7 +55,7 @@ def start_appliance(home: Path, real_nvml: bool) -> tuple[subprocess.Popen[bytes
     env = {} if real_nvml else {"PYTHONPATH": str(FAKE_NVML), "STEP_FAKE_NVML": "gb300"}
     proc, url = launch_demo(home, env)
     wait_demo_ready(proc, url, home)
-    return proc, url
+    return proc, open_url(home, url)
 
 
 def measure(pid: int, window_s: float) -> dict[str, float]:

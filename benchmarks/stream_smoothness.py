@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import CHROMIUM_ARGS, free_port
+from common import CHROMIUM_ARGS, free_port, give_ui_secret
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long, detailed answer about streaming."
@@ -256,6 +256,7 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     if args.interval_ms is not None:
         settings += f"[chat]\nstream_interval_ms = {args.interval_ms}\n"
     (home / "config" / "settings.toml").write_text(settings)
+    token = give_ui_secret(home)
     env = {
         **os.environ,
         "STEP_STATION_HOME": str(home),
@@ -287,7 +288,7 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     )
     naive_url = f"http://127.0.0.1:{naive_port}/"
     wait_http(naive_url, 120, naive)
-    return Ours(appliance, ui, home), Naive(naive, naive_url, record)
+    return Ours(appliance, f"{ui}?token={token}", home), Naive(naive, naive_url, record)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import launch_demo, wait_demo_ready
+from common import launch_demo, ui_cookie, wait_demo_ready
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,8 +51,8 @@ def idle_cpu(pid: int, window_s: float) -> tuple[float, float]:
 class SearchEvent:
     """The history search's event, sent as the page sends it: queue/join, then the SSE stream."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30)
+    def __init__(self, url: str, home: Path) -> None:
+        self.http = httpx.Client(base_url=url, timeout=30, headers=ui_cookie(home, url))
         dependency = next(
             d
             for d in self.http.get("config").json()["dependencies"]
@@ -108,7 +108,7 @@ def main() -> None:
                 )
             for _, home, proc, url in running:
                 wait_demo_ready(proc, url, home)
-            events = {poll: SearchEvent(url) for poll, _, _, url in running}
+            events = {poll: SearchEvent(url, home) for poll, home, _, url in running}
             time.sleep(5)  # start-up work settles
             cpu: dict[float, list[tuple[float, float]]] = {p: [] for p in polls}
             trips: dict[float, list[float]] = {p: [] for p in polls}
