@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -175,9 +176,17 @@ class LaunchSpec:
 
 def listen_host(engine: EngineSettings, runtime: str) -> str:
     """Where vLLM listens: the configured loopback host (127.0.0.1), as a local process and in a
-    container alike, since the container shares the host's network (DOCKER_NETWORK_MODE)."""
+    container alike, since the container shares the host's network (DOCKER_NETWORK_MODE).
+
+    Never beyond loopback: the engine's unguarded routes (see docs/security/engine.md) must not
+    face the LAN, and the appliance itself reaches it on 127.0.0.1; any other `engine.host` is
+    replaced by 127.0.0.1."""
     del runtime
-    return engine.host
+    try:
+        loopback = ipaddress.ip_address(engine.host).is_loopback
+    except ValueError:
+        loopback = engine.host == "localhost"
+    return engine.host if loopback else "127.0.0.1"
 
 
 def hf_cache_root(engine: EngineSettings) -> Path:

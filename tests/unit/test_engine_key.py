@@ -10,7 +10,7 @@ from appliance import settings as st
 from appliance.engine import engine_key
 from appliance.engine.docker_runtime import container_kwargs
 from appliance.engine.launch import launch_spec_for, with_fresh_engine_key
-from appliance.engine.spec import ENGINE_KEY_DIR, LABEL_ENGINE_KEY_ID
+from appliance.engine.spec import ENGINE_KEY_DIR, LABEL_ENGINE_KEY_ID, listen_host
 
 
 def _settings(**engine: object) -> st.Settings:
@@ -83,3 +83,12 @@ def test_hf_token_only_when_the_engine_downloads_itself(station_home: Path) -> N
     assert process.engine_key not in process.display_command()
     offline = with_fresh_engine_key(process.with_env(HF_HUB_OFFLINE="1"))
     assert "HF_TOKEN" not in offline.env_map
+
+
+def test_the_engine_never_listens_beyond_loopback() -> None:
+    settings = _settings()
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        settings.engine.host = host
+        assert listen_host(settings.engine, "docker") == "127.0.0.1"
+    settings.engine.host = "127.0.0.1"
+    assert listen_host(settings.engine, "process") == "127.0.0.1"
