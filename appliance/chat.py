@@ -34,6 +34,12 @@ from appliance.errors import BadInputError, EngineError
 
 REASONING_LEVELS = ("low", "medium", "high")
 MAX_IMAGE_SIDE = 3024  # vLLM's Step image processor downscales any side above this
+# Images with more pixels are refused before they are decoded (a decompression bomb: a small file
+# that decodes to gigabytes). vLLM's Step3-VL processor resizes any image to at most 3024 px a
+# side (vllm/transformers_utils/processors/step3_vl.py, MAX_IMAGE_SIZE = 3024, 9.1 MP), so 40 MP
+# (a 7,700 x 5,200 photo) is plenty, and well under Pillow's own guard (MAX_IMAGE_PIXELS, ~89 MP,
+# an error only at twice that). Decoding runs off the event loop (ChatService.submit).
+MAX_IMAGE_PIXELS = 40_000_000
 TOKENS_PER_IMAGE = 3164  # upper bound per image: 169-token global view + 81 per 504 px crop
 CHARS_PER_TOKEN = 3.0  # conservative (real text averages ~4): over-estimates, never under
 TOKENS_PER_MESSAGE = 8  # chat-template overhead per turn
@@ -120,16 +126,22 @@ def prepare_image(path: Path, *, max_mb: float, name: str | None = None) -> Prep
         )
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            _check_pixels(name, *img.size)  # from the header, before a byte is decoded
             img.load()  # a full decode: truncated or corrupt files fail here, not in the engine
             original = img.size
             if max(original) > MAX_IMAGE_SIDE:
                 return _scaled(name, img, fmt)
+    except Image.DecompressionBombError as err:  # Pillow's own guard, at twice ~89 MP
+        raise BadInputError(
+            f"{name} has far more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels ({err}).",
+            hint=f"Scale it down (e.g. to {MAX_IMAGE_SIDE} px on its longest side) and attach it "
+            "again. Nothing was sent.",
+        ) from err
     except (
         UnidentifiedImageError,
         OSError,
         SyntaxError,
         ValueError,
-        Image.DecompressionBombError,
     ) as err:
         raise BadInputError(
             f"{name} looks like a {fmt} file but cannot be decoded ({err}).",
@@ -139,6 +151,17 @@ def prepare_image(path: Path, *, max_mb: float, name: str | None = None) -> Prep
     if mime is None:  # BMP: re-encode as PNG, which every engine build accepts
         return _reencode(name, raw)
     return PreparedImage(name, mime, raw, *original, *original)
+
+
+def _check_pixels(name: str, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInputError(
+            f"{name} is {width:,} x {height:,} pixels ({width * height / 1e6:,.0f} megapixels); "
+            f"images may have at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (the model sees at "
+            f"most {MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}).",
+            hint=f"Scale it down (e.g. to {MAX_IMAGE_SIDE} px on its longest side) and attach it "
+            "again. Nothing was sent.",
+        )
 
 
 def _scaled(name: str, img: Image.Image, fmt: str) -> PreparedImage:

@@ -241,7 +241,8 @@ class ChatService:
         earlier: list[hist.Message] = []
         if conversation_id:
             earlier = self.history.get_conversation(conversation_id).messages
-        images = self.prepare_images(image_paths, earlier)
+        # Decoding (Pillow) runs in a worker thread: a big image never stalls other streams.
+        images = await asyncio.to_thread(self.prepare_images, image_paths, earlier)
         async with self._using_engine():  # a sleeping engine wakes as the message is sent
             view = self._ready_engine()
             stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, BadInputError
-from appliance.settings import data_dir
+from appliance.settings import create_private_file, data_dir, tighten_file
 
 # Message status values.
 COMPLETE = "complete"
@@ -134,7 +134,11 @@ class History:
             if self._db is not None:
                 return self
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # 0600 before SQLite opens it: SQLite gives the -wal and -shm files the mode of
+                # the database file (its unix VFS copies it), so all three are private.
+                create_private_file(self.path)
+                for suffix in ("-wal", "-shm", "-journal"):
+                    tighten_file(self.path.with_name(self.path.name + suffix))
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA journal_mode=WAL")
@@ -142,7 +146,7 @@ class History:
                 db.execute("PRAGMA foreign_keys=ON")
                 db.execute("PRAGMA busy_timeout=5000")
                 db.executescript(_SCHEMA)
-            except sqlite3.Error as err:
+            except (sqlite3.Error, OSError) as err:
                 raise HistoryError(
                     f"Chat history {self.path} cannot be opened ({err}).",
                     hint="Check the disk and the file's permissions; move the file aside to start "

@@ -34,7 +34,7 @@ from appliance.chat_service import ChatService, engine_view_from
 from appliance.errors import PortInUseError
 from appliance.history import History
 from appliance.services import Services
-from appliance.settings import Settings, load_secrets
+from appliance.settings import Settings, load_secrets, private_runtime
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,8 @@ def run(
     ui = ui_listener(settings)
     ui_sock = bind_port(ui)
     try:
+        # umask 077, private folders, Gradio's temp dir private and empty: before gradio loads.
+        private_runtime()
         services = build_services(settings, demo=demo)
         if services.gateway is not None:
             bind_port(gateway_listener(settings)).close()  # the gateway binds it itself

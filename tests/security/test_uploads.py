@@ -1,0 +1,121 @@
+"""Uploads and images (issue 12, item 7): a size limit at the door, no uploads left lying
+around, a pixel cap before decoding, and decoding that never stalls the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from browser.chat_page import attach, open_chat, png, send, toast_text, wait_for_replies
+from fixtures.aio import run_async
+from PIL import Image
+
+from appliance import chat
+from appliance import history as hist
+from appliance.chat_service import ChatService, EngineView
+from appliance.errors import BadInputError, EngineError
+from appliance.settings import Settings
+
+
+def _uploads(home: Path) -> list[Path]:
+    """Files in the appliance's Gradio folder that are uploads (not the chat's image cache)."""
+    gradio = home / "cache" / "gradio"
+    return [p for p in gradio.rglob("*") if p.is_file() and "step-station-chat" not in p.parts]
+
+
+def test_an_upload_over_the_chat_image_limit_is_refused_at_the_door(appliance, tmp_path):
+    app = appliance(settings={"chat": {"max_image_mb": 1}})
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (1024 * 1024 + 1))  # 1 MB + 9 bytes
+    small = png(tmp_path / "small.png")
+    with httpx.Client(base_url=app.base, headers={"Cookie": app.cookie}, timeout=60) as client:
+        refused = client.post("gradio_api/upload", files={"files": big.open("rb")})
+        assert refused.status_code == 413, refused.text
+        assert "maximum allowed size" in refused.text
+        # Within the limit: stored, in the appliance's own private folder.
+        stored = client.post("gradio_api/upload", files={"files": small.open("rb")})
+        assert stored.status_code == 200, stored.text
+    (path,) = stored.json()
+    assert Path(path).is_relative_to(app.home / "cache" / "gradio")
+    assert [p.name for p in _uploads(app.home)] == ["small.png"]  # nothing of the refused one
+
+
+def test_a_decompression_bomb_is_refused_with_a_clear_message(appliance, page, tmp_path):
+    app = appliance()
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)  # 81 megapixels in a few kilobytes
+    assert bomb.stat().st_size < 100_000
+    open_chat(page, app.url)
+    attach(page, [bomb])
+    send(page, "What is this?")
+    text = toast_text(page)
+    assert "bomb.png is 9,000 x 9,000 pixels (81 megapixels)" in text
+    assert "at most 40 megapixels" in text
+    assert app.health() is not None  # the appliance still answers
+    # Nothing was stored; a normal message right after goes through.
+    open_chat(page, app.url)
+    send(page, "And now a plain question")
+    wait_for_replies(page, 1)
+    assert page.locator("#chatbot .user-row img").count() == 0
+
+
+def test_uploaded_files_are_deleted_once_the_message_is_stored(appliance, page, tmp_path):
+    app = appliance()
+    open_chat(page, app.url)
+    attach(page, [png(tmp_path / "first.png"), png(tmp_path / "second.png", color="navy")])
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat-input .thumbnail-item img, #chat-input img')"
+        ".length >= 2"
+    )
+    assert sorted(p.name for p in _uploads(app.home)) == ["first.png", "second.png"]
+    send(page, "Two pictures")
+    wait_for_replies(page, 1)
+    assert _uploads(app.home) == []
+    # The images live on in the history and the chat still shows them.
+    assert page.locator("#chatbot .user-row img").count() == 2
+
+
+def test_image_decoding_runs_off_the_event_loop(tmp_path, monkeypatch):
+    """While Pillow decodes (held here until released), the event loop keeps serving."""
+    decoding, release = threading.Event(), threading.Event()
+    real = chat.prepare_image
+
+    def held(path: Path, **kwargs: object) -> chat.PreparedImage:
+        decoding.set()
+        if not release.wait(timeout=20):
+            raise AssertionError("never released: the event loop was blocked by the decode")
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chat, "prepare_image", held)
+    view = EngineView(ready=False, url="http://127.0.0.1:9", model="m", label="Stopped")
+    svc = ChatService(Settings(), hist.History(tmp_path / "h.sqlite3").open(), lambda: view)
+    image = png(tmp_path / "a.png")
+
+    async def run() -> None:
+        submit = asyncio.create_task(svc.submit(None, "hi", [image], chat.SamplingOptions("low")))
+        while not decoding.is_set():  # the loop runs this while the decode is held
+            await asyncio.sleep(0.01)
+        served = await asyncio.wait_for(asyncio.sleep(0, result="served"), timeout=5)
+        assert served == "served"
+        assert not submit.done()
+        release.set()
+        with pytest.raises(EngineError):  # decoded fine; the (stopped) engine refuses
+            await submit
+
+    try:
+        run_async(run())
+    finally:
+        release.set()
+
+
+def test_the_pixel_cap_comes_from_the_header_before_any_decode(tmp_path, monkeypatch):
+    bomb = tmp_path / "wide.png"
+    Image.new("1", (20_000, 2_500)).save(bomb)  # 50 MP: under Pillow's own limit, over ours
+    decoded: list[str] = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append("load"))
+    with pytest.raises(BadInputError, match=r"20,000 x 2,500 pixels \(50 megapixels\)"):
+        chat.prepare_image(bomb, max_mb=20)
+    assert decoded == []
