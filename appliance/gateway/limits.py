@@ -474,6 +474,7 @@ class ConnectionGuard:
         self._count = 0
         self.refused = 0  # connections closed at accept (for logs and tests)
         self.timed_out = 0  # connections closed for headers that did not arrive in time
+        self.warned_at = -math.inf  # when a refusal was last logged
 
     def configure(self, per_address: int, header_timeout_s: float) -> None:
         self.per_address = per_address
@@ -560,7 +561,14 @@ def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
             why = guard.admit(self._address)
             if why:
                 guard.refused += 1
-                _log.warning("gateway: connection from %s refused: too many open", self._address)
+                now = time.monotonic()
+                if now - guard.warned_at >= 60.0:  # one line a minute, not one per socket
+                    guard.warned_at = now
+                    _log.warning(
+                        "gateway: connections from %s refused (too many open; %d refused so far)",
+                        self._address,
+                        guard.refused,
+                    )
                 transport.write(_canned(429, "Too Many Requests", "too_many_connections", why))
                 transport.close()
                 return

@@ -13,6 +13,7 @@ import selectors
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 from integration.gateway_kit import (
@@ -223,3 +224,36 @@ def _drain(socks: list[socket.socket], deadline_s: float) -> dict[int, bytes]:
             done[sock.fileno()] = bytes(buffers[sock.fileno()])
     selector.close()
     return done
+
+
+def test_idle_connections_to_the_appliance_gateway_leave_the_ui_answering(appliance):
+    """The issue's attack on a real `step-station up --demo`: the UI shares the gateway's process,
+    so sockets held on the gateway must not starve it. The appliance starts with the common
+    soft open-file limit of 1,024 (a systemd service's default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 3 * IDLE_CONNECTIONS:
+        pytest.skip(f"the open-file hard limit is {hard}; this attack needs {3 * IDLE_CONNECTIONS}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))
+    try:
+        app = appliance(settings={"gateway": {"header_timeout_s": 30.0}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            idle.append(sock)
+            sock.bind((ATTACKER, 0))
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", app.api_port))
+        ui = urllib.request.Request(app.base, headers={"Cookie": app.cookie})
+        with urllib.request.urlopen(ui, timeout=30) as response:
+            assert response.status == 200
+            assert b"gradio" in response.read().lower()
+        api = f"http://127.0.0.1:{app.api_port}/v1/models"
+        with urllib.request.urlopen(api, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
