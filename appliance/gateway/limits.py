@@ -299,7 +299,8 @@ def _check_numbers(payload: dict[str, Any], caps: BodyCaps) -> BodyRefusal | Non
         (
             "max_tokens",
             caps.max_output_tokens,
-            "Ask for fewer tokens (the engine's context length is the most any answer gets).",
+            "Ask for fewer tokens: no answer is longer than the engine's context length "
+            "(`engine.max_model_len`).",
         ),
         ("max_completion_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
         ("min_tokens", caps.max_output_tokens, "Ask for fewer tokens."),

@@ -32,7 +32,13 @@ from appliance.errors import PortInUseError, SettingsError
 from appliance.gateway.access import AccessLog, AccessRecord
 from appliance.gateway.app import GatewayApp, GatewayConfig
 from appliance.gateway.engine_gate import EngineGate, EngineView
-from appliance.gateway.limits import ConnectionGuard, guarded_protocol, raise_open_file_limit
+from appliance.gateway.limits import (
+    MAX_OUTPUT_TOKENS,
+    BodyCaps,
+    ConnectionGuard,
+    guarded_protocol,
+    raise_open_file_limit,
+)
 from appliance.keys import KeyStore
 
 log = logging.getLogger("step_station.gateway")
@@ -160,6 +166,8 @@ class Gateway:
         self._listener: _Listener | None = None
         self._draining: list[_Listener] = []
         self._flusher: asyncio.Task[None] | None = None
+        # per-address connection cap and header read timeout, at accept (see limits.py)
+        self.connections = ConnectionGuard()
         listen = getattr(engine, "add_listener", None)
         if listen is not None:  # the engine's key is new on every start: follow it
             listen(lambda status: self._follow_engine_key())
@@ -174,8 +182,6 @@ class Gateway:
         key = self.engine_api_key
         if self.app.config.engine_api_key != key:
             self.app.config = dataclasses.replace(self.app.config, engine_api_key=key)
-        # per-address connection cap and header read timeout, at accept (see limits.py)
-        self.connections = ConnectionGuard()
 
     @classmethod
     def from_services(cls, services: Any) -> Gateway:
@@ -231,7 +237,7 @@ class Gateway:
             if self._log_file:
                 self.access.attach_file(st.data_dir() / "logs" / "gateway-access.log")
             self.app.config = config_for(self.settings.gateway, host, self.engine_api_key)
-            _configure_guard(self.connections, self.settings.gateway)
+            _apply_limits(self, self.settings)
             self._listener = self._call(self._serve(sock, host))
             self._listener.shared = self.settings.gateway.share_lan or not is_loopback(host)
             self._flusher = self._call(self._start_flusher())
@@ -266,7 +272,7 @@ class Gateway:
             if old is None or (old.host, old.port) == (host, port):
                 self.settings = settings
                 self.app.config = config_for(settings.gateway, host, self.engine_api_key)
-                _configure_guard(self.connections, settings.gateway)
+                _apply_limits(self, settings)
                 return
             # Requests on a loopback-only listener may finish; a LAN listener's are cut at once,
             # since whatever replaces it no longer admits them (sharing off, other interface).
@@ -281,7 +287,7 @@ class Gateway:
                 raise
             self.settings = settings
             self.app.config = config_for(settings.gateway, host, self.engine_api_key)
-            _configure_guard(self.connections, settings.gateway)
+            _apply_limits(self, settings)
             self._listener = self._call(self._serve(sock, host))
             self._listener.shared = settings.gateway.share_lan or not is_loopback(host)
             self._draining.append(old)
@@ -373,8 +379,16 @@ class Gateway:
         return asyncio.get_running_loop().create_task(flush_forever())
 
 
-def _configure_guard(guard: ConnectionGuard, gateway: st.GatewaySettings) -> None:
-    guard.configure(gateway.max_connections_per_address, gateway.header_timeout_s)
+def _apply_limits(gateway: Gateway, settings: st.Settings) -> None:
+    """The body caps that follow the engine's settings, and the connection guard's limits."""
+    caps = BodyCaps(
+        max_output_tokens=settings.engine.max_model_len or MAX_OUTPUT_TOKENS,
+        max_images=max(1, settings.engine.max_images_per_prompt),
+    )
+    if gateway.app.config.caps != caps:
+        gateway.app.config = dataclasses.replace(gateway.app.config, caps=caps)
+    guard = gateway.connections
+    guard.configure(settings.gateway.max_connections_per_address, settings.gateway.header_timeout_s)
     # every connection is a file descriptor of the process the UI shares: room for the cap
     guard.total = max(64, min(4096, raise_open_file_limit() // 2))
 

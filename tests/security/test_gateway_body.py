@@ -17,7 +17,6 @@ from integration.gateway_kit import (
     MODEL,
     GatewayStack,
     free_port,
-    http,
     png_data_url,
     start_gateway,
     wait_until,
@@ -57,6 +56,15 @@ class Listener:
         self.sock.close()
 
 
+def http(stack: GatewayStack, method: str, target: str, *, body: bytes = b"", **headers: str):
+    """A request as bytes, Connection: close, with the Host a client of this gateway sends."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{stack.port}", "Connection: close"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 @pytest.fixture
 def listener():
     lst = Listener()
@@ -81,13 +89,12 @@ def _post(stack: GatewayStack, path: str, body: dict) -> tuple[int, dict]:
     data = json.dumps(body).encode()
     reply = stack.raw(
         http(
+            stack,
             "POST",
             path,
             body=data,
-            headers={
-                "Authorization": f"Bearer {stack.secret}",  # type: ignore[attr-defined]
-                "Content-Type": "application/json",
-            },
+            Authorization=f"Bearer {stack.secret}",  # type: ignore[attr-defined]
+            Content_Type="application/json",
         ),
         timeout=60,
     )
@@ -212,6 +219,30 @@ def test_caps_are_refused_with_the_limit_and_never_reach_the_engine(stack):
         assert status == 400, (body, reply)
     _assert_engine_saw_only(stack, good_chats=0)
     assert _engine_lines(stack, COMPLETIONS_LINE) == 0
+
+
+def test_caps_follow_the_engine_settings(simulator):
+    sim = simulator()
+    settings = st.Settings()
+    settings.gateway.port = free_port()
+    settings.engine.max_images_per_prompt = 2
+    settings.engine.max_model_len = 1000
+    stack = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
+    stack.secret = stack.key("k")  # type: ignore[attr-defined]
+    try:
+        three = [{"type": "image_url", "image_url": {"url": png_data_url(2, 2)}}] * 3
+        status, reply = _post(stack, "/v1/chat/completions", _with_part(three[0]) | {
+            "messages": [{"role": "user", "content": three}]})  # fmt: skip
+        assert status == 400, reply
+        assert "at most 2" in reply["error"]["message"]
+        status, reply = _post(stack, "/v1/chat/completions", _chat(max_tokens=1001))
+        assert (status, reply["error"]["param"]) == (400, "max_tokens"), reply
+        assert "0 to 1000" in reply["error"]["message"]
+        assert "engine.max_model_len" in reply["error"]["message"]
+        status, reply = _post(stack, "/v1/chat/completions", _chat(max_tokens=1000))
+        assert status == 200, reply
+    finally:
+        stack.gateway.stop()
 
 
 def test_ordinary_requests_within_the_caps_still_pass(stack):
