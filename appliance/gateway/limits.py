@@ -11,6 +11,8 @@ per-address connection cap, applied when a connection is accepted (before any AS
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -181,6 +183,11 @@ MAX_MESSAGES = 4096
 MAX_PROMPTS = 16  # /v1/completions: a list of prompts is that many requests at once
 MAX_SCHEMA_BYTES = 64 << 10  # structured outputs: regex / grammar / JSON schema text
 DEFAULT_MAX_IMAGES = 8  # the chat's limit (engine.max_images_per_prompt's default)
+# Decoding costs width x height x 3 bytes whatever the file size: a one-colour PNG of 20,000 x
+# 20,000 is a megabyte to send and 1.2 GB to decode. vLLM's own guard is VLLM_MAX_IMAGE_PIXELS
+# (178,956,970, vllm/envs.py); the chat's is 40 MP (appliance/chat.py MAX_IMAGE_PIXELS).
+MAX_IMAGE_PIXELS = 40_000_000
+_SNIFF_CHARS = 256 << 10  # base64 characters decoded to find an image's size (192 KiB)
 
 # Fields refused whatever their value (None and empty are let through: SDKs send defaults).
 REFUSED_FIELDS: dict[str, str] = {
@@ -441,7 +448,79 @@ def _check_part(part: dict[str, Any], where: str) -> tuple[BodyRefusal | None, s
             f"data URL (`data:{example};base64,...`); the engine never fetches URLs for "
             "clients. Download the file and send its bytes in the data URL.",
         ), modality
+    size = image_size(url) if modality == "image" else None
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return BodyRefusal(
+            path,
+            "image_too_large",
+            f"The image at `{path}` is {size[0]} x {size[1]} pixels; this gateway accepts at "
+            f"most {MAX_IMAGE_PIXELS // 1_000_000} megapixels per image (the model sees far "
+            "fewer). Resize it before sending.",
+        ), modality
     return None, modality
+
+
+def image_size(data_url: str) -> tuple[int, int] | None:
+    """(width, height) from a base64 data URL's PNG, GIF, BMP, WebP or JPEG header; None when
+    the header is not one of those or not within the first 192 KiB (vLLM decides then)."""
+    head, _, data = data_url[:_SNIFF_CHARS].partition(",")
+    if not head.lower().endswith(";base64"):
+        return None
+    data = "".join(data.split())
+    try:
+        raw = base64.b64decode(data[: len(data) // 4 * 4])
+    except (binascii.Error, ValueError):
+        return None
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+        return _u32be(raw, 16), _u32be(raw, 20)
+    if raw[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(raw[6:8], "little"), int.from_bytes(raw[8:10], "little")
+    if raw[:2] == b"BM" and len(raw) >= 26:
+        width = int.from_bytes(raw[18:22], "little", signed=True)
+        height = int.from_bytes(raw[22:26], "little", signed=True)
+        return abs(width), abs(height)
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return _webp_size(raw)
+    if raw[:2] == b"\xff\xd8":
+        return _jpeg_size(raw)
+    return None
+
+
+def _u32be(raw: bytes, at: int) -> int:
+    return int.from_bytes(raw[at : at + 4], "big")
+
+
+def _webp_size(raw: bytes) -> tuple[int, int] | None:
+    kind = raw[12:16]
+    if kind == b"VP8X" and len(raw) >= 30:
+        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+    if kind == b"VP8L" and len(raw) >= 25:
+        bits = int.from_bytes(raw[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 " and len(raw) >= 30:
+        width = int.from_bytes(raw[26:28], "little") & 0x3FFF
+        return width, int.from_bytes(raw[28:30], "little") & 0x3FFF
+    return None
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    at = 2
+    while at + 9 < len(raw):
+        if raw[at] != 0xFF:
+            return None
+        marker = raw[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            height = int.from_bytes(raw[at + 5 : at + 7], "big")
+            width = int.from_bytes(raw[at + 7 : at + 9], "big")
+            return width, height
+        at += 2 + int.from_bytes(raw[at + 2 : at + 4], "big")
+    return None
 
 
 # ----------------------------------------------------------------------------- connections

@@ -8,9 +8,12 @@ writes the same way), read after a good request sent last has been logged.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import struct
 import threading
+import zlib
 
 import pytest
 from integration.gateway_kit import (
@@ -115,6 +118,17 @@ def _with_part(part: dict) -> dict:
     return _chat(messages=[{"role": "user", "content": content}])
 
 
+def _png_header(width: int, height: int) -> str:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = (
+        struct.pack(">I", len(ihdr))
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )
+    return "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk).decode()
+
+
 def _engine_lines(stack: GatewayStack, line: str) -> int:
     return stack.sim.output().count(line)  # type: ignore[attr-defined]
 
@@ -201,6 +215,10 @@ def test_caps_are_refused_with_the_limit_and_never_reach_the_engine(stack):
         "structured_outputs": _chat(structured_outputs={"regex": "(a|aa)*" * 20000}),
         "messages": _chat(messages=[{"role": "user", "content": "x"}] * 5000),
         "messages[0].content[8]": _chat(messages=[{"role": "user", "content": many_images}]),
+        # a PNG header of 20,000 x 20,000 (1.2 GB to decode) in a few bytes
+        "messages[0].content[1].image_url.url": _with_part(
+            {"type": "image_url", "image_url": {"url": _png_header(20_000, 20_000)}}
+        ),
     }
     for param, body in attacks.items():
         status, reply = _post(stack, "/v1/chat/completions", body)
