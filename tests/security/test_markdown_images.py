@@ -15,7 +15,10 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 from browser.chat_page import BOT, USER, open_chat, send, wait_for_replies, wait_until
+
+from ui.chat_render import block_remote_images
 
 BLOCKED_IMAGE = "remote image blocked (click to load)"  # ui/chat_render.py's placeholder
 
@@ -94,3 +97,44 @@ def test_a_reply_with_remote_images_makes_the_browser_fetch_nothing(appliance, p
         page.evaluate("(u) => fetch(u, {mode: 'no-cors'})", f"http://{host}/control")
         wait_until(lambda: "/control" in seen, timeout_s=30)
         assert seen == ["/control"], f"the page fetched {seen}"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("`![x](http://h/a)`", "`![x](http://h/a)`"),  # code shows as text: left alone
+        ("```\n![x](http://h/a)\n```\n", "```\n![x](http://h/a)\n```\n"),
+        ("![ok](data:image/png;base64,iVBO)", "![ok](data:image/png;base64,iVBO)"),
+        ("a<br>b **c** <https://h/link>", "a<br>b **c** <https://h/link>"),
+    ],
+)
+def test_what_loads_nothing_is_left_as_it_is(text: str, kept: str) -> None:
+    assert block_remote_images(text) == kept
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "![x](http://h/a)",
+        "![x](<http://h/a>)",
+        "![x][r]\n\n[r]: http://h/a",
+        "![r][]\n\n[r]: http://h/a",
+        "![r]\n\n[r]: http://h/a",
+        "![a ![n](http://h/n)](http://h/a)",
+        "\\`![x](http://h/a)`",  # an escaped backtick opens no code span
+        "``` x`y\n![x](http://h/a)\n```",  # nor does a fence whose info string has a backtick
+        "![unclosed](http://h/a",
+        '<img src="http://h/a">',
+        "<IMG SRC=http://h/a>",
+        '<p style="background:url(http://h/a)">x</p>',
+        '<video poster="http://h/a"></video>',
+        '<picture><source srcset="http://h/a"></picture>',
+        '<svg><image href="http://h/a"/></svg>',
+        "<style>@import url(http://h/a)</style>",
+    ],
+)
+def test_no_image_or_tag_that_fetches_survives(text: str) -> None:
+    out = block_remote_images(text)
+    assert "![" not in out.replace("\\![", "")
+    for tag in ("img", "video", "source", "image", "style", "p style"):
+        assert f"<{tag}" not in out.lower()
