@@ -56,6 +56,10 @@ _RETRY_REASON = {
 # GiB)" / "Available memory on node N (F/T GiB) on startup is less than desired CPU memory ...".
 _FREE_MEMORY = re.compile(r"\(([\d.]+)/([\d.]+) GiB\) on startup is less than desired")
 _FREE_MARGIN = 0.05  # of the total, left to other programs when the retry follows the free memory
+KEY_LOST_NOTE = (
+    "The running engine's key file is gone (the data folder was cleared?), so the appliance "
+    "cannot use it: restart the engine (`step-station restart`) to give it a new key."
+)
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"
 
@@ -822,9 +826,10 @@ class Supervisor:
     def _adopt(self, handle: EngineHandle, spec: LaunchSpec | None) -> None:
         labels = handle.labels
         key = engine_key.recover(handle.name, labels)
-        if key is None:
-            log.warning("the running engine's key file is gone; restart the engine to use it")
         self._engine_key = key or ""
+        if key is None:  # vLLM will refuse the appliance's requests on /v1 (401)
+            log.warning("the running engine's key file is gone; restart the engine to use it")
+            self._update(notes=[*self.status().notes, KEY_LOST_NOTE])
         self._update(
             state=EngineState.STARTING,
             container_id=handle.id,

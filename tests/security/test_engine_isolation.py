@@ -36,6 +36,7 @@ from appliance import settings as st
 from appliance.chat_service import engine_view_from
 from appliance.engine import EngineState, Supervisor
 from appliance.engine.spec import LABEL_NAME
+from appliance.engine.supervisor import KEY_LOST_NOTE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -284,6 +285,16 @@ def test_an_adopted_engine_keeps_its_key_and_a_new_start_gets_a_new_one(
         assert later.engine_api_key == key
     finally:
         later.close()
+    # The key's file lost (a wiped data folder): adoption says so, and a restart mends it.
+    key_files = list((st.data_dir() / "engine-keys").glob("*/*/engine-key"))
+    assert [f.read_text().strip() for f in key_files] == [key]
+    key_files[0].unlink()
+    lost = Supervisor(settings, download_weights=False, poll_interval_s=0.1, outside_poll_s=0)
+    try:
+        assert KEY_LOST_NOTE in lost.attach().notes
+        assert lost.engine_api_key == ""
+    finally:
+        lost.close()
     sup.restart()
     sup.wait_ready(120)
     assert sup.engine_api_key not in ("", key)
