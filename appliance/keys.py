@@ -386,10 +386,10 @@ def login_user(stored: str) -> str:
         return ""
 
 
-# One or two scrypt checks at a time, on threads of their own: hashlib.scrypt releases the GIL,
+# One scrypt check at a time, on a thread of its own: hashlib.scrypt releases the GIL,
 # so a check costs the event loop nothing, and a burst of logins queues here instead of filling the
 # loop's default executor that the rest of the appliance uses (`asyncio.to_thread`).
-_LOGIN_CHECKERS = 2
+_LOGIN_CHECKERS = 1
 _checker_lock = threading.Lock()
 _checker: concurrent.futures.ThreadPoolExecutor | None = None
 

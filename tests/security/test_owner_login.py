@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -58,23 +61,26 @@ def _start(
     *,
     lan: bool = True,
     env: dict[str, str] | None = None,
+    ui: dict[str, Any] | None = None,
+    verify: ssl.SSLContext | None = None,
 ) -> Appliance:
-    """An appliance whose owner login is set; with `lan`, "UI on LAN" is on (UI on 127.0.0.2)."""
+    """An appliance whose owner login is set; with `lan`, "UI on LAN" is on (UI on 127.0.0.2).
+    With `verify` (a context trusting the test's certificate), the UI is expected on HTTPS."""
     home = tmp_path / "owner-login"
     _with_login(home)
-    ui = {"lan": True, "host": LAN} if lan else {}
+    ui = {**({"lan": True, "host": LAN} if lan else {}), **(ui or {})}
     app = appliance(home=home, settings={"ui": ui} if ui else None, env=env, wait=False)
-    host = LAN if lan else "127.0.0.1"
+    url = f"{'https' if verify else 'http'}://{LAN if lan else '127.0.0.1'}:{app.ui_port}/healthz"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert app.proc.poll() is None, app.log()
         try:
-            if httpx.get(f"http://{host}:{app.ui_port}/healthz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, verify=verify or True).status_code == 200:
                 return app
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    pytest.fail(f"the UI did not answer on {host}:{app.ui_port}:\n{app.log()}")
+    pytest.fail(f"the UI did not answer at {url}:\n{app.log()}")
 
 
 def _client(app: Appliance, source: str = "127.0.0.1", host: str = LAN) -> httpx.Client:
@@ -244,7 +250,7 @@ class Events:
 
     def __init__(self, client: httpx.Client, cookies: dict[str, str] | None = None) -> None:
         self.client = client
-        self.cookies = cookies  # None: the client's own cookie jar
+        self.cookies = cookies
         config = client.get("/config", headers=_as(cookies, client))
         assert config.status_code == 200, config.text
         self.dependencies = config.json()["dependencies"]
@@ -293,16 +299,10 @@ def _stored_login(home: Path) -> str:
     return st.load_secrets(home / "config" / "secrets.toml").ui_login_hash
 
 
-def _ui_client(app: Appliance) -> httpx.Client:
-    """The owner's browser on loopback: it carries the per-install secret (web_guard)."""
-    client = _client(app, host="127.0.0.1")
-    token_file = app.home / "config" / "ui-token"
-    if not token_file.exists():  # an appliance without the per-install secret (older code)
-        return client
-    token = token_file.read_text().strip()
-    opened = client.get("/", params={"token": token}, follow_redirects=False)
-    assert opened.status_code in (302, 303, 307), opened.text
-    return client
+def _ui_cookie(app: Appliance) -> dict[str, str]:
+    """The owner's browser on loopback holds the per-install secret's cookie (web_guard)."""
+    name, _, value = app.cookie.partition("=")
+    return {name: value}
 
 
 def test_turning_ui_on_lan_on_needs_the_current_password(
@@ -311,7 +311,7 @@ def test_turning_ui_on_lan_on_needs_the_current_password(
     """A login exists, the UI is on loopback: whoever reaches the switch (a rebinding page, a
     forgotten open tab) must not open the UI to the LAN without the owner password."""
     app = _start(appliance, tmp_path, lan=False)
-    events = Events(_ui_client(app))
+    events = Events(_client(app, host="127.0.0.1"), _ui_cookie(app))
 
     for user, password in (("", ""), (USER, "not-the-password"), ("mallory", "mallory-pass-1")):
         messages = events.call("on_ui_lan", [True, user, password])
@@ -343,3 +343,54 @@ def test_changing_the_owner_login_needs_the_current_password(
     assert not _signed_in(client, cookies)
     assert _login(client).status_code == 400
     assert _signed_in(client, _session(_login(client, "owner2", "station-pass-2")))
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.2 made here (the owner's own certificate)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test's certificate (apt-get install openssl)")
+    cert, key = tmp_path / "ui-cert.pem", tmp_path / "ui-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={LAN}"]
+        + ["-addext", f"subjectAltName=IP:{LAN}"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_the_ui_serves_https_with_the_owners_certificate(
+    appliance: Callable[..., Appliance], tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    trust = ssl.create_default_context(cafile=str(cert))
+    app = _start(appliance, tmp_path, ui=tls, verify=trust)
+    base = f"https://{LAN}:{app.ui_port}"
+    with httpx.Client(base_url=base, verify=trust, headers={"Origin": base}) as client:
+        answer = _login(client)
+        assert answer.status_code == 200, answer.text
+        cookies = {k: v for k, v in answer.cookies.items() if k.startswith(COOKIE)}
+        assert _signed_in(client, cookies)
+    # Plain HTTP on that port gets no page (the password never crosses the network in clear).
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"http://{LAN}:{app.ui_port}/login", data={"username": USER}, timeout=10)
+
+
+def test_a_bad_certificate_setting_stops_the_start_with_a_clear_error(
+    appliance: Callable[..., Appliance], tmp_path: Path
+) -> None:
+    cert, _ = _self_signed(tmp_path)
+    missing = tmp_path / "no-such-key.pem"
+    home = tmp_path / "bad-tls"
+    app = appliance(
+        home=home, settings={"ui": {"tls_cert": str(cert), "tls_key": str(missing)}}, wait=False
+    )
+    assert app.proc.wait(timeout=120) != 0
+    assert f"ui.tls_key names {missing}" in app.log()
+    assert "step-station config set" in app.log()
