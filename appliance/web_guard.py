@@ -320,6 +320,9 @@ UI_GET_PREFIXES = (
 UI_POST_EXACT = frozenset(
     {
         "/gradio_api/queue/join",
+        # events with queue=False (ui/polling.py's timer switches, the model tab's switches):
+        # the page posts them here by fn_index, the same power as queue/join
+        "/gradio_api/run/predict",
         "/gradio_api/upload",
         "/gradio_api/cancel",
         "/gradio_api/reset",
