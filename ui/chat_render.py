@@ -79,7 +79,8 @@ _SAFE_TAGS = frozenset(
 )
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 # A code span: a backtick run not escaped, the shortest text, the same run closing it.
-_CODE_SPAN = re.compile(r"(?<![\\`])(`+)(?!`)(.+?)(?<!`)\1(?!`)", re.DOTALL)
+# One line only: a span over lines may cross a block boundary the browser's parser sees.
+_CODE_SPAN = re.compile(r"(?<![\\`])(`+)(?!`)([^\n]+?)(?<!`)\1(?!`)")
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]*)([^<>]*)>")
 _AUTOLINK = re.compile(r"<[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*>|<[^\s<>@]+@[^\s<>@]+>")
 _DATA_IMAGE = re.compile(r"\(\s*<?data:image/", re.IGNORECASE)
@@ -131,7 +132,11 @@ def _neutralize(text: str) -> str:
 def _html(text: str) -> str:
     def tag(match: re.Match[str]) -> str:
         name, rest = match.group(2).lower(), match.group(3).strip()
-        if name in _SAFE_TAGS and rest in ("", "/"):
+        # A tag that starts a line would start an HTML block, whose lines (fences included)
+        # the browser takes as raw HTML: only tags inside a line are kept.
+        before = match.string[: match.start()].rsplit("\n", 1)[-1]
+        inside_line = bool(before.strip())
+        if name in _SAFE_TAGS and rest in ("", "/") and inside_line:
             return match.group(0)
         return "&lt;" + match.group(0)[1:]
 

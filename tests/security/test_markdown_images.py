@@ -44,6 +44,7 @@ def test_what_loads_nothing_is_left_as_it_is(text: str, kept: str) -> None:
         '<picture><source srcset="http://h/a"></picture>',
         '<svg><image href="http://h/a"/></svg>',
         "<style>@import url(http://h/a)</style>",
+        "a ` b\n\n![x](http://h/a)\n\nc ` d",  # no code span across paragraphs
     ],
 )
 def test_no_image_or_tag_that_fetches_survives(text: str) -> None:
@@ -51,3 +52,11 @@ def test_no_image_or_tag_that_fetches_survives(text: str) -> None:
     assert "![" not in out.replace("\\![", "")
     for tag in ("img", "video", "source", "image", "style", "p style"):
         assert f"<{tag}" not in out.lower()
+
+
+def test_no_tag_starts_an_html_block_that_would_swallow_a_code_fence() -> None:
+    # `<div>` on its own line starts an HTML block: the browser would take the fence and the
+    # `<img>` inside it as raw HTML. Escaped, the fence is a fence and the tag shows as code.
+    text = "<div>\n```\n<img src=http://h/a>\n```\n</div>"
+    assert block_remote_images(text) == "&lt;div>\n```\n<img src=http://h/a>\n```\n&lt;/div>"
+    assert block_remote_images("a<br>b\n<br>") == "a<br>b\n&lt;br>"
