@@ -116,7 +116,9 @@ def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> No
     _open_tab(page, app)
     page.get_by_text("UI on LAN", exact=True).click()
     switch = page.locator("#ss-ui-lan input")
-    switch.check()  # no login yet: refused, with the reason, and the switch goes back off
+    # No login yet: refused, with the reason, and the switch goes back off (click, not check:
+    # check() fails when the refusal unticks the box before it looks).
+    switch.click()
     expect(page.get_by_text("needs an owner login first").first).to_be_visible(timeout=15_000)
     expect(switch).not_to_be_checked(timeout=15_000)
     page.locator("#ss-ui-user input, #ss-ui-user textarea").first.fill("owner")
@@ -154,3 +156,13 @@ def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> No
     password.fill("station-pass-1")
     page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
     expect(page.get_by_role("tab", name="Sharing")).to_be_visible(timeout=60_000)
+
+    # Log out (a POST: appliance/login_guard.py refuses GET /logout): the login page again.
+    page.get_by_role("tab", name="Sharing").click()
+    page.get_by_text("UI on LAN", exact=True).click()
+    page.locator("#ss-logout").click()
+    login = page.get_by_role("button", name=re.compile("login", re.IGNORECASE))
+    expect(login).to_be_visible(timeout=60_000)
+    expect(page.get_by_role("tab", name="Sharing")).to_have_count(0)
+    page.reload()
+    expect(login).to_be_visible(timeout=60_000)
