@@ -14,6 +14,8 @@ on the client's address).
   is refused).
 - A session ends after its lifetime (STEP_STATION_UI_SESSION_S here) and when the login changes.
 - Turning "UI on LAN" on or changing the owner login needs the current password once one exists.
+- With the owner's certificate (ui.tls_cert / ui.tls_key) the UI is HTTPS only; a bad setting
+  stops the start with the setting named.
 """
 
 from __future__ import annotations
