@@ -30,9 +30,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from appliance import web_guard
 from appliance.chat_service import ChatService, engine_view_from
 from appliance.errors import PortInUseError
 from appliance.history import History
+from appliance.login_guard import LoginGuard, tls_options
 from appliance.services import Services
 from appliance.settings import Settings, load_secrets, private_runtime
 
@@ -211,6 +213,25 @@ def create_app(services: Services) -> FastAPI:
     return ui_app.mount(app, services)  # type: ignore[no-any-return]
 
 
+def guard_ui(app: Any, settings: Settings, bind_host: str) -> Any:
+    """The UI listener's door (appliance/web_guard.py): Host and Origin checks and closed CORS
+    outside, the route allowlist and the per-install secret (or the owner login) inside."""
+    from appliance.keys import ui_lan_active
+
+    token = None if ui_lan_active(settings) else web_guard.ui_token()
+    locked = web_guard.UiLock(app, settings.ui.port, lambda: token)
+    options = web_guard.GuardOptions(
+        names=web_guard.HostNames(
+            lambda: bind_host, lambda: web_guard.csv(settings.ui.allowed_hosts)
+        ),
+        what="the Step Station UI",
+        setting="ui",
+        extra_origins=lambda: web_guard.csv(settings.ui.allowed_origins),
+        address_hint=lambda: f"http://127.0.0.1:{settings.ui.port}/",
+    )
+    return web_guard.HostOriginGuard(locked, options)
+
+
 # ------------------------------------------------------------------------------------ running
 
 
@@ -230,7 +251,8 @@ def run(
         services = build_services(settings, demo=demo)
         if services.gateway is not None:
             bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
-        app = create_app(services)
+        app = guard_ui(LoginGuard(create_app(services)), settings, ui.host)
+        tls = tls_options(settings)  # ui.tls_cert / ui.tls_key: checked before anything runs
     except BaseException:
         ui_sock.close()
         raise
@@ -240,17 +262,24 @@ def run(
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         lifespan="on",
         ws="none",
+        ssl_certfile=tls.get("ssl_certfile"),
+        ssl_keyfile=tls.get("ssl_keyfile"),
     )
     server = uvicorn.Server(config)
-    url = f"http://{_url_host(ui.host)}:{ui.port}/"
+    url = f"{'https' if tls else 'http'}://{_url_host(ui.host)}:{ui.port}/"
+    browser_url = web_guard.open_url(settings, _url_host(ui.host))  # carries the UI secret
 
     def when_started() -> None:
         while not server.started and not server.should_exit:
             threading.Event().wait(0.05)
         if server.started:
-            announce(f"Step Station is up at {url}" + (" (demo: simulated engine)" if demo else ""))
+            announce(
+                f"Step Station is up at {url}"
+                + (" (demo: simulated engine)" if demo else "")
+                + ". Open it with `step-station open`."
+            )
             if open_browser and _has_display():
-                webbrowser.open(url)
+                webbrowser.open(browser_url)
 
     threading.Thread(target=when_started, name="announce", daemon=True).start()
     server.run(sockets=[ui_sock])

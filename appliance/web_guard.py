@@ -384,7 +384,8 @@ def open_url(settings: st.Settings, host: str | None = None) -> str:
     from appliance.keys import ui_lan_active  # keys imports settings; no cycle at module load
 
     where = host or "127.0.0.1"
-    base = f"http://{where}:{settings.ui.port}/"
+    tls = bool(settings.ui.tls_cert.strip() and settings.ui.tls_key.strip())
+    base = f"{'https' if tls else 'http'}://{where}:{settings.ui.port}/"
     if ui_lan_active(settings):
         return base  # the owner login guards the UI then
     return f"{base}?{urlencode({TOKEN_QUERY: ui_token()})}"

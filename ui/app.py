@@ -66,6 +66,9 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
         server_port=services.settings.ui.port,
         allowed_paths=[str(chat.export_folder())],
         footer_links=["settings"],
+        # Gradio's run history keeps every event's inputs and outputs in the browser's storage:
+        # new API keys, passwords, chat text. Off (and what an older version saved is deleted).
+        run_history=False,
         ssr_mode=False,
         css=chat.CSS,
         head=chat.HEAD,  # no remote images in the page (issue 12 item 8)

@@ -28,6 +28,7 @@ import psutil
 import uvicorn
 
 from appliance import settings as st
+from appliance import web_guard
 from appliance.errors import PortInUseError, SettingsError
 from appliance.gateway.access import AccessLog, AccessRecord
 from appliance.gateway.app import GatewayApp, GatewayConfig
@@ -315,8 +316,20 @@ class Gateway:
         return future.result(timeout)
 
     async def _serve(self, sock: socket.socket, host: str) -> _Listener:
-        config = uvicorn.Config(
+        guarded = web_guard.HostOriginGuard(  # Host/Origin checks, no CORS grants: web_guard.py
             self.app,
+            web_guard.GuardOptions(
+                names=web_guard.HostNames(
+                    lambda: host, lambda: web_guard.csv(self.settings.gateway.allowed_hosts)
+                ),
+                what="the Step Station API",
+                setting="gateway",
+                extra_origins=lambda: web_guard.csv(self.settings.gateway.allowed_origins),
+                address_hint=lambda: f"http://127.0.0.1:{self.settings.gateway.port}/v1",
+            ),
+        )
+        config = uvicorn.Config(
+            guarded,
             lifespan="off",
             # httptools (C parser; h11 costs several times more CPU per streamed event), with a
             # header read timeout and a per-address connection cap (limits.guarded_protocol)

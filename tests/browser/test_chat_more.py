@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 
+import pytest
 from chat_page import (
     BOT,
     INPUT,
@@ -91,7 +93,13 @@ def test_history_sidebar_search_rename_export_delete(appliance, page):
     # Export this one as JSON: the file holds the conversation.
     page.locator("#export-one").click()
     link = page.wait_for_selector("#export-file a[href]")
-    with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as response:
+    # The download needs the owner's cookie (the page's own); another local user gets 401.
+    with pytest.raises(urllib.error.HTTPError) as stranger:
+        urllib.request.urlopen(link.get_attribute("href"), timeout=10)
+    assert stranger.value.code == 401
+    owner = {"Cookie": app.cookie}
+    request = urllib.request.Request(link.get_attribute("href"), headers=owner)
+    with urllib.request.urlopen(request, timeout=10) as response:
         exported = json.loads(response.read())
     (conversation,) = exported["conversations"]
     assert conversation["title"] == "Renamed alpha"
@@ -101,7 +109,9 @@ def test_history_sidebar_search_rename_export_delete(appliance, page):
     page.locator("#export-format").get_by_label("Markdown").check()
     page.locator("#export-all").click()
     href = page.wait_for_selector("#export-file a[href$='.md']").get_attribute("href")
-    with urllib.request.urlopen(href, timeout=10) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(href, headers=owner), timeout=10
+    ) as response:
         markdown = response.read().decode()
     assert "# Renamed alpha" in markdown
     assert "# beta question" in markdown
