@@ -48,6 +48,9 @@ MAX_CHECKS_IN_FLIGHT = 8  # logins being checked at once, every address together
 _MAX_SESSIONS = 1024
 _LOGIN_PATHS = ("/login", "/login/")
 _LOGOUT_PATHS = ("/logout", "/logout/")
+# Gradio serves these without its login check (a heartbeat stream a stranger could hold open,
+# the app's startup events); with the owner login on they need a live session too.
+_SESSION_ONLY = ("/gradio_api/heartbeat/", "/gradio_api/startup-events")
 
 
 def session_seconds() -> int:
@@ -119,8 +122,12 @@ class LoginGuard:
         throttle: FailureThrottle | None = None,
         login: OwnerLogin | None = None,
         clock: Callable[[], float] = time.monotonic,
+        require_session: bool = False,
     ) -> None:
+        """`require_session`: the owner login guards the UI ("UI on LAN"), so the routes Gradio
+        leaves open need a live session as well."""
         self.app = app
+        self.require_session = require_session
         self.session_s = session_s or session_seconds()
         self.throttle = throttle or FailureThrottle(clock=clock)
         self.login = login or OwnerLogin()
@@ -152,7 +159,15 @@ class LoginGuard:
         if path in _LOGIN_PATHS and method == "POST":
             await self._login(scope, receive, send)
             return
-        await self.app(self._without_ended_sessions(scope), receive, send)
+        scope = self._without_ended_sessions(scope)
+        if (
+            self.require_session
+            and path.startswith(_SESSION_ONLY)
+            and not any(name.startswith(COOKIE_PREFIX) for name, _ in _cookies(scope))
+        ):
+            await _reply(send, 401, "Sign in with the owner login first.")
+            return
+        await self.app(scope, receive, send)
 
     # ---------------------------------------------------------------------------- sessions
 

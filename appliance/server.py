@@ -34,6 +34,7 @@ from appliance import web_guard
 from appliance.chat_service import ChatService, engine_view_from
 from appliance.errors import PortInUseError
 from appliance.history import History
+from appliance.keys import ui_lan_active
 from appliance.login_guard import LoginGuard, tls_options
 from appliance.services import Services
 from appliance.settings import Settings, load_secrets, private_runtime
@@ -251,7 +252,11 @@ def run(
         services = build_services(settings, demo=demo)
         if services.gateway is not None:
             bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
-        app = guard_ui(LoginGuard(create_app(services)), settings, ui.host)
+        app = guard_ui(
+            LoginGuard(create_app(services), require_session=ui_lan_active(settings)),
+            settings,
+            ui.host,
+        )
         tls = tls_options(settings)  # ui.tls_cert / ui.tls_key: checked before anything runs
     except BaseException:
         ui_sock.close()
