@@ -70,7 +70,7 @@ def image_file(image: hist.StoredImage, folder: Path) -> Path:
 #   table tags ...): no `src`, `srcset`, `style` or `background` survives;
 # - code spans and fenced code blocks are left alone (the browser shows them as text anyway).
 # A misparse only ever errs towards rewriting text that was code (a display change), never
-# towards leaving an image in place. docs/security/files-uploads.md has the details.
+# towards leaving an image in place. docs/security.md has the details.
 
 BLOCKED_IMAGE = "🚫 remote image blocked (click to load)"
 _SAFE_TAGS = frozenset(

@@ -4,7 +4,7 @@ Everything Docker (or a subprocess) needs is decided here: image, `vllm serve` a
 UUID, ipc/ulimits, the network (the host's, with vLLM on loopback only), cache mounts, environment
 and ownership labels. Tests check the spec without Docker; one integration test checks it on a
 created container. Secrets (the per-start engine key, the HF token) never enter `env`, `args` or
-`labels`: see `with_engine_key` and docs/security/engine.md.
+`labels`: see `with_engine_key` and docs/security.md.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def listen_host(engine: EngineSettings, runtime: str) -> str:
     """Where vLLM listens: the configured loopback host (127.0.0.1), as a local process and in a
     container alike, since the container shares the host's network (DOCKER_NETWORK_MODE).
 
-    Never beyond loopback: the engine's unguarded routes (see docs/security/engine.md) must not
+    Never beyond loopback: the engine's unguarded routes (see docs/security.md) must not
     face the LAN, and the appliance itself reaches it on 127.0.0.1; any other `engine.host` is
     replaced by 127.0.0.1."""
     del runtime

@@ -1,7 +1,7 @@
 """Issue 12 in the browser: files private to the user (item 3), uploads and images (item 7),
 no remote images in replies (item 8). Each test drives a real `step-station up --demo` from
 headless Chromium the way the owner does; the attacks that need no browser are in
-tests/security/ (test_uploads.py, test_markdown_images.py). docs/security/files-uploads.md maps
+tests/security/ (test_uploads.py, test_markdown_images.py). docs/security.md maps
 each threat to its test.
 
 Files: under umask 022 (a shell's usual one) the appliance is used as an owner uses it (a chat
