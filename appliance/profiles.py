@@ -325,9 +325,10 @@ def docker_run_command(
     """The `docker run ...` equivalent of what the appliance starts, for a human to read or run.
 
     GPUs by UUID (a Station may also hold an RTX PRO card and the order is not guaranteed),
-    host IPC, unlimited memlock and a 64 MiB stack as NVIDIA's Station scripts do, the engine
-    port published on loopback only, and the host's Hugging Face cache mounted. HF_TOKEN is
-    passed through from the caller's environment, never written out.
+    host IPC, unlimited memlock and a 64 MiB stack as NVIDIA's Station scripts do, and the host's
+    Hugging Face cache mounted. As the appliance runs it (docs/security.md): on the host's network
+    with vLLM on 127.0.0.1 only (no other container reaches it) and CORS closed. HF_TOKEN and
+    VLLM_API_KEY are passed through by name from the caller's environment, never written out.
     """
     if gpu_uuids:
         gpus = "device=" + ",".join(gpu_uuids)
@@ -349,15 +350,24 @@ def docker_run_command(
         "memlock=-1",
         "--ulimit",
         "stack=67108864",
-        "-p",
-        f"127.0.0.1:{engine.port}:{engine.port}",
+        "--network",
+        "host",
         "-e",
         "HF_TOKEN",
+        "-e",
+        "VLLM_API_KEY",
     ]
     for key, value in engine_environment(profile, engine).items():
         cmd += ["-e", f"{key}={value}"]
     cmd += ["-v", f"{hf_cache_path(engine)}:{CONTAINER_HF_HOME}", engine.image]
-    return cmd + build_vllm_args(profile, engine, listen_host="0.0.0.0")
+    return (
+        cmd
+        + build_vllm_args(profile, engine, listen_host="127.0.0.1")
+        + [
+            "--allowed-origins",
+            "[]",
+        ]
+    )
 
 
 def format_command(argv: Sequence[str]) -> str:

@@ -230,15 +230,18 @@ def test_docker_run_command(monkeypatch: pytest.MonkeyPatch) -> None:
     cmd = profiles.docker_run_command(profile, engine, ["GPU-abc"])
     assert cmd[:2] == ["docker", "run"]
     assert _contains(cmd, ["--gpus", "device=GPU-abc"])
-    assert _contains(cmd, ["-p", "127.0.0.1:8011:8011"])
+    assert _contains(cmd, ["--network", "host"])  # as the appliance runs it: vLLM on loopback
+    assert "-p" not in cmd
     assert _contains(cmd, ["-v", "/data/hf:/root/.cache/huggingface"])
     assert _contains(cmd, ["-e", "VLLM_SERVER_DEV_MODE=1"])
     assert _contains(cmd, ["-e", "HF_TOKEN"])  # passed through by name
     assert "hf_secret_value" not in " ".join(cmd)
     image = cmd.index(engine.image)
     inner = cmd[image + 1 :]
-    assert inner == profiles.build_vllm_args(profile, engine, listen_host="0.0.0.0")
-    assert inner[inner.index("--host") + 1] == "0.0.0.0"
+    assert inner[:-2] == profiles.build_vllm_args(profile, engine, listen_host="127.0.0.1")
+    assert inner[inner.index("--host") + 1] == "127.0.0.1"
+    assert inner[-2:] == ["--allowed-origins", "[]"]
+    assert _contains(cmd, ["-e", "VLLM_API_KEY"])  # by name only
     several = profiles.docker_run_command(
         profiles.get_profile("fp8-tp8"), engine, ["GPU-a", "GPU-b"]
     )
@@ -260,9 +263,8 @@ def test_plan_print_command_prints_vllm_serve_then_docker_run(
     ]
     docker = shlex.split(lines[1])
     assert docker[:2] == ["docker", "run"]
-    assert docker[-len(profiles.build_vllm_args(profile, EngineSettings())) :] == (
-        profiles.build_vllm_args(profile, EngineSettings(), listen_host="0.0.0.0")
-    )
+    inner = profiles.build_vllm_args(profile, EngineSettings(), listen_host="127.0.0.1")
+    assert docker[-len(inner) - 2 :] == [*inner, "--allowed-origins", "[]"]
 
 
 def test_plan_print_command_uses_settings(capsys: pytest.CaptureFixture[str]) -> None:
