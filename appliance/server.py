@@ -283,6 +283,8 @@ def run(
                 + (" (demo: simulated engine)" if demo else "")
                 + ". Open it with `step-station open`."
             )
+            if _interactive():  # the owner's own terminal, as Jupyter does; never into a log
+                announce(f"Or open this address (it carries the UI's secret): {browser_url}")
             if open_browser and _has_display():
                 webbrowser.open(browser_url)
 
@@ -295,6 +297,14 @@ def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+def _interactive() -> bool:
+    """stdout is a terminal (not the journal of a service, not a file)."""
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
 
 
 def _has_display() -> bool:
