@@ -264,7 +264,9 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_UMASK = 0o077
 # Under the cache: big trees a container may have written (model weights, compile caches).
 # Their top folder is made private; their contents are not walked at every start.
-_NOT_WALKED = ("huggingface", "compile")
+# Not walked at the top of a tree: big trees of weights and compile caches, and the installer's
+# virtual environment (data_dir()/venv, thousands of files, its programs must stay executable).
+_NOT_WALKED = ("huggingface", "compile", "venv")
 
 
 def _tighten(path: Path, mode: int) -> None:
@@ -323,12 +325,13 @@ def secure_tree(root: Path) -> None:
     _tighten(root, PRIVATE_DIR_MODE)
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
+        if here == root:
+            dirs[:] = [d for d in dirs if d not in _NOT_WALKED]
         for name in dirs:
             _tighten(here / name, PRIVATE_DIR_MODE)
-        if here == root and root == cache_dir():
-            dirs[:] = [d for d in dirs if d not in _NOT_WALKED]
         for name in files:
-            _tighten(here / name, PRIVATE_FILE_MODE)
+            # group and other bits go; the owner's own bits stay (a program stays runnable)
+            _tighten(here / name, PRIVATE_DIR_MODE)
 
 
 def clear_folder(folder: Path) -> None:

@@ -387,7 +387,13 @@ raise SystemExit("no answer from /healthz")
 
 
 def _healthz(box: Box, within_s: float = 120) -> str:
-    return box.sh(f"python3 - {within_s} <<'EOF'\n{HEALTH_PROBE}\nEOF")[1]
+    code, out = box.sh(f"python3 - {within_s} <<'EOF'\n{HEALTH_PROBE}\nEOF", check=False)
+    if code != 0:  # say why: the service's own log
+        journal = box.sh(
+            "journalctl --user -u step-station.service -n 60 --no-pager 2>&1", check=False
+        )[1]
+        pytest.fail(f"no answer from /healthz in {within_s} s:\n{out}\n{journal}")
+    return out
 
 
 def _service(box: Box, *props: str) -> dict[str, str]:

@@ -67,7 +67,12 @@ def test_status_shows_host_and_engine_numbers(engine_settings, docker_client):
     started = cli("start")
     assert started.returncode == 0, started.stderr
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{engine_settings.engine.port}/v1", api_key="x")
+    # the engine's per-start key, from the appliance's private key file (engine_key.py)
+    (key_file,) = (st.data_dir() / "engine-keys").glob("*/*/engine-key")
+    client = OpenAI(
+        base_url=f"http://127.0.0.1:{engine_settings.engine.port}/v1",
+        api_key=key_file.read_text().strip(),
+    )
     client.chat.completions.create(
         model="step3p7-flash",
         messages=[{"role": "user", "content": "hello"}],

@@ -81,3 +81,26 @@ def test_cli_set_get_and_error_exit(capsys: pytest.CaptureFixture[str], station_
     assert main(["config", "set", "ui.port", "x"]) == 2
     assert "ui.port" in capsys.readouterr().err
     assert str(station_home) in str(st.settings_path())
+
+
+def test_secure_tree_takes_group_and_other_bits_but_keeps_programs_runnable(tmp_path) -> None:
+    """An older home is tightened at start; the installer's venv under the data folder (its
+    programs) must stay runnable: the service failed with 'Permission denied' when it was not."""
+    root = tmp_path / "data"
+    (root / "logs").mkdir(parents=True)
+    (root / "venv" / "bin").mkdir(parents=True)
+    notes = root / "logs" / "a.log"
+    notes.write_text("x")
+    notes.chmod(0o644)
+    tool = root / "logs" / "tool.sh"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    program = root / "venv" / "bin" / "step-station"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    (root / "logs").chmod(0o755)
+    st.secure_tree(root)
+    assert (root.stat().st_mode & 0o777, (root / "logs").stat().st_mode & 0o777) == (0o700, 0o700)
+    assert notes.stat().st_mode & 0o777 == 0o600
+    assert tool.stat().st_mode & 0o777 == 0o700
+    assert program.stat().st_mode & 0o777 == 0o755  # the venv is not walked
