@@ -350,7 +350,7 @@ def test_install_upgrade_uninstall_end_to_end(box: Box) -> None:
     assert box.sh(f"{BIN_LINK} config get ui.port")[1].strip() == "7870"
     assert "laptop" in box.sh(f"{BIN_LINK} keys list")[1]
     assert box.sh(f"stat -c %i {HISTORY_DB}")[1] == history_inode
-    assert "Exec=xdg-open http://127.0.0.1:7870\n" in box.read(DESKTOP)
+    assert f'Exec="{VENV}/bin/step-station" open --port 7870\n' in box.read(DESKTOP)
     print(f"\ninstall.sh --demo: first run {first_s:.0f} s, second (upgrade) {second_s:.0f} s")
 
     # 3. Uninstall --yes: the program goes, the owner's data stays.
