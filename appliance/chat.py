@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from appliance import endpoint
 from appliance.errors import BadInputError, EngineError
 
 REASONING_LEVELS = ("low", "medium", "high")
@@ -373,13 +374,14 @@ class ChatClient:
         self.base_url = base_url.rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            transport=transport,
-            # Generous read timeout: a long prefill (256K tokens) can be silent for minutes.
-            timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=5.0),
-        )
+        # Generous read timeout: a long prefill (256K tokens) can be silent for minutes.
+        timeout = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=5.0)
+        if transport is not None:
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, transport=transport, timeout=timeout
+            )
+        else:  # the engine's socket or TCP address (appliance/endpoint.py)
+            self._http = endpoint.async_client(self.base_url, headers=headers, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -392,13 +394,14 @@ class ChatClient:
             data = response.json()["data"]
         except (httpx.HTTPError, KeyError, ValueError) as err:
             raise EngineNotReadyError(
-                f"The engine at {self.base_url} did not list its model ({err}).",
+                f"The engine at {endpoint.describe(self.base_url)} did not list its model ({err}).",
                 hint="Check the Model tab; start or restart the engine.",
             ) from err
         entry = next((m for m in data if m.get("id") == self.model), data[0] if data else None)
         if entry is None:
             raise EngineNotReadyError(
-                f"The engine at {self.base_url} serves no model.", hint="Restart the engine."
+                f"The engine at {endpoint.describe(self.base_url)} serves no model.",
+                hint="Restart the engine.",
             )
         return ModelInfo(str(entry["id"]), int(entry.get("max_model_len") or 0))
 
@@ -440,8 +443,8 @@ class ChatClient:
                         yield event
         except httpx.ConnectError:
             yield StreamError(
-                f"The engine at {self.base_url} refused the connection; it is not running. "
-                "Start it in the Model tab."
+                f"The engine at {endpoint.describe(self.base_url)} refused the connection; it is "
+                "not running. Start it in the Model tab."
             )
         except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout) as err:
             yield StreamError(

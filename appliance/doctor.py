@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import hardware, planner, profiles
+from appliance import endpoint, hardware, planner, profiles
 from appliance.errors import DockerUnavailableError
 from appliance.hardware import GB, Hardware
 from appliance.settings import Settings
@@ -324,14 +324,33 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+def check_engine_socket(settings: Settings) -> Check:
+    """Where the engine will listen when it is on its private socket (endpoint.py)."""
+    path = endpoint.socket_path(settings.engine.container_name)
+    if endpoint.socket_answers(path):
+        return Check(
+            "engine-socket",
+            PASS,
+            f"an engine answers on its private socket {path} (Step Station's, if it is running)",
+        )
+    return Check(
+        "engine-socket",
+        PASS,
+        f"the engine will listen on the private socket {path}, not on a TCP port",
+    )
+
+
 def check_ports(settings: Settings) -> list[Check]:
     gateway_host = "0.0.0.0" if settings.gateway.share_lan else "127.0.0.1"
     wanted = [
-        ("engine", "engine.port", settings.engine.host, settings.engine.port),
         ("ui", "ui.port", settings.ui.host, settings.ui.port),
         ("gateway", "gateway.port", gateway_host, settings.gateway.port),
     ]
     checks: list[Check] = []
+    if endpoint.uses_socket(settings.engine):
+        checks.append(check_engine_socket(settings))
+    else:
+        wanted.insert(0, ("engine", "engine.port", settings.engine.host, settings.engine.port))
     seen: dict[int, str] = {}
     for label, key, host, port in wanted:
         name = f"port-{label}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance import endpoint
 from appliance.errors import EngineError
 
 RUNNING = "vllm:num_requests_running"
@@ -217,7 +218,8 @@ class MetricsScraper:
         timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._client = client  # None: endpoint's pooled client (a socket or TCP engine alike)
+        self._timeout_s = timeout_s
         self._clock = clock
         self._previous: tuple[str, float, ParsedMetrics] | None = None
 
@@ -226,13 +228,16 @@ class MetricsScraper:
         base = engine_url.rstrip("/")
         url = base + "/metrics"
         try:
-            response = self._client.get(url)
+            if self._client is not None:
+                response = self._client.get(url)
+            else:
+                response = endpoint.request("GET", url, self._timeout_s)
             response.raise_for_status()
             parsed = parse_metrics(response.text)
         except (httpx.HTTPError, ValueError) as err:
             self._previous = None
             raise EngineError(
-                f"The engine's metrics at {url} could not be read ({err}).",
+                f"The engine's metrics at {endpoint.describe(url)} could not be read ({err}).",
                 hint="The dashboard shows engine numbers again once the engine answers.",
             ) from err
         at = self._clock()
@@ -247,4 +252,5 @@ class MetricsScraper:
         self._previous = None
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()

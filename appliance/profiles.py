@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import endpoint
 from appliance.errors import SettingsError
 from appliance.settings import EngineSettings, cache_dir
 
@@ -273,18 +274,22 @@ def _set_flag(args: list[str], flag: str, value: str) -> None:
 
 
 def build_vllm_args(
-    profile: Profile, engine: EngineSettings, *, listen_host: str | None = None
+    profile: Profile, engine: EngineSettings, *, listen_host: str | None = None, uds: str = ""
 ) -> list[str]:
     """Arguments after `vllm serve`: the model, the seed's flags, then the appliance's own.
 
-    `listen_host` replaces `engine.host` for `--host`: inside a container the engine must listen
-    on 0.0.0.0 so that Docker's loopback-only port publishing can reach it.
+    Where vLLM listens (appliance/engine/endpoint.py): with `engine.listen = "socket"` on the Unix
+    socket `uds` (inside a container its mounted path; by default the host's socket path), with
+    "tcp" on `listen_host` (default `engine.host`) and `engine.port`.
     """
     args = [engine.model_override or profile.checkpoint, *profile.seed_flags]
     args += profile.extra_flags
     # The appliance's own needs.
     _set_flag(args, "--served-model-name", profile.served_model_name)
-    args += ["--host", listen_host or engine.host, "--port", str(engine.port)]
+    if endpoint.uses_socket(engine):
+        args += ["--uds", uds or str(endpoint.socket_path(engine.container_name))]
+    else:
+        args += ["--host", listen_host or engine.host, "--port", str(engine.port)]
     if engine.max_model_len > 0:
         _set_flag(args, "--max-model-len", str(engine.max_model_len))
     args += ["--limit-mm-per-prompt", json.dumps({"image": engine.max_images_per_prompt})]
@@ -326,9 +331,10 @@ def docker_run_command(
 
     GPUs by UUID (a Station may also hold an RTX PRO card and the order is not guaranteed),
     host IPC, unlimited memlock and a 64 MiB stack as NVIDIA's Station scripts do, and the host's
-    Hugging Face cache mounted. As the appliance runs it (docs/security.md): on the host's network
-    with vLLM on 127.0.0.1 only (no other container reaches it) and CORS closed. HF_TOKEN and
-    VLLM_API_KEY are passed through by name from the caller's environment, never written out.
+    Hugging Face cache mounted. As the appliance runs it (docs/security.md): vLLM on the private
+    socket folder mounted into the container and nothing published (with `engine.listen = tcp`: on
+    the host's network with vLLM on 127.0.0.1 only), and CORS closed. HF_TOKEN and VLLM_API_KEY
+    are passed through by name from the caller's environment, never written out.
     """
     if gpu_uuids:
         gpus = "device=" + ",".join(gpu_uuids)
@@ -336,6 +342,12 @@ def docker_run_command(
             gpus = f'"{gpus}"'  # docker's --gpus parses CSV: several devices need inner quotes
     else:
         gpus = "all"
+    socket = endpoint.uses_socket(engine)
+    if socket:  # Docker's bridge with nothing published: the engine may still download weights
+        folder = endpoint.socket_dir(engine.container_name)
+        network = ["-v", f"{folder}:{endpoint.CONTAINER_SOCKET_DIR}"]
+    else:
+        network = ["--network", "host"]
     cmd = [
         "docker",
         "run",
@@ -350,8 +362,7 @@ def docker_run_command(
         "memlock=-1",
         "--ulimit",
         "stack=67108864",
-        "--network",
-        "host",
+        *network,
         "-e",
         "HF_TOKEN",
         "-e",
@@ -362,7 +373,12 @@ def docker_run_command(
     cmd += ["-v", f"{hf_cache_path(engine)}:{CONTAINER_HF_HOME}", engine.image]
     return (
         cmd
-        + build_vllm_args(profile, engine, listen_host="127.0.0.1")
+        + build_vllm_args(
+            profile,
+            engine,
+            listen_host="127.0.0.1",
+            uds=endpoint.CONTAINER_SOCKET if socket else "",
+        )
         + [
             "--allowed-origins",
             "[]",

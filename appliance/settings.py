@@ -89,8 +89,12 @@ class EngineSettings:
     runtime: str = "docker"  # "docker" or "process" (pip-installed vllm, or the simulator)
     image: str = "vllm/vllm-openai:stepfun37"
     container_name: str = "step-station-engine"
-    host: str = "127.0.0.1"  # the engine listens on loopback only; the gateway faces the LAN
-    port: int = 8001
+    # "socket": vLLM serves on a Unix socket only the appliance's user can open (the default);
+    # "tcp": on host:port, where any local account can reach its routes outside /v1 (see
+    # appliance/engine/endpoint.py and docs/security.md)
+    listen: str = "socket"
+    host: str = "127.0.0.1"  # with listen = "tcp": loopback only; the gateway faces the LAN
+    port: int = 8001  # with listen = "tcp"
     gpu_uuid: str = ""  # empty: the planner picks the largest / Blackwell GPU
     request_gpu: bool = True  # tests on machines without the NVIDIA runtime turn this off
     gpu_memory_utilization: float = 0.0  # 0: the profile's value
@@ -266,7 +270,8 @@ PRIVATE_UMASK = 0o077
 # Their top folder is made private; their contents are not walked at every start.
 # Not walked at the top of a tree: big trees of weights and compile caches, and the installer's
 # virtual environment (data_dir()/venv, thousands of files, its programs must stay executable).
-_NOT_WALKED = ("huggingface", "compile", "venv")
+# engine-sockets: the socket folders are setgid on purpose (appliance/engine/endpoint.py).
+_NOT_WALKED = ("huggingface", "compile", "venv", "engine-sockets")
 
 
 def _tighten(path: Path, mode: int) -> None:

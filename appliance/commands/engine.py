@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, TextIO
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import EngineState, EngineStatus, Supervisor
 from appliance.errors import EngineError
@@ -221,7 +222,10 @@ def _report_start(status: EngineStatus, *, waited: bool) -> int:
         return EXIT_FAILED
     if status.state in (EngineState.READY, EngineState.SLEEPING):
         _summary(status)
-        print(f"Ready: {status.engine_url} serves {status.served_model_name!r}. {status.message}")
+        print(
+            f"Ready: {endpoint.describe(status.engine_url)} serves "
+            f"{status.served_model_name!r}. {status.message}"
+        )
         if status.restart_needed:
             print("Note: settings changed since it started; `step-station restart` applies them.")
         return 0
@@ -293,7 +297,9 @@ def _print_status(status: EngineStatus) -> None:
     if status.container_id:
         print(f"Engine id: {status.container_id[:12]}  ({status.container_name})")
     if status.state in (EngineState.READY, EngineState.SLEEPING):
-        print(f"URL:     {status.engine_url}  model {status.served_model_name!r}")
+        print(
+            f"URL:     {endpoint.describe(status.engine_url)}  model {status.served_model_name!r}"
+        )
         for key in ("max_model_len", "kv_cache_tokens"):
             if status.effective.get(key):
                 print(f"{key}: {status.effective[key]:,}")

@@ -51,8 +51,11 @@ LABEL_PROBE = "io.step-station.probe"  # throwaway containers (the flag check); 
 # the engine downloads itself, the HF token) from the read-only key folder into the environment,
 # then execs the image's own entrypoint (`vllm serve`) with the spec's arguments. The secrets are
 # thus in no `docker inspect` field and on no command line. No key file, no engine: an engine
-# without its key must not serve unprotected.
+# without its key must not serve unprotected. `umask 007`: the Unix socket vLLM creates in the
+# setgid socket folder is then the owner's group's to connect to (appliance/endpoint.py); it also
+# keeps what the engine writes into the mounted caches from others.
 KEY_ENTRYPOINT_SCRIPT = (
+    "umask 007; "
     f'k="{ENGINE_KEY_DIR}/{engine_key.KEY_FILE}"; '
     'IFS= read -r VLLM_API_KEY < "$k" && [ -n "$VLLM_API_KEY" ] || '
     '{ echo "step-station: cannot read the engine key $k; refusing to serve without it" >&2; '
@@ -555,9 +558,13 @@ def container_kwargs(spec: LaunchSpec, image_entrypoint: list[str] | None = None
         else:
             request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
         device_requests.append(request)
-    network: dict[str, Any] = {"network_mode": spec.network_mode} if spec.network_mode else {}
-    if spec.network_mode != "host":  # Docker's bridge: publish on loopback only
-        network["ports"] = {f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)}
+    network: dict[str, Any]
+    if spec.socket_dir:  # vLLM on the mounted socket: no network, or the bridge, nothing published
+        network = {"network_mode": spec.container_network}
+    elif spec.network_mode:
+        network = {"network_mode": spec.network_mode}
+    else:  # Docker's bridge: publish on loopback only
+        network = {"ports": {f"{spec.container_port}/tcp": (spec.host_ip, spec.host_port)}}
     entry: dict[str, Any] = {}
     if spec.engine_key_dir:
         entry["entrypoint"] = [

@@ -1,37 +1,26 @@
-"""Small network checks the supervisor makes: `/health`, sleep endpoints, "is this port free"."""
+"""Small checks the supervisor makes: `/health`, sleep endpoints, "is this port free"."""
 
 from __future__ import annotations
 
 import errno
 import socket
-import threading
 
 import httpx
 
+from appliance import endpoint
 from appliance.errors import PortInUseError
-
-_client_lock = threading.Lock()
-_client: httpx.Client | None = None
-
-
-def _shared_client() -> httpx.Client:
-    """One pooled client for the once-a-second probes: a new client per probe cost ~30 ms of CPU
-    (SSL context and pool set-up), a quarter of the idle appliance's CPU."""
-    global _client  # a process-wide pool, created on first use
-    with _client_lock:
-        if _client is None:
-            _client = httpx.Client(trust_env=False)
-        return _client
 
 
 def probe_health(base_url: str, timeout_s: float = 1.0) -> int | None:
-    """HTTP status of `GET /health`, or None when nothing answers (the port is still closed).
+    """HTTP status of `GET /health`, or None when nothing answers (the socket or port is not
+    listening yet).
 
-    vLLM opens its port only when ready, so "connection refused" means loading; Docker's proxy
-    may accept and then drop the connection, which reads the same here.
+    vLLM listens only when ready, so "connection refused" means loading; Docker's proxy may
+    accept and then drop the connection, which reads the same here. One pooled client per engine
+    (endpoint.shared_client) serves these once-a-second probes.
     """
     try:
-        response = _shared_client().get(f"{base_url}/health", timeout=timeout_s)
+        response = endpoint.request("GET", f"{base_url}/health", timeout_s)
     except httpx.HTTPError:
         return None
     return response.status_code
@@ -39,7 +28,7 @@ def probe_health(base_url: str, timeout_s: float = 1.0) -> int | None:
 
 def post(base_url: str, path: str, timeout_s: float = 30.0) -> int | None:
     try:
-        response = httpx.post(f"{base_url}{path}", timeout=timeout_s)
+        response = endpoint.request("POST", f"{base_url}{path}", timeout_s)
     except httpx.HTTPError:
         return None
     return response.status_code
@@ -48,7 +37,7 @@ def post(base_url: str, path: str, timeout_s: float = 30.0) -> int | None:
 def is_sleeping(base_url: str, timeout_s: float = 2.0) -> bool | None:
     """`GET /is_sleeping` (dev mode); None when the engine does not answer it."""
     try:
-        response = httpx.get(f"{base_url}/is_sleeping", timeout=timeout_s)
+        response = endpoint.request("GET", f"{base_url}/is_sleeping", timeout_s)
         if response.status_code != 200:
             return None
         return bool(response.json().get("is_sleeping"))

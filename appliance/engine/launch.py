@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from appliance import profiles
+from appliance import endpoint, profiles
 from appliance import settings as st
 from appliance.engine import engine_key
 from appliance.engine.spec import LaunchSpec, build_launch_spec, listen_host
@@ -72,7 +72,12 @@ def launch_spec_for(
         engine,
         profile=prof.name,
         served_model_name=prof.served_model_name,
-        vllm_args=profiles.build_vllm_args(prof, engine, listen_host=listen_host(engine, kind)),
+        vllm_args=profiles.build_vllm_args(
+            prof,
+            engine,
+            listen_host=listen_host(engine, kind),
+            uds=endpoint.CONTAINER_SOCKET if kind == "docker" else "",
+        ),
         engine_env=profiles.engine_environment(prof, engine),
         runtime=kind,
         gpu_uuid=gpu_uuid,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine.engine_key import LABEL_KEY_ID, EngineKey
 from appliance.settings import EngineSettings
@@ -40,11 +41,13 @@ ENGINE_KEY_DIR = "/run/step-station"
 # vllm/entrypoints/launchers/cli_args.py): pass the closed value, so no web page can read the
 # engine's answers whatever the image's version. (The flag's value is parsed with json.loads.)
 CLOSED_ORIGINS = "[]"
-# The engine shares the host's network namespace and vLLM listens on loopback only: nothing is
-# published through Docker's NAT (whose loopback publishing other hosts on the LAN could reach
-# before Docker 28.0), and no other container, on the default bridge or any other, can reach it.
-# Dev-mode routes (/sleep, /wake_up, /collective_rpc, ...) are outside vLLM's key check, so where
-# the engine listens is what keeps them the appliance's.
+# With `engine.listen = "tcp"` the engine shares the host's network namespace and vLLM listens on
+# loopback only: nothing is published through Docker's NAT (whose loopback publishing other hosts
+# on the LAN could reach before Docker 28.0), and no other container can reach it. By default it
+# listens on a Unix socket instead (endpoint.py) and the container has no network
+# (`LaunchSpec.container_network`). Routes outside /v1 (/tokenize, /pause, and with sleep mode
+# /sleep, /collective_rpc, ...) are outside vLLM's key check, so where the engine listens is what
+# keeps them the appliance's.
 DOCKER_NETWORK_MODE = "host"
 
 MEMLOCK_UNLIMITED = ("memlock", -1, -1)
@@ -91,6 +94,7 @@ class LaunchSpec:
     hf_token: str = field(default="", repr=False)  # for the appliance's download; see engine_env
     engine_key: str = field(default="", repr=False)  # this start's key (with_engine_key)
     engine_key_dir: str = ""  # host folder holding the key file, mounted at ENGINE_KEY_DIR
+    socket_dir: str = ""  # host folder of vLLM's Unix socket (endpoint.py); "" when on TCP
 
     @property
     def model(self) -> str:
@@ -107,7 +111,18 @@ class LaunchSpec:
 
     @property
     def engine_url(self) -> str:
+        if self.socket_dir:
+            return endpoint.socket_url(Path(self.socket_dir) / endpoint.SOCKET_NAME)
         return f"http://{self.host_ip}:{self.host_port}"
+
+    @property
+    def container_network(self) -> str:
+        """Docker's network mode for this start: on the socket, none at all, or Docker's default
+        bridge with nothing published when the engine must download its weights itself; on TCP,
+        the host's (vLLM on 127.0.0.1)."""
+        if not self.socket_dir:
+            return DOCKER_NETWORK_MODE
+        return "bridge" if self.engine_fetches_weights else "none"
 
     @property
     def engine_fetches_weights(self) -> bool:
@@ -269,8 +284,12 @@ def build_launch_spec(
     mounts: tuple[Mount, ...] = ()
     model = engine.model_override or (args[0] if args else "")
     local = is_local_model(model)
+    socket = endpoint.uses_socket(engine)
+    socket_dir = str(endpoint.socket_dir(engine.container_name)) if socket else ""
     if runtime == "docker":
         mounts = _docker_mounts(hf_root, compile_root)
+        if socket:
+            mounts = (*mounts, Mount(socket_dir, endpoint.CONTAINER_SOCKET_DIR))
         if local:
             host_path = str(Path(model).expanduser().resolve())
             target = f"/models/{Path(host_path).name}"
@@ -295,7 +314,8 @@ def build_launch_spec(
     # machine without the NVIDIA runtime) they are moot, and a daemon whose own hard limit is
     # lower refuses to start the container with them ("error setting rlimit").
     ulimits = (MEMLOCK_UNLIMITED, STACK_64MIB) if gpus is not None else ()
-    digest = settings_hash(image=engine.image, args=args, gpus=gpus, port=engine.port, env=env)
+    port = 0 if socket else engine.port
+    digest = settings_hash(image=engine.image, args=args, gpus=gpus, port=port, env=env)
     labels = {
         LABEL_MANAGED: "true",
         LABEL_NAME: engine.container_name,
@@ -329,8 +349,9 @@ def build_launch_spec(
         weights_repo=weights_repo,
         hf_cache=str(hf_root),
         settings_hash=digest,
-        network_mode=DOCKER_NETWORK_MODE if runtime == "docker" else "",
+        network_mode=DOCKER_NETWORK_MODE if runtime == "docker" and not socket else "",
         hf_token=hf_token,
+        socket_dir=socket_dir,
     )
 
 

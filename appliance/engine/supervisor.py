@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import compat, engine_key, health, phases
 from appliance.engine.lock import EngineLock
@@ -374,6 +375,8 @@ class Supervisor:
             self._update(state=EngineState.STOPPING, message="Stopping the engine.")
             self.runtime.stop(handle, timeout)
             self.runtime.remove(handle)
+            if endpoint.uses_socket(self.settings.engine):
+                endpoint.remove_socket(self._name())
         self._forget_engine()
         self._update(
             state=EngineState.STOPPED,
@@ -707,7 +710,10 @@ class Supervisor:
         return spec.with_env(HF_HUB_OFFLINE="1")
 
     def _launch(self, spec: LaunchSpec) -> EngineHandle | None:
-        health.ensure_port_free(spec.host_ip, spec.host_port)
+        if spec.socket_dir:
+            endpoint.prepare_socket(spec.name)
+        else:
+            health.ensure_port_free(spec.host_ip, spec.host_port)
         with EngineLock(self.lock_timeout_s):
             if self._cancel.is_set():
                 return None
@@ -718,6 +724,8 @@ class Supervisor:
                     self._watch_adopted(existing)
                     return None
                 self.runtime.remove(existing)
+            if spec.socket_dir:  # no engine of this name runs: a socket file left is stale
+                endpoint.remove_socket(spec.name)
             self._update(
                 state=EngineState.STARTING,
                 progress=None,
@@ -1211,7 +1219,7 @@ class Supervisor:
         self._update(restart_needed=needed, message=message)
 
     def _url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.engine.port}"
+        return endpoint.engine_url(self.settings.engine)
 
     def _name(self) -> str:
         return self.settings.engine.container_name
@@ -1240,7 +1248,7 @@ def requests_in_engine(base_url: str, timeout_s: float = 2.0) -> int | None:
     """Requests running or waiting in the engine, from its `/metrics` gauges (summed over
     engines); None when it does not answer."""
     try:
-        response = httpx.get(f"{base_url}/metrics", timeout=timeout_s)
+        response = endpoint.request("GET", f"{base_url}/metrics", timeout_s)
     except httpx.HTTPError:
         return None
     if response.status_code != 200:

@@ -11,8 +11,7 @@ import signal
 import sys
 import threading
 
-import httpx
-
+from appliance import endpoint
 from appliance import settings as st
 from appliance.gateway.engine_gate import FixedEngine
 from appliance.gateway.service import Gateway
@@ -20,14 +19,18 @@ from appliance.keys import KeyStore
 
 
 def _served_model(url: str) -> str:
-    response = httpx.get(f"{url}/v1/models", timeout=10, trust_env=False)
+    response = endpoint.request("GET", f"{url}/v1/models", 10.0)
     response.raise_for_status()
     return str(response.json()["data"][0]["id"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.gateway")
-    parser.add_argument("--engine-url", required=True, help="e.g. http://127.0.0.1:8001")
+    parser.add_argument(
+        "--engine-url",
+        required=True,
+        help="e.g. http://127.0.0.1:8001, or http+unix://%%2Fpath%%2Fengine.sock",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="", help="served model name (asked from the engine)")
     parser.add_argument("--require-key", action="store_true", help="ask for a key on loopback")

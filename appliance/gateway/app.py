@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from appliance import endpoint
 from appliance.gateway.access import AccessLog, AccessRecord, printable_path
 from appliance.gateway.engine_gate import EngineCheck, EngineGate
 from appliance.gateway.limits import BodyCaps, FailureThrottle, KeyLimiter, check_body
@@ -279,7 +280,8 @@ class GatewayApp:
         send: Send,
         ex: _Exchange,
     ) -> None:
-        target = urlsplit(check.url)
+        uds, http_url = endpoint.split(check.url)  # the engine's socket, or None on TCP
+        target = urlsplit(http_url)
         host, port = target.hostname or "127.0.0.1", target.port or 80
         headers = [("Accept-Encoding", "identity")]
         if route != MODELS:
@@ -289,12 +291,13 @@ class GatewayApp:
         head = request_head(
             "GET" if route == MODELS else "POST",
             target.path.rstrip("/") + route,
-            f"{host}:{port}",
+            host if uds else f"{host}:{port}",
             headers,
         )
-        pool = self._pools.get((host, port))
+        where = (uds or host, port)
+        pool = self._pools.get(where)
         if pool is None:
-            pool = self._pools[(host, port)] = UpstreamPool(host, port)
+            pool = self._pools[where] = UpstreamPool(host, port, uds=uds)
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:

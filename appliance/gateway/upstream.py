@@ -220,11 +220,12 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections to one engine (host, port)."""
+    """Keep-alive connections to one engine: (host, port), or its Unix socket `uds`."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, uds: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.uds = uds
         self._idle: deque[_Connection] = deque()
 
     def _put(self, conn: _Connection) -> None:
@@ -244,12 +245,14 @@ class UpstreamPool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), self.host, self.port),
-                CONNECT_TIMEOUT_S,
-            )
+            if self.uds:
+                connecting = loop.create_unix_connection(lambda: _Connection(self), self.uds)
+            else:
+                connecting = loop.create_connection(lambda: _Connection(self), self.host, self.port)
+            _, protocol = await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as err:
-            raise UpstreamError(f"cannot connect to the engine at {self.host}:{self.port}") from err
+            where = f"unix socket {self.uds}" if self.uds else f"{self.host}:{self.port}"
+            raise UpstreamError(f"cannot connect to the engine at {where}") from err
         return protocol
 
     async def request(self, head: bytes, body: bytes) -> UpstreamResponse:

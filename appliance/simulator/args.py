@@ -29,6 +29,7 @@ class ServeArgs:
     served_model_names: tuple[str, ...]
     host: str | None
     port: int
+    uds: str | None
     api_keys: tuple[str, ...]
     max_model_len: int | None
     limit_mm_per_prompt: dict[str, int]
@@ -218,6 +219,7 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
         served_model_names=tuple(ns.served_model_name or [model]),
         host=ns.host,
         port=ns.port,
+        uds=ns.uds,
         api_keys=tuple(ns.api_key or ()),
         max_model_len=ns.max_model_len if (ns.max_model_len or 0) > 0 else None,
         limit_mm_per_prompt={str(k): int(v) for k, v in limits.items()},

@@ -31,9 +31,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def bind_early(host: str | None, port: int) -> socket.socket:
+def bind_early(host: str | None, port: int, uds: str | None = None) -> socket.socket:
     """Bind now, listen only when ready: vLLM reserves its port first, so the port answers
-    "connection refused" while loading and a port in use fails at once."""
+    "connection refused" while loading and a port in use fails at once. With `uds`, a Unix
+    socket bound as vLLM's `create_server_unix_socket` does (0.32 launchers/launcher.py): no
+    unlink of a file already there (bind fails), no chmod (the umask decides its mode)."""
+    if uds:
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            unix.bind(uds)
+        except OSError:
+            unix.close()
+            raise
+        unix.setblocking(False)
+        return unix
     bind_host = host or "0.0.0.0"
     family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -58,7 +69,7 @@ class Simulator:
     async def run(self) -> int:
         log = self.log
         try:
-            sock = bind_early(self.args.host, self.args.port)
+            sock = bind_early(self.args.host, self.args.port, self.args.uds)
         except OSError as err:
             log.raw(f"OSError: [Errno {err.errno}] {err.strerror}")
             return 1
@@ -80,10 +91,11 @@ class Simulator:
         engine = Engine(self.args, self.knobs, log, memory)
         api = Api(self.args, self.knobs, engine, memory)
         server = HttpServer(api.handle, self._access_log)
-        port = sock.getsockname()[1]
-        log.info(
-            f"Starting vLLM server on http://{self.args.host or '0.0.0.0'}:{port}", "launcher.py:44"
-        )
+        if self.args.uds:
+            address = f"unix:{self.args.uds}"
+        else:
+            address = f"http://{self.args.host or '0.0.0.0'}:{sock.getsockname()[1]}"
+        log.info(f"Starting vLLM server on {address}", "launcher.py:44")
         log.info("Available routes are:", "launcher.py:37")
         for path, method in api.route_names():
             log.info(f"Route: {path}, Methods: {method}", "launcher.py:45")
