@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import doctor, hardware
+from appliance import doctor, endpoint, hardware
 from appliance.cli import main
 from appliance.doctor import FAIL, PASS, WARN, DockerFacts
 from appliance.hardware import GB
@@ -23,7 +23,7 @@ NAMES = [
     "gpu",
     "profile",
     "disk",
-    "port-engine",
+    "engine-socket",
     "port-ui",
     "port-gateway",
     "hf-token",
@@ -83,7 +83,7 @@ def test_doctor_without_docker_or_gpu(dead_docker: str, capsys: pytest.CaptureFi
         assert checks["gpu"]["status"] == FAIL
         assert "no NVIDIA GPU" in checks["gpu"]["detail"]
         assert checks["profile"]["status"] == FAIL
-    for port in ("port-engine", "port-ui", "port-gateway"):
+    for port in ("engine-socket", "port-ui", "port-gateway"):
         assert checks[port]["status"] == PASS
     assert code == 1
     assert report["ok"] is False
@@ -100,6 +100,7 @@ def test_doctor_human_output_names_each_fix(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.usefixtures("dead_docker")
 def test_port_in_use_is_a_fail_naming_the_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "set", "engine.listen", "tcp"]) == 0  # the engine on a TCP port
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -112,8 +113,24 @@ def test_port_in_use_is_a_fail_naming_the_port(capsys: pytest.CaptureFixture[str
     assert engine["fix"] == f"step-station config set engine.port {port + 10}"
 
 
+@pytest.mark.usefixtures("dead_docker")
+def test_on_its_socket_the_engine_needs_no_port(capsys: pytest.CaptureFixture[str]) -> None:
+    """By default the engine takes no TCP port: a program on engine.port is no concern, and the
+    doctor names the private socket instead."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        assert main(["config", "set", "engine.port", str(holder.getsockname()[1])]) == 0
+        _, report = _doctor_json(capsys)
+    checks = _by_name(report)
+    assert "port-engine" not in checks
+    assert checks["engine-socket"]["status"] == PASS
+    assert str(endpoint.socket_path("step-station-engine")) in checks["engine-socket"]["detail"]
+
+
 def test_two_settings_on_one_port_fail() -> None:
     settings = Settings()
+    settings.engine.listen = "tcp"
     settings.ui.port = settings.engine.port
     checks = {c.name: c for c in doctor.check_ports(settings)}
     assert checks["port-ui"].status == FAIL

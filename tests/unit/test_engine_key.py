@@ -55,10 +55,14 @@ def test_docker_engine_gets_its_key_through_a_read_only_folder_only(station_home
     assert spec.engine_key
     assert spec.engine_key not in shown
     assert "hf_tok" not in shown
-    assert kwargs["network_mode"] == "host"
+    assert kwargs["network_mode"] == "none"  # vLLM is on its socket; nothing to reach
     assert "ports" not in kwargs
     assert kwargs["command"] == list(spec.args)
     assert kwargs["entrypoint"][:2] == ["/bin/sh", "-c"]
+    assert kwargs["entrypoint"][2].startswith("umask 007; ")  # the owner's group may connect
+    (sock,) = [m for m in kwargs["mounts"] if m["Target"] == "/run/step-station-socket"]
+    assert not sock["ReadOnly"]
+    assert sock["Source"] == spec.socket_dir
     assert kwargs["entrypoint"][-2:] == ["vllm", "serve"]
     (mount,) = [m for m in kwargs["mounts"] if m["Target"] == ENGINE_KEY_DIR]
     assert mount["ReadOnly"]

@@ -1,12 +1,15 @@
-"""The launch spec as data: GPU by UUID, loopback port, mounts, env, labels, settings hash."""
+"""The launch spec as data: GPU by UUID, the engine's socket (or loopback port), mounts, env,
+labels, settings hash."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from appliance import profiles
+from appliance import endpoint, profiles
 from appliance import settings as st
 from appliance.engine import phases
 from appliance.engine.launch import launch_spec_for
@@ -19,6 +22,7 @@ from appliance.engine.spec import (
     listen_host,
     safer_spec,
 )
+from appliance.errors import EngineError
 
 UUID = "GPU-6f1c0e9b-1111-2222-3333-444455556666"
 
@@ -38,13 +42,20 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
     spec = launch_spec_for(settings, secrets=secrets)
     prof = profiles.get_profile("fp8-tp1")
     assert spec.args[0] == prof.checkpoint
-    seed = profiles.build_vllm_args(prof, settings.engine, listen_host="127.0.0.1")
+    seed = profiles.build_vllm_args(prof, settings.engine, uds=endpoint.CONTAINER_SOCKET)
     assert list(spec.args) == [*seed, "--allowed-origins", "[]"]  # vLLM 0.23 allows every origin
-    # the container shares the host's network and vLLM listens on its loopback only: nothing is
-    # published through Docker's NAT, no other container can reach it
-    assert spec.network_mode == "host"
-    assert spec.arg_value("--host") == "127.0.0.1"
-    assert (spec.host_ip, spec.host_port, spec.container_port) == ("127.0.0.1", 8123, 8123)
+    # vLLM serves on the Unix socket in the private folder mounted into the container, not on a
+    # port; the container has no network at all (the appliance downloads the weights first)
+    assert spec.arg_value("--uds") == "/run/step-station-socket/engine.sock"
+    assert spec.arg_value("--host") is None
+    assert spec.arg_value("--port") is None
+    socket_dir = endpoint.socket_dir(settings.engine.container_name)
+    assert spec.socket_dir == str(socket_dir)
+    assert spec.engine_url == endpoint.socket_url(socket_dir / "engine.sock")
+    assert endpoint.split(spec.engine_url)[0] == str(socket_dir / "engine.sock")
+    assert spec.network_mode == ""
+    assert spec.container_network == "none"
+    assert spec.with_env(HF_HUB_OFFLINE="1").container_network == "none"
     assert spec.gpus == (UUID,)
     assert spec.ipc_mode == "host"
     assert ("memlock", -1, -1) in spec.ulimits
@@ -55,8 +66,10 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
         "/root/.cache/vllm",
         "/root/.cache/flashinfer",
         "/root/.triton",
+        "/run/step-station-socket",
     }
     assert targets["/root/.cache/huggingface"] == str(station_home / "cache" / "huggingface")
+    assert targets.pop("/run/step-station-socket") == str(socket_dir)
     assert all(src.startswith(str(station_home)) for src in targets.values())
     labels = spec.label_map
     assert labels[LABEL_MANAGED] == "true"
@@ -70,6 +83,56 @@ def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
     assert not spec.engine_fetches_weights
     assert "hf_secret_value" not in repr(spec)
     assert spec.weights_repo == prof.checkpoint
+
+
+def test_docker_spec_on_tcp_keeps_vllm_on_the_hosts_loopback(station_home: Path) -> None:
+    spec = launch_spec_for(_settings(port=8123, listen="tcp"), secrets=st.Secrets())
+    # the container shares the host's network and vLLM listens on its loopback only: nothing is
+    # published through Docker's NAT, no other container can reach it
+    assert spec.network_mode == "host" == spec.container_network
+    assert spec.arg_value("--host") == "127.0.0.1"
+    assert spec.arg_value("--uds") is None
+    assert (spec.host_ip, spec.host_port, spec.container_port) == ("127.0.0.1", 8123, 8123)
+    assert spec.engine_url == "http://127.0.0.1:8123"
+    assert spec.socket_dir == ""
+    assert "/run/step-station-socket" not in {m.target for m in spec.mounts}
+
+
+def test_an_engine_that_downloads_itself_gets_the_bridge_with_nothing_published() -> None:
+    spec = launch_spec_for(_settings(), secrets=st.Secrets(), download_weights=False)
+    assert spec.engine_fetches_weights
+    assert spec.container_network == "bridge"
+
+
+def test_a_long_data_path_puts_the_socket_in_a_private_tmp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("STEP_STATION_HOME", str(deep))
+    path = endpoint.prepare_socket("engine")
+    assert len(str(path)) <= endpoint.MAX_SOCKET_PATH  # a socket address holds 107 bytes
+    assert path.parent.parent == Path(f"/tmp/step-station-{os.getuid()}")
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o2700
+    assert endpoint.prepare_socket("engine") == path  # the same folder every time
+    monkeypatch.setenv("STEP_STATION_HOME", str(tmp_path / "short"))
+    assert endpoint.socket_path("engine").is_relative_to(tmp_path / "short")
+
+
+def test_a_socket_folder_of_another_account_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else made the folder first (in /tmp anyone can): it is not used."""
+    monkeypatch.setenv("STEP_STATION_HOME", str(tmp_path))
+    folder = endpoint.socket_dir("engine")
+    folder.mkdir(parents=True)
+    os.chown(folder, 65534, 65534)
+    with pytest.raises(EngineError, match="not a folder of this account"):
+        endpoint.prepare_socket("engine")
+    folder.rmdir()
+    folder.symlink_to(tmp_path)  # nor a symlink to somewhere else
+    with pytest.raises(EngineError, match="not a folder of this account"):
+        endpoint.prepare_socket("engine")
 
 
 def test_no_gpu_request_when_turned_off() -> None:
@@ -94,7 +157,12 @@ def test_process_runtime_listens_on_loopback_and_shares_the_hf_cache(station_hom
     settings = _settings(runtime="process")
     assert listen_host(settings.engine, "process") == "127.0.0.1"
     spec = launch_spec_for(settings, demo=True, download_weights=False, secrets=st.Secrets())
-    assert spec.arg_value("--host") == "127.0.0.1"
+    # as a local process, vLLM is given the host's socket path itself
+    assert spec.arg_value("--uds") == str(endpoint.socket_path(settings.engine.container_name))
+    assert spec.arg_value("--host") is None
+    settings.engine.listen = "tcp"
+    on_tcp = launch_spec_for(settings, demo=True, download_weights=False, secrets=st.Secrets())
+    assert on_tcp.arg_value("--host") == "127.0.0.1"
     assert spec.mounts == ()
     assert spec.gpus is None
     assert spec.executable[1:] == ("-m", "appliance.simulator")
@@ -122,8 +190,20 @@ def test_settings_hash_follows_what_runs_not_secrets_or_sim_knobs(
     with_knob = launch_spec_for(_settings(), secrets=st.Secrets())
     assert with_knob.settings_hash == base
     assert with_knob.env_map["STEP_SIM_LOAD_S"] == "9"  # passed through to the engine
-    for change in ({"max_model_len": 65536}, {"port": 9001}, {"image": "other:1"}):
+    changes: list[dict[str, object]] = [
+        {"max_model_len": 65536},
+        {"image": "other:1"},
+        {"listen": "tcp"},
+    ]
+    for change in changes:
         assert launch_spec_for(_settings(**change), secrets=st.Secrets()).settings_hash != base
+    # the port matters only on TCP
+    assert launch_spec_for(_settings(port=9001), secrets=st.Secrets()).settings_hash == base
+    tcp = launch_spec_for(_settings(listen="tcp"), secrets=st.Secrets()).settings_hash
+    assert (
+        launch_spec_for(_settings(listen="tcp", port=9001), secrets=st.Secrets()).settings_hash
+        != tcp
+    )
     other_profile = _settings()
     other_profile.engine.profile = "nvfp4-tp1"
     assert launch_spec_for(other_profile, secrets=st.Secrets()).settings_hash != base

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import profiles
+from appliance import endpoint, profiles
 from appliance.cli import main
 from appliance.errors import SettingsError
 from appliance.settings import EngineSettings
@@ -140,14 +140,12 @@ def test_build_args_starts_with_the_seed_command_exactly(name: str) -> None:
 def test_appliance_flags_follow_the_seed() -> None:
     engine = EngineSettings(port=8123, max_model_len=131072, max_images_per_prompt=3)
     profile = profiles.get_profile("fp8-tp1")
-    args = profiles.build_vllm_args(profile, engine)
+    args = profiles.build_vllm_args(profile, engine, uds="/run/s/engine.sock")
     tail = args[len(profiles.seed_command(profile)) - 2 :]
     assert tail == [
         "--disable-cascade-attn",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8123",
+        "--uds",  # the private socket, no port (appliance/endpoint.py)
+        "/run/s/engine.sock",
         "--max-model-len",
         "131072",
         "--limit-mm-per-prompt",
@@ -157,6 +155,16 @@ def test_appliance_flags_follow_the_seed() -> None:
     # Nothing appears twice.
     flags = [a for a in args if a.startswith("--")]
     assert len(flags) == len(set(flags))
+    # without a path given, the host's socket path; on TCP, loopback and the port
+    default = profiles.build_vllm_args(profile, engine)
+    assert default[default.index("--uds") + 1] == str(endpoint.socket_path(engine.container_name))
+    engine.listen = "tcp"
+    tcp = profiles.build_vllm_args(profile, engine)
+    assert _contains(tcp, ["--host", "127.0.0.1", "--port", "8123"])
+    assert "--uds" not in tcp
+    engine.listen = "udp"
+    with pytest.raises(SettingsError, match="engine.listen"):
+        profiles.build_vllm_args(profile, engine)
 
 
 def test_served_model_name_is_the_seeds() -> None:
@@ -212,7 +220,7 @@ def test_sleep_mode_adds_the_flag_and_dev_mode() -> None:
 
 
 def test_model_override_and_listen_host() -> None:
-    engine = EngineSettings(model_override="/models/step-local")
+    engine = EngineSettings(model_override="/models/step-local", listen="tcp")
     args = profiles.build_vllm_args(profiles.get_profile("fp8-tp1"), engine, listen_host="0.0.0.0")
     assert args[0] == "/models/step-local"
     assert args[args.index("--host") + 1] == "0.0.0.0"
@@ -230,7 +238,10 @@ def test_docker_run_command(monkeypatch: pytest.MonkeyPatch) -> None:
     cmd = profiles.docker_run_command(profile, engine, ["GPU-abc"])
     assert cmd[:2] == ["docker", "run"]
     assert _contains(cmd, ["--gpus", "device=GPU-abc"])
-    assert _contains(cmd, ["--network", "host"])  # as the appliance runs it: vLLM on loopback
+    # as the appliance runs it: vLLM on the private socket folder, mounted; nothing published
+    folder = endpoint.socket_dir(engine.container_name)
+    assert _contains(cmd, ["-v", f"{folder}:/run/step-station-socket"])
+    assert "--network" not in cmd
     assert "-p" not in cmd
     assert _contains(cmd, ["-v", "/data/hf:/root/.cache/huggingface"])
     assert _contains(cmd, ["-e", "VLLM_SERVER_DEV_MODE=1"])
@@ -238,9 +249,16 @@ def test_docker_run_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hf_secret_value" not in " ".join(cmd)
     image = cmd.index(engine.image)
     inner = cmd[image + 1 :]
-    assert inner[:-2] == profiles.build_vllm_args(profile, engine, listen_host="127.0.0.1")
-    assert inner[inner.index("--host") + 1] == "127.0.0.1"
+    assert inner[:-2] == profiles.build_vllm_args(
+        profile, engine, uds="/run/step-station-socket/engine.sock"
+    )
+    assert inner[inner.index("--uds") + 1] == "/run/step-station-socket/engine.sock"
     assert inner[-2:] == ["--allowed-origins", "[]"]
+    engine.listen = "tcp"  # on TCP: the host's network, vLLM on its loopback
+    tcp = profiles.docker_run_command(profile, engine, ["GPU-abc"])
+    assert _contains(tcp, ["--network", "host"])
+    assert tcp[tcp.index("--host") + 1] == "127.0.0.1"
+    engine.listen = "socket"
     assert _contains(cmd, ["-e", "VLLM_API_KEY"])  # by name only
     several = profiles.docker_run_command(
         profiles.get_profile("fp8-tp8"), engine, ["GPU-a", "GPU-b"]
@@ -263,7 +281,9 @@ def test_plan_print_command_prints_vllm_serve_then_docker_run(
     ]
     docker = shlex.split(lines[1])
     assert docker[:2] == ["docker", "run"]
-    inner = profiles.build_vllm_args(profile, EngineSettings(), listen_host="127.0.0.1")
+    inner = profiles.build_vllm_args(
+        profile, EngineSettings(), uds="/run/step-station-socket/engine.sock"
+    )
     assert docker[-len(inner) - 2 :] == [*inner, "--allowed-origins", "[]"]
 
 
@@ -310,5 +330,9 @@ def test_simulator_accepts_what_the_appliance_passes(name: str) -> None:
     parsed = args_module.parse_args(profiles.build_vllm_args(profile, engine))
     assert parsed.model == profile.checkpoint
     assert parsed.served_name == profile.served_model_name
-    assert parsed.host == "127.0.0.1"
-    assert parsed.port == 8123
+    assert parsed.uds == str(endpoint.socket_path(engine.container_name))
+    engine.listen = "tcp"
+    on_tcp = args_module.parse_args(profiles.build_vllm_args(profile, engine))
+    assert on_tcp.host == "127.0.0.1"
+    assert on_tcp.port == 8123
+    assert on_tcp.uds is None
