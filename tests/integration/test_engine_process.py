@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,9 +19,11 @@ import psutil
 import pytest
 from fixtures.sim import free_port
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor, phases
 from appliance.engine.health import port_is_free
+from appliance.errors import EngineError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +64,16 @@ def _auth(sup: Supervisor) -> dict[str, str]:
     return {"Authorization": f"Bearer {sup.engine_api_key}"}
 
 
+def _get(sup: Supervisor, path: str, **kwargs) -> httpx.Response:
+    """GET on the engine (its private socket by default)."""
+    return endpoint.request("GET", f"{sup.engine_url}{path}", 10.0, **kwargs)
+
+
+def _socket_is_gone(settings: st.Settings) -> bool:
+    path = endpoint.socket_path(settings.engine.container_name)
+    return not endpoint.socket_answers(path) and not path.exists()
+
+
 def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> None:
     sup = make_supervisor()
     seen: list[EngineState] = []
@@ -78,8 +91,13 @@ def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> Non
     assert seen[0] == EngineState.STARTING
     assert seen[-1] == EngineState.READY
 
+    # the engine listens on its private socket, not on a TCP port
+    path = endpoint.socket_path(settings.engine.container_name)
+    assert sup.engine_url == endpoint.socket_url(path)
+    assert endpoint.socket_answers(path)
+    assert port_is_free("127.0.0.1", settings.engine.port)
     # vLLM requires the engine's per-start key on /v1 (only the appliance holds it)
-    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key)
+    client = openai.OpenAI(**endpoint.openai_kwargs(sup.engine_url), api_key=sup.engine_api_key)
     reply = client.chat.completions.create(
         model=sup.served_model_name,
         messages=[{"role": "user", "content": "Say hi"}],
@@ -92,7 +110,7 @@ def test_start_phases_ready_chat_stop(settings, sim_env, make_supervisor) -> Non
     stopped = sup.stop()
     assert stopped.state == EngineState.STOPPED
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert port_is_free("127.0.0.1", settings.engine.port)
+    assert _socket_is_gone(settings)
     assert sup.runtime.find(settings.engine.container_name) is None
 
 
@@ -133,7 +151,7 @@ def test_kill_9_of_the_appliance_then_adopt(settings, sim_env, make_supervisor) 
     assert status.state == EngineState.READY  # at once: no waiting for a start
     assert status.container_id == engine_id
     assert "adopted" in status.message
-    assert httpx.get(f"{sup.engine_url}/health").status_code == 200
+    assert _get(sup, "/health").status_code == 200
     # asking to start again never starts a second engine
     assert sup.start().container_id == engine_id
     assert sup.status().state == EngineState.READY
@@ -184,7 +202,7 @@ def test_context_too_long_retries_with_the_estimate_and_serves(
     assert "Started after one retry" in status.message
     new_len = int(status.retry_note.split()[1])
     assert 0 < new_len < 262144
-    models = httpx.get(f"{sup.engine_url}/v1/models", headers=_auth(sup)).json()["data"]
+    models = _get(sup, "/v1/models", headers=_auth(sup)).json()["data"]
     assert models[0]["max_model_len"] == new_len
 
 
@@ -218,6 +236,7 @@ def test_engine_dead_health_503_fails_and_stops(settings, sim_env, make_supervis
 
 
 def test_port_already_taken(settings, sim_env, make_supervisor) -> None:
+    settings.engine.listen = "tcp"
     with socket.socket() as other:
         other.bind(("127.0.0.1", settings.engine.port))
         other.listen()
@@ -229,6 +248,54 @@ def test_port_already_taken(settings, sim_env, make_supervisor) -> None:
         assert status.state == EngineState.FAILED
         assert "engine.port" in status.message
         assert sup.runtime.find(settings.engine.container_name) is None  # nothing launched
+
+
+def test_socket_already_answering(settings, sim_env, make_supervisor) -> None:
+    """Something already listens on the engine's socket path (another engine of this name):
+    the start fails at once, launches nothing, and leaves that socket alone."""
+    path = endpoint.prepare_socket(settings.engine.container_name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        sup = make_supervisor()
+        sup.start()
+        with pytest.raises(
+            EngineError, match=f"Another engine already listens on {re.escape(str(path))}"
+        ):
+            sup.wait_ready(30)
+        status = sup.status()
+        assert status.state == EngineState.FAILED
+        assert str(path) in status.message
+        assert sup.runtime.find(settings.engine.container_name) is None  # nothing launched
+        assert endpoint.socket_answers(path)  # the other listener's socket is untouched
+
+
+def test_stale_socket_file_is_replaced(settings, sim_env, make_supervisor) -> None:
+    """A socket file left by an engine that is gone (kill -9: vLLM never unlinks it) does not
+    block the next start."""
+    path = endpoint.prepare_socket(settings.engine.container_name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(path))  # bound, never listening, then closed: the file stays
+    assert path.exists()
+    assert not endpoint.socket_answers(path)
+    sup = make_supervisor()
+    sup.start()
+    assert sup.wait_ready(60).state == EngineState.READY
+    assert _get(sup, "/health").status_code == 200
+
+
+def test_tcp_listen_serves_on_the_port(settings, sim_env, make_supervisor) -> None:
+    """engine.listen = "tcp": the old behaviour, vLLM on 127.0.0.1:engine.port, no socket."""
+    settings.engine.listen = "tcp"
+    sup = make_supervisor()
+    sup.start()
+    sup.wait_ready(60)
+    assert sup.engine_url == f"http://127.0.0.1:{settings.engine.port}"
+    assert not port_is_free("127.0.0.1", settings.engine.port)
+    assert not endpoint.socket_path(settings.engine.container_name).exists()
+    assert httpx.get(f"{sup.engine_url}/health", timeout=10).status_code == 200
+    assert sup.stop().state == EngineState.STOPPED
+    assert port_is_free("127.0.0.1", settings.engine.port)
 
 
 def test_changed_settings_ask_for_a_restart(settings, sim_env, make_supervisor) -> None:
@@ -246,12 +313,7 @@ def test_changed_settings_ask_for_a_restart(settings, sim_env, make_supervisor) 
     status = sup.restart()
     status = sup.wait_ready(60)
     assert not status.restart_needed
-    assert (
-        httpx.get(f"{sup.engine_url}/v1/models", headers=_auth(sup)).json()["data"][0][
-            "max_model_len"
-        ]
-        == 65536
-    )
+    assert _get(sup, "/v1/models", headers=_auth(sup)).json()["data"][0]["max_model_len"] == 65536
 
 
 def test_stop_during_load_cancels_the_start(settings, sim_env, make_supervisor) -> None:
@@ -262,7 +324,7 @@ def test_stop_during_load_cancels_the_start(settings, sim_env, make_supervisor) 
     while status.phase not in (phases.LOADING_WEIGHTS, phases.COMPILING):
         status = sup.wait_for_change(status.version, 30)
     assert sup.stop().state == EngineState.STOPPED
-    assert port_is_free("127.0.0.1", settings.engine.port)
+    assert _socket_is_gone(settings)
     with pytest.raises(Exception, match="not starting"):
         sup.wait_ready(1)
 
@@ -284,10 +346,10 @@ def test_idle_sleep_then_wake_on_demand(settings, sim_env, make_supervisor) -> N
     while status.state == EngineState.READY:
         status = sup.wait_for_change(status.version, 30)
     assert status.state == EngineState.SLEEPING
-    assert httpx.get(f"{sup.engine_url}/is_sleeping").json() == {"is_sleeping": True}
+    assert _get(sup, "/is_sleeping").json() == {"is_sleeping": True}
     sup.ensure_awake()  # what the gateway and chat call before a request
     assert sup.status().state == EngineState.READY
-    assert httpx.get(f"{sup.engine_url}/is_sleeping").json() == {"is_sleeping": False}
+    assert _get(sup, "/is_sleeping").json() == {"is_sleeping": False}
 
 
 def test_sleep_needs_sleep_mode(settings, sim_env, make_supervisor) -> None:
@@ -320,7 +382,8 @@ def test_cli_start_status_logs_stop(settings, sim_env, make_supervisor) -> None:
         for name in phases.LOG_PHASES[1:]:
             assert name in lines
         assert lines.index("Loading weights") < lines.index("Capturing CUDA graphs")
-        assert any(line.startswith("Ready: http://127.0.0.1:") for line in lines)
+        path = endpoint.socket_path(settings.engine.container_name)
+        assert any(line.startswith(f"Ready: unix socket {path} serves") for line in lines)
         assert "\r" not in started.stdout
 
         status = _cli("status", "--demo", "--json")
@@ -331,7 +394,7 @@ def test_cli_start_status_logs_stop(settings, sim_env, make_supervisor) -> None:
         ]  # fmt: skip
         assert data["state"] == "ready"
         assert data["profile"] == "fp8-tp1"
-        assert data["engine_url"] == f"http://127.0.0.1:{settings.engine.port}"
+        assert data["engine_url"] == endpoint.socket_url(path)
         # the running appliance adopted what the CLI started
         seen = watcher.status()
         while seen.state != EngineState.READY:
