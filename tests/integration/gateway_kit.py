@@ -12,13 +12,13 @@ import os
 import socket
 import struct
 import time
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 
 import openai
 from fixtures.sim import free_port
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.gateway import Gateway
 from appliance.keys import KeyStore
@@ -113,9 +113,11 @@ def png_data_url(width: int = 64, height: int = 48, *, noise: bool = False) -> s
 
 
 def running_requests(engine_url: str) -> float:
-    """The engine's `vllm:num_requests_running` (sum over labels), read on loopback."""
-    with urllib.request.urlopen(f"{engine_url.rstrip('/')}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    """The engine's `vllm:num_requests_running` (sum over labels), read where the engine listens
+    (its private socket, or loopback)."""
+    response = endpoint.request("GET", f"{engine_url.rstrip('/')}/metrics", 5.0)
+    response.raise_for_status()
+    text = response.text
     total = 0.0
     for line in text.splitlines():
         if line.startswith("vllm:num_requests_running"):

@@ -35,7 +35,7 @@ def make_stack(simulator):
     stacks: list[GatewayStack] = []
 
     def make(*, sim_knobs: dict | None = None, **gateway_settings) -> GatewayStack:
-        sim = simulator(**(sim_knobs or {}))
+        sim = simulator(uds=True, **(sim_knobs or {}))  # the engine on its socket, as in the app
         settings = st.Settings()
         settings.gateway.port = free_port()
         for name, value in gateway_settings.items():
