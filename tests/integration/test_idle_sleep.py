@@ -17,14 +17,13 @@ import os
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 from fixtures.aio import run_async
 from fixtures.sim import free_port
 from gateway_kit import start_gateway, wait_until
 
-from appliance import chat
+from appliance import chat, endpoint
 from appliance import history as hist
 from appliance import settings as st
 from appliance.chat_service import ChatService, engine_view_from
@@ -87,7 +86,8 @@ def sup(monkeypatch: pytest.MonkeyPatch, clock: SkippingClock):
 
 
 def engine_sleeping(sup: Supervisor) -> bool:
-    return bool(httpx.get(f"{sup.engine_url}/is_sleeping", timeout=5).json()["is_sleeping"])
+    response = endpoint.request("GET", f"{sup.engine_url}/is_sleeping", 5.0)
+    return bool(response.json()["is_sleeping"])
 
 
 def sleeps_after_idle(sup: Supervisor, clock: SkippingClock) -> None:
@@ -152,7 +152,7 @@ def test_a_direct_client_stream_holds_off_idle_sleep_through_the_engine_gauges(
     """A client that talks to the engine itself (not through the gateway, so no activity is
     noted): the supervisor still sees it in vllm:num_requests_running and does not sleep."""
     direct = openai.OpenAI(
-        base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key, max_retries=0
+        **endpoint.openai_kwargs(sup.engine_url), api_key=sup.engine_api_key, max_retries=0
     )
     stream = direct.chat.completions.create(
         model=sup.served_model_name,
@@ -252,17 +252,17 @@ def test_sleep_aborts_a_running_stream_in_the_simulator_as_in_vllm(sup: Supervis
 
     async def run() -> tuple[list[str], dict, dict]:
         auth = {"Authorization": f"Bearer {sup.engine_api_key}"}  # the engine's per-start key
-        async with httpx.AsyncClient(timeout=60, headers=auth) as client:
+        async with endpoint.async_client(url, timeout=60, headers=auth) as client:
             lines: list[str] = []
-            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 reader = resp.aiter_lines()
                 async for line in reader:
                     if line.startswith("data: {") and '"content"' in line:
                         break
-                slept = asyncio.create_task(client.post(f"{url}/sleep", params={"level": 1}))
+                slept = asyncio.create_task(client.post("/sleep", params={"level": 1}))
                 lines += [line async for line in reader if line.startswith("data: ")]
             asleep = (await slept).json() if (await slept).content else {}
-            woke = await client.post(f"{url}/wake_up")
+            woke = await client.post("/wake_up")
             return lines, asleep, woke.json() if woke.content else {}
 
     lines, asleep, woke = run_async(run())

@@ -16,6 +16,7 @@ import pytest
 from fixtures.sim import free_port
 from openai import OpenAI
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import Supervisor
 from appliance.engine.docker_runtime import DockerRuntime
@@ -69,8 +70,9 @@ def test_status_shows_host_and_engine_numbers(engine_settings, docker_client):
 
     # the engine's per-start key, from the appliance's private key file (engine_key.py)
     (key_file,) = (st.data_dir() / "engine-keys").glob("*/*/engine-key")
+    # the engine listens on its private socket (appliance/endpoint.py)
     client = OpenAI(
-        base_url=f"http://127.0.0.1:{engine_settings.engine.port}/v1",
+        **endpoint.openai_kwargs(endpoint.engine_url(engine_settings.engine)),
         api_key=key_file.read_text().strip(),
     )
     client.chat.completions.create(
