@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from fixtures.sim import free_port
 
 EVIL_PAGE = """<!doctype html><html><body><h1>cute cats</h1>
 <form id="f" method="POST" target="sink" enctype="text/plain"
@@ -79,7 +78,7 @@ class _Evil(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def evil_site() -> Iterator[tuple[str, type[_Evil]]]:
     handler = type("EvilHandler", (_Evil,), {})
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", free_port()), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), handler)  # the kernel picks
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.2:{server.server_address[1]}/", handler
