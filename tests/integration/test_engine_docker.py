@@ -12,12 +12,12 @@ import textwrap
 import uuid
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from engine_hub import FakeHub, Repo
 from engine_net import Proxy, free_port
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor, phases
 from appliance.engine.docker_runtime import DockerRuntime
@@ -86,9 +86,17 @@ def test_start_phases_ready_chat_stop(dk, settings, make_sup) -> None:
     # host PIDs of the engine (what NVML reports), for the dashboard's per-process memory
     pids = sup.runtime.engine_pids(container.id)
     assert container.attrs["State"]["Pid"] in pids
+    # the engine is on its private socket, no port on the host: Docker's bridge with nothing
+    # published, as this engine may fetch its weights itself (download_weights=False)
+    path = endpoint.socket_path(settings.engine.container_name)
+    assert sup.engine_url == endpoint.socket_url(path)
+    assert container.attrs["HostConfig"]["NetworkMode"] == "bridge"
+    assert not container.attrs["HostConfig"].get("PortBindings")
+    assert endpoint.socket_answers(path)
+    assert port_is_free("127.0.0.1", settings.engine.port)
 
     # vLLM requires the engine's per-start key on /v1 (only the appliance holds it)
-    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key)
+    client = openai.OpenAI(**endpoint.openai_kwargs(sup.engine_url), api_key=sup.engine_api_key)
     reply = client.chat.completions.create(
         model=sup.served_model_name,
         messages=[{"role": "user", "content": "Say hi"}],
@@ -99,6 +107,24 @@ def test_start_phases_ready_chat_stop(dk, settings, make_sup) -> None:
 
     assert sup.stop().state == EngineState.STOPPED
     assert _ours(dk, settings.engine.container_name) == []
+    assert not endpoint.socket_answers(path)
+    assert not path.exists()
+
+
+def test_tcp_listen_serves_on_loopback_in_the_hosts_network(dk, settings, make_sup) -> None:
+    """engine.listen = "tcp": vLLM on 127.0.0.1:engine.port in the host's network, no socket."""
+    settings.engine.listen = "tcp"
+    sup = make_sup()
+    sup.start()
+    status = sup.wait_ready(120)
+    (container,) = _ours(dk, settings.engine.container_name)
+    assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+    assert sup.engine_url == f"http://127.0.0.1:{settings.engine.port}"
+    assert not port_is_free("127.0.0.1", settings.engine.port)
+    assert not endpoint.socket_path(settings.engine.container_name).exists()
+    client = openai.OpenAI(base_url=f"{sup.engine_url}/v1", api_key=sup.engine_api_key)
+    assert client.models.list().data[0].id == status.served_model_name
+    assert sup.stop().state == EngineState.STOPPED
     assert port_is_free("127.0.0.1", settings.engine.port)
 
 
@@ -117,11 +143,16 @@ def test_created_container_spec(dk, settings, station_home: Path) -> None:
     assert host["IpcMode"] == "host"
     limits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
     assert limits == {"memlock": (-1, -1), "stack": (67108864, 67108864)}
-    # the host's network, vLLM on its loopback: nothing published (tests/security)
-    assert host["NetworkMode"] == "host"
+    # vLLM on its private socket: no network at all (the appliance downloaded the weights),
+    # nothing published (tests/security)
+    assert host["NetworkMode"] == "none"
     assert not host.get("PortBindings")
-    assert spec.arg_value("--host") == "127.0.0.1"
+    assert spec.arg_value("--uds") == endpoint.CONTAINER_SOCKET
+    assert spec.arg_value("--host") is None
     mounts = {m["Target"]: m for m in host["Mounts"]}
+    socket_dir = endpoint.socket_dir(settings.engine.container_name)
+    assert mounts[endpoint.CONTAINER_SOCKET_DIR]["Source"] == str(socket_dir)
+    assert not mounts[endpoint.CONTAINER_SOCKET_DIR].get("ReadOnly")  # vLLM binds its socket there
     cache = station_home / "cache"
     assert mounts["/root/.cache/huggingface"]["Source"] == str(cache / "huggingface")
     assert mounts["/root/.cache/vllm"]["Source"] == str(cache / "compile" / "vllm")
@@ -260,6 +291,7 @@ def test_hang_during_load_hits_the_deadline(dk, settings, make_sup, monkeypatch)
 
 
 def test_port_already_taken(dk, settings, make_sup) -> None:
+    settings.engine.listen = "tcp"
     with socket.socket() as other:
         other.bind(("127.0.0.1", settings.engine.port))
         other.listen()
@@ -267,6 +299,20 @@ def test_port_already_taken(dk, settings, make_sup) -> None:
         sup.start()
         with pytest.raises(EngineError, match=f"Port {settings.engine.port} on 127.0.0.1"):
             sup.wait_ready(30)
+    assert _ours(dk, settings.engine.container_name) == []
+
+
+def test_socket_already_answering(dk, settings, make_sup) -> None:
+    path = endpoint.prepare_socket(settings.engine.container_name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        sup = make_sup()
+        sup.start()
+        with pytest.raises(EngineError, match="Another engine already listens on"):
+            sup.wait_ready(30)
+        assert str(path) in sup.status().message
+        assert endpoint.socket_answers(path)  # left alone
     assert _ours(dk, settings.engine.container_name) == []
 
 
@@ -310,7 +356,7 @@ def test_docker_lost_and_back_while_serving(dk, settings, tmp_path: Path) -> Non
             status = sup.wait_for_change(status.version, 30)
         assert status.state == EngineState.READY
         assert status.container_id == engine_id
-        assert httpx.get(f"{sup.engine_url}/metrics").status_code == 200
+        assert endpoint.request("GET", f"{sup.engine_url}/metrics", 10.0).status_code == 200
         # the log stream is followed again: the access line of that request arrives
         while not any('"GET /metrics' in line for line in sup.status().log_tail):
             sup.wait_for_change(sup.version, 30)
