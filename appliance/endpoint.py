@@ -163,6 +163,15 @@ def socket_dir(name: str) -> Path:
     preferred = st.data_dir() / "engine-sockets" / name
     if len(str(preferred / SOCKET_NAME)) <= MAX_SOCKET_PATH:
         return preferred
+    if Path("/.dockerenv").exists():
+        # The appliance in a container (docker/compose.yaml): the host's Docker mounts the folder
+        # into the engine by its path, so it must be the shared data folder, not this /tmp.
+        raise SettingsError(
+            f"The engine's socket under {st.data_dir()} would be longer than a socket address "
+            f"allows ({MAX_SOCKET_PATH} bytes).",
+            hint="Give the appliance's container a shorter STEP_STATION_DIR "
+            "(docker/compose.yaml: /var/lib/step-station).",
+        )
     digest = hashlib.sha256(f"{st.data_dir()}\0{name}".encode()).hexdigest()[:16]
     return Path("/tmp") / f"step-station-{os.getuid()}" / digest
 
