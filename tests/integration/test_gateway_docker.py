@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from pathlib import Path
 
 import openai
 import pytest
@@ -33,11 +34,23 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def docker_engine(docker_client, sim_image_ref, tmp_path_factory):
+def module_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gateway-docker-home")
+
+
+@pytest.fixture(autouse=True)
+def station_home(module_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One appliance home for the module's engine and gateway (overrides the per-test home of
+    tests/conftest.py): where the engine's socket is depends on it."""
+    monkeypatch.setenv("STEP_STATION_HOME", str(module_home))
+    return module_home
+
+
+@pytest.fixture(scope="module")
+def docker_engine(docker_client, sim_image_ref, module_home: Path):
     """A supervisor for a not-yet-started engine container (removed after the module)."""
     mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("gateway-docker-home")
-    mp.setenv("STEP_STATION_HOME", str(home))
+    mp.setenv("STEP_STATION_HOME", str(module_home))
     mp.setenv("STEP_SIM_LOAD_S", "1")
     mp.setenv("STEP_SIM_TTFT_MS", "20")
     mp.setenv("STEP_SIM_TOKENS_PER_S", "60")
