@@ -49,6 +49,9 @@ CONTAINER_SOCKET_DIR = "/run/step-station-socket"
 CONTAINER_SOCKET = f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}"
 # What clients send as Host over the socket (vLLM does not check it).
 SOCKET_HOST = "engine"
+# Set by docker/compose.yaml: the data folder is the host's, at the same path (the host's Docker
+# mounts the socket folder into the engine by that path).
+SHARED_DATA_ENV = "STEP_STATION_SHARED_DATA"
 # sockaddr_un.sun_path is 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 
@@ -163,7 +166,7 @@ def socket_dir(name: str) -> Path:
     preferred = st.data_dir() / "engine-sockets" / name
     if len(str(preferred / SOCKET_NAME)) <= MAX_SOCKET_PATH:
         return preferred
-    if Path("/.dockerenv").exists():
+    if os.environ.get(SHARED_DATA_ENV) == "1":
         # The appliance in a container (docker/compose.yaml): the host's Docker mounts the folder
         # into the engine by its path, so it must be the shared data folder, not this /tmp.
         raise SettingsError(

@@ -412,8 +412,39 @@ address to paste into a browser).</p>
 <p>{detail}</p></body></html>"""
 
 
+# Sent with every UI response. No page of another site may frame the UI (clickjacking: a page that
+# lays the owner's UI under its own buttons); `frame-ancestors` works only as a header, not in the
+# page's <meta> CSP (ui/chat.py's, which keeps images and media on the UI's own origin; repeated
+# here so a response Gradio renders without that head is covered too). No Referer leaves the UI.
+UI_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (
+        b"content-security-policy",
+        b"frame-ancestors 'none'; img-src 'self' data: blob:; media-src 'self' data: blob:",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+def with_headers(send: Send, extra: tuple[tuple[bytes, bytes], ...]) -> Send:
+    """A `send` that sets `extra` on the response (replacing headers of the same names)."""
+    names = {name for name, _ in extra}
+
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            kept = [
+                (k, v) for k, v in message.get("headers") or () if bytes(k).lower() not in names
+            ]
+            message["headers"] = [*kept, *extra]
+        await send(message)
+
+    return sender
+
+
 class UiLock:
-    """The UI listener's routes and per-install token (inside the Host/Origin guard)."""
+    """The UI listener's routes and per-install token (inside the Host/Origin guard); every
+    response carries UI_SECURITY_HEADERS."""
 
     def __init__(
         self,
@@ -431,6 +462,7 @@ class UiLock:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = with_headers(send, UI_SECURITY_HEADERS)
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         if not ui_route_allowed(method, path):
             await refuse(

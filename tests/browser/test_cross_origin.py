@@ -129,3 +129,30 @@ def test_a_page_from_another_origin_changes_nothing(appliance, page, evil_site) 
     # The owner's own page still works after all that.
     page.goto(app.url)
     page.wait_for_selector("#tabs")
+
+
+FRAMING_PAGE = """<!doctype html><html><body><h1>win a prize: click the button</h1>
+<iframe id="ui" src="{ui}" style="opacity:0.01;position:absolute;top:0;left:0"
+        width="1200" height="800"></iframe></body></html>"""
+
+
+def test_a_page_from_another_origin_cannot_frame_the_ui(appliance, page, evil_site) -> None:
+    """Clickjacking: a page lays the owner's UI, invisible, under its own "button". The UI's
+    `frame-ancestors 'none'` (a header: the page's <meta> CSP cannot carry it) stops the frame
+    from rendering, even with the owner's cookie in the browser."""
+    app = appliance()
+    page.goto(app.url)  # the owner opened the UI: the browser holds its cookie
+    page.wait_for_selector("#tabs")
+    url, handler = evil_site
+    handler.page = FRAMING_PAGE.format(ui=app.base).encode()
+    page.goto(url)
+    page.wait_for_load_state("load")
+    frame = page.frame_locator("#ui")
+    # the framed document never becomes the UI: Chromium swaps in its error page
+    assert page.locator("#ui").count() == 1
+    assert frame.locator("#tabs").count() == 0
+    framed = next(f for f in page.frames if f is not page.main_frame)
+    assert not framed.url.startswith(app.base), framed.url
+    # the same UI opened directly still works
+    page.goto(app.url)
+    page.wait_for_selector("#tabs")

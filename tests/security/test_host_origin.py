@@ -182,6 +182,15 @@ def test_the_secret_in_the_address_sets_a_strict_cookie_and_leaves_the_address(
         page = browser.get("/")  # the client kept the cookie
         assert page.status_code == 200
         assert "<html" in page.text.lower()
+        # no other site may frame the UI (clickjacking), and no Referer leaves it; on the page,
+        # on Gradio's own routes, and on the locked page alike
+        locked = httpx.get(app.base, headers={"Accept": "text/html"}, timeout=30)
+        assert locked.status_code == 401
+        for reply in (page, browser.get("/config"), locked):
+            assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+            assert reply.headers["x-frame-options"] == "DENY"
+            assert reply.headers["referrer-policy"] == "no-referrer"
+            assert reply.headers["x-content-type-options"] == "nosniff"
 
 
 def test_only_the_routes_the_page_uses_are_open(app: Appliance) -> None:
