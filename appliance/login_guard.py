@@ -21,7 +21,6 @@ The password check itself runs off the event loop (`OwnerLogin.check_async`).
 
 from __future__ import annotations
 
-import json
 import os
 import ssl
 import time
@@ -35,6 +34,7 @@ from appliance import settings as st
 from appliance.errors import SettingsError
 from appliance.gateway.limits import FailureThrottle
 from appliance.keys import OwnerLogin
+from appliance.web_guard import send_json
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -95,20 +95,8 @@ def _client(scope: Scope) -> str:
 async def _reply(
     send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    body = json.dumps({"detail": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    """FastAPI's error shape (`{"detail": ...}`), as Gradio's own /login answers."""
+    await send_json(send, status, {"detail": message}, headers or ())
 
 
 class LoginGuard:

@@ -176,11 +176,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def refuse(send: Send, status: int, code: str, message: str, **extra: Any) -> None:
-    """An OpenAI-shaped JSON error (the gateway's shape; the UI's API clients read it too)."""
-    body = json.dumps(
-        {"error": {"message": message, "type": "forbidden", "code": code, **extra}}
-    ).encode()
+async def send_json(
+    send: Send, status: int, payload: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """A whole JSON response, never cached."""
+    body = json.dumps(payload).encode()
     await send(
         {
             "type": "http.response.start",
@@ -189,10 +189,17 @@ async def refuse(send: Send, status: int, code: str, message: str, **extra: Any)
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
+                *headers,
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(send: Send, status: int, code: str, message: str, **extra: Any) -> None:
+    """An OpenAI-shaped JSON error (the gateway's shape; the UI's API clients read it too)."""
+    error = {"message": message, "type": "forbidden", "code": code, **extra}
+    await send_json(send, status, {"error": error})
 
 
 def strip_cors(send: Send) -> Send:
