@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ import openai
 import pytest
 import yaml
 
+from appliance import endpoint
 from appliance import settings as st
 
 REPO = Path(__file__).resolve().parents[2]
@@ -549,10 +551,12 @@ def test_compose_file_runs_the_appliance_beside_the_engine() -> None:
     assert "AS ROOT" in text  # the socket grants root on the host, and the file says so
     service = _compose_service()
     assert service["build"]["dockerfile"] == "docker/Dockerfile"
-    assert service["network_mode"] == "host"  # the engine's port is on the host's loopback
+    assert service["network_mode"] == "host"  # the UI and the gateway on the host's addresses
     assert "/var/run/docker.sock:/var/run/docker.sock" in service["volumes"]
     home = service["environment"]["STEP_STATION_HOME"]
-    assert f"{home}:{home}" in service["volumes"]  # same path inside and outside
+    # same path inside and outside: the host's Docker mounts the engine's socket folder by it
+    assert f"{home}:{home}" in service["volumes"]
+    assert service["environment"]["STEP_STATION_SHARED_DATA"] == "1"
     assert service["restart"] == "unless-stopped"
     demo = yaml.safe_load(text)["services"]["step-station-demo"]
     assert "--demo" in demo["command"]
@@ -581,11 +585,16 @@ def test_appliance_image_starts_the_engine_through_the_socket(
     docker_client: docker.DockerClient,
     sim_image_ref: str,
     docker_labels: dict[str, str],
-    station_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The image run as compose.yaml runs it: host network, the Docker socket, the state folder
-    at the same path. `step-station start` inside it starts a sibling engine container, which the
-    UI reports ready and the LAN endpoint serves (openai SDK)."""
+    at the same path. `step-station start` inside it starts a sibling engine container on its
+    private socket in that folder, which the UI reports ready and the LAN endpoint serves
+    (openai SDK)."""
+    # A short state folder, as compose's /var/lib/step-station: the engine's socket is under it,
+    # and a socket address holds 107 bytes (pytest's tmp_path is longer).
+    station_home = Path(tempfile.mkdtemp(prefix="ss-app-"))
+    monkeypatch.setenv("STEP_STATION_HOME", str(station_home))
     image, _ = docker_client.images.build(
         fileobj=_image_context(),
         custom_context=True,
@@ -622,7 +631,7 @@ def test_appliance_image_starts_the_engine_through_the_socket(
             name=f"sst-appliance-app-{docker_labels['io.step-station.test'][:10]}",
             network_mode=service["network_mode"],
             volumes=volumes,
-            environment={"STEP_STATION_HOME": home},
+            environment={**service["environment"], "STEP_STATION_HOME": home},
         )
         ui = f"http://127.0.0.1:{settings.ui.port}"
         deadline = time.monotonic() + 90
@@ -648,6 +657,11 @@ def test_appliance_image_starts_the_engine_through_the_socket(
         engine = docker_client.containers.get(e.container_name)
         assert engine.labels["io.step-station.managed"] == "true"
         assert any(m["Source"] == str(model) for m in engine.attrs["Mounts"])
+        # the engine on its socket in the shared folder, without a network (a local model)
+        socket_dir = endpoint.socket_dir(e.container_name)
+        assert socket_dir.is_relative_to(station_home)
+        assert any(m["Source"] == str(socket_dir) for m in engine.attrs["Mounts"])
+        assert engine.attrs["HostConfig"]["NetworkMode"] == "none"
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.gateway.port}/v1", api_key="-")
         model_id = client.models.list().data[0].id
@@ -662,3 +676,5 @@ def test_appliance_image_starts_the_engine_through_the_socket(
     finally:
         for leftover in docker_client.containers.list(all=True, filters={"name": e.container_name}):
             leftover.remove(force=True)
+        # what the appliance's container (root) wrote there
+        shutil.rmtree(station_home, ignore_errors=True)
