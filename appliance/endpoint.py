@@ -161,22 +161,39 @@ def request(method: str, url: str, timeout_s: float, **kwargs: Any) -> httpx.Res
 
 
 def socket_dir(name: str) -> Path:
-    """The engine's private socket folder: under the data dir, or, when that path is too long for
-    a socket address, under a private `/tmp/step-station-<uid>` (checked: ours, a folder, 0700)."""
-    preferred = st.data_dir() / "engine-sockets" / name
-    if len(str(preferred / SOCKET_NAME)) <= MAX_SOCKET_PATH:
+    """The engine's private socket folder (see `private_socket_dir`)."""
+    return private_socket_dir("engine-sockets", name)
+
+
+def private_socket_dir(kind: str, name: str) -> Path:
+    """A private folder for a Unix socket: `<data>/<kind>/<name>`, or, when that path is too long
+    for a socket address, a folder under a private `/tmp/step-station-<uid>` (checked: ours, a
+    folder, 0700)."""
+    preferred = st.data_dir() / kind / name
+    if len(str(preferred)) + len("/control.sock") <= MAX_SOCKET_PATH:  # room for either name
         return preferred
     if os.environ.get(SHARED_DATA_ENV) == "1":
         # The appliance in a container (docker/compose.yaml): the host's Docker mounts the folder
         # into the engine by its path, so it must be the shared data folder, not this /tmp.
         raise SettingsError(
-            f"The engine's socket under {st.data_dir()} would be longer than a socket address "
+            f"The socket under {st.data_dir()} would be longer than a socket address "
             f"allows ({MAX_SOCKET_PATH} bytes).",
             hint="Give the appliance's container a shorter STEP_STATION_DIR "
             "(docker/compose.yaml: /var/lib/step-station).",
         )
-    digest = hashlib.sha256(f"{st.data_dir()}\0{name}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{st.data_dir()}\0{kind}\0{name}".encode()).hexdigest()[:16]
     return Path("/tmp") / f"step-station-{os.getuid()}" / digest
+
+
+def prepare_private_dir(folder: Path, mode: int = 0o700) -> Path:
+    """Create `folder` (and its parent) private to this account; a folder in /tmp that another
+    account made first is refused, not used."""
+    if folder.parent.parent == Path("/tmp"):
+        _own_private_folder(folder.parent, 0o700)
+    else:
+        st.private_dir(folder.parent)
+    _own_private_folder(folder, mode)
+    return folder
 
 
 def socket_path(name: str) -> Path:
@@ -204,12 +221,7 @@ def prepare_socket(name: str) -> Path:
     PortInUseError when something answers on the socket already (another engine of this name).
     A socket file left by an engine that is gone stays until `remove_socket` (an engine still
     loading has bound it without listening yet: only the runtime knows whether it is gone)."""
-    folder = socket_dir(name)
-    if folder.parent.parent == Path("/tmp"):
-        _own_private_folder(folder.parent, 0o700)
-    else:
-        st.private_dir(folder.parent)
-    _own_private_folder(folder, 0o2700)
+    folder = prepare_private_dir(socket_dir(name), 0o2700)
     path = folder / SOCKET_NAME
     if socket_answers(path):
         raise PortInUseError(

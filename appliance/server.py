@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse
 
 from appliance import web_guard
 from appliance.chat_service import ChatService, engine_view_from
-from appliance.errors import PortInUseError
+from appliance.control import ControlServer
+from appliance.errors import ApplianceError, PortInUseError
 from appliance.history import History
 from appliance.keys import ui_lan_active
 from appliance.login_guard import LoginGuard, tls_options
@@ -156,6 +157,20 @@ def _stop_engine(services: Services) -> None:
     supervisor.close()  # a real engine keeps serving and is adopted next time
 
 
+def _start_control(services: Services) -> ControlServer | None:
+    """The CLI's way in (appliance/control.py): from here on `step-station start/stop/status`
+    drive this service's supervisor instead of running their own."""
+    if services.supervisor is None:
+        return None
+    control = ControlServer(services.supervisor, services.settings)
+    try:
+        control.start()
+    except ApplianceError as err:
+        log.warning("the CLI cannot reach this service: %s", err)
+        return None
+    return control
+
+
 # ---- gateway: started after the UI's services, stopped before the engine (gateway owner) ----
 
 
@@ -182,12 +197,15 @@ def create_app(services: Services) -> FastAPI:
         del app
         services.history.open()
         await asyncio.to_thread(_start_engine, services)
+        control = _start_control(services)
         if services.sampler is not None:
             services.sampler.start()
         _start_gateway(services)
         try:
             yield
         finally:
+            if control is not None:
+                await asyncio.to_thread(control.stop)
             _stop_gateway(services)
             if services.sampler is not None:
                 services.sampler.stop()

@@ -1,7 +1,10 @@
 """`step-station pull | start | stop | restart | status | logs`: the engine from the terminal.
 
-Each command runs its own supervisor; the inter-process lock and the engine's Docker labels keep
-it in step with a running appliance (which adopts what the CLI starts, and sees what it stops).
+While the service (`step-station up`) runs, `start`, `stop`, `restart`, `status` and `logs` go to
+its supervisor over its private control socket (appliance/control.py): one owner of the engine,
+and the terminal sees what the pages see. Without a service, each command runs a supervisor of
+its own; the inter-process lock and the engine's Docker labels keep it in step with an appliance
+started later (which adopts what the CLI started).
 Progress: a bar redrawn in place on a terminal, plain lines otherwise.
 
 Exit codes (`status`): 0 ready or sleeping, 10 not running (absent/stopped), 11 in progress
@@ -20,6 +23,12 @@ from typing import Any, TextIO
 
 from appliance import endpoint
 from appliance import settings as st
+from appliance.control import (
+    EngineCommands,
+    ServiceSupervisor,
+    service_supervisor,
+    status_from_dict,
+)
 from appliance.engine import EngineState, EngineStatus, Supervisor
 from appliance.errors import EngineError
 
@@ -69,8 +78,12 @@ def _settings() -> st.Settings:
     return result.settings
 
 
-def _supervisor(args: argparse.Namespace) -> Supervisor:
+def _supervisor(args: argparse.Namespace) -> EngineCommands:
+    """The running service's supervisor when a service answers, else one of this process."""
     settings = _settings()
+    service = service_supervisor(settings)
+    if service is not None:
+        return service
     if getattr(args, "demo", False):
         return Supervisor.for_demo(settings, outside_poll_s=0)
     return Supervisor(settings, secrets=st.load_secrets(), outside_poll_s=0)
@@ -140,7 +153,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _follow(sup: Supervisor, until: Any, timeout_s: float) -> EngineStatus:
+def _follow(sup: EngineCommands, until: Any, timeout_s: float) -> EngineStatus:
     """Show progress until `until(status)` is true or the timeout passes."""
     progress = Progress()
     deadline = time.monotonic() + timeout_s
@@ -269,16 +282,22 @@ def _restart(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     sup = _supervisor(args)
     try:
-        status = sup.attach()
-        if args.json:
-            from appliance.engine.status_json import status_json
-
-            print(json.dumps(status_json(status, sup.settings, sup), indent=2, default=str))
+        if isinstance(sup, ServiceSupervisor):  # the service's own view, GPUs and host included
+            full = sup.full_status()
+            status = status_from_dict(full["json"])
+            data, lines = full["json"], list(full.get("lines") or [])
         else:
-            _print_status(status)
+            from appliance.engine.status_json import status_json
             from appliance.sampler import status_lines, status_sample
 
-            for line in status_lines(status_sample(sup.settings, sup)):
+            status = sup.attach()
+            data = status_json(status, sup.settings, sup) if args.json else {}
+            lines = [] if args.json else status_lines(status_sample(sup.settings, sup))
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            _print_status(status)
+            for line in lines:
                 print(line)
     finally:
         sup.close()

@@ -1,0 +1,398 @@
+"""The service's control channel: while `step-station up` runs, the CLI asks it, not the engine.
+
+One supervisor owns the engine. Before this channel, `step-station start` in a terminal ran a
+supervisor of its own beside the service's; the two agreed through a lock, labels and a re-check
+every few seconds, so the terminal could say "ready" while the page still said "starting". Now the
+service listens on a Unix socket private to its user and the engine verbs of the CLI (`start`,
+`stop`, `restart`, `status`, `logs`) go there: the terminal, `/healthz` and every open page read the
+same supervisor at the same moment. Without a running service the CLI runs a supervisor itself,
+as before (Ollama's and LM Studio's CLIs talk to their running server the same way).
+
+The socket: `<data>/control/control.sock` (or a private `/tmp/step-station-<uid>/` folder when
+that path is too long for a socket address; see appliance/endpoint.py), folder 0700, socket
+0600: only the owner's account can connect, so no other local user drives the engine through it.
+
+The protocol is small HTTP/1.0 with JSON bodies, served by the stdlib on threads of its own (a
+slow stop never blocks the UI's event loop):
+
+    GET  /status                       {"status": EngineStatus.to_dict()}
+    GET  /status?since=V&timeout=S     the same, once the version moved past V (long poll)
+    GET  /status/full                  {"json": status --json's object, "lines": the text lines}
+    POST /start   {"profile": P|null}  {"status": ...} (returns at once; poll /status)
+    POST /stop                         {"status": ...} (returns when stopped)
+    GET  /logs?follow=0|1              the engine's log, one line per line, until the end
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from appliance import endpoint
+from appliance import settings as st
+from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
+from appliance.errors import ApplianceError, EngineError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+LONG_POLL_MAX_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class EngineCommands(Protocol):
+    """What the CLI asks of the engine's owner: the service's supervisor through the socket
+    (ServiceSupervisor) or a Supervisor of the CLI's own."""
+
+    settings: st.Settings
+
+    def status(self) -> EngineStatus: ...
+
+    def attach(self) -> EngineStatus: ...
+
+    def start(self, profile: str | None = None) -> EngineStatus: ...
+
+    def stop(self, timeout_s: float | None = None) -> EngineStatus: ...
+
+    def wait_for_change(self, since_version: int, timeout_s: float) -> EngineStatus: ...
+
+    def iter_logs(self, *, follow: bool, stop: threading.Event | None = None) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
+def socket_path() -> Path:
+    return endpoint.private_socket_dir("control", "service") / SOCKET_NAME
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    supervisor: Any
+    settings: st.Settings
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("control: " + format, *args)
+
+    # http.server passes a Unix socket's peer address as "" or a path: keep the log readable
+    def address_string(self) -> str:
+        return "control"
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, err: Exception) -> None:
+        if isinstance(err, ApplianceError):
+            payload = {"error": err.message, "hint": err.hint, "exit_code": err.exit_code}
+        else:
+            log.exception("control request failed")
+            payload = {"error": f"{type(err).__name__}: {err}", "hint": "", "exit_code": 1}
+        self._send(500, payload)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return {}
+        data = json.loads(self.rfile.read(min(length, 65536)))
+        return data if isinstance(data, dict) else {}
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        sup = self.server.supervisor
+        try:
+            if url.path == "/status":
+                if "since" in query:
+                    timeout = min(float(query.get("timeout", "10")), LONG_POLL_MAX_S)
+                    status = sup.wait_for_change(int(query["since"]), timeout)
+                else:
+                    status = sup.status()
+                self._send(200, {"status": status.to_dict()})
+            elif url.path == "/status/full":
+                self._send(200, _full_status(self.server.settings, sup))
+            elif url.path == "/logs":
+                self._stream_logs(follow=query.get("follow") == "1")
+            else:
+                self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
+        except (ApplianceError, ValueError, OSError) as err:
+            self._error(err)
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        url = urlsplit(self.path)
+        sup = self.server.supervisor
+        try:
+            body = self._body()
+            if url.path == "/start":
+                profile = body.get("profile")
+                status = sup.start(str(profile) if profile else None)
+            elif url.path == "/stop":
+                status = sup.stop()
+            else:
+                self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
+                return
+            self._send(200, {"status": status.to_dict()})
+        except (ApplianceError, ValueError, OSError) as err:
+            self._error(err)
+
+    def _stream_logs(self, *, follow: bool) -> None:
+        stop = threading.Event()
+        lines = self.server.supervisor.iter_logs(follow=follow, stop=stop)
+        try:
+            first = next(lines, None)
+        except ApplianceError as err:
+            self._error(err)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.end_headers()
+        try:
+            if first is not None:
+                self.wfile.write(first.rstrip("\n").encode() + b"\n")
+                self.wfile.flush()
+            for line in lines:
+                self.wfile.write(line.rstrip("\n").encode() + b"\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the terminal went away (Ctrl-C on `logs -f`)
+        finally:
+            stop.set()
+
+
+def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
+    from appliance.engine.status_json import status_json
+    from appliance.sampler import status_lines, status_sample
+
+    status = supervisor.status()
+    lines: list[str] = []
+    with contextlib.suppress(ApplianceError, OSError, ValueError):
+        lines = status_lines(status_sample(settings, supervisor))
+    return {"json": status_json(status, settings, supervisor), "lines": lines}
+
+
+class ControlServer:
+    """The service's end: serves the supervisor on the private socket from a thread."""
+
+    def __init__(self, supervisor: Any, settings: st.Settings) -> None:
+        self.supervisor = supervisor
+        self.settings = settings
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.path: Path | None = None
+
+    def start(self) -> Path:
+        path = socket_path()
+        endpoint.prepare_private_dir(path.parent)
+        if _answers(path):
+            raise EngineError(
+                f"Another Step Station service already answers on {path}.",
+                hint="Stop it first (`systemctl --user stop step-station`), or use that one.",
+            )
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by a service that is gone
+        old = os.umask(0o177)  # the socket is born 0600: no moment when others may connect
+        try:
+            server = _Server(str(path), _Handler)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        server.supervisor = self.supervisor
+        server.settings = self.settings
+        self._server = server
+        self.path = path
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="control", daemon=True
+        )
+        self._thread.start()
+        return path
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _answers(path: Path) -> bool:
+    try:
+        return endpoint.socket_answers(path)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ the client
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("control", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _error_classes(base: type[ApplianceError] = ApplianceError) -> list[type[ApplianceError]]:
+    found: list[type[ApplianceError]] = []
+    for sub in base.__subclasses__():
+        found += [sub, *_error_classes(sub)]
+    return found
+
+
+def _error_from(data: dict[str, Any], status: int) -> ApplianceError:
+    """The service's error as the same kind of error here (so the CLI's exit code matches)."""
+    code = int(data.get("exit_code") or EngineError.exit_code)
+    kind = next((c for c in _error_classes() if c.exit_code == code), EngineError)
+    return kind(str(data.get("error") or f"HTTP {status}"), hint=str(data.get("hint") or ""))
+
+
+def status_from_dict(data: dict[str, Any]) -> EngineStatus:
+    """The inverse of `EngineStatus.to_dict()`."""
+    progress = data.get("progress")
+    return EngineStatus(
+        state=EngineState(data.get("state", "absent")),
+        phase=str(data.get("phase", "")),
+        phases=[
+            PhaseRecord(
+                name=p["name"],
+                started_at=float(p.get("started_at") or 0.0),
+                elapsed_s=float(p.get("elapsed_s") or 0.0),
+                done=bool(p.get("done")),
+                detail=str(p.get("detail") or ""),
+            )
+            for p in data.get("phases") or []
+        ],
+        profile=str(data.get("profile", "")),
+        runtime=str(data.get("runtime", "")),
+        container_id=str(data.get("container_id", "")),
+        container_name=str(data.get("container_name", "")),
+        engine_url=str(data.get("engine_url", "")),
+        served_model_name=str(data.get("served_model_name", "")),
+        message=str(data.get("message", "")),
+        progress=(int(progress[0]), int(progress[1])) if progress else None,
+        log_tail=list(data.get("log_tail") or []),
+        started_at=data.get("started_at"),
+        ready_at=data.get("ready_at"),
+        exit_code=data.get("exit_code"),
+        oom=bool(data.get("oom")),
+        restart_needed=bool(data.get("restart_needed")),
+        retry_note=str(data.get("retry_note", "")),
+        notes=list(data.get("notes") or []),
+        effective=dict(data.get("effective") or {}),
+        version=int(data.get("version") or 0),
+    )
+
+
+class ServiceSupervisor:
+    """The CLI's handle on the running service's supervisor: the calls the CLI makes on a local
+    Supervisor (attach, start, stop, status, wait_for_change, iter_logs), sent over the socket."""
+
+    remote = True
+
+    def __init__(self, path: Path, settings: st.Settings) -> None:
+        self.path = path
+        self.settings = settings
+
+    def _call(
+        self, method: str, route: str, body: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        conn = _UnixConnection(str(self.path), timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, route, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = json.loads(response.read() or b"{}")
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise EngineError(
+                f"The Step Station service stopped answering on {self.path} ({err}).",
+                hint="`systemctl --user status step-station` shows why; the command works "
+                "without the service too.",
+            ) from err
+        finally:
+            conn.close()
+        if not isinstance(data, dict):
+            raise EngineError(f"The Step Station service answered {data!r}.")
+        if response.status != 200:
+            raise _error_from(data, response.status)
+        return data
+
+    def status(self) -> EngineStatus:
+        return status_from_dict(self._call("GET", "/status")["status"])
+
+    def attach(self) -> EngineStatus:
+        return self.status()  # the service attached when it started
+
+    def wait_for_change(self, since_version: int, timeout_s: float) -> EngineStatus:
+        timeout = min(max(timeout_s, 0.0), LONG_POLL_MAX_S)
+        route = f"/status?since={since_version}&timeout={timeout}"
+        return status_from_dict(self._call("GET", route, timeout=timeout + 30)["status"])
+
+    def start(self, profile: str | None = None) -> EngineStatus:
+        return status_from_dict(self._call("POST", "/start", {"profile": profile})["status"])
+
+    def stop(self, timeout_s: float | None = None) -> EngineStatus:
+        del timeout_s  # the service's own engine.stop_timeout_s applies
+        wait = float(self.settings.engine.stop_timeout_s) + 120
+        return status_from_dict(self._call("POST", "/stop", {}, timeout=wait)["status"])
+
+    def full_status(self) -> dict[str, Any]:
+        return self._call("GET", "/status/full", timeout=60)
+
+    def iter_logs(self, *, follow: bool, stop: threading.Event | None = None) -> Iterator[str]:
+        conn = _UnixConnection(str(self.path), None if follow else 60.0)  # type: ignore[arg-type]
+        try:
+            conn.request("GET", f"/logs?follow={int(follow)}")
+            response = conn.getresponse()
+            if response.status != 200:
+                raise _error_from(json.loads(response.read() or b"{}"), response.status)
+            while stop is None or not stop.is_set():
+                line = response.readline()
+                if not line:
+                    return
+                yield line.decode(errors="replace").rstrip("\n")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        return None
+
+
+def service_supervisor(settings: st.Settings) -> ServiceSupervisor | None:
+    """A handle on the running service's supervisor, or None when no service answers."""
+    try:
+        path = socket_path()
+    except ApplianceError:
+        return None
+    if not _answers(path):
+        return None
+    return ServiceSupervisor(path, settings)
