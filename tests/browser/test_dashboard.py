@@ -15,6 +15,8 @@ from pathlib import Path
 from openai import OpenAI
 from playwright.sync_api import expect
 
+from appliance import endpoint
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_NVML = Path(__file__).with_name("fake_nvml")
 DOCS_IMG = REPO / "docs" / "img"
@@ -56,7 +58,7 @@ def chat_load(
     engine_url: str, api_key: str, requests: int = 2, max_tokens: int = 700
 ) -> threading.Thread:
     def run() -> None:
-        client = OpenAI(base_url=f"{engine_url}/v1", api_key=api_key)
+        client = OpenAI(**endpoint.openai_kwargs(engine_url), api_key=api_key)  # its socket
 
         def one() -> None:
             stream = client.chat.completions.create(
