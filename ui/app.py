@@ -24,7 +24,8 @@ TAB_IDS = ("chat", "model", "dashboard", "sharing")
 
 
 def build_ui(services: Any) -> gr.Blocks:
-    with gr.Blocks(title="Step Station", analytics_enabled=False, fill_width=True) as blocks:
+    blocks = gr.Blocks(title="Step Station", analytics_enabled=False, fill_width=True)
+    with blocks:
         with gr.Tabs(selected="chat", elem_id="tabs") as tabs:
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_tab = chat.build(services)
@@ -58,7 +59,7 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
     blocks = build_ui(services)
     chat.image_folder().mkdir(parents=True, exist_ok=True)
     chat.export_folder().mkdir(parents=True, exist_ok=True)
-    return gr.mount_gradio_app(
+    mounted: FastAPI = gr.mount_gradio_app(
         app,
         blocks,
         path="/",
@@ -76,6 +77,7 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
         show_error=True,
         **_owner_login(services),
     )
+    return mounted
 
 
 def _owner_login(services: Any) -> dict[str, Any]:

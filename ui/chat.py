@@ -22,7 +22,7 @@ from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import cache_dir, private_dir, write_private
 from ui import chat_render as render
 
-LATEX = [
+LATEX: list[dict[str, str | bool]] = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "\\(", "right": "\\)", "display": False},
@@ -280,7 +280,7 @@ def build(services: Any) -> ChatTab:
             # what is never sent is removed at the next start (settings.private_runtime).
             raise gr.Error(str(err), title="Not sent", print_exception=False) from err
         discard_uploads(files)
-        return turn.conversation_id
+        return str(turn.conversation_id)
 
     def on_sent(conversation_id: str, lvl: str, query: str) -> tuple[Any, ...]:
         view = rendered(conversation_id)
@@ -445,7 +445,7 @@ def build(services: Any) -> ChatTab:
         markdown = fmt == "Markdown"
         text = svc.history.export_markdown(which) if markdown else svc.history.export_json(which)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = "all-conversations" if everything else f"conversation-{conversation_id[:8]}"
+        name = "all-conversations" if everything else f"conversation-{(conversation_id or '')[:8]}"
         folder = private_dir(export_folder())
         path = folder / f"step-station-{name}-{stamp}.{'md' if markdown else 'json'}"
         write_private(path, text)  # 0600: an export is the whole chat
@@ -462,7 +462,7 @@ def build(services: Any) -> ChatTab:
 
     # ----------------------------------------------------------------------------- wiring
     stream_outputs = [chatbot, positions, kinds, live, context_md]
-    chat_events = {"concurrency_limit": None, "show_progress": "hidden"}
+    chat_events: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
 
     sent = textbox.submit(
         on_submit, [textbox, conversation, *sampling], [conversation], **chat_events

@@ -107,7 +107,7 @@ def block_remote_images(text: str) -> str:
         else:
             out.append(line)
             closing = match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence)
-            if closing and not match.group(2).strip():
+            if match and closing and not match.group(2).strip():
                 fence = None
     out.append(_prose(prose))
     return "".join(out)
