@@ -283,7 +283,8 @@ reply = json.load(urllib.request.urlopen(req, timeout=30))
 print("reply", reply["usage"]["completion_tokens"])
 """
     try:
-        _, out = box.sh(f"python3 - <<'EOF'\n{probe}\nEOF")
+        code, out = box.sh(f"python3 - <<'EOF'\n{probe}\nEOF", check=False)
+        assert code == 0, f"{out[-3000:]}\n-- /tmp/up.log:\n{box.read('/tmp/up.log')[-6000:]}"
         assert "health (200, {'ok': True, 'demo': True, 'engine': 'ready'})" in out, out
         assert re.search(r"reply [1-9]", out), out
         assert "Step Station is up at http://127.0.0.1:7860/" in box.read("/tmp/up.log")

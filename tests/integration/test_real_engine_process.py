@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
@@ -45,7 +45,7 @@ from fixtures.realvllm import (
 from fixtures.sim import free_port
 from gateway_kit import start_gateway, wait_until
 
-from appliance import chat
+from appliance import chat, endpoint
 from appliance import history as hist
 from appliance import settings as st
 from appliance.chat_service import ChatService, engine_view_from
@@ -215,8 +215,14 @@ def test_start_shows_the_real_phases_in_order(rig: Rig) -> None:
 
 def test_chat_through_the_sdk_and_the_gateway(rig: Rig) -> None:
     settings = rig.ready()
+    # the engine on its private socket (`vllm serve --uds`), as the appliance runs it
+    assert rig.sup.engine_url == endpoint.socket_url(
+        endpoint.socket_path(rig.sup.settings.engine.container_name)
+    )
     direct = openai.OpenAI(
-        base_url=f"{rig.sup.engine_url}/v1", api_key=rig.sup.engine_api_key, max_retries=0
+        **endpoint.openai_kwargs(rig.sup.engine_url),
+        api_key=rig.sup.engine_api_key,
+        max_retries=0,
     )
     reply = direct.chat.completions.create(
         model=rig.sup.served_model_name,
@@ -268,7 +274,7 @@ def test_idle_sleep_waits_for_a_running_answer_on_real_vllm(rig: Rig) -> None:
 
         rig.clock.skip(IDLE_S + 1)
         assert wait_until(lambda: rig.sup.status().state == EngineState.SLEEPING, 60)
-        sleeping = httpx.get(f"{rig.sup.engine_url}/is_sleeping", timeout=10).json()
+        sleeping = endpoint.request("GET", f"{rig.sup.engine_url}/is_sleeping", 10.0).json()
         assert sleeping == {"is_sleeping": True}
 
         async def browser_chat() -> chat.Reply:
@@ -309,6 +315,11 @@ def test_kill_of_the_engine_core_is_a_crash_with_the_log_tail(
     assert status.exit_code == 0, status.message  # the API server's own exit, not ours
     assert any("EngineCore" in line or "Engine core" in line for line in status.log_tail)
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    # vLLM never unlinks its socket: the file stays, nothing answers on it (the next start
+    # removes it before vLLM binds again)
+    path = endpoint.socket_path(rig.sup.settings.engine.container_name)
+    assert path.is_socket()
+    assert not endpoint.socket_answers(path)
 
     def group_left() -> list[int]:  # vLLM's worker outlives its killed core unless cleaned up
         left = []
@@ -323,13 +334,39 @@ def test_kill_of_the_engine_core_is_a_crash_with_the_log_tail(
     assert wait_until(lambda: not group_left(), 60), group_left()
 
 
-def test_start_after_a_crash_and_stop_frees_the_port(rig: Rig) -> None:
-    settings = rig.ready()
+def test_start_after_a_crash_and_stop_removes_the_socket(rig: Rig) -> None:
+    settings = rig.ready()  # over the socket file the crashed engine left
     assert rig.sup.status().state == EngineState.READY
-    assert not port_is_free(settings.engine.host, settings.engine.port)
+    path = endpoint.socket_path(settings.engine.container_name)
+    assert endpoint.socket_answers(path)
+    # the socket's folder: only the appliance's account may enter it (setgid: see endpoint.py)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o2700
+    assert port_is_free(settings.engine.host, settings.engine.port)  # no TCP port at all
     stopped = rig.sup.stop()
     assert stopped.state == EngineState.STOPPED
-    assert port_is_free(settings.engine.host, settings.engine.port)
-    with socket.socket() as probe:  # nothing listens there any more
-        assert probe.connect_ex((settings.engine.host, settings.engine.port)) != 0
+    assert not endpoint.socket_answers(path)
+    assert not path.exists()
     assert rig.runtime.find(settings.engine.container_name) is None  # pid file gone
+
+
+def test_tcp_listen_serves_on_the_port_and_stop_frees_it(rig: Rig) -> None:
+    """engine.listen = "tcp": real vLLM on 127.0.0.1:engine.port, no socket."""
+    settings = rig.sup.settings
+    settings.engine.listen = "tcp"
+    try:
+        rig.ready()
+        assert rig.sup.engine_url == f"http://127.0.0.1:{settings.engine.port}"
+        assert not port_is_free(settings.engine.host, settings.engine.port)
+        assert not endpoint.socket_path(settings.engine.container_name).exists()
+        direct = openai.OpenAI(
+            base_url=f"{rig.sup.engine_url}/v1", api_key=rig.sup.engine_api_key, max_retries=0
+        )
+        assert direct.models.list(timeout=60).data[0].id == rig.sup.served_model_name
+        stopped = rig.sup.stop()
+        assert stopped.state == EngineState.STOPPED
+        assert port_is_free(settings.engine.host, settings.engine.port)
+        with socket.socket() as probe:  # nothing listens there any more
+            assert probe.connect_ex((settings.engine.host, settings.engine.port)) != 0
+        assert rig.runtime.find(settings.engine.container_name) is None  # pid file gone
+    finally:
+        settings.engine.listen = "socket"
