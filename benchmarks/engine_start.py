@@ -6,8 +6,9 @@ For the Docker runtime (the simulator image from the local registry) and the pro
 - start: click (Supervisor.start) to READY, and the bare engine's own time to /health 200
   (`docker run` / a subprocess, polled every 10 ms); appliance overhead = click-to-ready minus the
   simulator's configured load time, and minus the bare engine's time;
-- stop: Supervisor.stop() until the port is free and the container is gone (Docker frees the GPU
-  when the container's processes exit);
+- stop: Supervisor.stop() until nothing answers on the engine's socket (or port, with
+  engine.listen = tcp) and the container is gone (Docker frees the GPU when the container's
+  processes exit);
 - adoption: a fresh supervisor's attach() to READY on a running engine (the "restart after kill
   -9" case);
 - crash detection: the container's FinishedAt to the supervisor reporting FAILED.
@@ -29,12 +30,14 @@ from pathlib import Path
 
 import docker
 import httpx
+from docker.types import Mount
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import free_port, write_section  # noqa: E402
 
+from appliance import endpoint  # noqa: E402
 from appliance import settings as st  # noqa: E402
 from appliance.engine import EngineState, Supervisor  # noqa: E402
 from appliance.engine.docker_runtime import parse_docker_time  # noqa: E402
@@ -61,11 +64,12 @@ def supervisor(s: st.Settings, demo: bool) -> Supervisor:
 
 
 def wait_health(url: str, timeout: float = 120.0) -> float:
+    """Poll /health on the engine's socket (or TCP URL) until 200."""
     began = time.monotonic()
-    with httpx.Client(timeout=0.5) as client:  # one client: polling must not eat the CPU
+    with endpoint.client(url, timeout=0.5) as client:  # one client: polling must not eat the CPU
         while time.monotonic() - began < timeout:
             try:
-                if client.get(f"{url}/health").status_code == 200:
+                if client.get("/health").status_code == 200:
                     return time.monotonic() - began
             except httpx.HTTPError:
                 pass
@@ -73,9 +77,19 @@ def wait_health(url: str, timeout: float = 120.0) -> float:
     raise RuntimeError(f"{url} not ready")
 
 
+def engine_gone(s: st.Settings) -> bool:
+    """Nothing answers where the engine listened: its socket, or its port with listen = tcp."""
+    if endpoint.uses_socket(s.engine):
+        return not endpoint.socket_answers(endpoint.socket_path(s.engine.container_name))
+    return port_is_free("127.0.0.1", s.engine.port)
+
+
 def bare_docker(dk, load_s: float) -> float:
+    """The same engine by `docker run`: its socket folder mounted, the same network."""
     s = settings_for("docker")
     spec = launch_spec_for(s, secrets=st.Secrets(), download_weights=False)
+    endpoint.prepare_socket(s.engine.container_name)
+    endpoint.remove_socket(s.engine.container_name)
     began = time.monotonic()
     container = dk.containers.run(
         SIM_IMAGE,
@@ -83,18 +97,22 @@ def bare_docker(dk, load_s: float) -> float:
         detach=True,
         name=s.engine.container_name,
         environment={"STEP_SIM_LOAD_S": str(load_s)},
-        ports={f"{s.engine.port}/tcp": ("127.0.0.1", s.engine.port)},
+        network_mode=spec.container_network,
+        mounts=[Mount(endpoint.CONTAINER_SOCKET_DIR, spec.socket_dir, type="bind")],
     )
     try:
         wait_health(spec.engine_url)
         return time.monotonic() - began
     finally:
         container.remove(force=True)
+        endpoint.remove_socket(s.engine.container_name)
 
 
 def bare_process(load_s: float) -> float:
     s = settings_for("process")
     spec = launch_spec_for(s, secrets=st.Secrets(), demo=True, download_weights=False)
+    endpoint.prepare_socket(s.engine.container_name)
+    endpoint.remove_socket(s.engine.container_name)
     began = time.monotonic()
     proc = subprocess.Popen(
         [*spec.executable, *spec.args],
@@ -108,6 +126,7 @@ def bare_process(load_s: float) -> float:
     finally:
         proc.terminate()
         proc.wait(10)
+        endpoint.remove_socket(s.engine.container_name)
 
 
 def managed(runtime: str, runs: int, bare: Callable[[], float]) -> dict[str, list[float]]:
@@ -129,9 +148,7 @@ def managed(runtime: str, runs: int, bare: Callable[[], float]) -> dict[str, lis
         other.close()
         began = time.monotonic()
         sup.stop()
-        while not port_is_free("127.0.0.1", s.engine.port) or sup.runtime.find(
-            s.engine.container_name
-        ):
+        while not engine_gone(s) or sup.runtime.find(s.engine.container_name):
             time.sleep(0.005)
         out["stop"].append(time.monotonic() - began)
         sup.close()
@@ -203,7 +220,7 @@ def main() -> int:
         "differences below the spread are noise.",
         "",
         "| runtime | bare engine to ready | click to ready | overhead vs load time | "
-        "overhead vs bare | ratio click/bare | stop to port free + container gone | "
+        "overhead vs bare | ratio click/bare | stop to socket closed + container gone | "
         "attach() to ready (adopt) |",
         "|---|---|---|---|---|---|---|---|",
     ]
