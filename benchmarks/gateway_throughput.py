@@ -10,7 +10,9 @@ the engine reports) and the median time to first token. Prints each round and th
     median TTFT through the gateway - direct (goal < 5 ms)
 
 The client is a small raw-asyncio HTTP/1.1 client (keep-alive, chunked), so it costs the same
-in both arms and little CPU. Everything binds to 127.0.0.1.
+in both arms and little CPU. The simulator listens on a private Unix socket, as the appliance's
+engine does (`vllm serve --uds`, appliance/endpoint.py): the direct arm dials that socket, the
+gateway's upstream too; the gateway binds 127.0.0.1.
 
 Usage: .venv/bin/python benchmarks/gateway_throughput.py [--streams 64] [--rate 350]
        [--tokens 512] [--requests 3] [--rounds 3] [--engine-url URL --gateway-url URL]
@@ -24,9 +26,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,10 @@ import httpx
 from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance import endpoint  # noqa: E402
+
 MODEL = "step3p7-flash"
 _TOKEN_EVENT = re.compile(rb'"(?:content|reasoning|reasoning_content|text)":\s*"[^"]')
 _USAGE_EVENT = re.compile(rb'"choices":\s*\[\]')
@@ -58,7 +66,8 @@ class Connection:
     """One keep-alive HTTP/1.1 connection that sends a POST and reads a (chunked) SSE reply."""
 
     def __init__(self, url: str, key: str = "") -> None:
-        parts = urlsplit(url)
+        self.uds, http_url = endpoint.split(url)  # the engine's socket URL, or a TCP one
+        parts = urlsplit(http_url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.key = key
@@ -67,7 +76,10 @@ class Connection:
 
     async def _open(self) -> None:
         if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            if self.uds:
+                self.reader, self.writer = await asyncio.open_unix_connection(self.uds)
+            else:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -185,7 +197,7 @@ async def run_round(
     arm: str, url: str, key: str, streams: int, requests: int, tokens: int
 ) -> Round:
     result = Round(arm)
-    path = urlsplit(url).path.rstrip("/") + "/chat/completions"
+    path = _path(url) + "/chat/completions"
 
     async def worker() -> None:
         conn = Connection(url, key)
@@ -211,8 +223,13 @@ async def run_round(
     return result
 
 
+def _path(url: str) -> str:
+    """The URL's path (`/v1`), for a socket URL too."""
+    return urlsplit(endpoint.split(url)[1]).path.rstrip("/")
+
+
 async def idle_ttft(url: str, key: str, samples: int) -> list[float]:
-    path = urlsplit(url).path.rstrip("/") + "/chat/completions"
+    path = _path(url) + "/chat/completions"
     conn = Connection(url, key)
     out = []
     try:
@@ -232,7 +249,7 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1, trust_env=False).status_code < 500:
+            if endpoint.request("GET", url, 1.0).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
@@ -242,7 +259,8 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
 
 @contextlib.contextmanager
 def started_stack(rate: float, ttft_ms: float, max_seqs: int):
-    """Simulator + gateway processes on loopback; yields (engine_url, gateway_url, pids)."""
+    """Simulator (on its socket) + gateway (on loopback) processes; yields (engine_url,
+    gateway_url, pids)."""
     env = dict(os.environ)
     env.update(
         STEP_SIM_LOAD_S="0",
@@ -250,19 +268,21 @@ def started_stack(rate: float, ttft_ms: float, max_seqs: int):
         STEP_SIM_TTFT_MS=str(ttft_ms),
         STEP_STATION_HOME=env.get("STEP_STATION_HOME", "/tmp/step-station-bench"),
     )
-    sim_port, gw_port = free_port(), free_port()
+    gw_port = free_port()
+    folder = tempfile.mkdtemp(prefix="ssbench-sock-")  # 0700, as the appliance's socket folder
+    sim_socket = f"{folder}/{endpoint.SOCKET_NAME}"
     procs = []
     try:
         sim = subprocess.Popen(
             [sys.executable, "-m", "appliance.simulator", "stepfun-ai/Step-3.7-Flash-FP8",
-             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(sim_port),
+             "--served-model-name", MODEL, "--uds", sim_socket,
              "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.95",
              "--kv-cache-dtype", "fp8", "--reasoning-parser", "step3p5",
              "--max-num-seqs", str(max_seqs)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(sim)
-        engine_url = f"http://127.0.0.1:{sim_port}"
+        engine_url = endpoint.socket_url(sim_socket)
         wait_http(f"{engine_url}/health")
         gw = subprocess.Popen(
             [sys.executable, "-m", "appliance.gateway", "--engine-url", engine_url,
@@ -281,6 +301,7 @@ def started_stack(rate: float, ttft_ms: float, max_seqs: int):
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:
