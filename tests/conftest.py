@@ -25,3 +25,43 @@ def station_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_flags_c
     monkeypatch.setenv("STEP_STATION_HOME", str(home))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     return home
+
+
+# ----------------------------------------------- no test writes into the repository's own files
+
+REPO = Path(__file__).resolve().parents[1]
+_TRACKED_BEFORE: dict[str, str] = {}
+
+
+def _tracked_changes() -> str:
+    """`git status` of tracked files (modified or deleted), "" outside a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    del session
+    _TRACKED_BEFORE["status"] = _tracked_changes()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """On a clean checkout (CI), a run that changed tracked files fails: tests write into their own
+    temporary folders (screenshots too: scripts/screenshots.sh is the one way into docs/img)."""
+    before = _TRACKED_BEFORE.get("status")
+    if before != "" or exitstatus not in (0, 1):
+        return  # a working tree with edits of its own (a developer's): nothing to compare
+    after = _tracked_changes()
+    if after:
+        print(f"\nThe test run changed tracked files of the repository:\n{after}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,6 @@ from typing import Any
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / "docs" / "img"
 
 INPUT = "#chat-input textarea"
 FILE_INPUT = "#chat-input input[type=file]"
@@ -114,8 +115,19 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> fl
     return time.monotonic() - start
 
 
-def screenshot(page: Any, name: str) -> Path:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / name
-    page.screenshot(path=str(path))
+def screenshot_dir() -> Path:
+    """Where the browser tests put the README's screenshots: docs/img only when
+    `scripts/screenshots.sh` asks (STEP_SCREENSHOTS); a plain test run never writes into tracked
+    files, so its pictures go to a temporary folder."""
+    chosen = os.environ.get("STEP_SCREENSHOTS")
+    if chosen:
+        return Path(chosen)
+    return Path(tempfile.gettempdir()) / f"step-station-screenshots-{os.getuid()}"
+
+
+def screenshot(page: Any, name: str, *, full_page: bool = False) -> Path:
+    folder = screenshot_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    page.screenshot(path=str(path), full_page=full_page)
     return path

@@ -12,6 +12,7 @@ import re
 import threading
 from pathlib import Path
 
+from chat_page import screenshot
 from openai import OpenAI
 from playwright.sync_api import expect
 
@@ -19,7 +20,6 @@ from appliance import endpoint
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_NVML = Path(__file__).with_name("fake_nvml")
-DOCS_IMG = REPO / "docs" / "img"
 FAKE_GPU_ENV = {"PYTHONPATH": str(FAKE_NVML), "STEP_FAKE_NVML": "gb300"}
 
 TICK_IDS_JS = """(elemId) => {
@@ -128,9 +128,8 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(page.locator("#ss-plot-tokens")).to_be_visible(timeout=15_000)
     expect(page.locator("#ss-plot-kv")).to_be_visible()
     expect(page.locator("#ss-plot-memory")).to_be_visible()
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(5500)  # one more plot refresh with the traffic in it
-    page.screenshot(path=str(DOCS_IMG / "dashboard.png"), full_page=True)
+    screenshot(page, "dashboard.png", full_page=True)
     load.join(60)
     expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
     expect(field(page, "requests-running")).to_have_text("0", timeout=20_000)

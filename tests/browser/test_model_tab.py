@@ -17,6 +17,7 @@ from pathlib import Path
 
 import docker.errors
 import pytest
+from chat_page import screenshot
 from playwright.sync_api import expect
 
 from appliance.engine import phases
@@ -24,7 +25,6 @@ from appliance.engine import phases
 pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS_IMG = REPO / "docs" / "img"
 LABEL_NAME = "io.step-station.name"
 PAD_BYTES = 24_000_000  # the fresh image layer the pull has to fetch
 # A simulated GB300 (NVML cannot run here; tests/gpu/ covers the real one), see fake_nvml/.
@@ -146,8 +146,7 @@ def test_start_from_the_page_walks_the_timeline_then_stop(
             if text.startswith("Ready in"):
                 break
         if not shot and "active" in seen.get(phases.LOADING_WEIGHTS, set()):
-            DOCS_IMG.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(DOCS_IMG / "model-starting.png"), full_page=True)
+            screenshot(page, "model-starting.png", full_page=True)
             shot = True
         page.wait_for_timeout(200)
     else:
@@ -178,7 +177,7 @@ def test_start_from_the_page_walks_the_timeline_then_stop(
     )
     expect(button).to_have_text("Stop")
     assert len(containers(docker_client, engine_name)) == 1
-    page.screenshot(path=str(DOCS_IMG / "model-ready.png"), full_page=True)
+    screenshot(page, "model-ready.png", full_page=True)
 
     button.click()
     expect(button).to_have_text("Start", timeout=60_000)
@@ -208,8 +207,7 @@ def test_forced_failure_shows_reason_what_to_do_and_log_tail(
     # The supervisor retried once with safer settings before giving up, and the page says so.
     expect(page.locator("#ss-timeline")).to_contain_text("Retried once with")
     expect(button).to_have_text("Start")
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(DOCS_IMG / "model-failed.png"), full_page=True)
+    screenshot(page, "model-failed.png", full_page=True)
 
 
 def test_two_pages_clicking_start_at_once_start_one_engine(
