@@ -1,11 +1,12 @@
 """Gateway load: 200 concurrent streaming clients for 60 s, no errors, memory flat.
 
-Starts the simulator and the gateway (`python -m appliance.gateway --require-key`, its own
-process, loopback only) with a fresh key, then runs N clients that stream chat completions back
-to back for D seconds. One request in ten is dropped by its client after a few events (that
-request must end in the engine too). Samples the gateway's RSS and open file descriptors every
-second. Prints requests, tokens, errors, the RSS curve (after a warm-up), and, after the load,
-the engine's running-request gauge (must return to 0) and the gateway's descriptors.
+Starts the simulator (on a private Unix socket, as the appliance's engine) and the gateway
+(`python -m appliance.gateway --require-key`, its own process, loopback only) with a fresh key,
+then runs N clients that stream chat completions back to back for D seconds. One request in ten
+is dropped by its client after a few events (that request must end in the engine too). Samples
+the gateway's RSS and open file descriptors every second. Prints requests, tokens, errors, the
+RSS curve (after a warm-up), and, after the load, the engine's running-request gauge (must
+return to 0) and the gateway's descriptors.
 
 Usage: .venv/bin/python benchmarks/gateway_load.py [--clients 200] [--seconds 60] [--rate 50]
 """
@@ -23,18 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 from gateway_throughput import MODEL, ROOT, Connection, free_port, wait_http
 
+from appliance import endpoint
 from appliance.keys import KeyStore
 
 
 def running_gauge(engine_url: str) -> float:
-    with urllib.request.urlopen(f"{engine_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = endpoint.request("GET", f"{engine_url}/metrics", 5.0).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -126,19 +126,20 @@ def main() -> int:
     )
     os.environ["STEP_STATION_HOME"] = home
     key = KeyStore().create("load-test").secret
-    sim_port, gw_port = free_port(), free_port()
+    gw_port = free_port()
+    sim_socket = f"{tempfile.mkdtemp(prefix='ssload-sock-')}/{endpoint.SOCKET_NAME}"
     procs: list[subprocess.Popen] = []
     try:
         sim = subprocess.Popen(
             [sys.executable, "-m", "appliance.simulator", "stepfun-ai/Step-3.7-Flash-FP8",
-             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(sim_port),
+             "--served-model-name", MODEL, "--uds", sim_socket,
              "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.95",
              "--kv-cache-dtype", "fp8", "--reasoning-parser", "step3p5",
              "--max-num-seqs", str(max(256, args.clients))],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(sim)
-        engine_url = f"http://127.0.0.1:{sim_port}"
+        engine_url = endpoint.socket_url(sim_socket)
         wait_http(f"{engine_url}/health")
         gw = subprocess.Popen(
             [sys.executable, "-m", "appliance.gateway", "--engine-url", engine_url,
