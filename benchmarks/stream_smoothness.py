@@ -88,10 +88,32 @@ def norm(text: str) -> str:
 # --------------------------------------------------------------------------------- naive app
 
 
-def serve_naive(port: int, engine: str, record: Path) -> None:
-    """A plain ChatInterface: one yield per streamed delta (reasoning, then answer)."""
+def engine_of_home() -> tuple[str, str]:
+    """The demo engine's URL (its private socket) and its per-start key, from STEP_STATION_HOME:
+    what the appliance's own chat uses."""
+    from appliance import endpoint
+    from appliance import settings as st
+    from appliance.engine import engine_key
+
+    settings = st.load_settings().settings
+    name = settings.engine.container_name
+    keys = sorted(
+        (engine_key.keys_root() / name).glob(f"*/{engine_key.KEY_FILE}"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    key = keys[-1].read_text().strip() if keys else ""
+    return endpoint.engine_url(settings.engine), key
+
+
+def serve_naive(port: int, record: Path) -> None:
+    """A plain ChatInterface: one yield per streamed delta (reasoning, then answer), straight to
+    the demo engine on its socket."""
     import gradio as gr
-    import httpx
+
+    from appliance import endpoint
+
+    engine, key = engine_of_home()
+    http = endpoint.client(engine, timeout=None, headers={"Authorization": f"Bearer {key}"})
 
     def respond(message: str, history: list[Any]) -> Any:
         del history
@@ -102,7 +124,7 @@ def serve_naive(port: int, engine: str, record: Path) -> None:
             "stream": True,
             "reasoning_effort": LEVEL,
         }
-        with httpx.stream("POST", f"{engine}/v1/chat/completions", json=body, timeout=None) as r:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -251,8 +273,8 @@ def measure(browser: Any, target: Target, count: int) -> dict[str, Any]:
 def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     home = work / "home"
     (home / "config").mkdir(parents=True)
-    engine_port, ui_port, api_port, naive_port = (free_port() for _ in range(4))
-    settings = f"[engine]\nport = {engine_port}\n"
+    ui_port, api_port, naive_port = (free_port() for _ in range(3))
+    settings = ""
     if args.interval_ms is not None:
         settings += f"[chat]\nstream_interval_ms = {args.interval_ms}\n"
     (home / "config" / "settings.toml").write_text(settings)
@@ -279,8 +301,7 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     wait_http(ui + "healthz", 120, appliance, lambda body: b'"ready"' in body)
     record = work / "naive.jsonl"
     naive = subprocess.Popen(
-        [sys.executable, __file__, "--serve-naive", str(naive_port)]
-        + ["--engine", f"http://127.0.0.1:{engine_port}", "--record", str(record)],
+        [sys.executable, __file__, "--serve-naive", str(naive_port), "--record", str(record)],
         cwd=REPO,
         env=env,
         stdout=(work / "naive.log").open("wb"),
@@ -303,11 +324,10 @@ def main() -> int:
     parser.add_argument("--only", choices=["ours", "naive"], help="measure one side only")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--serve-naive", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_naive:
-        serve_naive(args.serve_naive, args.engine, args.record)
+        serve_naive(args.serve_naive, args.record)
         return 0
 
     from playwright.sync_api import sync_playwright
