@@ -6,7 +6,7 @@ std model (tests/realvllm/make_models.py) mounted as the model override.
 Two engine starts for the module (each 45-90 s on a 2-core machine), in this order:
 1. An appliance process starts the engine (pull with byte progress, the real log's phases, ready),
    is killed with SIGKILL, and this process adopts the running engine; chat through the gateway
-   with the openai SDK; stop frees the port and removes the container.
+   with the openai SDK; stop removes the engine's socket and the container.
 2. Started again (no pull: the image is local now), the engine core inside the container is
    killed: vLLM's API server then exits 0 by itself (vLLM issue 48966), and both the watching
    supervisor and one that attaches afterwards (`step-station status --json`) call it a crash
@@ -37,6 +37,7 @@ from fixtures.realvllm import MODELS
 from fixtures.realvllm import _take_slot as take_slot
 from gateway_kit import start_gateway, wait_until
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor, phases
 from appliance.engine.health import port_is_free
@@ -201,11 +202,18 @@ def test_the_container_runs_the_station_argv_and_spec(docker_client, settings, s
     assert "--disable-cascade-attn" in config["Cmd"]  # the profile's flag, accepted by 0.32
     assert not host.get("DeviceRequests")  # the one difference from a Station: no GPU request
     assert host["IpcMode"] == "host"
-    assert host["NetworkMode"] == "host"  # vLLM on the host's loopback; nothing published
+    # vLLM on its private socket (`--uds`, the folder mounted), no network: a local model
+    assert host["NetworkMode"] == "none"
+    assert not host.get("PortBindings")
+    assert spec.arg_value("--uds") == endpoint.CONTAINER_SOCKET
+    assert "--port" not in config["Cmd"]
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
     model = mounts[f"/models/{MODELS['std'].name}"]
     assert model["Source"] == str(MODELS["std"].resolve())
     assert model["RW"] is False
+    sockets = mounts[endpoint.CONTAINER_SOCKET_DIR]
+    assert sockets["Source"] == str(endpoint.socket_dir(settings.engine.container_name))
+    assert sockets["RW"] is True
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["HF_HUB_OFFLINE"] == "1"  # a local model: the engine never reaches the Hub
 
@@ -222,6 +230,9 @@ def test_kill_9_of_the_appliance_then_this_one_adopts(
     assert status.container_id == engine_id
     assert "adopted" in status.message
     assert status.served_model_name == SERVED
+    path = endpoint.socket_path(settings.engine.container_name)
+    assert status.engine_url == endpoint.socket_url(path)
+    assert endpoint.socket_answers(path)  # the appliance's account reaches vLLM in the container
 
 
 def test_chat_through_the_gateway_with_the_openai_sdk(settings, sup) -> None:
@@ -276,10 +287,13 @@ def test_chat_through_the_gateway_with_the_openai_sdk(settings, sup) -> None:
         stack.gateway.stop()
 
 
-def test_stop_frees_the_port_and_removes_the_container(docker_client, settings, sup) -> None:
+def test_stop_removes_the_socket_and_the_container(docker_client, settings, sup) -> None:
+    path = endpoint.socket_path(settings.engine.container_name)
     assert sup.stop().state == EngineState.STOPPED
     assert _ours(docker_client, settings.engine.container_name) == []
-    assert port_is_free("127.0.0.1", settings.engine.port)
+    assert not endpoint.socket_answers(path)
+    assert not path.exists()
+    assert port_is_free("127.0.0.1", settings.engine.port)  # it never had a port
 
 
 def _engine_core_pid(container) -> int:
@@ -335,4 +349,5 @@ def test_killed_engine_core_is_a_crash_with_the_log_tail(
     assert data["container_id"] == engine_id
     assert data["exit_code"] == 0
     assert data["log_tail"], data
-    assert wait_until(lambda: port_is_free("127.0.0.1", settings.engine.port), 30)
+    path = endpoint.socket_path(settings.engine.container_name)
+    assert wait_until(lambda: not endpoint.socket_answers(path), 30)
