@@ -6,7 +6,7 @@ whose answers are known in advance.
 One appliance and one engine start for the whole file, in this order: the Model tab pulls the
 image from the registry and starts the engine, showing every phase of its real log in order; the
 chat answers with the thinking shown apart from the answer; the gateway serves the same engine to
-the openai SDK; Stop from the Model tab frees the port and removes the container.
+the openai SDK; Stop from the Model tab removes the engine's socket and its container.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from fixtures.realvllm import _take_slot as take_slot
 from fixtures.sim import free_port
 from playwright.sync_api import expect
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import phases
 from appliance.engine.health import port_is_free
@@ -95,8 +96,9 @@ class RunningAppliance:
 
 
 @pytest.fixture
-def station_home(app):
+def station_home(app, monkeypatch: pytest.MonkeyPatch):
     """The test process shares the appliance's home (overrides tests/conftest.py's per-test one)."""
+    monkeypatch.setenv("STEP_STATION_HOME", str(app.home))
     return app.home
 
 
@@ -281,11 +283,16 @@ def test_the_gateway_serves_the_real_engine_to_the_openai_sdk(app):
     assert reasoning.strip() == EXPECTED["reasoning"]["high"]["text"]
 
 
-def test_stop_from_the_model_tab_frees_the_port(app, page, docker_client):
+def test_stop_from_the_model_tab_removes_the_socket(app, page, docker_client, station_home):
+    del station_home  # the appliance's, in this process too: where its engine's socket is
+    path = endpoint.socket_path(app.container_name)
+    assert endpoint.socket_answers(path)  # the engine listens on its private socket
     button = open_model_tab(page, app.url)
     expect(button).to_have_text("Stop")
     button.click()
     expect(button).to_have_text("Start", timeout=120_000)
     expect(page.locator("#ss-headline")).to_contain_text("Stopped")
     assert containers(docker_client, app.container_name) == []
-    assert port_is_free("127.0.0.1", app.engine_port)
+    assert not endpoint.socket_answers(path)
+    assert not path.exists()
+    assert port_is_free("127.0.0.1", app.engine_port)  # it never had a TCP port
