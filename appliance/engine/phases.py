@@ -72,6 +72,9 @@ CONFIG_INVALID = "config_invalid"  # vLLM refused the configuration (a pydantic 
 UNKNOWN_ARGUMENT = "unknown_argument"  # argparse: the image's vLLM does not know a flag (exit 2)
 BAD_ARGUMENT = "bad_argument"  # argparse: a flag's value is invalid (exit 2)
 NOT_SUPPORTED = "not_supported"  # a setting this hardware or vLLM build cannot do
+# vLLM could not bind its socket (`--uds`: a file is already at the path) or port: the appliance
+# checks both first (endpoint.prepare_socket, health.ensure_port_free), so only a race gets here
+ADDRESS_IN_USE = "address_in_use"
 ENGINE_INIT_FAILED = "engine_init_failed"  # generic: the root cause, if any, is above it
 ENGINE_DIED = "engine_died"  # generic: the engine core (or its worker) process went away
 
@@ -104,6 +107,9 @@ FAILURE_HINTS: dict[str, str] = {
     NOT_SUPPORTED: "This machine or this vLLM build cannot do a setting named in the log line "
     "(e.g. an FP8 KV cache needs hardware support): change that setting or pick another "
     "profile, then start again.",
+    ADDRESS_IN_USE: "Another program took the engine's address (its socket, or engine.port "
+    "with engine.listen = tcp) as it started: stop that program (`step-station stop` for "
+    "another engine of this name), then start again.",
     ENGINE_DIED: "The engine's core process died (killed from outside, or a crash: the log "
     "lines before it say which); start the engine again.",
     ENGINE_INIT_FAILED: "The engine could not start; the lines above it in the log say why "
@@ -187,6 +193,7 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (UNKNOWN_ARGUMENT, re.compile(r"^\S*vllm(?: \w+)?: error: unrecognized arguments: ")),
     (BAD_ARGUMENT, re.compile(r"^\S*vllm(?: \w+)?: error: argument ")),
     (NOT_SUPPORTED, re.compile(r"NotImplementedError: \S")),
+    (ADDRESS_IN_USE, re.compile(r"OSError: \[Errno 98\] Address already in use")),
     (
         ENGINE_DIED,
         re.compile(
