@@ -273,7 +273,9 @@ class Supervisor:
         return status
 
     def _attach_once(self) -> EngineStatus:
-        with self._decide:
+        # Under the engine lock, like a start's own look (_find_running): a stop holds it from
+        # SIGTERM to removal, so an engine on its way out is never adopted (READY, then gone).
+        with self._decide, EngineLock(self.lock_timeout_s):
             with self._lock:
                 if self._busy() or self._engine is not None:
                     return self.status()
@@ -553,6 +555,7 @@ class Supervisor:
         )
 
     def _run_start(self, profile: str | None) -> None:
+        settings = self.settings
         spec = self._build_spec(profile)
         self._update(
             profile=spec.profile,
@@ -560,7 +563,8 @@ class Supervisor:
             effective=_effective(spec),
         )
         with self._lock:
-            self._desired_hash = spec.settings_hash
+            if self.settings is settings:  # else apply_settings set the hash the new ones want
+                self._desired_hash = spec.settings_hash
         existing = self._find_running()
         if existing is not None:
             self._adopt(existing, spec)
@@ -714,6 +718,7 @@ class Supervisor:
             endpoint.prepare_socket(spec.name)
         else:
             health.ensure_port_free(spec.host_ip, spec.host_port)
+        adopted: EngineHandle | None = None
         with EngineLock(self.lock_timeout_s):
             if self._cancel.is_set():
                 return None
@@ -721,22 +726,26 @@ class Supervisor:
             if existing is not None:
                 if self.runtime.inspect(existing).running:
                     self._adopt(existing, spec)
-                    self._watch_adopted(existing)
-                    return None
-                self.runtime.remove(existing)
-            if spec.socket_dir:  # no engine of this name runs: a socket file left is stale
-                endpoint.remove_socket(spec.name)
-            self._update(
-                state=EngineState.STARTING,
-                progress=None,
-                message="Starting the engine.",
-                exit_code=None,
-            )
-            from appliance.engine.launch import with_fresh_engine_key  # local: see _build_spec
+                    adopted = existing
+                else:
+                    self.runtime.remove(existing)
+            if adopted is None:
+                if spec.socket_dir:  # no engine of this name runs: a socket file left is stale
+                    endpoint.remove_socket(spec.name)
+                self._update(
+                    state=EngineState.STARTING,
+                    progress=None,
+                    message="Starting the engine.",
+                    exit_code=None,
+                )
+                from appliance.engine.launch import with_fresh_engine_key  # see _build_spec
 
-            spec = with_fresh_engine_key(spec)  # a new key for every start, before it runs
-            self._engine_key = spec.engine_key
-            handle = self.runtime.launch(spec)
+                spec = with_fresh_engine_key(spec)  # a new key for every start, before it runs
+                self._engine_key = spec.engine_key
+                handle = self.runtime.launch(spec)
+        if adopted is not None:  # watched outside the lock: the watch lasts the engine's life
+            self._watch_adopted(adopted)
+            return None
         self._watch_logs(handle, spec, fresh=True)
         self._update(container_id=handle.id, message="Loading the model.")
         return handle
@@ -1204,16 +1213,16 @@ class Supervisor:
         self._update_restart_needed()
 
     def _update_restart_needed(self) -> None:
+        note = "Settings changed since the engine started; restart it to apply them."
         with self._lock:
             engine = self._engine
             running_hash = engine.handle.labels.get(LABEL_SETTINGS_HASH, "") if engine else ""
             needed = bool(
                 running_hash and self._desired_hash and running_hash != self._desired_hash
             )
-            if needed == self._status.restart_needed:
-                return
-        note = "Settings changed since the engine started; restart it to apply them."
-        message = self._status.message
+            message = self._status.message
+            if needed == self._status.restart_needed and (not needed or note in message):
+                return  # (a new message, such as "Serving.", gets the note again)
         if needed and note not in message:
             message = f"{message} {note}".strip()
         self._update(restart_needed=needed, message=message)
