@@ -110,39 +110,41 @@ def gateway_listener(settings: Settings) -> Listener:
 def build_services(settings: Settings, *, demo: bool) -> Services:
     """Create every long-lived service (nothing is started here: see `lifespan`)."""
     from appliance.engine.supervisor import Supervisor  # heavy imports only when serving
-
-    services = Services(settings=settings, secrets=load_secrets(), demo=demo)
-    services.history = History()
-    services.supervisor = (
-        Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=services.secrets)
-    )
-    services.chat = ChatService(
-        settings,
-        services.history,
-        lambda: engine_view_from(services.supervisor),
-        activity=services.supervisor,  # wakes a sleeping engine; no idle sleep mid-answer
-    )
-    # ---- other areas build their services here (additive: one block per area) ----
-    # ---- sampler and start-up rates (model tab and dashboard) ----
+    from appliance.gateway import Gateway
+    from appliance.keys import KeyStore
     from appliance.sampler import build_sampler
     from appliance.timeline import ProgressRates
 
-    services.sampler = build_sampler(settings, services.supervisor)
-    services.progress_rates = ProgressRates()
-    services.supervisor.add_listener(services.progress_rates.observe)
-    # ---- LAN API: API keys and the gateway (its own listener, started in `lifespan`) ----
-    from appliance.gateway import Gateway
-    from appliance.keys import KeyStore
-
-    services.keys = KeyStore()
-    services.gateway = Gateway.from_services(services)
-    return services
+    secrets = load_secrets()
+    history = History()
+    supervisor = Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=secrets)
+    chat = ChatService(
+        settings,
+        history,
+        lambda: engine_view_from(supervisor),
+        activity=supervisor,  # wakes a sleeping engine; no idle sleep mid-answer
+    )
+    # the model tab's and dashboard's sampler, and the start-up rates (pull / download)
+    progress_rates = ProgressRates()
+    supervisor.add_listener(progress_rates.observe)
+    # the LAN API: API keys and the gateway (its own listener, started in `lifespan`)
+    keys = KeyStore()
+    return Services(
+        settings=settings,
+        secrets=secrets,
+        demo=demo,
+        supervisor=supervisor,
+        history=history,
+        chat=chat,
+        sampler=build_sampler(settings, supervisor),
+        progress_rates=progress_rates,
+        keys=keys,
+        gateway=Gateway(settings, keys, supervisor),
+    )
 
 
 def _start_engine(services: Services) -> None:
     supervisor = services.supervisor
-    if supervisor is None:
-        return
     status = supervisor.attach()  # adopt a running engine; never starts a second one
     if services.demo and not status.state.running and not status.state.busy:
         supervisor.start()  # returns at once; the UI shows the phases
@@ -150,8 +152,6 @@ def _start_engine(services: Services) -> None:
 
 def _stop_engine(services: Services) -> None:
     supervisor = services.supervisor
-    if supervisor is None:
-        return
     if services.demo:
         supervisor.stop()  # the simulator belongs to this run
     supervisor.close()  # a real engine keeps serving and is adopted next time
@@ -160,8 +160,6 @@ def _stop_engine(services: Services) -> None:
 def _start_control(services: Services) -> ControlServer | None:
     """The CLI's way in (appliance/control.py): from here on `step-station start/stop/status`
     drive this service's supervisor instead of running their own."""
-    if services.supervisor is None:
-        return None
     control = ControlServer(services.supervisor, services.settings)
     try:
         control.start()
@@ -175,15 +173,11 @@ def _start_control(services: Services) -> ControlServer | None:
 
 
 def _start_gateway(services: Services) -> None:
-    gateway = services.gateway
-    if gateway is not None and hasattr(gateway, "start"):
-        gateway.start()
+    services.gateway.start()
 
 
 def _stop_gateway(services: Services) -> None:
-    gateway = services.gateway
-    if gateway is not None and hasattr(gateway, "stop"):
-        gateway.stop()
+    services.gateway.stop()
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -198,8 +192,7 @@ def create_app(services: Services) -> FastAPI:
         services.history.open()
         await asyncio.to_thread(_start_engine, services)
         control = _start_control(services)
-        if services.sampler is not None:
-            services.sampler.start()
+        services.sampler.start()
         _start_gateway(services)
         try:
             yield
@@ -207,10 +200,8 @@ def create_app(services: Services) -> FastAPI:
             if control is not None:
                 await asyncio.to_thread(control.stop)
             _stop_gateway(services)
-            if services.sampler is not None:
-                services.sampler.stop()
-            if services.chat is not None:
-                await services.chat.aclose()
+            services.sampler.stop()
+            await services.chat.aclose()
             await asyncio.to_thread(_stop_engine, services)
             services.history.close()
 
@@ -218,14 +209,8 @@ def create_app(services: Services) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        status = services.supervisor.status() if services.supervisor is not None else None
-        return JSONResponse(
-            {
-                "ok": True,
-                "demo": services.demo,
-                "engine": status.state.value if status is not None else "absent",
-            }
-        )
+        status = services.supervisor.status()
+        return JSONResponse({"ok": True, "demo": services.demo, "engine": status.state.value})
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     ui_app: Any = importlib.import_module("ui.app")  # the one hand-off to the UI layer
@@ -268,8 +253,7 @@ def run(
         # umask 077, private folders, Gradio's temp dir private and empty: before gradio loads.
         private_runtime()
         services = build_services(settings, demo=demo)
-        if services.gateway is not None:
-            bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
+        bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
         app = guard_ui(
             LoginGuard(create_app(services), require_session=ui_lan_active(settings)),
             settings,

@@ -7,21 +7,32 @@ Each area adds its field here (engine supervisor, chat history, sampler, keys, g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from appliance.settings import Secrets, Settings
+
+if TYPE_CHECKING:  # types only: building them imports heavy modules (see server.build_services)
+    from appliance.chat_service import ChatService
+    from appliance.engine.supervisor import Supervisor
+    from appliance.gateway.service import Gateway
+    from appliance.history import History
+    from appliance.keys import KeyStore
+    from appliance.sampler import Sampler
+    from appliance.timeline import ProgressRates
 
 
 @dataclass
 class Services:
+    """Built once by `server.build_services`; every part is there (typed, never None)."""
+
     settings: Settings
-    secrets: Secrets = field(default_factory=Secrets)
-    demo: bool = False
-    supervisor: Any = None  # appliance.engine.Supervisor
-    history: Any = None  # appliance.history.History
-    chat: Any = None  # appliance.chat_service.ChatService
-    sampler: Any = None  # appliance.sampler.Sampler
-    progress_rates: Any = None  # appliance.timeline.ProgressRates (pull / download rates)
-    keys: Any = None  # appliance.keys.KeyStore
-    gateway: Any = None  # appliance.gateway.Gateway
+    secrets: Secrets
+    demo: bool
+    supervisor: Supervisor
+    history: History
+    chat: ChatService
+    sampler: Sampler
+    progress_rates: ProgressRates  # pull / download rates
+    keys: KeyStore
+    gateway: Gateway
     warnings: list[str] = field(default_factory=list)

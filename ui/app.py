@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 
+from appliance.services import Services
 from ui import chat, dashboard, model, sharing
 
 DEFAULT_CONCURRENCY = 16
@@ -23,7 +24,7 @@ QUEUE_POLL_MS = float(os.environ.get("STEP_STATION_QUEUE_POLL_MS") or 5)
 TAB_IDS = ("chat", "model", "dashboard", "sharing")
 
 
-def build_ui(services: Any) -> gr.Blocks:
+def build_ui(services: Services) -> gr.Blocks:
     blocks = gr.Blocks(title="Step Station", analytics_enabled=False, fill_width=True)
     with blocks:
         with gr.Tabs(selected="chat", elem_id="tabs") as tabs:
@@ -54,7 +55,7 @@ def tune_queue(blocks: gr.Blocks, poll_ms: float) -> None:
         queue.sleep_when_free = max(0.001, poll_ms / 1000)
 
 
-def mount(app: FastAPI, services: Any) -> FastAPI:
+def mount(app: FastAPI, services: Services) -> FastAPI:
     """Mount the UI at `/` of the UI listener's app (after its own routes, e.g. /healthz)."""
     blocks = build_ui(services)
     chat.image_folder().mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def mount(app: FastAPI, services: Any) -> FastAPI:
     return mounted
 
 
-def _owner_login(services: Any) -> dict[str, Any]:
+def _owner_login(services: Services) -> dict[str, Any]:
     """With "UI on LAN" on (Sharing tab), every page needs the owner login."""
     from appliance.keys import OwnerLogin, ui_lan_active
 

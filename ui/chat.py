@@ -19,6 +19,7 @@ from gradio import utils as gr_utils
 from appliance import chat
 from appliance import history as hist
 from appliance.errors import ApplianceError, BadInputError
+from appliance.services import Services
 from appliance.settings import cache_dir, private_dir, write_private
 from ui import chat_render as render
 
@@ -92,7 +93,7 @@ class ChatTab:
     load_outputs: list[Any]
 
 
-def build(services: Any) -> ChatTab:
+def build(services: Services) -> ChatTab:
     """Create the chat tab's widgets inside the current gr.Tab and wire them to services.chat."""
     svc = services.chat
     cfg = services.settings.chat

@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from appliance.sampler import NA, GpuSample, Sample, fmt_bytes, fmt_num
+from appliance.services import Services
 from appliance.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
 from ui.polling import panel, poll_while_visible
 
@@ -219,7 +220,7 @@ _PLOTS = (
 # -------------------------------------------------------------------------------------- build
 
 
-def build(services: Any) -> None:
+def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
     sampler = services.sampler
     if sampler is None:

@@ -18,6 +18,7 @@ import gradio as gr
 from appliance import hardware, planner, profiles
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.errors import ApplianceError
+from appliance.services import Services
 from appliance.settings import save_settings
 from appliance.timeline import (
     ProgressRates,
@@ -53,7 +54,7 @@ class ProfileChoices:
     note: str = ""
 
 
-def profile_choices(services: Any) -> ProfileChoices:
+def profile_choices(services: Services) -> ProfileChoices:
     """Fitting profiles on this machine; all of them when the engine gets no GPU (demo, tests)."""
     settings = services.settings
     plan = planner.plan(hardware.detect(), engine_settings=settings.engine)
@@ -68,7 +69,7 @@ def profile_choices(services: Any) -> ProfileChoices:
         default = wanted if wanted in offered else "fp8-tp1"
         return ProfileChoices(offered, default, unfit, note)
     offered = [f.name for f in plan.profiles if f.fits]
-    default = wanted if wanted in offered else plan.chosen
+    default = wanted if wanted in offered else (plan.chosen or "")
     return ProfileChoices(offered, default, unfit, "Not offered on this machine:")
 
 
@@ -216,7 +217,7 @@ def log_text(status: EngineStatus) -> str:
 # -------------------------------------------------------------------------------------- actions
 
 
-def _apply_choice(services: Any, name: str, mtp: bool, sleep: bool) -> None:
+def _apply_choice(services: Services, name: str, mtp: bool, sleep: bool) -> None:
     """Make the picked profile and switches the engine's settings (and save them)."""
     supervisor = services.supervisor
     targets = [supervisor.settings.engine, services.settings.engine]
@@ -234,7 +235,7 @@ def _apply_choice(services: Any, name: str, mtp: bool, sleep: bool) -> None:
 ALREADY_STARTED = "The engine is already starting or running (started from another page)."
 
 
-def press(services: Any, seen_label: str, name: str | None, mtp: bool, sleep: bool) -> None:
+def press(services: Services, seen_label: str, name: str | None, mtp: bool, sleep: bool) -> None:
     """The one button: start when it said Start, stop when it said Stop; the engine decides."""
     supervisor = services.supervisor
     status = supervisor.status()
@@ -256,13 +257,10 @@ def press(services: Any, seen_label: str, name: str | None, mtp: bool, sleep: bo
 # ---------------------------------------------------------------------------------------- build
 
 
-def build(services: Any) -> None:
+def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
     supervisor = services.supervisor
-    if supervisor is None:
-        gr.Markdown("The engine manager is not available in this run.")
-        return
-    rates: ProgressRates | None = getattr(services, "progress_rates", None)
+    rates: ProgressRates | None = services.progress_rates
     choices = profile_choices(services)
 
     with panel(PANEL):

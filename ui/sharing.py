@@ -15,6 +15,7 @@ import gradio as gr
 from appliance.errors import ApplianceError
 from appliance.gateway.sharing import SNIPPETS, Sharing
 from appliance.keys import ui_lan_active
+from appliance.services import Services
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-sharing"
@@ -39,11 +40,8 @@ def _ids(name: str) -> str:
     return "ss-snippet-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def build(services: Any) -> None:
+def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
-    if services.gateway is None or services.keys is None:
-        gr.Markdown("The API gateway is not part of this run.")
-        return
     sharing = Sharing(services.settings, services.gateway, services.keys)
     names = list(SNIPPETS)
 

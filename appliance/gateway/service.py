@@ -184,12 +184,6 @@ class Gateway:
         if self.app.config.engine_api_key != key:
             self.app.config = dataclasses.replace(self.app.config, engine_api_key=key)
 
-    @classmethod
-    def from_services(cls, services: Any) -> Gateway:
-        """Build from `appliance.services.Services` (its settings, keys and supervisor)."""
-        keys = services.keys if services.keys is not None else KeyStore()
-        return cls(services.settings, keys, services.supervisor)
-
     # ------------------------------------------------------------------------------ state
 
     @property
