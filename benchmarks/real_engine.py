@@ -5,7 +5,8 @@ bare engine, in one run.
 
 1. Start: `Supervisor.start()` (process runtime: the seed's pip route) to READY, against the same
    argv and environment started bare (`vllm serve`, /health polled every 50 ms), alternating so
-   machine drift hits both alike. Also stop (SIGTERM to the port free).
+   machine drift hits both alike. Also stop (SIGTERM until nothing answers on the engine's
+   socket: the appliance runs vLLM with `--uds`, appliance/endpoint.py).
 2. Gateway overhead on the real engine: `benchmarks/gateway_throughput.py` against the engine
    directly and through `python -m appliance.gateway`, alternating rounds (a few streams: the
    engine runs on 2 CPU cores).
@@ -23,15 +24,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import free_port, write_section  # noqa: E402
 
+from appliance import endpoint  # noqa: E402
 from appliance import settings as st  # noqa: E402
 from appliance.engine import EngineState, Supervisor  # noqa: E402
 from appliance.engine.health import port_is_free  # noqa: E402
@@ -56,13 +58,18 @@ def settings() -> st.Settings:
 
 
 def health(url: str) -> int | None:
+    """GET /health on the engine's socket (or TCP URL); None while nothing answers."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
+        return endpoint.request("GET", f"{url}/health", 1.0).status_code
+    except httpx.HTTPError:
         return None
+
+
+def engine_gone(s: st.Settings) -> bool:
+    """Nothing answers where the engine listened: its socket, or its port with listen = tcp."""
+    if endpoint.uses_socket(s.engine):
+        return not endpoint.socket_answers(endpoint.socket_path(s.engine.container_name))
+    return port_is_free("127.0.0.1", s.engine.port)
 
 
 def wait_health(
@@ -88,9 +95,11 @@ def cpu_spec(sup: Supervisor | None, s: st.Settings, profile: str | None = None)
     return spec
 
 
-def bare_start(log: Path) -> tuple[float, float, subprocess.Popen[bytes], str]:
+def bare_start(log: Path) -> tuple[float, float, subprocess.Popen[bytes], st.Settings]:
     s = settings()
     spec = cpu_spec(None, s)
+    endpoint.prepare_socket(s.engine.container_name)  # the private folder `--uds` binds in
+    endpoint.remove_socket(s.engine.container_name)
     began = time.monotonic()
     proc = subprocess.Popen(
         [*spec.executable, *spec.args],
@@ -101,16 +110,18 @@ def bare_start(log: Path) -> tuple[float, float, subprocess.Popen[bytes], str]:
     )
     wait_health(spec.engine_url, proc)
     ready = time.monotonic() - began
-    return ready, began, proc, spec.engine_url
+    return ready, began, proc, s
 
 
-def bare_stop(proc: subprocess.Popen[bytes], port: int) -> float:
+def bare_stop(proc: subprocess.Popen[bytes], s: st.Settings) -> float:
     began = time.monotonic()
     os.killpg(proc.pid, 15)
     proc.wait(60)
-    while not port_is_free("127.0.0.1", port):
+    while not engine_gone(s):
         time.sleep(0.01)
-    return time.monotonic() - began
+    took = time.monotonic() - began
+    endpoint.remove_socket(s.engine.container_name)  # vLLM leaves its socket file
+    return took
 
 
 def managed_start() -> tuple[float, float]:
@@ -129,7 +140,7 @@ def managed_start() -> tuple[float, float]:
         raise SystemExit(f"supervisor did not get ready: {status.state} {status.message}")
     began = time.monotonic()
     sup.stop()
-    while not port_is_free("127.0.0.1", s.engine.port):
+    while not engine_gone(s):
         time.sleep(0.01)
     stop = time.monotonic() - began
     sup.close()
@@ -193,18 +204,18 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="ssbench-real-logs-"))
     bare, bare_stops, ready, stops = [], [], [], []
     for i in range(args.runs):
-        t, _, proc, url = bare_start(logs / f"bare-{i}.log")
+        t, _, proc, s = bare_start(logs / f"bare-{i}.log")
         bare.append(t)
-        bare_stops.append(bare_stop(proc, int(url.rsplit(":", 1)[1])))
+        bare_stops.append(bare_stop(proc, s))
         r, s = managed_start()
         ready.append(r)
         stops.append(s)
         print(f"run {i + 1}: bare {t:.1f} s, click-to-ready {r:.1f} s", flush=True)
-    _, _, proc, url = bare_start(logs / "gw-engine.log")
+    _, _, proc, s = bare_start(logs / "gw-engine.log")
     try:
-        gw = gateway_overhead(url, args.streams, args.tokens, args.rounds)
+        gw = gateway_overhead(endpoint.engine_url(s.engine), args.streams, args.tokens, args.rounds)
     finally:
-        bare_stop(proc, int(url.rsplit(":", 1)[1]))
+        bare_stop(proc, s)
     ratio = statistics.median(ready) / statistics.median(bare)
     lines = [
         BEGIN,
@@ -218,7 +229,7 @@ def main() -> int:
         "| | bare `vllm serve` | appliance | ratio appliance/bare |",
         "|---|---|---|---|",
         f"| start to ready | {spread(bare)} | {spread(ready)} | {ratio:.2f} |",
-        f"| stop to port free | {spread(bare_stops)} | {spread(stops)} | "
+        f"| stop to socket closed | {spread(bare_stops)} | {spread(stops)} | "
         f"{statistics.median(stops) / statistics.median(bare_stops):.2f} |",
         "",
         f"Gateway overhead on the real engine ({args.streams} streams x 2 requests x "
