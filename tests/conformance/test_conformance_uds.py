@@ -58,26 +58,48 @@ def _umask() -> int:
 
 
 class Served:
-    """An engine on its socket, and what was seen while it started."""
+    """An engine on its socket, and what was seen on the way: the start over a stale socket file
+    (its exit code and log), then the start after the file was removed."""
 
-    def __init__(self, proc: Any, refused_while_loading: bool) -> None:
+    def __init__(self, proc: Any, refused_while_loading: bool, stale: tuple[int | None, str]):
         self.proc = proc
         self.path = Path(proc.uds)
         self.refused_while_loading = refused_while_loading
+        self.stale_exit, self.stale_log = stale
+
+
+def _over_a_stale_socket(target: str, log_dir: Path, path: Path) -> tuple[int | None, str]:
+    """Start on `path` while a socket file left by an engine that is gone is there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(path))  # bound, closed: the file stays, nothing answers
+    proc = _start(target, log_dir, uds=str(path), wait=False)
+    try:
+        code = proc.wait_exit(600)
+        return code, _logs(proc)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module", params=TARGETS)
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    """One engine per target for the module, watched from its start: the socket file appears,
-    connections are refused, then /health answers 200."""
+    """Per target, the appliance's sequence on one path, one engine at a time (a real start
+    holds one of the machine's real-engine slots): a start over a stale socket file fails; the
+    file removed, the next start is watched from its beginning (the socket file appears,
+    connections are refused, then /health answers 200) and serves the module's tests."""
     target = str(request.param)
-    proc = _start(target, tmp_path_factory.mktemp(f"uds-{target}"), wait=False)
-    path = Path(proc.uds)
-    refused = False
-    deadline = time.monotonic() + 600
+    log_dir = tmp_path_factory.mktemp(f"uds-{target}")
+    folder = Path(tempfile.mkdtemp(prefix="uds-"))  # 0700, short (107 bytes at most)
+    path = folder / endpoint.SOCKET_NAME
+    proc = None
     try:
+        stale = _over_a_stale_socket(target, log_dir, path)
+        assert path.is_socket()  # the failed start left the file as it was
+        path.unlink()  # what the appliance does (endpoint.remove_socket) before a start
+        proc = _start(target, log_dir, uds=str(path), wait=False)
+        refused = False
+        deadline = time.monotonic() + 600
         while proc.health() != 200:
             if proc.returncode is not None:
                 pytest.fail(f"{target} exited {proc.returncode}:\n{_logs(proc)[-3000:]}")
@@ -86,11 +108,11 @@ def served(
             if path.is_socket() and not endpoint.socket_answers(path):
                 refused = True
             time.sleep(0.05)
-        yield Served(proc, refused)
+        yield Served(proc, refused, stale)
     finally:
-        proc.stop()
-        if getattr(proc, "made_dir", ""):  # the simulator's; the real engine's stop removes its own
-            shutil.rmtree(proc.made_dir, ignore_errors=True)
+        if proc is not None:
+            proc.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_bound_at_once_refused_while_loading(served: Served) -> None:
@@ -131,32 +153,14 @@ def test_socket_mode_is_what_the_umask_leaves(served: Served) -> None:
     assert info.st_uid == os.getuid()
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_a_file_already_at_the_path_fails_the_start(target: str, tmp_path: Path) -> None:
-    """A socket file left by an engine that is gone: bind() fails, the engine exits 1 (vLLM does
-    not unlink it; the appliance removes a stale one before it starts the engine)."""
-    folder = Path(tempfile.mkdtemp(prefix="uds-stale-"))
-    try:
-        path = folder / endpoint.SOCKET_NAME
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
-            gone.bind(str(path))  # bound, closed: the file stays, nothing answers
-        assert path.is_socket()
-        proc = _start(target, tmp_path, uds=str(path), wait=False)
-        try:
-            code = proc.wait_exit(600)
-            logs = _logs(proc)
-        finally:
-            proc.stop()
-        assert code == 1, logs[-3000:]
-        assert "Address already in use" in logs, logs[-3000:]
-        assert path.is_socket()  # left as it was
-        # the appliance reads it as its own failure kind (the hint names the address)
-        tracker = PhaseTracker()
-        tracker.begin(0.0)
-        for i, line in enumerate(logs.splitlines()):
-            tracker.feed(line, float(i))
-        assert tracker.failure == phases.ADDRESS_IN_USE, tracker.failure_line
-    finally:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
+def test_a_file_already_at_the_path_fails_the_start(served: Served) -> None:
+    """A socket file left by an engine that is gone: bind() fails and the engine exits 1 (vLLM
+    does not unlink it; the appliance removes a stale one before it starts the engine)."""
+    assert served.stale_exit == 1, served.stale_log[-3000:]
+    assert "Address already in use" in served.stale_log, served.stale_log[-3000:]
+    # the appliance reads it as its own failure kind (the hint names the address)
+    tracker = PhaseTracker()
+    tracker.begin(0.0)
+    for i, line in enumerate(served.stale_log.splitlines()):
+        tracker.feed(line, float(i))
+    assert tracker.failure == phases.ADDRESS_IN_USE, tracker.failure_line
