@@ -203,10 +203,8 @@ def socket_path(name: str) -> Path:
 def _own_private_folder(path: Path, mode: int) -> None:
     """Create `path` (mode), or accept it only when it is a real folder of ours that nobody else
     can enter: a folder in /tmp that another account made first is refused, not used."""
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir(mode=mode)
-    except FileExistsError:
-        pass
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise EngineError(

@@ -12,6 +12,7 @@ fake (NotSupported values, no GPU, a GB300 next to an RTX PRO 6000).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import platform
 import shutil
@@ -155,10 +156,8 @@ class NvmlSession:
     def close(self) -> None:
         with self._lock:
             if self._started and self._error is None:
-                try:
+                with contextlib.suppress(*_NVML_ERRORS):
                     self.api.shutdown()
-                except _NVML_ERRORS:
-                    pass
             self._started = False
             self._error = None
 

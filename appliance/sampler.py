@@ -279,7 +279,7 @@ class Sampler:
     ) -> None:
         self.settings = settings
         self.interval_s = max(0.05, float(settings.sampler.interval_s))
-        capacity = max(2, int(round(settings.sampler.history_s / self.interval_s)))
+        capacity = max(2, round(settings.sampler.history_s / self.interval_s))
         self._buffer: deque[Sample] = deque(maxlen=capacity)
         self._nvml = nvml or hardware.default_session()
         self._gpu_names: dict[str, str] = {}

@@ -45,7 +45,7 @@ def fmt_duration(seconds: float | None) -> str:
     """`7 m 12 s`, `45 s`, `1 h 3 m`: how long, in the words the UI uses."""
     if seconds is None:
         return ""
-    total = max(0, int(round(seconds)))
+    total = max(0, round(seconds))
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

@@ -30,6 +30,7 @@ For the UI listener (`UiLock`) also:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -147,10 +148,8 @@ def machine_names() -> set[str]:
     if host:
         short = host.split(".", 1)[0]
         names |= {host, short, f"{short}.local"}
-        try:
+        with contextlib.suppress(OSError):
             names.add(socket.getfqdn(host).lower().rstrip("."))
-        except OSError:
-            pass
     try:
         interfaces = psutil.net_if_addrs()
     except OSError:  # e.g. an emulator without the ioctl: hostnames still work

@@ -62,8 +62,18 @@ def launch_demo(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes
     (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
     give_ui_secret(home)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "up",
+            "--demo",
+            "--no-browser",
+            "--ui-port",
+            str(ui_port),
+            "--api-port",
+            str(api_port),
+        ],
         cwd=REPO,
         env={
             **os.environ,

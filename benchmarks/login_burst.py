@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import statistics
@@ -61,8 +62,18 @@ def start(home: Path, tokens_per_s: int, output_tokens: int) -> tuple[subprocess
         st.Secrets(ui_login_hash=hash_login(USER, PASSWORD)), home / "config" / "secrets.toml"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "up",
+            "--demo",
+            "--no-browser",
+            "--ui-port",
+            str(ui_port),
+            "--api-port",
+            str(api_port),
+        ],
         cwd=REPO,
         env={
             **os.environ,
@@ -136,7 +147,7 @@ class Chat:
         conversation = done["output"]["data"][0]
         self._join("on_respond", [conversation, *sampling], session)
         times = [t for t, m in self._events(session) if m.get("msg") == "process_generating"]
-        return [1000 * (b - a) for a, b in zip(times, times[1:], strict=False)]
+        return [1000 * (b - a) for a, b in itertools.pairwise(times)]
 
 
 def burst(url: str, sources: list[str], per_source: int) -> dict[str, int]:

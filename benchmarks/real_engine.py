@@ -171,10 +171,26 @@ def gateway_overhead(engine_url: str, streams: int, tokens: int, rounds: int) ->
             time.sleep(0.05)
         out = Path(tempfile.mkdtemp()) / "gw.json"
         subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gateway_throughput.py")]
-            + ["--engine-url", f"{engine_url}/v1", "--gateway-url", f"http://127.0.0.1:{port}/v1"]
-            + ["--streams", str(streams), "--tokens", str(tokens), "--requests", "2"]
-            + ["--rounds", str(rounds), "--idle-samples", "5", "--json", str(out)],
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "gateway_throughput.py"),
+                "--engine-url",
+                f"{engine_url}/v1",
+                "--gateway-url",
+                f"http://127.0.0.1:{port}/v1",
+                "--streams",
+                str(streams),
+                "--tokens",
+                str(tokens),
+                "--requests",
+                "2",
+                "--rounds",
+                str(rounds),
+                "--idle-samples",
+                "5",
+                "--json",
+                str(out),
+            ],
             check=True,
             cwd=ROOT,
         )

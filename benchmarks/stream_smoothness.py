@@ -290,8 +290,18 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     }
     log = (work / "appliance.log").open("wb")
     appliance = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-        + ["--ui-port", str(ui_port), "--api-port", str(api_port)],
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "up",
+            "--demo",
+            "--no-browser",
+            "--ui-port",
+            str(ui_port),
+            "--api-port",
+            str(api_port),
+        ],
         cwd=REPO,
         env=env,
         stdout=log,

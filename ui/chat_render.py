@@ -74,8 +74,50 @@ def image_file(image: hist.StoredImage, folder: Path) -> Path:
 
 BLOCKED_IMAGE = "🚫 remote image blocked (click to load)"
 _SAFE_TAGS = frozenset(
-    "b i em strong u s del ins sub sup small mark kbd code pre br hr p div span ul ol li dl dt dd "
-    "table thead tbody tfoot tr th td blockquote details summary h1 h2 h3 h4 h5 h6".split()
+    [
+        "b",
+        "i",
+        "em",
+        "strong",
+        "u",
+        "s",
+        "del",
+        "ins",
+        "sub",
+        "sup",
+        "small",
+        "mark",
+        "kbd",
+        "code",
+        "pre",
+        "br",
+        "hr",
+        "p",
+        "div",
+        "span",
+        "ul",
+        "ol",
+        "li",
+        "dl",
+        "dt",
+        "dd",
+        "table",
+        "thead",
+        "tbody",
+        "tfoot",
+        "tr",
+        "th",
+        "td",
+        "blockquote",
+        "details",
+        "summary",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+    ]
 )
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 # A code span: a backtick run not escaped, the shortest text, the same run closing it.

@@ -438,7 +438,7 @@ def _check_part(part: dict[str, Any], where: str) -> tuple[BodyRefusal | None, s
     value = part.get(field_name)
     url = value.get("url") if isinstance(value, dict) else value
     path = f"{where}.{field_name}" + (".url" if isinstance(value, dict) else "")
-    if not isinstance(url, str) or not url[:5].lower() == "data:":
+    if not isinstance(url, str) or url[:5].lower() != "data:":
         example = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}[modality]
         shown = url[:80] if isinstance(url, str) else json.dumps(url)[:80]
         return BodyRefusal(
@@ -615,7 +615,7 @@ def _canned(status: int, reason: str, code: str, message: str) -> bytes:
                 "param": None,
                 "code": code,
             }
-        }  # fmt: skip
+        }
     ).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
@@ -626,7 +626,7 @@ def _canned(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
+def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:  # noqa: C901
     """uvicorn's httptools protocol held to `guard`: pass the result as `uvicorn.Config(http=)`."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 

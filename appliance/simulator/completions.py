@@ -245,7 +245,7 @@ class Completions:
             calls, cut = [], True
         hit_cap = forced is not None and forced >= cap
         head = reasoning_head(level, prompt.user_text, prompt.images)
-        reply = Reply(
+        return Reply(
             reasoning=fill(head, REASONING_FILLER, think, seed),
             content=fill(
                 answer_head(model, prompt.user_text, prompt.images, prompt.tool_result),
@@ -256,7 +256,6 @@ class Completions:
             tool_calls=calls,
             finish_reason="length" if cut or hit_cap else ("tool_calls" if calls else "stop"),
         )
-        return reply
 
     def _tool_calls(self, body: dict[str, Any], choice: Any, user_text: str) -> list[ToolCall]:
         tools = [t.get("function", {}) for t in body.get("tools") or [] if isinstance(t, dict)]

@@ -145,7 +145,7 @@ def tool_arguments(schema: dict[str, Any], user_text: str) -> dict[str, Any]:
     for name in wanted:
         spec = props.get(name) or {}
         kind = spec.get("type", "string")
-        if "enum" in spec and spec["enum"]:
+        if spec.get("enum"):
             args[name] = spec["enum"][0]
         elif kind == "integer":
             args[name] = 1

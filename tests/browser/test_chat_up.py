@@ -34,8 +34,16 @@ def test_a_taken_ui_port_is_a_clear_error_before_anything_starts(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser"]
-            + ["--ui-port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "up",
+                "--demo",
+                "--no-browser",
+                "--ui-port",
+                str(port),
+            ],
             cwd=REPO,
             env={**os.environ, "STEP_STATION_HOME": str(home)},
             capture_output=True,

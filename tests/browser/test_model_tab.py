@@ -9,6 +9,7 @@ registry on the real Docker engine (runtime=docker, no GPU request, a container 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import time
@@ -45,10 +46,8 @@ def engine_name(docker_client):
     name = f"ss-test-model-{uuid.uuid4().hex[:8]}"
     yield name
     for container in containers(docker_client, name):
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
-        except docker.errors.NotFound:
-            pass
 
 
 @pytest.fixture
@@ -66,10 +65,8 @@ def fresh_image(docker_client, sim_image_ref):
     docker_client.images.remove(image.id, force=True)
     ref = f"{repo}:{tag}"
     yield ref
-    try:
+    with contextlib.suppress(docker.errors.ImageNotFound):
         docker_client.images.remove(ref, force=True)
-    except docker.errors.ImageNotFound:
-        pass
 
 
 def docker_settings(tmp_path: Path, image: str, name: str) -> dict:

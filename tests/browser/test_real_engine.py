@@ -128,7 +128,7 @@ def app(docker_client, real_image, tmp_path_factory):  # noqa: F811 - the import
                 str(ui_port),
                 "--api-port",
                 str(api_port),
-            ],  # fmt: skip
+            ],
             cwd=REPO,
             env={
                 **os.environ,

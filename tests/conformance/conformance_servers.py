@@ -12,6 +12,7 @@ server without the parsers); the remote target runs the test only if it was laun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -140,10 +141,8 @@ class ContainerServer:
         return None
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already gone is fine
             self.container.remove(force=True)
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
 
 
 def start_container(

@@ -356,7 +356,7 @@ def test_sleep_needs_sleep_mode(settings, sim_env, make_supervisor) -> None:
     sup = make_supervisor()
     sup.start()
     sup.wait_ready(60)
-    with pytest.raises(Exception, match="engine.sleep_mode true"):
+    with pytest.raises(Exception, match=r"engine\.sleep_mode true"):
         sup.sleep()
 
 

@@ -4,6 +4,7 @@ layer sizes, registry down before and mid-pull, retry, and the CLI's plain-line 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -76,10 +77,8 @@ def _spec(ref: str) -> LaunchSpec:
 
 
 def _forget(dk, ref: str) -> None:
-    try:
+    with contextlib.suppress(docker.errors.ImageNotFound):
         dk.images.remove(ref, force=True)
-    except docker.errors.ImageNotFound:
-        pass
 
 
 def test_pull_progress_reaches_the_image_size(dk, registry, pushed) -> None:

@@ -532,7 +532,7 @@ def test_a_taken_port_is_a_clear_error_and_keeps_the_old_listener(make_stack) ->
             Gateway(settings, stack.keys, FixedEngine(stack.engine_url, MODEL)).start()
         moved = stack.settings
         moved.gateway.port = taken
-        with pytest.raises(PortInUseError, match="gateway.port"):
+        with pytest.raises(PortInUseError, match=r"gateway\.port"):
             stack.gateway.apply_settings(moved)
         assert stack.gateway.port != taken
         assert stack.client().models.list().data  # still serving where it was

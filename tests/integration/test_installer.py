@@ -14,6 +14,7 @@ hand to show the installed appliance answers. Also here: shellcheck on the shell
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import io
 import os
@@ -138,10 +139,9 @@ def installer_image(docker_client: docker.DockerClient) -> str:
         # Earlier builds (another base or Dockerfile) are dead weight now.
         for old in docker_client.images.list(filters={"label": "io.step-station.installer-test"}):
             if tag not in old.tags:
-                try:
+                # still used by a container of a test running now: kept
+                with contextlib.suppress(docker.errors.APIError):
                     docker_client.images.remove(old.id, force=False)
-                except docker.errors.APIError:
-                    pass  # still used by a container of a test running now
     return tag
 
 

@@ -164,7 +164,7 @@ def test_pull_then_the_real_logs_phases_in_order_then_ready(
     # The pull came from the local registry with byte progress, to the end.
     pulls = [s["progress"] for s in seen if s["state"] == "pulling_image" and s["progress"]]
     assert pulls, "no pull progress seen (was the image still in the local store?)"
-    done, total = pulls[-1]
+    _done, total = pulls[-1]
     # The real engine: 0.9 GB compressed (3 GB unpacked), not the simulator's few dozen MB.
     assert total > 500_000_000, pulls[-1]
     assert max(d for d, _ in pulls) == total

@@ -46,7 +46,7 @@ def _as_nobody(path: str, route: str, method: str = "GET") -> subprocess.Complet
             "--unix-socket",
             path,
             f"http://control{route}",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -252,7 +252,7 @@ def _curl_as(
             "--unix-socket",
             str(socket_path),
             f"http://engine{path}",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -356,9 +356,24 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         pytest.fail("openssl is needed to make the test's certificate (apt-get install openssl)")
     cert, key = tmp_path / "ui-cert.pem", tmp_path / "ui-key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={LAN}"]
-        + ["-addext", f"subjectAltName=IP:{LAN}"],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            f"/CN={LAN}",
+            "-addext",
+            f"subjectAltName=IP:{LAN}",
+        ],
         check=True,
         capture_output=True,
         timeout=60,

@@ -78,7 +78,7 @@ def test_a_turn_is_stored_then_answered_and_stored(simulator, tmp_path: Path) ->
     assert "There are 2 image(s)" in reply.reasoning  # both images reached the engine
     conv = svc.history.get_conversation(cid)
     assert conv.title == "Two pictures?"
-    user, bot = conv.messages
+    _user, bot = conv.messages
     assert bot.status == hist.COMPLETE
     assert bot.content == reply.content
     assert bot.reasoning.startswith("Reasoning level: high.")

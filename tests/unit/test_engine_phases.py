@@ -228,11 +228,11 @@ def test_validation_error_reason_becomes_the_failure_line() -> None:
 def test_every_failure_kind_has_a_hint_and_the_memory_kinds_are_retryable() -> None:
     assert set(FAILURES.values()) <= set(phases.FAILURE_HINTS)
     assert all(hint.endswith((".", ").")) for hint in phases.FAILURE_HINTS.values())
-    assert phases.RETRYABLE_FAILURES == {
+    assert {
         phases.CUDA_OOM,
         phases.MAX_LEN_TOO_LARGE,
         phases.MEMORY_IN_USE,
-    }
+    } == phases.RETRYABLE_FAILURES
     assert phases.is_retryable(phases.MEMORY_IN_USE)
     assert not phases.is_retryable(phases.UNKNOWN_ARGUMENT)
     assert not phases.is_retryable(None)

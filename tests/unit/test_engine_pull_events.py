@@ -55,5 +55,5 @@ def test_in_band_error_raises_with_what_to_do() -> None:
     with pytest.raises(ImagePullError, match="registry cannot be reached"):
         p.take({"errorDetail": {"message": "dial tcp 127.0.0.1:5: connect: connection refused"},
                 "error": "dial tcp ..."})  # fmt: skip
-    with pytest.raises(ImagePullError, match="Check engine.image"):
+    with pytest.raises(ImagePullError, match=r"Check engine\.image"):
         p.take({"error": "manifest unknown", "errorDetail": {"message": "manifest unknown"}})

@@ -29,7 +29,7 @@ def test_kv_cache_constants_from_the_model_shape() -> None:
     # BF16 KV (the TP8 commands set no --kv-cache-dtype): twice as much.
     assert planner.kv_bytes_per_token(hardware_profile("fp8-tp8"), mtp=True) == 61_440
     # One 256K context with FP8 KV: 262,144 x 24 KiB = 6 GiB, as reference/vllm.md says.
-    assert 262_144 * 24_576 == 6 * GIB
+    assert 6 * GIB == 262_144 * 24_576
 
 
 def hardware_profile(name: str) -> Profile:

@@ -163,7 +163,7 @@ def test_appliance_flags_follow_the_seed() -> None:
     assert _contains(tcp, ["--host", "127.0.0.1", "--port", "8123"])
     assert "--uds" not in tcp
     engine.listen = "udp"
-    with pytest.raises(SettingsError, match="engine.listen"):
+    with pytest.raises(SettingsError, match=r"engine\.listen"):
         profiles.build_vllm_args(profile, engine)
 
 

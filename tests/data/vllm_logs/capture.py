@@ -9,6 +9,7 @@ one engine at a time. The files are kept whole: the log of the process (stdout a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -95,10 +96,8 @@ def run(name: str, model: str, flags: tuple[str, ...], env: dict[str, str], acti
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # an engine core left behind
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):  # an engine core left behind
+                os.killpg(proc.pid, signal.SIGKILL)
     partial.replace(out)
     print(name, "exit", proc.returncode, out.stat().st_size, "bytes")
 
