@@ -181,6 +181,8 @@ FAILURES = {
         phases.NOT_SUPPORTED
     ),
     "vllm serve: error: argument --port: invalid int value: 'x'": phases.BAD_ARGUMENT,
+    # vLLM 0.32 binding `--uds` over a file already there (or a taken port), then exit 1
+    "OSError: [Errno 98] Address already in use": phases.ADDRESS_IN_USE,
 }
 
 
