@@ -212,11 +212,10 @@ class ControlServer:
             )
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by a service that is gone
-        old = os.umask(0o177)  # the socket is born 0600: no moment when others may connect
-        try:
-            server = _Server(str(path), _Handler)
-        finally:
-            os.umask(old)
+        # Not os.umask(): it is the whole process's, and the supervisor's threads create folders
+        # meanwhile (a folder made under umask 0177 cannot be entered). The 0700 folder keeps
+        # others out during the moment between bind and chmod.
+        server = _Server(str(path), _Handler)
         os.chmod(path, 0o600)
         server.supervisor = self.supervisor
         server.settings = self.settings
