@@ -55,6 +55,12 @@ def open_url(home: Path, url: str) -> str:
     return f"{url}?token={(home / 'config' / 'ui-token').read_text().strip()}"
 
 
+def up_demo_argv(ui_port: int, api_port: int) -> list[str]:
+    """`step-station up --demo` on the given ports, as the benchmarks start it."""
+    ports = ["--ui-port", str(ui_port), "--api-port", str(api_port)]
+    return [sys.executable, "-m", "appliance", "up", "--demo", "--no-browser", *ports]
+
+
 def launch_demo(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """Start `step-station up --demo` with STEP_STATION_HOME=home (its log: home/up.log)."""
     ui_port, api_port, engine_port = free_port(), free_port(), free_port()
@@ -62,18 +68,7 @@ def launch_demo(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes
     (home / "config" / "settings.toml").write_text(f"[engine]\nport = {engine_port}\n")
     give_ui_secret(home)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "up",
-            "--demo",
-            "--no-browser",
-            "--ui-port",
-            str(ui_port),
-            "--api-port",
-            str(api_port),
-        ],
+        up_demo_argv(ui_port, api_port),
         cwd=REPO,
         env={
             **os.environ,

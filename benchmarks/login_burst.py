@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import free_port, write_section  # noqa: E402
+from common import free_port, up_demo_argv, write_section  # noqa: E402
 
 from appliance import settings as st  # noqa: E402
 from appliance.keys import hash_login  # noqa: E402
@@ -62,18 +62,7 @@ def start(home: Path, tokens_per_s: int, output_tokens: int) -> tuple[subprocess
         st.Secrets(ui_login_hash=hash_login(USER, PASSWORD)), home / "config" / "secrets.toml"
     )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "up",
-            "--demo",
-            "--no-browser",
-            "--ui-port",
-            str(ui_port),
-            "--api-port",
-            str(api_port),
-        ],
+        up_demo_argv(ui_port, api_port),
         cwd=REPO,
         env={
             **os.environ,

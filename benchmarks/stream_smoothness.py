@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import CHROMIUM_ARGS, free_port, give_ui_secret
+from common import CHROMIUM_ARGS, free_port, give_ui_secret, up_demo_argv
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long, detailed answer about streaming."
@@ -290,18 +290,7 @@ def start_targets(args: argparse.Namespace, work: Path) -> tuple[Ours, Naive]:
     }
     log = (work / "appliance.log").open("wb")
     appliance = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "up",
-            "--demo",
-            "--no-browser",
-            "--ui-port",
-            str(ui_port),
-            "--api-port",
-            str(api_port),
-        ],
+        up_demo_argv(ui_port, api_port),
         cwd=REPO,
         env=env,
         stdout=log,

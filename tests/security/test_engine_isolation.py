@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import threading
 import uuid
@@ -29,6 +28,7 @@ import docker.errors  # noqa: TID251
 import httpx
 import psutil
 import pytest
+from fixtures.accounts import NOBODY, curl_as, need_another_account
 from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
     SERVED,
     real_engine_settings,
@@ -53,7 +53,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 BASE_IMAGE = os.environ.get("HARNESS_LOCAL_BASE", "step-station/debian-python:bookworm")
 EVIL = "http://evil.test"
-NOBODY = 65534  # another account on the machine
 # Routes outside /v1 that vLLM's key does not cover (and, with sleep mode, its dev routes)
 UNGUARDED = ("/tokenize", "/metrics", "/is_sleeping", "/version")
 HF_TOKEN = "hf_engine_isolation_" + uuid.uuid4().hex
@@ -230,50 +229,12 @@ def test_another_container_on_the_default_bridge_cannot_reach_the_engine(
     )
 
 
-def _curl_as(
-    uid: int, socket_path: str | Path, path: str, gid: int | None = None
-) -> subprocess.CompletedProcess:
-    """`curl` over the engine's Unix socket as another account (setpriv drops root)."""
-    gid = uid if gid is None else gid
-    return subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            f"--regid={gid}",
-            "--clear-groups",
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "--unix-socket",
-            str(socket_path),
-            f"http://engine{path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-def _need_setpriv_and_curl() -> None:
-    for tool in ("setpriv", "curl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing")
-    if os.getuid() != 0:
-        pytest.skip("switching to another account needs root")
-
-
 def test_another_local_account_cannot_open_the_engine_socket(
     sup: Supervisor, settings: st.Settings
 ) -> None:
     """On a TCP port any account could call /tokenize, /pause or, with sleep mode, /sleep and
     /collective_rpc (outside vLLM's key). On the socket, the kernel refuses them at connect()."""
-    _need_setpriv_and_curl()
+    need_another_account()
     path, _ = endpoint.split(sup.engine_url)
     assert path is not None
     folder = Path(path).parent
@@ -281,7 +242,7 @@ def test_another_local_account_cannot_open_the_engine_socket(
     assert info.st_uid == os.getuid()
     assert stat.S_IMODE(info.st_mode) == 0o2700  # only the owner enters
     for route in (*UNGUARDED, "/health", "/v1/models"):
-        other = _curl_as(NOBODY, path, route)
+        other = curl_as(NOBODY, path, route)
         assert other.stdout in ("", "000"), (route, other.stdout)  # no HTTP answer at all
         assert other.returncode == 7, (route, other.stderr)  # curl: could not connect
     # the owner's own account connects (routes outside /v1 answer; /v1 wants the engine's key)
@@ -299,7 +260,7 @@ def test_the_owner_connects_to_a_root_engines_socket_through_the_folders_group(
     folder's setgid bit hands the socket the owner's group, and the entrypoint's `umask 007` lets
     that group connect; any other account still gets nothing. Proved here with the container the
     appliance's runtime creates, and a socket folder owned by a made-up owner account."""
-    _need_setpriv_and_curl()
+    need_another_account()
     owner, stranger = 4242, 4343
     base = Path(tempfile.mkdtemp(prefix="ss-owner-", dir="/tmp"))
     os.chmod(base, 0o711)  # the made-up owner can pass through to its folder
@@ -331,12 +292,12 @@ def test_the_owner_connects_to_a_root_engines_socket_through_the_folders_group(
         assert info.st_uid == 0  # made by root in the container ...
         assert info.st_gid == owner  # ... in the owner's group, from the setgid folder
         assert stat.S_IMODE(info.st_mode) == 0o770  # umask 007: the group may connect, others not
-        assert _curl_as(owner, sock, "/health").stdout == "200"
-        refused = _curl_as(stranger, sock, "/health")
+        assert curl_as(owner, sock, "/health").stdout == "200"
+        refused = curl_as(stranger, sock, "/health")
         assert refused.returncode == 7, refused.stderr
         assert "connect" in refused.stderr.lower(), refused.stderr  # refused at connect()
         # a stranger who shares the owner's group would still need to enter the 0700 folder
-        assert _curl_as(stranger, sock, "/health", gid=owner).returncode == 7
+        assert curl_as(stranger, sock, "/health", gid=owner).returncode == 7
     finally:
         runtime.stop(handle, 5)
         runtime.remove(handle)
@@ -498,9 +459,9 @@ def test_a_real_vllm_in_docker_enforces_the_key_and_grants_no_origin(
         tokens = _call("POST", f"{url}/tokenize", json={"model": SERVED, "prompt": "hi"})
         assert tokens.status_code == 200
         assert tokens.json()["count"] > 0
-        if shutil.which("setpriv") and shutil.which("curl") and os.getuid() == 0:
+        if shutil.which("setpriv") and shutil.which("curl") and os.getuid() == 0:  # else skipped
             for route in ("/tokenize", "/metrics", "/health"):
-                assert _curl_as(NOBODY, path, route).returncode == 7, route
+                assert curl_as(NOBODY, path, route).returncode == 7, route
         del docker_labels
     finally:
         sup.stop()
