@@ -183,7 +183,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
     from appliance.engine.status_json import status_json
-    from appliance.sampler import status_lines, status_sample
+    from appliance.monitoring.sampler import status_lines, status_sample
 
     status = supervisor.status()
     lines: list[str] = []

@@ -31,10 +31,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from appliance import web_guard
-from appliance.chat_service import ChatService, engine_view_from
+from appliance.chat.history import History
+from appliance.chat.service import ChatService, engine_view_from
 from appliance.control import ControlServer
 from appliance.errors import ApplianceError, PortInUseError
-from appliance.history import History
 from appliance.keys import ui_lan_active
 from appliance.login_guard import LoginGuard, tls_options
 from appliance.services import Services
@@ -112,8 +112,8 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     from appliance.engine.supervisor import Supervisor  # heavy imports only when serving
     from appliance.gateway import Gateway
     from appliance.keys import KeyStore
-    from appliance.sampler import build_sampler
-    from appliance.timeline import ProgressRates
+    from appliance.monitoring.sampler import build_sampler
+    from appliance.monitoring.timeline import ProgressRates
 
     secrets = load_secrets()
     history = History()

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 from appliance.settings import Secrets, Settings
 
 if TYPE_CHECKING:  # types only: building them imports heavy modules (see server.build_services)
-    from appliance.chat_service import ChatService
+    from appliance.chat.history import History
+    from appliance.chat.service import ChatService
     from appliance.engine.supervisor import Supervisor
     from appliance.gateway.service import Gateway
-    from appliance.history import History
     from appliance.keys import KeyStore
-    from appliance.sampler import Sampler
-    from appliance.timeline import ProgressRates
+    from appliance.monitoring.sampler import Sampler
+    from appliance.monitoring.timeline import ProgressRates
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The chat tab: layout and wiring only.
 
-The flow lives in `appliance.chat_service.ChatService` (checks, history, streaming); the
+The flow lives in `appliance.chat.service.ChatService` (checks, history, streaming); the
 messages are built by `ui.chat_render`. Errors from the appliance become `gr.Error` here, and a
 refused message stays in the input box.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import gradio as gr
 from gradio import utils as gr_utils
 
-from appliance import chat
-from appliance import history as hist
+from appliance.chat import client as chat
+from appliance.chat import history as hist
 from appliance.errors import ApplianceError, BadInputError
 from appliance.services import Services
 from appliance.settings import cache_dir, private_dir, write_private

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import chat
-from appliance import history as hist
+from appliance.chat import client as chat
+from appliance.chat import history as hist
 from appliance.settings import private_dir
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}

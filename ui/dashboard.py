@@ -14,9 +14,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from appliance.sampler import NA, GpuSample, Sample, fmt_bytes, fmt_num
+from appliance.monitoring.sampler import NA, GpuSample, Sample, fmt_bytes, fmt_num
+from appliance.monitoring.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
 from appliance.services import Services
-from appliance.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-dashboard"

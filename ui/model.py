@@ -1,7 +1,8 @@
 """The model tab: pick a profile, start and stop the engine, watch the start-up timeline.
 
 Layout and wiring only. The engine is the supervisor's (`services.supervisor`); the timeline,
-rates and failure text come from `appliance.timeline`; which profiles fit comes from the planner.
+rates and failure text come from `appliance.monitoring.timeline`; which profiles fit comes from
+the planner.
 One Start/Stop button follows the engine's state on every page; a click carries the label the
 user saw, so a "Start" clicked on a page that has not caught up yet never stops an engine another
 page just started (and the supervisor never starts a second one).
@@ -18,15 +19,15 @@ import gradio as gr
 from appliance import hardware, planner, profiles
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.errors import ApplianceError
-from appliance.services import Services
-from appliance.settings import save_settings
-from appliance.timeline import (
+from appliance.monitoring.timeline import (
     ProgressRates,
     Timeline,
     build_timeline,
     compact_log,
     fmt_duration,
 )
+from appliance.services import Services
+from appliance.settings import save_settings
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-model"

@@ -288,7 +288,7 @@ def _status(args: argparse.Namespace) -> int:
             data, lines = full["json"], list(full.get("lines") or [])
         else:
             from appliance.engine.status_json import status_json
-            from appliance.sampler import status_lines, status_sample
+            from appliance.monitoring.sampler import status_lines, status_sample
 
             status = sup.attach()
             data = status_json(status, sup.settings, sup) if args.json else {}

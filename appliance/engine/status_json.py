@@ -30,7 +30,7 @@ def engine_payload(status: EngineStatus) -> dict[str, Any]:
 
 def sampler_keys(settings: Settings, supervisor: Any) -> dict[str, Any]:
     """`gpus` and `host` from one sample of the dashboard's sampler."""
-    from appliance.sampler import status_payload, status_sample
+    from appliance.monitoring.sampler import status_payload, status_sample
 
     return status_payload(status_sample(settings, supervisor))
 

@@ -185,7 +185,7 @@ MAX_SCHEMA_BYTES = 64 << 10  # structured outputs: regex / grammar / JSON schema
 DEFAULT_MAX_IMAGES = 8  # the chat's limit (engine.max_images_per_prompt's default)
 # Decoding costs width x height x 3 bytes whatever the file size: a one-colour PNG of 20,000 x
 # 20,000 is a megabyte to send and 1.2 GB to decode. vLLM's own guard is VLLM_MAX_IMAGE_PIXELS
-# (178,956,970, vllm/envs.py); the chat's is 40 MP (appliance/chat.py MAX_IMAGE_PIXELS).
+# (178,956,970, vllm/envs.py); the chat's is 40 MP (appliance/chat/client.py MAX_IMAGE_PIXELS).
 MAX_IMAGE_PIXELS = 40_000_000
 _SNIFF_CHARS = 256 << 10  # base64 characters decoded to find an image's size (192 KiB)
 

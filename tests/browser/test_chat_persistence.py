@@ -8,7 +8,7 @@ import time
 
 from chat_page import BOT, STATS, open_chat, send, wait_for_replies
 
-from appliance import history as hist
+from appliance.chat import history as hist
 
 
 def rows(app) -> list[tuple[str, str, str]]:

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from appliance import hardware  # noqa: E402
-from appliance.sampler import ENGINE_LABEL, Sample, Sampler, status_payload  # noqa: E402
+from appliance.monitoring.sampler import ENGINE_LABEL, Sample, Sampler, status_payload  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -23,10 +23,11 @@ from fixtures.aio import run_async
 from fixtures.sim import free_port
 from gateway_kit import start_gateway, wait_until
 
-from appliance import chat, endpoint
-from appliance import history as hist
+from appliance import endpoint
 from appliance import settings as st
-from appliance.chat_service import ChatService, engine_view_from
+from appliance.chat import client as chat
+from appliance.chat import history as hist
+from appliance.chat.service import ChatService, engine_view_from
 from appliance.engine import EngineState, Supervisor
 
 pytestmark = pytest.mark.timeout(180)

@@ -21,7 +21,7 @@ from appliance import settings as st
 from appliance.engine import Supervisor
 from appliance.engine.docker_runtime import DockerRuntime
 from appliance.engine.spec import LABEL_NAME
-from appliance.sampler import build_sampler, engine_pid_lookup
+from appliance.monitoring.sampler import build_sampler, engine_pid_lookup
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 

@@ -41,7 +41,7 @@ from integration.gateway_kit import start_gateway, wait_until
 
 from appliance import endpoint
 from appliance import settings as st
-from appliance.chat_service import engine_view_from
+from appliance.chat.service import engine_view_from
 from appliance.engine import EngineState, Supervisor
 from appliance.engine.docker_runtime import DockerRuntime
 from appliance.engine.health import port_is_free

@@ -15,9 +15,9 @@ from browser.chat_page import png
 from fixtures.aio import run_async
 from PIL import Image
 
-from appliance import chat
-from appliance import history as hist
-from appliance.chat_service import ChatService, EngineView
+from appliance.chat import client as chat
+from appliance.chat import history as hist
+from appliance.chat.service import ChatService, EngineView
 from appliance.errors import BadInputError, EngineError
 from appliance.settings import Settings
 

@@ -9,7 +9,7 @@ import urllib.request
 
 from fixtures.aio import run_async
 
-from appliance import chat
+from appliance.chat import client as chat
 
 
 def running(url: str) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from appliance import chat
+from appliance.chat import client as chat
 from appliance.errors import BadInputError
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance import chat
-from appliance import history as hist
+from appliance.chat import client as chat
+from appliance.chat import history as hist
 from ui import chat_render as render
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from fixtures.aio import run_async
 
-from appliance import chat
+from appliance.chat import client as chat
 
 
 def test_parse_reads_reasoning_then_falls_back_to_reasoning_content() -> None:

@@ -400,7 +400,7 @@ def test_a_model_not_on_disk_gives_no_warning(tmp_path: Path) -> None:
 def test_notes_reach_the_cli_and_the_model_tab(capsys: pytest.CaptureFixture[str]) -> None:
     from appliance.commands.engine import _print_status, _report_start
     from appliance.engine.state import EngineState, EngineStatus
-    from appliance.timeline import build_timeline
+    from appliance.monitoring.timeline import build_timeline
     from ui.model import timeline_html
 
     note = "Dropped --disable-cascade-attn: the image <x> does not know it."

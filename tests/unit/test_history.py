@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import history as h
+from appliance.chat import history as h
 from appliance.errors import BadInputError
 from appliance.settings import data_dir
 
@@ -105,7 +105,7 @@ def test_completed_messages_survive_kill_9(tmp_path: Path) -> None:
         f"""
         import os, signal
         from pathlib import Path
-        from appliance.history import History, STREAMING
+        from appliance.chat.history import History, STREAMING
         hist = History(Path({str(path)!r})).open()
         cid = hist.create_conversation("kill test")
         hist.add_message(cid, "user", "first")

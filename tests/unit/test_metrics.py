@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from appliance.errors import EngineError
-from appliance.metrics import (
+from appliance.monitoring.metrics import (
     MetricsScraper,
     histogram_quantile,
     parse_metrics,

@@ -16,8 +16,8 @@ import pytest
 
 from appliance import hardware
 from appliance.errors import DockerUnavailableError
-from appliance.metrics import EngineMetrics
-from appliance.sampler import (
+from appliance.monitoring.metrics import EngineMetrics
+from appliance.monitoring.sampler import (
     ENGINE_LABEL,
     EnginePids,
     HostSample,

@@ -6,8 +6,8 @@ import pytest
 
 from appliance.engine import phases
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
-from appliance.sampler import GpuSample, HostSample, ProcessSample, Sample
-from appliance.timeline import (
+from appliance.monitoring.sampler import GpuSample, HostSample, ProcessSample, Sample
+from appliance.monitoring.timeline import (
     DOWNLOADING,
     PULLING,
     ProgressRates,

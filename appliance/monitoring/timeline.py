@@ -21,7 +21,7 @@ from typing import Any
 
 from appliance.engine import phases as log_phases
 from appliance.engine.state import EngineState, EngineStatus
-from appliance.sampler import Sample
+from appliance.monitoring.sampler import Sample
 
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance import chat
-from appliance import history as hist
+from appliance.chat import client as chat
+from appliance.chat import history as hist
 from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import Settings
 

@@ -36,7 +36,7 @@ from appliance.errors import ApplianceError
 from appliance.settings import Settings
 
 if TYPE_CHECKING:  # httpx and prometheus_client stay out of the GPU test's imports
-    from appliance.metrics import EngineMetrics, MetricsScraper
+    from appliance.monitoring.metrics import EngineMetrics, MetricsScraper
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ def engine_pid_lookup(supervisor: Any) -> Callable[[], set[int]]:
 
 def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
     """The appliance's sampler: engine status, engine pids and metrics from the supervisor."""
-    from appliance.metrics import MetricsScraper  # httpx only when serving
+    from appliance.monitoring.metrics import MetricsScraper  # httpx only when serving
 
     return Sampler(
         settings,
