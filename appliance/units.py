@@ -31,6 +31,13 @@ def fmt_bytes(n: int | float | None, digits: int = 1) -> str:
     raise AssertionError("unreachable: the last unit always returns")
 
 
+def fmt_num(value: float | None, unit: str = "", digits: int = 0) -> str:
+    """`71 %`, `12.5 tokens/s`: a reading with `digits` decimals and its unit; `n/a` for None."""
+    if value is None:
+        return NA
+    return f"{value:.{digits}f}{unit}"
+
+
 def fmt_rate(bytes_per_s: float | None, digits: int = 1) -> str:
     """`12.3 MiB/s`: a transfer rate in the same units as `fmt_bytes`."""
     return NA if bytes_per_s is None else fmt_bytes(bytes_per_s, digits) + "/s"

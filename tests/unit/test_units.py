@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.units import NA, fmt_bytes, fmt_duration, fmt_progress, fmt_rate
+from appliance.units import NA, fmt_bytes, fmt_duration, fmt_num, fmt_progress, fmt_rate
 
 KIB = 1024
 MIB = 1024**2
@@ -39,6 +39,12 @@ def test_fmt_bytes_digits() -> None:
     assert fmt_bytes(1.234 * GIB, digits=2) == "1.23 GiB"
     assert fmt_bytes(1.5 * GIB, digits=0) == "2 GiB"
     assert fmt_bytes(100, digits=2) == "100 B"
+
+
+def test_fmt_num() -> None:
+    assert fmt_num(71.4, " %") == "71 %"
+    assert fmt_num(12.25, " tokens/s", 1) == "12.2 tokens/s"
+    assert fmt_num(None, " W") == NA
 
 
 def test_fmt_rate_and_progress() -> None:
