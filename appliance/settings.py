@@ -102,7 +102,7 @@ class EngineSettings:
     max_images_per_prompt: int = 8
     mtp: bool = False  # MTP-3 speculative decoding, where the profile allows it
     sleep_mode: bool = False
-    idle_sleep_minutes: int = 0  # 0: never sleep on idle
+    idle_sleep_minutes: float = 0.0  # 0: never sleep on idle; fractions allowed (0.5: 30 s)
     hf_cache_dir: str = ""  # empty: ~/.cache/huggingface
     model_override: str = ""  # a local path or repo id used instead of the profile's checkpoint
     start_timeout_s: int = 3600
