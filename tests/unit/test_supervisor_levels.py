@@ -6,12 +6,12 @@ import pytest
 
 from appliance import settings as st
 from appliance.engine import Supervisor
+from appliance.engine.supervisor import replace_settings
 from appliance.errors import EngineError
 
 
 def test_level_two_sleep_is_refused_before_touching_the_engine() -> None:
-    settings = st.Settings()
-    settings.engine.sleep_mode = True
+    settings = replace_settings(st.Settings(), sleep_mode=True)
     sup = Supervisor.for_demo(settings, outside_poll_s=0)
     try:
         with pytest.raises(EngineError, match="level 2 is not supported"):

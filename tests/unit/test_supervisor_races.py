@@ -26,7 +26,7 @@ from appliance.engine.lock import EngineLock
 from appliance.engine.supervisor import replace_settings
 from appliance.errors import EngineError
 
-supervisor_module = importlib.import_module("appliance.engine.supervisor")
+attach_module = importlib.import_module("appliance.engine.attach")  # where attach() takes the lock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,10 +41,7 @@ INIT_FAILED_LINES = (
 
 @pytest.fixture
 def settings() -> st.Settings:
-    settings = st.Settings()
-    settings.engine.runtime = "process"
-    settings.engine.container_name = NAME
-    return settings
+    return replace_settings(st.Settings(), runtime="process", container_name=NAME)
 
 
 @pytest.fixture
@@ -313,7 +310,7 @@ def test_a_second_supervisor_does_not_adopt_an_engine_that_is_being_stopped(
                 waits_for_lock.set()
             super().acquire()
 
-    monkeypatch.setattr(supervisor_module, "EngineLock", ObservedLock)
+    monkeypatch.setattr(attach_module, "EngineLock", ObservedLock)
     second = make_supervisor()
     seen = record_states(second)
     attach = Call(second.attach, name="attach")
