@@ -182,14 +182,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
-    from appliance.engine.status_json import status_json
-    from appliance.monitoring.sampler import status_lines, status_sample
+    from appliance.monitoring.status import status_report
 
-    status = supervisor.status()
-    lines: list[str] = []
-    with contextlib.suppress(ApplianceError, OSError, ValueError):
-        lines = status_lines(status_sample(settings, supervisor))
-    return {"json": status_json(status, settings, supervisor), "lines": lines}
+    data, lines = status_report(supervisor.status(), settings, supervisor)
+    return {"json": data, "lines": lines}
 
 
 class ControlServer:

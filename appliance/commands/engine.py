@@ -287,12 +287,10 @@ def _status(args: argparse.Namespace) -> int:
             status = status_from_dict(full["json"])
             data, lines = full["json"], list(full.get("lines") or [])
         else:
-            from appliance.engine.status_json import status_json
-            from appliance.monitoring.sampler import status_lines, status_sample
+            from appliance.monitoring.status import status_report
 
             status = sup.attach()
-            data = status_json(status, sup.settings, sup) if args.json else {}
-            lines = [] if args.json else status_lines(status_sample(sup.settings, sup))
+            data, lines = status_report(status, sup.settings, sup)
         if args.json:
             print(json.dumps(data, indent=2, default=str))
         else:

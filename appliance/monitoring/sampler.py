@@ -34,6 +34,9 @@ import psutil
 from appliance import hardware
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
+from appliance.units import NA as NA  # re-exported until ui/ imports appliance.units itself
+from appliance.units import fmt_bytes as fmt_bytes
+from appliance.units import fmt_num as fmt_num
 
 if TYPE_CHECKING:  # httpx and prometheus_client stay out of the GPU test's imports
     from appliance.monitoring.metrics import EngineMetrics, MetricsScraper
@@ -468,24 +471,6 @@ def sample_dict(sample: Sample) -> dict[str, Any]:
     return asdict(sample)
 
 
-NA = "n/a"
-
-
-def fmt_bytes(value: int | float | None) -> str:
-    """Bytes in GB (1e9) the way the model card and `nvidia-smi` users read them."""
-    if value is None:
-        return NA
-    if abs(value) >= 1e9:
-        return f"{value / 1e9:.1f} GB"
-    return f"{value / 1e6:.0f} MB"
-
-
-def fmt_num(value: float | None, unit: str = "", digits: int = 0) -> str:
-    if value is None:
-        return NA
-    return f"{value:.{digits}f}{unit}"
-
-
 def status_lines(sample: Sample) -> list[str]:
     """The same numbers as the dashboard, as plain lines for `step-station status`."""
     lines: list[str] = []
@@ -574,10 +559,3 @@ def status_sample(settings: Settings, supervisor: Any = None, *, window_s: float
         return sampler.sample_once()
     finally:
         sampler.stop()
-
-
-def status_json(sample: Sample | None) -> dict[str, Any]:
-    """The `"gpus"` and `"host"` keys to merge into `status --json` (empty lists when unknown)."""
-    if sample is None:
-        return {"gpus": [], "host": None}
-    return status_payload(sample)

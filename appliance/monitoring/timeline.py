@@ -3,8 +3,8 @@
 `ProgressRates` listens to the supervisor (every progress update reaches it once, whatever the
 number of open pages) and turns the (bytes done, bytes total) of the image pull and the weights
 download into a rate and an ETA over the last few seconds. `build_timeline()` turns an
-`EngineStatus` into steps with their elapsed times ("Ready in 7 m 12 s"), the last log line, and on
-failure the reason, what to do and the log tail. `memory_breakdown()` splits the engine GPU's
+`EngineStatus` into steps with their elapsed times ("Ready in 7 min 12 s"), the last log line,
+and on failure the reason, what to do and the log tail. `memory_breakdown()` splits the engine GPU's
 memory into weights, KV cache (reserved and in use), the rest of the engine, other processes and
 free memory. Nothing here imports gradio.
 """
@@ -22,6 +22,8 @@ from typing import Any
 from appliance.engine import phases as log_phases
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.monitoring.sampler import Sample
+from appliance.units import fmt_duration as fmt_duration  # re-exported until ui/ imports units
+from appliance.units import fmt_progress, fmt_rate
 
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"
@@ -36,35 +38,6 @@ WHY_RESERVED = (
     "KV-cache pool it manages itself, so the GPU looks almost full even with no request running; "
     "the KV cache in use is the part of that pool holding live requests."
 )
-
-
-# ------------------------------------------------------------------------------------ durations
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """`7 m 12 s`, `45 s`, `1 h 3 m`: how long, in the words the UI uses."""
-    if seconds is None:
-        return ""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes} m"
-    if minutes:
-        return f"{minutes} m {secs} s"
-    return f"{secs} s"
-
-
-def fmt_rate(bytes_per_s: float | None) -> str:
-    if bytes_per_s is None:
-        return ""
-    if bytes_per_s >= 1e9:
-        return f"{bytes_per_s / 1e9:.2f} GB/s"
-    return f"{bytes_per_s / 1e6:.1f} MB/s"
-
-
-def fmt_gb(value: float) -> str:
-    return f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.1f} MB"
 
 
 # --------------------------------------------------------------------------------- byte rates
@@ -190,10 +163,8 @@ def _transfer_detail(
     progress = status.progress if _is_current(status, name) else None
     done, total = progress or totals or (0, 0)
     parts = []
-    if total > 0:
-        parts.append(f"{fmt_gb(done)} of {fmt_gb(total)} ({100 * done / total:.0f}%)")
-    elif done > 0:
-        parts.append(fmt_gb(done))
+    if total > 0 or done > 0:
+        parts.append(fmt_progress(done, total))
     if rates is not None and _is_current(status, name):
         rate, eta = rates.estimate(name)
         if rate is not None:

@@ -103,20 +103,20 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     page.get_by_role("tab", name="Dashboard").click()
     gpu = page.locator('#ss-current [data-gpu="0"]')
     expect(gpu).to_contain_text("NVIDIA GB300")
-    expect(gpu.locator('[data-field="memory"]')).to_contain_text("of 269.2 GB")
+    expect(gpu.locator('[data-field="memory"]')).to_contain_text("of 250.7 GiB")  # 256,703 MiB
     engine_row = gpu.locator("tr.ss-engine")
     expect(engine_row).to_contain_text("Step-3.7-Flash engine")
     assert engine_row.get_attribute("data-pid") == str(app.engine_pid())
     expect(gpu.locator('tr[data-pid="4242"]')).not_to_have_class("ss-engine")
     expect(field(page, "cpu")).to_contain_text("%")
-    expect(field(page, "disk")).to_contain_text("GB")
+    expect(field(page, "disk")).to_contain_text("iB")
     expect(field(page, "sleep-state")).to_have_text("awake")
 
     # Memory breakdown: weights and the KV-cache pool from the engine's own log lines.
     breakdown = page.locator("#ss-breakdown")
-    expect(breakdown.locator('[data-part="Weights"]')).to_contain_text("212.9 GB")  # 198.3 GiB
+    expect(breakdown.locator('[data-part="Weights"]')).to_contain_text("198.3 GiB")
     expect(breakdown.locator('[data-part="KV cache reserved, free"]')).to_be_visible()
-    expect(breakdown.locator('[data-part="Other processes"]')).to_contain_text("1.3 GB")
+    expect(breakdown.locator('[data-part="Other processes"]')).to_contain_text("1.2 GiB")
     expect(breakdown).to_contain_text("vLLM reserves most of the GPU when it starts")
 
     # Traffic: the engine numbers and the plots follow it.

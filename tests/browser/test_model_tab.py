@@ -163,7 +163,7 @@ def test_start_from_the_page_walks_the_timeline_then_stop(
     # The pull fetched the fresh layer: its bytes are shown, complete.
     pull = page.locator('#ss-timeline [data-step="Pulling image"] .ss-detail')
     expect(pull).to_contain_text("(100%)")
-    expect(pull).to_contain_text("MB")
+    expect(pull).to_contain_text("MiB")
     # Effective settings from the engine's own log lines.
     effective = page.locator("#ss-effective")
     expect(effective).to_contain_text("806,736")  # KV-cache tokens, from "GPU KV cache size"

@@ -85,7 +85,7 @@ def test_status_shows_host_and_engine_numbers(engine_settings, docker_client):
     text = cli("status")
     assert text.returncode == 0, text.stderr
     assert "Host: CPU " in text.stdout
-    assert re.search(r"memory [\d.]+ [MG]B of [\d.]+ GB", text.stdout)
+    assert re.search(r"memory [\d.]+ [KMG]iB of [\d.]+ GiB", text.stdout)
     assert "free disk for weights" in text.stdout
     engine_line = next(
         line for line in text.stdout.splitlines() if line.startswith("Engine metrics: ")

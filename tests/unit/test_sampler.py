@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance import hardware
-from appliance.errors import DockerUnavailableError
+from appliance.engine.state import EngineState, EngineStatus
+from appliance.errors import DockerUnavailableError, HardwareError
+from appliance.monitoring import status as status_module
 from appliance.monitoring.metrics import EngineMetrics
 from appliance.monitoring.sampler import (
     ENGINE_LABEL,
@@ -24,10 +26,8 @@ from appliance.monitoring.sampler import (
     Sampler,
     engine_pid_lookup,
     read_host,
-    status_json,
     status_lines,
     status_payload,
-    status_sample,
 )
 from appliance.settings import Settings
 
@@ -456,13 +456,30 @@ def test_engine_pids_of_a_container_come_from_the_runtime() -> None:
     assert engine_pid_lookup(Supervisor("abc", Runtime()))() == {41, 42}
 
 
-def test_status_sample_for_the_cli_without_an_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_report_for_the_cli_without_an_appliance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status --json` is the engine's keys, then the sampler's `gpus` and `host` from one sample;
+    `status` prints the same sample's lines."""
     api = FakeNvml()
     monkeypatch.setattr(hardware, "_default_session", hardware.NvmlSession(api))
-    sample = status_sample(
-        Settings(), Supervisor("abc", type("R", (), {"engine_pids": lambda s, c: {1001}})())
+    engine = EngineStatus(state=EngineState.READY, container_id="abc")
+    payload, lines = status_module.status_report(
+        engine,
+        Settings(),
+        Supervisor("abc", type("R", (), {"engine_pids": lambda s, c: {1001}})()),
     )
-    payload = status_json(sample)
+    assert list(payload)[:6] == [
+        "state",
+        "phase",
+        "profile",
+        "container_id",
+        "engine_url",
+        "message",
+    ]
+    assert payload["state"] == "ready"
+    assert list(payload)[-2:] == ["gpus", "host"]
+    assert "warnings" not in payload
+    assert any(line.startswith("GPU 1 NVIDIA GB300: memory ") for line in lines)
+    assert lines[-1].startswith("Host: CPU ")
     assert [g["name"] for g in payload["gpus"]] == [
         "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
         "NVIDIA GB300",
@@ -482,7 +499,22 @@ def test_status_sample_for_the_cli_without_an_appliance(monkeypatch: pytest.Monk
     assert host["memory_total_bytes"] > host["memory_used_bytes"] > 0
     assert host["weights_disk_free_bytes"] > 0
     assert 0.0 <= host["cpu_pct"] <= 100.0
-    assert status_json(None) == {"gpus": [], "host": None}
+
+
+def test_status_report_keeps_the_engine_part_when_sampling_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise HardwareError("NVML: driver/library version mismatch")
+
+    monkeypatch.setattr(status_module, "status_sample", fail)
+    payload, lines = status_module.status_report(
+        EngineStatus(state=EngineState.STOPPED), Settings()
+    )
+    assert payload["state"] == "stopped"
+    assert "gpus" not in payload
+    assert payload["warnings"] == ["sampler: NVML: driver/library version mismatch"]
+    assert lines == ["GPUs and host: not read (NVML: driver/library version mismatch)"]
 
 
 def test_an_engine_process_that_appears_later_is_labelled_soon() -> None:
