@@ -43,6 +43,7 @@ from appliance import endpoint
 from appliance import settings as st
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
 from appliance.errors import ApplianceError, EngineError
+from appliance.keys import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def socket_path() -> Path:
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     supervisor: Any
-    settings: st.Settings
+    store: st.SettingsStore
+    keys: KeyStore | None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -132,7 +134,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     status = sup.status()
                 self._send(200, {"status": status.to_dict()})
             elif url.path == "/status/full":
-                self._send(200, _full_status(self.server.settings, sup))
+                self._send(200, _full_status(self.server.store.current(), sup))
             elif url.path == "/logs":
                 self._stream_logs(follow=query.get("follow") == "1")
             else:
@@ -191,9 +193,12 @@ def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
 class ControlServer:
     """The service's end: serves the supervisor on the private socket from a thread."""
 
-    def __init__(self, supervisor: Any, settings: st.Settings) -> None:
+    def __init__(
+        self, supervisor: Any, store: st.SettingsStore, *, keys: KeyStore | None = None
+    ) -> None:
         self.supervisor = supervisor
-        self.settings = settings
+        self.store = store
+        self.keys = keys
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.path: Path | None = None
@@ -214,7 +219,8 @@ class ControlServer:
         server = _Server(str(path), _Handler)
         os.chmod(path, 0o600)
         server.supervisor = self.supervisor
-        server.settings = self.settings
+        server.store = self.store
+        server.keys = self.keys
         self._server = server
         self.path = path
         self._thread = threading.Thread(

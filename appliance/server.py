@@ -24,7 +24,7 @@ import threading
 import webbrowser
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -38,7 +38,16 @@ from appliance.errors import ApplianceError, PortInUseError
 from appliance.keys import ui_lan_active
 from appliance.login_guard import LoginGuard, tls_options
 from appliance.services import Services
-from appliance.settings import Settings, load_secrets, private_runtime
+from appliance.settings import (
+    Settings,
+    SettingsStore,
+    load_secrets,
+    private_runtime,
+    with_changes,
+)
+
+if TYPE_CHECKING:
+    from appliance.engine.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +117,18 @@ def gateway_listener(settings: Settings) -> Listener:
 
 
 def build_services(settings: Settings, *, demo: bool) -> Services:
-    """Create every long-lived service (nothing is started here: see `lifespan`)."""
+    """Create every long-lived service (nothing is started here: see `lifespan`).
+
+    `settings` become the store's first snapshot; every part that keeps settings of its own
+    follows the store (subscribed here), so a change saved through `store.update` (the UI, or
+    `step-station config set` over the control socket) reaches them at once."""
     from appliance.engine.supervisor import Supervisor  # heavy imports only when serving
     from appliance.gateway import Gateway
     from appliance.keys import KeyStore
     from appliance.monitoring.sampler import build_sampler
     from appliance.monitoring.timeline import ProgressRates
 
+    store = SettingsStore(settings)
     secrets = load_secrets()
     history = History()
     supervisor = Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=secrets)
@@ -127,20 +141,42 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     # the model tab's and dashboard's sampler, and the start-up rates (pull / download)
     progress_rates = ProgressRates()
     supervisor.add_listener(progress_rates.observe)
+    sampler = build_sampler(settings, supervisor)
     # the LAN API: API keys and the gateway (its own listener, started in `lifespan`)
     keys = KeyStore()
+    gateway = Gateway(settings, keys, supervisor)
+    _follow_store(store, supervisor, demo=demo)
+    store.subscribe(gateway.apply_settings)  # limits at once; a new listener if its port moved
+
+    def readers_follow(new: Settings) -> None:  # they read `.settings` at each use
+        chat.settings = new
+        sampler.settings = new
+
+    store.subscribe(readers_follow)
     return Services(
-        settings=settings,
+        store=store,
         secrets=secrets,
         demo=demo,
         supervisor=supervisor,
         history=history,
         chat=chat,
-        sampler=build_sampler(settings, supervisor),
+        sampler=sampler,
         progress_rates=progress_rates,
         keys=keys,
-        gateway=Gateway(settings, keys, supervisor),
+        gateway=gateway,
     )
+
+
+def _follow_store(store: SettingsStore, supervisor: Supervisor, *, demo: bool) -> None:
+    """The supervisor takes each new snapshot (a running engine launched with other settings
+    then says it needs a restart). The demo's engine is the simulator whatever engine.runtime
+    says (`Supervisor.for_demo`), so its snapshots keep the process runtime."""
+    if demo:
+        store.subscribe(
+            lambda new: supervisor.apply_settings(with_changes(new, {"engine.runtime": "process"}))
+        )
+    else:
+        store.subscribe(supervisor.apply_settings)
 
 
 def _start_engine(services: Services) -> None:
@@ -160,7 +196,7 @@ def _stop_engine(services: Services) -> None:
 def _start_control(services: Services) -> ControlServer | None:
     """The CLI's way in (appliance/control.py): from here on `step-station start/stop/status`
     drive this service's supervisor instead of running their own."""
-    control = ControlServer(services.supervisor, services.settings)
+    control = ControlServer(services.supervisor, services.store, keys=services.keys)
     try:
         control.start()
     except ApplianceError as err:
@@ -217,21 +253,24 @@ def create_app(services: Services) -> FastAPI:
     return ui_app.mount(app, services)  # type: ignore[no-any-return]
 
 
-def guard_ui(app: Any, settings: Settings, bind_host: str) -> Any:
+def guard_ui(app: Any, settings: Callable[[], Settings], bind_host: str) -> Any:
     """The UI listener's door (appliance/web_guard.py): Host and Origin checks and closed CORS
-    outside, the route allowlist and the per-install secret (or the owner login) inside."""
+    outside, the route allowlist and the per-install secret (or the owner login) inside.
+    `settings` gives the snapshot in force: extra names and origins apply as soon as they are
+    saved; the port and "UI on LAN" are the ones this run started with."""
     from appliance.keys import ui_lan_active
 
-    token = None if ui_lan_active(settings) else web_guard.ui_token()
-    locked = web_guard.UiLock(app, settings.ui.port, lambda: token)
+    started = settings()
+    token = None if ui_lan_active(started) else web_guard.ui_token()
+    locked = web_guard.UiLock(app, started.ui.port, lambda: token)
     options = web_guard.GuardOptions(
         names=web_guard.HostNames(
-            lambda: bind_host, lambda: web_guard.csv(settings.ui.allowed_hosts)
+            lambda: bind_host, lambda: web_guard.csv(settings().ui.allowed_hosts)
         ),
         what="the Step Station UI",
         setting="ui",
-        extra_origins=lambda: web_guard.csv(settings.ui.allowed_origins),
-        address_hint=lambda: f"http://127.0.0.1:{settings.ui.port}/",
+        extra_origins=lambda: web_guard.csv(settings().ui.allowed_origins),
+        address_hint=lambda: f"http://127.0.0.1:{started.ui.port}/",
     )
     return web_guard.HostOriginGuard(locked, options)
 
@@ -256,7 +295,7 @@ def run(
         bind_port(gateway_listener(settings)).close()  # the gateway binds it itself
         app = guard_ui(
             LoginGuard(create_app(services), require_session=ui_lan_active(settings)),
-            settings,
+            services.store.current,
             ui.host,
         )
         tls = tls_options(settings)  # ui.tls_cert / ui.tls_key: checked before anything runs

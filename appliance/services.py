@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from appliance.settings import Secrets, Settings
+from appliance.settings import Secrets, Settings, SettingsStore
 
 if TYPE_CHECKING:  # types only: building them imports heavy modules (see server.build_services)
     from appliance.chat.history import History
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # types only: building them imports heavy modules (see server
 class Services:
     """Built once by `server.build_services`; every part is there (typed, never None)."""
 
-    settings: Settings
+    store: SettingsStore  # the one owner of the settings: `store.update({...})` changes them
     secrets: Secrets
     demo: bool
     supervisor: Supervisor
@@ -36,3 +36,8 @@ class Services:
     keys: KeyStore
     gateway: Gateway
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        """The snapshot in force now (read it at each use; never keep it for later)."""
+        return self.store.current()

@@ -6,18 +6,26 @@ appliance keeps is private to its user (folders 0700, files 0600, whatever the u
 `private_dir`, `write_private` and `private_runtime`); secrets are never printed. A corrupt
 settings file is moved aside to a timestamped backup and defaults are used; the caller gets a
 warning naming the file and the reason.
+
+Settings are immutable snapshots (frozen dataclasses). A running service holds one
+`SettingsStore`: `update({"section.field": value})` validates, saves and swaps in a new snapshot,
+then tells its subscribers (the supervisor, the gateway, ...). Nobody changes a snapshot in place,
+so a reader never sees half of an update; `with_changes` makes a validated copy without saving.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,8 @@ else:  # pragma: no cover - the Station runs 3.12
 from appliance.errors import SettingsError
 
 APP_NAME = "step-station"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------- paths
@@ -81,7 +91,7 @@ def secrets_path() -> Path:
 # ------------------------------------------------------------------------------------ sections
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineSettings:
     """How the engine is launched. Changing any of these while it runs asks for a restart."""
 
@@ -109,7 +119,7 @@ class EngineSettings:
     stop_timeout_s: int = 60
 
 
-@dataclass
+@dataclass(frozen=True)
 class UISettings:
     host: str = "127.0.0.1"
     port: int = 7860
@@ -121,7 +131,7 @@ class UISettings:
     allowed_origins: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GatewaySettings:
     port: int = 8000
     share_lan: bool = False
@@ -138,7 +148,7 @@ class GatewaySettings:
     allowed_origins: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatSettings:
     reasoning_level: str = "medium"
     max_image_mb: int = 20
@@ -149,13 +159,13 @@ class ChatSettings:
     system_prompt: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerSettings:
     interval_s: float = 1.0
     history_s: int = 900
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     ui: UISettings = field(default_factory=UISettings)
@@ -170,12 +180,6 @@ class Settings:
         """Value of a dotted key such as `engine.port`."""
         section, name = _split_key(key)
         return getattr(getattr(self, section), name)
-
-    def set(self, key: str, value: Any) -> None:  # noqa: ANN401
-        """Set a dotted key; strings are converted to the field's type (`config set`)."""
-        section, name = _split_key(key)
-        target = getattr(self, section)
-        setattr(target, name, _coerce(key, value, _field_type(target, name)))
 
 
 @dataclass
@@ -249,16 +253,33 @@ def _coerce(key: str, value: Any, typ: type) -> Any:  # noqa: ANN401
     )
 
 
+def with_changes(settings: Settings, changes: Mapping[str, Any]) -> Settings:
+    """A copy of `settings` with `{"section.field": value}` changes, each value converted to the
+    field's type as `config set` does (strings too). Raises SettingsError naming the first bad
+    key; `settings` itself never changes. No I/O."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        section, name = _split_key(key)
+        target = getattr(settings, section)
+        by_section.setdefault(section, {})[name] = _coerce(key, value, _field_type(target, name))
+    if not by_section:
+        return settings
+    sections = {
+        section: dataclasses.replace(getattr(settings, section), **values)
+        for section, values in by_section.items()
+    }
+    return dataclasses.replace(settings, **sections)
+
+
 def _from_mapping(data: dict[str, Any]) -> Settings:
-    settings = Settings()
+    changes: dict[str, Any] = {}
     for section, values in data.items():
         if section not in {f.name for f in fields(Settings)}:
             raise SettingsError(f"Unknown settings section [{section}].")
         if not isinstance(values, dict):
             raise SettingsError(f"Settings section [{section}] must be a table.")
-        for name, value in values.items():
-            settings.set(f"{section}.{name}", value)
-    return settings
+        changes.update({f"{section}.{name}": value for name, value in values.items()})
+    return with_changes(Settings(), changes)
 
 
 # ------------------------------------------------------------------------- private files
@@ -462,3 +483,72 @@ def save_secrets(secrets: Secrets, path: Path | None = None) -> Path:
 def hf_token() -> str:
     """The Hugging Face token: the secrets file first, then HF_TOKEN from the environment."""
     return load_secrets().hf_token or os.environ.get("HF_TOKEN", "")
+
+
+# --------------------------------------------------------------------------------- the store
+
+
+class SettingsStore:
+    """The one owner of a running service's settings: hands out immutable snapshots and changes
+    them only through `update`, which validates, saves and then tells every subscriber."""
+
+    def __init__(self, settings: Settings, path: Path | None = None) -> None:
+        self.path = path or settings_path()
+        self._settings = settings
+        self._lock = threading.Lock()  # one update at a time: validate, save, swap
+        self._listeners: list[Callable[[Settings], object]] = []
+        # Notifications run outside `_lock` (a slow subscriber must not hold up the next save),
+        # so two updates from two threads could tell subscribers in the wrong order. Each
+        # snapshot gets a number; an older one is not delivered once a newer one was, so every
+        # subscriber ends on the snapshot in force.
+        self._notify_lock = threading.RLock()  # re-entrant: a subscriber may call update()
+        self._version = 0
+        self._delivered = 0
+
+    def current(self) -> Settings:
+        """The frozen snapshot now in force."""
+        return self._settings
+
+    def subscribe(self, listener: Callable[[Settings], object]) -> None:
+        """Call `listener(new_snapshot)` after each update that changed something."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def update(self, changes: Mapping[str, Any]) -> Settings:
+        """Apply `{"section.field": value}` changes (as `config set` takes them): validated
+        first (SettingsError, nothing saved), saved atomically, swapped in, then every
+        subscriber is called with the new snapshot. Changing nothing saves and tells nothing.
+        Only the changed keys are written (see `_save`)."""
+        with self._lock:
+            old = self._settings
+            new = with_changes(old, changes)
+            if new == old:
+                return old
+            self._save(changes)
+            self._settings = new
+            self._version += 1
+            version = self._version
+            listeners = list(self._listeners)
+        self._notify(listeners, new, version)
+        return new
+
+    def _save(self, changes: Mapping[str, Any]) -> None:
+        """Write the changes onto what the file holds, not the whole snapshot: values given for
+        this run only (`up --ui-port N`) stay out of the file."""
+        on_disk = load_settings(self.path)
+        for warning in on_disk.warnings:
+            log.warning("%s", warning)
+        save_settings(with_changes(on_disk.settings, changes), self.path)
+
+    def _notify(
+        self, listeners: list[Callable[[Settings], object]], snapshot: Settings, version: int
+    ) -> None:
+        with self._notify_lock:
+            if version < self._delivered:
+                return  # a newer snapshot (which includes these changes) was already delivered
+            self._delivered = version
+            for listener in listeners:
+                try:
+                    listener(snapshot)
+                except Exception:  # noqa: BLE001 - one broken subscriber must not stop the rest
+                    log.exception("a settings subscriber failed: %r", listener)

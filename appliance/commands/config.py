@@ -56,10 +56,9 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _set(args: argparse.Namespace) -> int:
-    settings = _load()
-    settings.set(args.key, args.value)
-    path = st.save_settings(settings)
-    print(f"{args.key} = {settings.get(args.key)!r} (saved to {path})")
+    store = st.SettingsStore(_load())
+    settings = store.update({args.key: args.value})
+    print(f"{args.key} = {settings.get(args.key)!r} (saved to {store.path})")
     return 0
 
 

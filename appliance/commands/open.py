@@ -14,7 +14,7 @@ import webbrowser
 from typing import Any
 
 from appliance import web_guard
-from appliance.settings import load_settings
+from appliance.settings import load_settings, with_changes
 
 
 def register(sub: Any) -> None:
@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load_settings().settings
     if args.port is not None:
-        settings.ui.port = args.port
+        settings = with_changes(settings, {"ui.port": args.port})
     url = web_guard.open_url(settings)
     display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if args.print or not (display or sys.platform == "darwin") or not webbrowser.open(url):

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from appliance.errors import SettingsError
-from appliance.settings import load_settings
+from appliance.settings import load_settings, with_changes
 
 
 def register(sub: Any) -> None:
@@ -42,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_settings()
     for warning in loaded.warnings:
         print(f"step-station: warning: {warning}", file=sys.stderr)
-    settings = loaded.settings
+    overrides: dict[str, int] = {}  # for this run only: never saved
     if args.ui_port is not None:
-        settings.ui.port = _port(args.ui_port, "--ui-port")
+        overrides["ui.port"] = _port(args.ui_port, "--ui-port")
     if args.api_port is not None:
-        settings.gateway.port = _port(args.api_port, "--api-port")
+        overrides["gateway.port"] = _port(args.api_port, "--api-port")
+    settings = with_changes(loaded.settings, overrides)
     return server.run(
         settings,
         demo=args.demo,

@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.access_log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     url = args.engine_url.rstrip("/")
-    settings = st.Settings()
-    gw = settings.gateway
-    gw.port = args.port
-    gw.require_key_on_loopback = args.require_key
-    gw.per_key_concurrency = args.concurrency
-    gw.per_key_requests_per_minute = args.per_minute
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "gateway.port": args.port,
+            "gateway.require_key_on_loopback": args.require_key,
+            "gateway.per_key_concurrency": args.concurrency,
+            "gateway.per_key_requests_per_minute": args.per_minute,
+        },
+    )
     gateway = Gateway(
         settings,
         KeyStore(),

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import socket
@@ -168,11 +167,16 @@ class ShareResult:
 class Sharing:
     """What the sharing tab does, in plain Python."""
 
-    def __init__(self, settings: st.Settings, gateway: Gateway, keys: KeyStore) -> None:
-        self.settings = settings
+    def __init__(self, store: st.SettingsStore, gateway: Gateway, keys: KeyStore) -> None:
+        self.store = store
         self.gateway = gateway
         self.keys = keys
         self.login = OwnerLogin()
+
+    @property
+    def settings(self) -> st.Settings:
+        """The snapshot in force now."""
+        return self.store.current()
 
     # ----------------------------------------------------------------------------- status
 
@@ -211,14 +215,11 @@ class Sharing:
 
     def set_shared(self, on: bool) -> ShareResult:
         """Switch LAN sharing; the first switch-on with no key makes one (returned, shown once)."""
-        trial = copy.deepcopy(self.settings)
-        trial.gateway.share_lan = on
+        change = {"gateway.share_lan": on}
         if self.gateway.running:
-            self.gateway.apply_settings(trial)  # raises (and keeps the old listener) on failure
-        self.settings.gateway.share_lan = on
-        if self.gateway.running:
-            self.gateway.apply_settings(self.settings)
-        st.save_settings(self.settings)
+            # raises (and keeps the old listener) before anything is saved
+            self.gateway.apply_settings(st.with_changes(self.settings, change))
+        self.store.update(change)  # saved; the service's gateway follows the store too
         if not on:
             return ShareResult("Sharing is off: the gateway listens on this machine only.")
         new_key = None
@@ -315,8 +316,7 @@ class Sharing:
                 hint="Enter the owner password set before (the user name is not needed), then "
                 "switch it on again.",
             )
-        self.settings.ui.lan = on
-        st.save_settings(self.settings)
+        self.store.update({"ui.lan": on})
         if on:
             return (
                 "UI on LAN is on: from the next start of Step Station the UI listens on the "
