@@ -17,12 +17,13 @@ from typing import Any
 
 from appliance import endpoint, hardware, planner, profiles
 from appliance.errors import DockerUnavailableError
-from appliance.hardware import GB, Hardware
+from appliance.hardware import GB, GIB, Hardware
 from appliance.settings import Settings
+from appliance.units import fmt_bytes
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
-IMAGE_GB = 20.0  # vllm/vllm-openai images are ~20 GB unpacked
-DISK_MARGIN_GB = 10.0  # below this much to spare after the download: warn
+IMAGE_BYTES = 20 * GIB  # vllm/vllm-openai images are ~20 GiB unpacked
+DISK_MARGIN_BYTES = 10 * GIB  # below this much to spare after the download: warn
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 NVIDIA_CTK_FIX = (
     "sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker"
@@ -283,29 +284,30 @@ def check_disk(
     weights = 0 if local_model else int(profile.weights_gb * GB)
     have = 0 if local_model else _cached_bytes(hf_root, model)
     need_weights = max(0, weights - have)
-    need_image = int(IMAGE_GB * GB) if engine.runtime == "docker" else 0
+    need_image = IMAGE_BYTES if engine.runtime == "docker" else 0
     image_root = Path(facts.root_dir) if facts.root_dir else None
     same_disk = image_root is None or _device(image_root) == _device(hf_root)
     free = disk_free(hf_root)
     need_here = need_weights + (need_image if same_disk else 0)
-    what = f"{profile.name} needs {need_weights / GB:.1f} GB more of weights" + (
-        f" ({have / GB:.1f} GB already cached)" if have else ""
+    image = fmt_bytes(IMAGE_BYTES, digits=0)
+    what = f"{profile.name} needs {fmt_bytes(need_weights)} more of weights" + (
+        f" ({fmt_bytes(have)} already cached)" if have else ""
     )
     if need_image and same_disk:
-        what += f" + ~{IMAGE_GB:.0f} GB for the image unless it is already pulled"
-    detail = f"{free / GB:.1f} GB free at {hf_root}; {what}"
-    fix = f"step-station config set engine.hf_cache_dir /path/with/{need_here / GB:.0f}GB/free"
+        what += f" + ~{image} for the image unless it is already pulled"
+    detail = f"{fmt_bytes(free)} free at {hf_root}; {what}"
+    room = fmt_bytes(need_here, digits=0).replace(" ", "")
+    fix = f"step-station config set engine.hf_cache_dir /path/with/{room}/free"
     if free < need_here:
         return Check("disk", FAIL, detail, fix)
     if image_root is not None and not same_disk and need_image:
         image_free = disk_free(image_root)
-        detail += (
-            f"; {image_free / GB:.1f} GB free at {image_root} for the ~{IMAGE_GB:.0f} GB image"
-        )
+        detail += f"; {fmt_bytes(image_free)} free at {image_root} for the ~{image} image"
         if image_free < need_image:
             return Check("disk", FAIL, detail, "docker system prune")
-    if free - need_here < DISK_MARGIN_GB * GB:
-        return Check("disk", WARN, detail + f" (less than {DISK_MARGIN_GB:.0f} GB to spare)", fix)
+    if free - need_here < DISK_MARGIN_BYTES:
+        margin = fmt_bytes(DISK_MARGIN_BYTES, digits=0)
+        return Check("disk", WARN, detail + f" (less than {margin} to spare)", fix)
     return Check("disk", PASS, detail)
 
 

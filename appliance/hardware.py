@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import psutil
 import pynvml
 
+from appliance.units import fmt_bytes
+
 T = TypeVar("T")
 
 MIB = 1024**2
@@ -207,7 +209,7 @@ class GpuInfo:
         memory = (
             "unified memory"
             if self.memory_total_bytes is None
-            else f"{self.memory_total_bytes / GIB:.1f} GiB"
+            else fmt_bytes(self.memory_total_bytes)
         )
         return f"{self.name} ({memory}, {cc}{', Blackwell' if self.is_blackwell else ''})"
 

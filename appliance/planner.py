@@ -27,6 +27,7 @@ from typing import Any
 from appliance.hardware import GB, GIB, GpuInfo, Hardware
 from appliance.profiles import PROFILES, Profile, mtp_enabled
 from appliance.settings import EngineSettings
+from appliance.units import fmt_bytes
 
 MODEL_MAX_CONTEXT = 262_144
 KV_HEADS = 8
@@ -124,10 +125,6 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------- the model
-
-
-def _gb(n: float) -> str:
-    return f"{n / GB:.1f} GB"
 
 
 def rank_gpus(gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
@@ -233,18 +230,20 @@ def fit_profile(
     result.requests_at_context = _floor_div(budget, context * per_token + sliding)
 
     if weights_per_gpu > usable:
-        share = "" if tp == 1 else f" ({_gb(weights_per_gpu)} per GPU across {tp})"
+        share = "" if tp == 1 else f", {fmt_bytes(weights_per_gpu)} per GPU across {tp}"
         fail(
             "weights_exceed_memory",
-            f"{profile.precision.upper()} weights need {_gb(weights)}{share}, "
-            f"{'this GPU' if tp == 1 else f'each {smallest.name}'} has {_gb(total)} "
-            f"({total / GIB:.1f} GiB; {_gb(usable)} at {util:g} memory utilization)",
+            f"{profile.precision.upper()} weights need {fmt_bytes(weights)} "
+            f"({profile.weights_gb:g} GB on the model card{share}), "
+            f"{'this GPU' if tp == 1 else f'each {smallest.name}'} has {fmt_bytes(total)} "
+            f"({fmt_bytes(usable)} at {util:g} memory utilization)",
         )
     elif budget_per_gpu <= 0:
         fail(
             "no_kv_room",
-            f"after {_gb(weights_per_gpu)} of weights and {OVERHEAD_BYTES_PER_GPU / GIB:.0f} GiB "
-            f"of activation and CUDA-graph overhead, {util:g} of {_gb(total)} leaves no room "
+            f"after {fmt_bytes(weights_per_gpu)} of weights and "
+            f"{fmt_bytes(OVERHEAD_BYTES_PER_GPU)} of activation and CUDA-graph overhead, "
+            f"{util:g} of {fmt_bytes(total)} leaves no room "
             "for the KV cache",
         )
     elif result.requests_at_context == 0:
@@ -259,8 +258,8 @@ def fit_profile(
         if gpu.memory_total_bytes and used > gpu.memory_total_bytes - usable:
             fail(
                 "memory_in_use",
-                f"{_gb(used)} of {gpu.name} {gpu.uuid} is already in use; vLLM needs "
-                f"{_gb(usable)} free at {util:g} memory utilization (stop the other GPU "
+                f"{fmt_bytes(used)} of {gpu.name} {gpu.uuid} is already in use; vLLM needs "
+                f"{fmt_bytes(usable)} free at {util:g} memory utilization (stop the other GPU "
                 "processes or lower engine.gpu_memory_utilization)",
             )
     result.fits = not result.reasons

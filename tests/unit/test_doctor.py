@@ -235,13 +235,15 @@ def test_cdi_spec_counts_as_nvidia_runtime(tmp_path: Path) -> None:
 
 
 def test_disk_needs_weights_and_image() -> None:
-    # fp8-tp1: 212.5 GB of weights + ~20 GB image = 232.5 GB.
+    # fp8-tp1: 212.5 GB (197.9 GiB) of weights + ~20 GiB image = 233.97 GB.
     tight = _run(_free_port_settings(), disk_free=lambda _p: 200 * GB).check("disk")
     assert tight.status == FAIL
-    assert "212.5 GB" in tight.detail
+    assert tight.detail.startswith("186.3 GiB free at ")
+    assert "fp8-tp1 needs 197.9 GiB more of weights + ~20 GiB for the image" in tight.detail
     assert tight.fix.startswith("step-station config set engine.hf_cache_dir")
     close = _run(_free_port_settings(), disk_free=lambda _p: 235 * GB).check("disk")
-    assert close.status == WARN  # 2.5 GB to spare
+    assert close.status == WARN  # 1.03 GB to spare
+    assert close.detail.endswith("(less than 10 GiB to spare)")
     assert _run(_free_port_settings(), disk_free=lambda _p: 300 * GB).check("disk").status == PASS
 
 
@@ -253,10 +255,10 @@ def test_disk_counts_weights_already_in_the_cache(tmp_path: Path) -> None:
     with (blobs / "sha256-part").open("wb") as f:
         f.truncate(200 * GB)  # sparse: 200 GB already downloaded, no disk used
     check = _run(settings, disk_free=lambda _p: 40 * GB).check("disk")
-    # 212.5 - 200 = 12.5 GB of weights + 20 GB image = 32.5 GB needed, 40 GB free.
-    assert "12.5 GB more" in check.detail
-    assert "200.0 GB already cached" in check.detail
-    assert check.status == WARN  # 7.5 GB to spare
+    # 212.5 - 200 = 12.5 GB (11.6 GiB) of weights + 20 GiB image = 33.97 GB needed, 40 GB free.
+    assert "11.6 GiB more" in check.detail
+    assert "186.3 GiB already cached" in check.detail
+    assert check.status == WARN  # 6.03 GB to spare
 
 
 def test_h200_says_no_profile_fits_and_why() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from appliance import hardware, planner
 from appliance.cli import main
-from appliance.hardware import GB, GIB, MIB, GpuInfo, Hardware
+from appliance.hardware import GIB, MIB, GpuInfo, Hardware
 from appliance.profiles import Profile, get_profile
 from appliance.settings import EngineSettings
 
@@ -101,8 +101,8 @@ def test_h200_neither_station_profile_fits_and_why() -> None:
     assert fp8.reason_codes == ["weights_exceed_memory"]
     # usable = int(150,754,820,096 x 0.95) = 143,217,079,091 < 212.5 GB of weights
     assert fp8.reasons == [
-        "FP8 weights need 212.5 GB, this GPU has 150.8 GB (140.4 GiB; 143.2 GB at 0.95 memory "
-        "utilization)"
+        "FP8 weights need 197.9 GiB (212.5 GB on the model card), this GPU has 140.4 GiB "
+        "(133.4 GiB at 0.95 memory utilization)"
     ]
     nvfp4 = result.fit("nvfp4-tp1")
     assert nvfp4.reason_codes == ["not_blackwell"]
@@ -170,11 +170,11 @@ def test_max_context_at_n_concurrent() -> None:
 
 
 def test_memory_already_in_use_is_a_reason() -> None:
-    gpu = dataclasses.replace(GB300.gpus[0], memory_used_bytes=40 * GB)
+    gpu = dataclasses.replace(GB300.gpus[0], memory_used_bytes=40 * GIB)
     busy = dataclasses.replace(GB300, gpus=[gpu])
     fit = planner.plan(busy).fit("fp8-tp1")
     assert "memory_in_use" in fit.reason_codes
-    assert "40.0 GB" in fit.reasons[-1]
+    assert fit.reasons[-1].startswith("40.0 GiB of NVIDIA GB300")
 
 
 def test_configured_profile_and_gpu() -> None:
