@@ -49,12 +49,17 @@ BEGIN, END = "<!-- engine_start:begin -->", "<!-- engine_start:end -->"
 
 
 def settings_for(runtime: str) -> st.Settings:
-    s = st.Settings()
-    e = s.engine
-    e.runtime, e.profile, e.request_gpu = runtime, "fp8-tp1", False
-    e.image, e.port = SIM_IMAGE, free_port()
-    e.container_name = f"ssbench-{uuid.uuid4().hex[:8]}"
-    return s
+    return st.with_changes(
+        st.Settings(),
+        {
+            "engine.runtime": runtime,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.image": SIM_IMAGE,
+            "engine.port": free_port(),
+            "engine.container_name": f"ssbench-{uuid.uuid4().hex[:8]}",
+        },
+    )
 
 
 def supervisor(s: st.Settings, demo: bool) -> Supervisor:

@@ -48,13 +48,20 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def settings() -> st.Settings:
-    s = st.Settings()
-    e = s.engine
-    e.runtime, e.profile, e.request_gpu = "process", "fp8-tp1", False
-    e.model_override, e.max_model_len, e.gpu_memory_utilization = str(MODEL), 4096, 0.5
-    e.port = free_port()
-    e.container_name = f"ssbench-real-{e.port}"
-    return s
+    port = free_port()
+    return st.with_changes(
+        st.Settings(),
+        {
+            "engine.runtime": "process",
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.model_override": str(MODEL),
+            "engine.max_model_len": 4096,
+            "engine.gpu_memory_utilization": 0.5,
+            "engine.port": port,
+            "engine.container_name": f"ssbench-real-{port}",
+        },
+    )
 
 
 def health(url: str) -> int | None:

@@ -28,7 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from appliance import hardware  # noqa: E402
 from appliance.monitoring.sampler import ENGINE_LABEL, Sample, Sampler, status_payload  # noqa: E402
-from appliance.settings import Settings  # noqa: E402
+from appliance.settings import Settings, with_changes  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -196,8 +196,7 @@ def test_sampler_memory_matches_known_allocations(gpu: hardware.GpuReading) -> N
 
 def test_background_sampler_sees_the_allocation(gpu: hardware.GpuReading) -> None:
     """The thread path (what pages read): a sample taken after an allocation shows it."""
-    settings = Settings()
-    settings.sampler.interval_s = 0.2
+    settings = with_changes(Settings(), {"sampler.interval_s": 0.2})
     child = Child(gpu.uuid)
     sampler = Sampler(settings)  # no engine lookup: the child is "another process"
     sampler.start()

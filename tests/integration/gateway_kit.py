@@ -172,7 +172,7 @@ class GatewayStack:
 
 def start_gateway(settings: st.Settings, engine, engine_url: str, **kwargs) -> GatewayStack:
     if not settings.gateway.port:
-        settings.gateway.port = free_port()
+        settings = st.with_changes(settings, {"gateway.port": free_port()})
     keys = KeyStore()
     gateway = Gateway(settings, keys, engine, **kwargs)
     gateway.start()

@@ -49,14 +49,18 @@ def _ours(dk, name: str) -> list:
 
 @pytest.fixture
 def settings(dk, sim_image_ref: str, monkeypatch: pytest.MonkeyPatch):
-    s = st.Settings()
-    s.engine.container_name = f"sst-compat-{uuid.uuid4().hex[:10]}"
-    s.engine.port = free_port()
-    s.engine.image = sim_image_ref
-    s.engine.profile = "fp8-tp1"
-    s.engine.request_gpu = False  # this Docker engine has no NVIDIA runtime
-    s.engine.start_timeout_s = 120
-    s.engine.stop_timeout_s = 10
+    s = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"sst-compat-{uuid.uuid4().hex[:10]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,  # this Docker engine has no NVIDIA runtime
+            "engine.start_timeout_s": 120,
+            "engine.stop_timeout_s": 10,
+        },
+    )
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1.5")
     yield s
     for container in _ours(dk, s.engine.container_name):
@@ -67,9 +71,10 @@ def settings(dk, sim_image_ref: str, monkeypatch: pytest.MonkeyPatch):
 def make_sup(settings):
     made: list[Supervisor] = []
 
-    def make(**kwargs) -> Supervisor:
+    def make(changed: st.Settings | None = None, **kwargs) -> Supervisor:
+        """A supervisor on the fixture's settings, or on `changed` (a test's own copy)."""
         kwargs.setdefault("download_weights", False)
-        sup = Supervisor(settings, poll_interval_s=0.1, outside_poll_s=0, **kwargs)
+        sup = Supervisor(changed or settings, poll_interval_s=0.1, outside_poll_s=0, **kwargs)
         made.append(sup)
         return sup
 
@@ -287,8 +292,9 @@ def test_a_start_warns_when_the_model_template_drops_the_effort(
     """A local checkpoint (mounted read-only into the engine): the tiny model whose template
     does not read reasoning_effort. The engine serves; the start carries the warning."""
     require_real_vllm()  # the tiny models come with the real-vLLM harness
-    settings.engine.model_override = str(_tiny_std_without_effort(tmp_path / "tiny-no-effort"))
-    sup = make_sup()
+    model = _tiny_std_without_effort(tmp_path / "tiny-no-effort")
+    settings = st.with_changes(settings, {"engine.model_override": str(model)})
+    sup = make_sup(settings)
     sup.start()
     status = sup.wait_ready(180)
     (note,) = [n for n in status.notes if "reasoning_effort" in n]

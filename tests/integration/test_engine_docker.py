@@ -44,14 +44,18 @@ def _ours(dk, name: str) -> list:
 
 @pytest.fixture
 def settings(dk, sim_image_ref: str, monkeypatch: pytest.MonkeyPatch):
-    s = st.Settings()
-    s.engine.container_name = f"sst-{uuid.uuid4().hex[:10]}"
-    s.engine.port = free_port()
-    s.engine.image = sim_image_ref
-    s.engine.profile = "fp8-tp1"
-    s.engine.request_gpu = False  # this engine has no NVIDIA runtime
-    s.engine.start_timeout_s = 90
-    s.engine.stop_timeout_s = 10
+    s = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"sst-{uuid.uuid4().hex[:10]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,  # this engine has no NVIDIA runtime
+            "engine.start_timeout_s": 90,
+            "engine.stop_timeout_s": 10,
+        },
+    )
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1.5")
     yield s
     for container in _ours(dk, s.engine.container_name):
@@ -62,9 +66,10 @@ def settings(dk, sim_image_ref: str, monkeypatch: pytest.MonkeyPatch):
 def make_sup(settings):
     made: list[Supervisor] = []
 
-    def make(**kwargs) -> Supervisor:
+    def make(changed: st.Settings | None = None, **kwargs) -> Supervisor:
+        """A supervisor on the fixture's settings, or on `changed` (a test's own copy)."""
         kwargs.setdefault("download_weights", False)
-        sup = Supervisor(settings, poll_interval_s=0.1, outside_poll_s=0, **kwargs)
+        sup = Supervisor(changed or settings, poll_interval_s=0.1, outside_poll_s=0, **kwargs)
         made.append(sup)
         return sup
 
@@ -113,8 +118,8 @@ def test_start_phases_ready_chat_stop(dk, settings, make_sup) -> None:
 
 def test_tcp_listen_serves_on_loopback_in_the_hosts_network(dk, settings, make_sup) -> None:
     """engine.listen = "tcp": vLLM on 127.0.0.1:engine.port in the host's network, no socket."""
-    settings.engine.listen = "tcp"
-    sup = make_sup()
+    settings = st.with_changes(settings, {"engine.listen": "tcp"})
+    sup = make_sup(settings)
     sup.start()
     status = sup.wait_ready(120)
     (container,) = _ours(dk, settings.engine.container_name)
@@ -129,8 +134,7 @@ def test_tcp_listen_serves_on_loopback_in_the_hosts_network(dk, settings, make_s
 
 
 def test_created_container_spec(dk, settings, station_home: Path) -> None:
-    settings.engine.request_gpu = True
-    settings.engine.gpu_uuid = GPU_UUID
+    settings = st.with_changes(settings, {"engine.request_gpu": True, "engine.gpu_uuid": GPU_UUID})
     spec = launch_spec_for(settings, secrets=st.Secrets(hf_token="hf_test_token"))
     spec = spec.with_env(HF_HUB_OFFLINE="1")
     runtime = DockerRuntime()
@@ -184,9 +188,10 @@ HOLDER = textwrap.dedent(
     from appliance import settings as st
     from appliance.engine import Supervisor
     s = st.Settings()
-    e = s.engine
-    e.port, e.container_name, e.image = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    e.profile, e.request_gpu = "fp8-tp1", False
+    s = st.with_changes(s, {
+        "engine.port": int(sys.argv[1]), "engine.container_name": sys.argv[2],
+        "engine.image": sys.argv[3], "engine.profile": "fp8-tp1", "engine.request_gpu": False,
+    })
     sup = Supervisor(s, download_weights=False, outside_poll_s=0)
     began = time.monotonic()
     status = sup.attach()
@@ -281,8 +286,8 @@ def test_oom_at_start_retries_then_fails_clearly(dk, settings, make_sup, monkeyp
 
 def test_hang_during_load_hits_the_deadline(dk, settings, make_sup, monkeypatch) -> None:
     monkeypatch.setenv("STEP_SIM_FAULT", "hang")
-    settings.engine.start_timeout_s = 4
-    sup = make_sup()
+    settings = st.with_changes(settings, {"engine.start_timeout_s": 4})
+    sup = make_sup(settings)
     sup.start()
     with pytest.raises(EngineError, match="not ready after 4 s"):
         sup.wait_ready(120)
@@ -291,11 +296,11 @@ def test_hang_during_load_hits_the_deadline(dk, settings, make_sup, monkeypatch)
 
 
 def test_port_already_taken(dk, settings, make_sup) -> None:
-    settings.engine.listen = "tcp"
+    settings = st.with_changes(settings, {"engine.listen": "tcp"})
     with socket.socket() as other:
         other.bind(("127.0.0.1", settings.engine.port))
         other.listen()
-        sup = make_sup()
+        sup = make_sup(settings)
         sup.start()
         with pytest.raises(EngineError, match=f"Port {settings.engine.port} on 127.0.0.1"):
             sup.wait_ready(30)

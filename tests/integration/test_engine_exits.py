@@ -27,10 +27,15 @@ def test_an_engine_process_that_ended_unwatched_is_reported_as_a_crash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
-    settings = st.Settings()
-    settings.engine.port = free_port()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.container_name = f"gone-{os.getpid()}-{settings.engine.port}"
+    port = free_port()
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.port": port,
+            "engine.profile": "fp8-tp1",
+            "engine.container_name": f"gone-{os.getpid()}-{port}",
+        },
+    )
     first = Supervisor.for_demo(settings, poll_interval_s=0.1, outside_poll_s=0)
     first.start()
     status = first.wait_ready(60)
@@ -58,14 +63,18 @@ def test_an_exited_container_with_code_0_is_a_crash_at_adoption(
     """The issue's case with the appliance's own Docker runtime: the engine container exited 0
     while no appliance watched; adoption says crashed (exit code 0), with the log tail."""
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
-    settings = st.Settings()
-    settings.engine.container_name = f"sst-exit-{uuid.uuid4().hex[:10]}"
-    settings.engine.port = free_port()
-    settings.engine.image = sim_image_ref
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.request_gpu = False
-    settings.engine.start_timeout_s = 90
-    settings.engine.stop_timeout_s = 10
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"sst-exit-{uuid.uuid4().hex[:10]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.start_timeout_s": 90,
+            "engine.stop_timeout_s": 10,
+        },
+    )
     first = Supervisor(settings, download_weights=False, poll_interval_s=0.1, outside_poll_s=0)
     second = None
     try:

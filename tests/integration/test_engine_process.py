@@ -30,13 +30,17 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def settings() -> st.Settings:
-    s = st.Settings()
-    s.engine.port = free_port()
-    s.engine.profile = "fp8-tp1"
-    s.engine.container_name = f"sim-{os.getpid()}-{s.engine.port}"
-    s.engine.start_timeout_s = 60
-    s.engine.stop_timeout_s = 10
-    return s
+    port = free_port()
+    return st.with_changes(
+        st.Settings(),
+        {
+            "engine.port": port,
+            "engine.profile": "fp8-tp1",
+            "engine.container_name": f"sim-{os.getpid()}-{port}",
+            "engine.start_timeout_s": 60,
+            "engine.stop_timeout_s": 10,
+        },
+    )
 
 
 @pytest.fixture
@@ -49,8 +53,9 @@ def sim_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def make_supervisor(settings: st.Settings):
     made: list[Supervisor] = []
 
-    def make(**kwargs) -> Supervisor:
-        sup = Supervisor.for_demo(settings, poll_interval_s=0.1, **kwargs)
+    def make(changed: st.Settings | None = None, **kwargs) -> Supervisor:
+        """A supervisor on the fixture's settings, or on `changed` (a test's own copy)."""
+        sup = Supervisor.for_demo(changed or settings, poll_interval_s=0.1, **kwargs)
         made.append(sup)
         return sup
 
@@ -119,9 +124,8 @@ HOLDER = textwrap.dedent(
     import sys, time
     from appliance import settings as st
     from appliance.engine import Supervisor
-    s = st.Settings()
-    s.engine.port = int(sys.argv[1]); s.engine.profile = "fp8-tp1"
-    s.engine.container_name = sys.argv[2]
+    s = st.with_changes(st.Settings(), {"engine.port": int(sys.argv[1]),
+                        "engine.profile": "fp8-tp1", "engine.container_name": sys.argv[2]})
     sup = Supervisor.for_demo(s)
     sup.attach()
     sup.start()
@@ -194,8 +198,9 @@ def test_oom_at_start_retries_once_then_fails_clearly(settings, sim_env, make_su
 def test_context_too_long_retries_with_the_estimate_and_serves(
     settings, sim_env, make_supervisor
 ) -> None:
-    settings.engine.gpu_memory_utilization = 0.89  # leaves less KV cache than one 256K request
-    sup = make_supervisor()
+    # leaves less KV cache than one 256K request
+    settings = st.with_changes(settings, {"engine.gpu_memory_utilization": 0.89})
+    sup = make_supervisor(settings)
     sup.start()
     status = sup.wait_ready(60)
     assert status.retry_note.startswith("--max-model-len ")
@@ -208,8 +213,8 @@ def test_context_too_long_retries_with_the_estimate_and_serves(
 
 def test_hang_during_load_hits_the_deadline(settings, sim_env, make_supervisor) -> None:
     sim_env.setenv("STEP_SIM_FAULT", "hang")
-    settings.engine.start_timeout_s = 3
-    sup = make_supervisor()
+    settings = st.with_changes(settings, {"engine.start_timeout_s": 3})
+    sup = make_supervisor(settings)
     sup.start()
     with pytest.raises(Exception, match="not ready after 3 s"):
         sup.wait_ready(60)
@@ -236,11 +241,11 @@ def test_engine_dead_health_503_fails_and_stops(settings, sim_env, make_supervis
 
 
 def test_port_already_taken(settings, sim_env, make_supervisor) -> None:
-    settings.engine.listen = "tcp"
+    settings = st.with_changes(settings, {"engine.listen": "tcp"})
     with socket.socket() as other:
         other.bind(("127.0.0.1", settings.engine.port))
         other.listen()
-        sup = make_supervisor()
+        sup = make_supervisor(settings)
         sup.start()
         with pytest.raises(Exception, match=f"Port {settings.engine.port} on 127.0.0.1"):
             sup.wait_ready(30)
@@ -286,8 +291,8 @@ def test_stale_socket_file_is_replaced(settings, sim_env, make_supervisor) -> No
 
 def test_tcp_listen_serves_on_the_port(settings, sim_env, make_supervisor) -> None:
     """engine.listen = "tcp": the old behaviour, vLLM on 127.0.0.1:engine.port, no socket."""
-    settings.engine.listen = "tcp"
-    sup = make_supervisor()
+    settings = st.with_changes(settings, {"engine.listen": "tcp"})
+    sup = make_supervisor(settings)
     sup.start()
     sup.wait_ready(60)
     assert sup.engine_url == f"http://127.0.0.1:{settings.engine.port}"
@@ -303,10 +308,9 @@ def test_changed_settings_ask_for_a_restart(settings, sim_env, make_supervisor) 
     sup.start()
     sup.wait_ready(60)
     assert not sup.status().restart_needed
-    changed = st.Settings()
-    changed.engine = settings.engine.__class__(**vars(settings.engine))
-    changed.engine.runtime = "process"
-    changed.engine.max_model_len = 65536
+    changed = st.with_changes(
+        settings, {"engine.runtime": "process", "engine.max_model_len": 65536}
+    )
     status = sup.apply_settings(changed)
     assert status.restart_needed
     assert "restart" in status.message
@@ -339,8 +343,8 @@ def test_logs_are_readable_after_the_fact(settings, sim_env, make_supervisor, tm
 
 
 def test_idle_sleep_then_wake_on_demand(settings, sim_env, make_supervisor) -> None:
-    settings.engine.sleep_mode = True
-    sup = make_supervisor(idle_sleep_s=1.0)
+    settings = st.with_changes(settings, {"engine.sleep_mode": True})
+    sup = make_supervisor(settings, idle_sleep_s=1.0)
     sup.start()
     status = sup.wait_ready(60)
     while status.state == EngineState.READY:

@@ -144,8 +144,7 @@ def test_registry_down_mid_pull_then_a_retry_succeeds(dk, registry, pushed) -> N
 def test_cli_pull_prints_plain_progress_lines(dk, registry, pushed, station_home: Path) -> None:
     path, layer_bytes = pushed
     ref = f"localhost:{registry.port}/{path}:v1"
-    settings = st.Settings()
-    settings.engine.image = ref
+    settings = st.with_changes(st.Settings(), {"engine.image": ref})
     st.save_settings(settings)
     try:
         done = subprocess.run(
@@ -168,12 +167,16 @@ def test_start_pulls_a_missing_image_first(dk, registry, sim_image_ref, monkeypa
     for event in dk.api.push(ref.rsplit(":", 1)[0], tag="stepfun37", stream=True, decode=True):
         assert "error" not in event, event
     dk.images.remove(ref)
-    settings = st.Settings()
-    settings.engine.image = ref
-    settings.engine.container_name = f"sst-{uuid.uuid4().hex[:10]}"
-    settings.engine.port = free_port()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.request_gpu = False
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.image": ref,
+            "engine.container_name": f"sst-{uuid.uuid4().hex[:10]}",
+            "engine.port": free_port(),
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+        },
+    )
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
     sup = Supervisor(settings, download_weights=False, poll_interval_s=0.1, outside_poll_s=0)
     states: list[EngineState] = []

@@ -115,10 +115,14 @@ def test_supervisor_downloads_then_starts_offline(
     files = _files()
     hub.repos[REPO] = Repo(files=files, bytes_per_s=1_000_000)
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
-    settings = st.Settings()
-    settings.engine.port = free_port()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.hf_cache_dir = str(tmp_path / "hf")
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.port": free_port(),
+            "engine.profile": "fp8-tp1",
+            "engine.hf_cache_dir": str(tmp_path / "hf"),
+        },
+    )
     sup = Supervisor.for_demo(settings, download_weights=True, poll_interval_s=0.1)
     states: list[tuple[EngineState, tuple[int, int] | None]] = []
     sup.add_listener(lambda s: states.append((s.state, s.progress)))

@@ -36,10 +36,11 @@ def make_stack(simulator):
 
     def make(*, sim_knobs: dict | None = None, **gateway_settings) -> GatewayStack:
         sim = simulator(uds=True, **(sim_knobs or {}))  # the engine on its socket, as in the app
-        settings = st.Settings()
-        settings.gateway.port = free_port()
-        for name, value in gateway_settings.items():
-            setattr(settings.gateway, name, value)
+        settings = st.with_changes(
+            st.Settings(),
+            {"gateway.port": free_port()}
+            | {f"gateway.{k}": v for k, v in gateway_settings.items()},
+        )
         stack = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
         stacks.append(stack)
         return stack
@@ -343,8 +344,7 @@ def test_per_key_concurrency_and_rate_limits_are_429(make_stack) -> None:
     assert wait_until(lambda: stack.gateway.app.limiter.running(stack.keys.verify(key).id) == 0)
 
     # The rate, changed live (no restart): 3 per minute.
-    settings = stack.settings
-    settings.gateway.per_key_requests_per_minute = 3
+    settings = st.with_changes(stack.settings, {"gateway.per_key_requests_per_minute": 3})
     stack.gateway.apply_settings(settings)
     rate_client = stack.client(other)
     for _ in range(2):  # `other` already used one of its 3
@@ -412,12 +412,16 @@ def test_streamed_events_pass_through_as_they_come(make_stack) -> None:
 def test_engine_not_ready_is_503_then_success_after_start(simulator, monkeypatch) -> None:
     del simulator  # the supervisor starts its own simulator process
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
-    settings = st.Settings()
-    settings.engine.port = free_port()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.start_timeout_s = 60
-    settings.engine.stop_timeout_s = 10
-    settings.gateway.port = free_port()
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.port": free_port(),
+            "engine.profile": "fp8-tp1",
+            "engine.start_timeout_s": 60,
+            "engine.stop_timeout_s": 10,
+            "gateway.port": free_port(),
+        },
+    )
     sup = Supervisor.for_demo(settings, poll_interval_s=0.1, outside_poll_s=0)
     stack = start_gateway(sup.settings, sup, sup.engine_url)
     try:
@@ -441,7 +445,7 @@ def test_engine_not_ready_is_503_then_success_after_start(simulator, monkeypatch
         # Start on request (the owner's setting): a stopped engine is started by a request.
         sup.stop()
         assert wait_until(lambda: _status(client) == 503, timeout_s=5)
-        stack.settings.gateway.start_on_request = True
+        stack.settings = st.with_changes(stack.settings, {"gateway.start_on_request": True})
         stack.gateway.apply_settings(stack.settings)
         with pytest.raises(openai.APIStatusError) as woke:
             client.models.list()
@@ -483,9 +487,9 @@ def test_switching_sharing_rebinds_live_and_needs_keys(make_stack) -> None:
     iterator = iter(in_flight)
     next(iterator)
 
-    settings = stack.settings
-    settings.gateway.share_lan = True
-    settings.gateway.interface = "127.0.0.2"
+    settings = st.with_changes(
+        stack.settings, {"gateway.share_lan": True, "gateway.interface": "127.0.0.2"}
+    )
     stack.gateway.apply_settings(settings)
     assert (stack.gateway.host, stack.gateway.port) == ("127.0.0.2", port)
     assert stack.gateway.shared
@@ -505,7 +509,7 @@ def test_switching_sharing_rebinds_live_and_needs_keys(make_stack) -> None:
     )
     lan_iter = iter(lan_stream)
     next(lan_iter)
-    settings.gateway.share_lan = False
+    settings = st.with_changes(settings, {"gateway.share_lan": False})
     stack.gateway.apply_settings(settings)
     assert stack.gateway.host == "127.0.0.1"
     assert not stack.gateway.shared
@@ -524,14 +528,12 @@ def test_a_taken_port_is_a_clear_error_and_keeps_the_old_listener(make_stack) ->
     blocker.listen()
     taken = blocker.getsockname()[1]
     try:
-        settings = st.Settings()
-        settings.gateway.port = taken
+        settings = st.with_changes(st.Settings(), {"gateway.port": taken})
         from appliance.gateway import Gateway
 
         with pytest.raises(PortInUseError, match=str(taken)):
             Gateway(settings, stack.keys, FixedEngine(stack.engine_url, MODEL)).start()
-        moved = stack.settings
-        moved.gateway.port = taken
+        moved = st.with_changes(stack.settings, {"gateway.port": taken})
         with pytest.raises(PortInUseError, match=r"gateway\.port"):
             stack.gateway.apply_settings(moved)
         assert stack.gateway.port != taken

@@ -54,18 +54,22 @@ def docker_engine(docker_client, sim_image_ref, module_home: Path):
     mp.setenv("STEP_SIM_LOAD_S", "1")
     mp.setenv("STEP_SIM_TTFT_MS", "20")
     mp.setenv("STEP_SIM_TOKENS_PER_S", "60")
-    settings = st.Settings()
-    settings.engine.container_name = f"ss-gw-{uuid.uuid4().hex[:10]}"
-    settings.engine.port = free_port()
-    settings.engine.image = sim_image_ref
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.request_gpu = False  # this Docker engine has no NVIDIA runtime
-    settings.engine.start_timeout_s = 120
-    settings.engine.stop_timeout_s = 10
-    settings.gateway.port = free_port()
-    settings.gateway.require_key_on_loopback = True
-    settings.gateway.max_body_mb = 1
-    settings.gateway.per_key_concurrency = 2
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"ss-gw-{uuid.uuid4().hex[:10]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,  # this Docker engine has no NVIDIA runtime
+            "engine.start_timeout_s": 120,
+            "engine.stop_timeout_s": 10,
+            "gateway.port": free_port(),
+            "gateway.require_key_on_loopback": True,
+            "gateway.max_body_mb": 1,
+            "gateway.per_key_concurrency": 2,
+        },
+    )
     sup = Supervisor(settings, download_weights=False, poll_interval_s=0.1, outside_poll_s=0)
     yield sup
     sup.close()

@@ -47,12 +47,16 @@ STATS: Counter[str] = Counter()
 @pytest.fixture
 def fuzz_stack(simulator):
     sim = simulator(tokens_per_s=100000, ttft_ms=0)
-    cfg = st.Settings()
-    cfg.gateway.port = free_port()
-    cfg.gateway.require_key_on_loopback = True
-    cfg.gateway.max_body_mb = 1
-    cfg.gateway.per_key_concurrency = 0
-    cfg.gateway.per_key_requests_per_minute = 0
+    cfg = st.with_changes(
+        st.Settings(),
+        {
+            "gateway.port": free_port(),
+            "gateway.require_key_on_loopback": True,
+            "gateway.max_body_mb": 1,
+            "gateway.per_key_concurrency": 0,
+            "gateway.per_key_requests_per_minute": 0,
+        },
+    )
     stack = start_gateway(cfg, FixedEngine(sim.url, MODEL), sim.url)
     # Failed keys from one address lock it out (429); the fuzzer is one address, so a lockout is
     # an expected answer, but keep it short so the run explores more than lockouts.

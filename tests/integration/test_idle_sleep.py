@@ -60,14 +60,19 @@ def sup(monkeypatch: pytest.MonkeyPatch, clock: SkippingClock):
     monkeypatch.setenv("STEP_SIM_TOKENS_PER_S", "15")
     monkeypatch.setenv("STEP_SIM_OUTPUT_TOKENS", str(ANSWER_TOKENS))
     monkeypatch.setenv("STEP_SIM_SLEEP_S", "0.2")
-    settings = st.Settings()
-    settings.engine.port = free_port()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.container_name = f"sleepy-{os.getpid()}-{settings.engine.port}"
-    settings.engine.sleep_mode = True  # --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
-    settings.engine.start_timeout_s = 60
-    settings.engine.stop_timeout_s = 10
-    settings.gateway.port = free_port()
+    port = free_port()
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.port": port,
+            "engine.profile": "fp8-tp1",
+            "engine.container_name": f"sleepy-{os.getpid()}-{port}",
+            "engine.sleep_mode": True,  # --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
+            "engine.start_timeout_s": 60,
+            "engine.stop_timeout_s": 10,
+            "gateway.port": free_port(),
+        },
+    )
     supervisor = Supervisor.for_demo(
         settings,
         clock=clock,
@@ -216,7 +221,7 @@ def test_a_gateway_request_wakes_an_engine_that_slept_for_idleness(
 ) -> None:
     """Idle sleep on, start-on-request off (the default): a LAN client's request wakes the engine
     instead of getting 503 until the owner chats in the browser."""
-    sup.settings.engine.idle_sleep_minutes = 10
+    sup.settings = st.with_changes(sup.settings, {"engine.idle_sleep_minutes": 10})
     assert not sup.settings.gateway.start_on_request
     stack = start_gateway(sup.settings, sup, sup.engine_url)
     try:
@@ -230,7 +235,9 @@ def test_a_gateway_request_wakes_an_engine_that_slept_for_idleness(
         assert sup.status().state == EngineState.READY
         assert not engine_sleeping(sup)
         # Without idle sleep (and without start-on-request) a sleeping engine stays asleep.
-        sup.settings.engine.idle_sleep_minutes = 0
+        off = st.with_changes(sup.settings, {"engine.idle_sleep_minutes": 0})
+        sup.settings = off
+        stack.gateway.apply_settings(off)  # the gateway wakes the engine only with idle sleep on
         sup.sleep()
         with pytest.raises(openai.APIStatusError) as refused:
             stack.client().models.list()

@@ -607,15 +607,22 @@ def test_appliance_image_starts_the_engine_through_the_socket(
     # The build before this one lost its tag; drop it (the layer cache stays).
     docker_client.images.prune(filters={"dangling": True, "label": "io.step-station.appliance"})
     service = _compose_service()
-    settings = st.Settings()
-    e = settings.engine
-    e.image, e.profile, e.request_gpu = sim_image_ref, "fp8-tp1", False
-    e.container_name = f"sst-appliance-{docker_labels['io.step-station.test'][:10]}"
-    e.port, settings.ui.port, settings.gateway.port = _free_port(), _free_port(), _free_port()
     model = station_home / "models" / "Step-3.7-Flash-FP8"  # a local model: no download
     model.mkdir(parents=True)
-    e.model_override = str(model)
-    e.start_timeout_s = 120
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.container_name": f"sst-appliance-{docker_labels['io.step-station.test'][:10]}",
+            "engine.port": _free_port(),
+            "ui.port": _free_port(),
+            "gateway.port": _free_port(),
+            "engine.model_override": str(model),
+            "engine.start_timeout_s": 120,
+        },
+    )
     st.save_settings(settings)
 
     home = str(station_home)
@@ -655,11 +662,11 @@ def test_appliance_image_starts_the_engine_through_the_socket(
         code, out = container.exec_run(["step-station", "start"])
         assert code == 0, out.decode()
         assert httpx.get(f"{ui}/healthz", timeout=5).json()["engine"] == "ready"
-        engine = docker_client.containers.get(e.container_name)
+        engine = docker_client.containers.get(settings.engine.container_name)
         assert engine.labels["io.step-station.managed"] == "true"
         assert any(m["Source"] == str(model) for m in engine.attrs["Mounts"])
         # the engine on its socket in the shared folder, without a network (a local model)
-        socket_dir = endpoint.socket_dir(e.container_name)
+        socket_dir = endpoint.socket_dir(settings.engine.container_name)
         assert socket_dir.is_relative_to(station_home)
         assert any(m["Source"] == str(socket_dir) for m in engine.attrs["Mounts"])
         assert engine.attrs["HostConfig"]["NetworkMode"] == "none"
@@ -675,7 +682,9 @@ def test_appliance_image_starts_the_engine_through_the_socket(
         code, out = container.exec_run(["step-station", "stop"])
         assert code == 0, out.decode()
     finally:
-        for leftover in docker_client.containers.list(all=True, filters={"name": e.container_name}):
+        for leftover in docker_client.containers.list(
+            all=True, filters={"name": settings.engine.container_name}
+        ):
             leftover.remove(force=True)
         # what the appliance's container (root) wrote there
         shutil.rmtree(station_home, ignore_errors=True)

@@ -106,8 +106,9 @@ def station_home(home):
 def settings(docker_client, real_image, home):  # noqa: F811 - the imported fixture
     del home
     slot = take_slot()  # one real engine among the machine's test runs (fixtures.realvllm)
-    s = real_engine_settings(name=f"ss-real-{uuid.uuid4().hex[:8]}")
-    s.gateway.port = 0
+    s = st.with_changes(
+        real_engine_settings(name=f"ss-real-{uuid.uuid4().hex[:8]}"), {"gateway.port": 0}
+    )
     st.save_settings(s)
     yield s
     remove_containers(docker_client, s.engine.container_name)

@@ -131,20 +131,26 @@ def rig(base: Path) -> Iterator[Rig]:
         del os.environ[key]
     os.environ.update({k: v for k, v in ENGINE_ENV.items() if k != "VLLM_CPU_KVCACHE_SPACE"})
     os.environ["STEP_STATION_HOME"] = str(base / "home")  # until the per-test fixture runs
-    settings = st.Settings()
-    engine = settings.engine
-    engine.runtime = "process"
-    engine.profile = "fp8-tp1"
-    engine.request_gpu = False
-    engine.model_override = str(MODELS["std"])
-    engine.max_model_len = 4096
-    engine.gpu_memory_utilization = 0.99  # refused on this machine: see the first test
-    engine.sleep_mode = True  # VLLM_SERVER_DEV_MODE=1 (the dev routes); no idle sleep unless
-    engine.port = free_port()  # the test clock skips the idle time
-    engine.container_name = f"real-{os.getpid()}-{engine.port}"
-    engine.start_timeout_s = int(START_S)
-    engine.stop_timeout_s = 30
-    settings.gateway.port = free_port()
+    port = free_port()
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "engine.runtime": "process",
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.model_override": str(MODELS["std"]),
+            "engine.max_model_len": 4096,
+            "engine.gpu_memory_utilization": 0.99,  # refused on this machine: see the first test
+            # VLLM_SERVER_DEV_MODE=1 (the dev routes); no idle sleep unless the test clock skips
+            # the idle time
+            "engine.sleep_mode": True,
+            "engine.port": port,
+            "engine.container_name": f"real-{os.getpid()}-{port}",
+            "engine.start_timeout_s": int(START_S),
+            "engine.stop_timeout_s": 30,
+            "gateway.port": free_port(),
+        },
+    )
     clock = SkippingClock()
     log_dir = base / "logs"
     runtime = ProcessRuntime(state_dir=base / "state", log_dir=log_dir)
@@ -190,7 +196,8 @@ def test_memory_refusal_is_explained_and_retried_once(rig: Rig) -> None:
     used = float(status.retry_note.split()[1])
     assert 0.1 <= used < 0.99
     assert status.effective["gpu_memory_utilization"] == used
-    rig.sup.settings.engine.gpu_memory_utilization = 0.5  # later starts: no refusal to wait for
+    # later starts: no refusal to wait for
+    rig.sup.settings = st.with_changes(rig.sup.settings, {"engine.gpu_memory_utilization": 0.5})
 
 
 def test_start_shows_the_real_phases_in_order(rig: Rig) -> None:
@@ -352,8 +359,8 @@ def test_start_after_a_crash_and_stop_removes_the_socket(rig: Rig) -> None:
 
 def test_tcp_listen_serves_on_the_port_and_stop_frees_it(rig: Rig) -> None:
     """engine.listen = "tcp": real vLLM on 127.0.0.1:engine.port, no socket."""
-    settings = rig.sup.settings
-    settings.engine.listen = "tcp"
+    settings = st.with_changes(rig.sup.settings, {"engine.listen": "tcp"})
+    rig.sup.settings = settings
     try:
         rig.ready()
         assert rig.sup.engine_url == f"http://127.0.0.1:{settings.engine.port}"
@@ -370,4 +377,4 @@ def test_tcp_listen_serves_on_the_port_and_stop_frees_it(rig: Rig) -> None:
             assert probe.connect_ex((settings.engine.host, settings.engine.port)) != 0
         assert rig.runtime.find(settings.engine.container_name) is None  # pid file gone
     finally:
-        settings.engine.listen = "socket"
+        rig.sup.settings = st.with_changes(rig.sup.settings, {"engine.listen": "socket"})

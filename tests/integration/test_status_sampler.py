@@ -30,18 +30,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def engine_settings(docker_client, sim_image_ref, tmp_path, monkeypatch):
-    s = st.Settings()
-    s.engine.container_name = f"ss-test-status-{uuid.uuid4().hex[:8]}"
-    s.engine.port = free_port()
-    s.engine.image = sim_image_ref
-    s.engine.profile = "fp8-tp1"
-    s.engine.request_gpu = False
     model = tmp_path / "Step-3.7-Flash-FP8"
     model.mkdir()
-    s.engine.model_override = str(model)
-    s.engine.hf_cache_dir = str(tmp_path / "hf")
-    s.engine.start_timeout_s = 120
-    s.engine.stop_timeout_s = 10
+    s = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"ss-test-status-{uuid.uuid4().hex[:8]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,
+            "engine.model_override": str(model),
+            "engine.hf_cache_dir": str(tmp_path / "hf"),
+            "engine.start_timeout_s": 120,
+            "engine.stop_timeout_s": 10,
+        },
+    )
     st.save_settings(s)
     monkeypatch.setenv("STEP_SIM_LOAD_S", "1")
     monkeypatch.setenv("STEP_SIM_TOKENS_PER_S", "2000")

@@ -99,15 +99,19 @@ def station_home(home: Path) -> Path:
 @pytest.fixture(scope="module")
 def settings(docker_client: docker.DockerClient, sim_image_ref: str, home: Path) -> Iterator:
     del home
-    s = st.Settings()
-    s.engine.container_name = f"sst-iso-{uuid.uuid4().hex[:8]}"
-    s.engine.port = free_port()
-    s.engine.image = sim_image_ref
-    s.engine.profile = "fp8-tp1"
-    s.engine.request_gpu = False  # this Docker engine has no NVIDIA runtime
-    s.engine.sleep_mode = True  # VLLM_SERVER_DEV_MODE=1: the dev routes exist
-    s.engine.start_timeout_s = 90
-    s.engine.stop_timeout_s = 10
+    s = st.with_changes(
+        st.Settings(),
+        {
+            "engine.container_name": f"sst-iso-{uuid.uuid4().hex[:8]}",
+            "engine.port": free_port(),
+            "engine.image": sim_image_ref,
+            "engine.profile": "fp8-tp1",
+            "engine.request_gpu": False,  # this Docker engine has no NVIDIA runtime
+            "engine.sleep_mode": True,  # VLLM_SERVER_DEV_MODE=1: the dev routes exist
+            "engine.start_timeout_s": 90,
+            "engine.stop_timeout_s": 10,
+        },
+    )
     yield s
     for container in _ours(docker_client, s.engine.container_name):
         container.remove(force=True)
@@ -374,7 +378,7 @@ def test_without_the_key_the_engine_answers_401(sup: Supervisor, settings: st.Se
     assert good.status_code == 200
     # The appliance's own clients hold the key: the chat's view and the gateway.
     assert engine_view_from(sup).api_key == sup.engine_api_key
-    settings.gateway.port = free_port()
+    settings = st.with_changes(settings, {"gateway.port": free_port()})
     stack = start_gateway(settings, sup, url)
     try:
         models = stack.client(stack.key("iso")).models.list()

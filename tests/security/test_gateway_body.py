@@ -78,9 +78,9 @@ def listener():
 @pytest.fixture
 def stack(simulator):
     sim = simulator()
-    settings = st.Settings()
-    settings.gateway.port = free_port()
-    settings.gateway.require_key_on_loopback = True
+    settings = st.with_changes(
+        st.Settings(), {"gateway.port": free_port(), "gateway.require_key_on_loopback": True}
+    )
     gw = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
     gw.sim = sim  # type: ignore[attr-defined]
     gw.secret = gw.key("attacker-with-a-key")  # type: ignore[attr-defined]
@@ -241,10 +241,14 @@ def test_caps_are_refused_with_the_limit_and_never_reach_the_engine(stack):
 
 def test_caps_follow_the_engine_settings(simulator):
     sim = simulator()
-    settings = st.Settings()
-    settings.gateway.port = free_port()
-    settings.engine.max_images_per_prompt = 2
-    settings.engine.max_model_len = 1000
+    settings = st.with_changes(
+        st.Settings(),
+        {
+            "gateway.port": free_port(),
+            "engine.max_images_per_prompt": 2,
+            "engine.max_model_len": 1000,
+        },
+    )
     stack = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
     stack.secret = stack.key("k")  # type: ignore[attr-defined]
     try:

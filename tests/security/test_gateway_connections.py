@@ -48,11 +48,10 @@ def make_stack(simulator):
 
     def make(**gateway_settings) -> GatewayStack:
         sim = simulator()
-        settings = st.Settings()
-        settings.gateway.port = free_port()
-        settings.gateway.require_key_on_loopback = True
-        for name, value in gateway_settings.items():
-            setattr(settings.gateway, name, value)
+        base = {"gateway.port": free_port(), "gateway.require_key_on_loopback": True}
+        settings = st.with_changes(
+            st.Settings(), base | {f"gateway.{k}": v for k, v in gateway_settings.items()}
+        )
         stack = start_gateway(settings, FixedEngine(sim.url, MODEL), sim.url)
         stacks.append(stack)
         return stack

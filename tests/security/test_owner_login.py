@@ -166,8 +166,7 @@ def test_the_password_check_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPa
     from ui.app import _owner_login
 
     keys.OwnerLogin().set(USER, PASSWORD)
-    services = type("S", (), {"settings": st.Settings()})()
-    services.settings.ui.lan = True
+    services = type("S", (), {"settings": st.with_changes(st.Settings(), {"ui.lan": True})})()
     ran_on: list[int] = []
     real = keys.verify_login
 

@@ -15,7 +15,7 @@ from appliance.chat import client as chat
 from appliance.chat import history as hist
 from appliance.chat.service import ChatService, EngineView
 from appliance.errors import BadInputError
-from appliance.settings import Settings
+from appliance.settings import Settings, with_changes
 
 OPTS = chat.SamplingOptions("low")
 
@@ -159,7 +159,7 @@ def test_engine_not_ready_refuses_before_storing(simulator) -> None:
 def test_image_count_includes_earlier_messages(simulator, tmp_path: Path) -> None:
     url = simulator()
     svc = service(url)
-    svc.settings.engine.max_images_per_prompt = 3
+    svc.settings = with_changes(svc.settings, {"engine.max_images_per_prompt": 3})
     first = [png(tmp_path / f"{i}.png") for i in range(2)]
 
     async def run() -> None:

@@ -13,7 +13,7 @@ from appliance import doctor, endpoint, hardware
 from appliance.cli import main
 from appliance.doctor import FAIL, PASS, WARN, DockerFacts
 from appliance.hardware import GB
-from appliance.settings import Settings
+from appliance.settings import Settings, with_changes
 
 NAMES = [
     "settings",
@@ -129,9 +129,8 @@ def test_on_its_socket_the_engine_needs_no_port(capsys: pytest.CaptureFixture[st
 
 
 def test_two_settings_on_one_port_fail() -> None:
-    settings = Settings()
-    settings.engine.listen = "tcp"
-    settings.ui.port = settings.engine.port
+    settings = with_changes(Settings(), {"engine.listen": "tcp"})
+    settings = with_changes(settings, {"ui.port": settings.engine.port})
     checks = {c.name: c for c in doctor.check_ports(settings)}
     assert checks["port-ui"].status == FAIL
     assert "engine.port" in checks["port-ui"].detail
@@ -192,8 +191,9 @@ def _free_port_settings() -> Settings:
         ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
-    settings.engine.port, settings.ui.port, settings.gateway.port = ports
-    return settings
+    return with_changes(
+        settings, {"engine.port": ports[0], "ui.port": ports[1], "gateway.port": ports[2]}
+    )
 
 
 def test_a_ready_station_passes_everything() -> None:
@@ -248,8 +248,7 @@ def test_disk_needs_weights_and_image() -> None:
 
 
 def test_disk_counts_weights_already_in_the_cache(tmp_path: Path) -> None:
-    settings = _free_port_settings()
-    settings.engine.hf_cache_dir = str(tmp_path / "hf")
+    settings = with_changes(_free_port_settings(), {"engine.hf_cache_dir": str(tmp_path / "hf")})
     blobs = tmp_path / "hf" / "hub" / "models--stepfun-ai--Step-3.7-Flash-FP8" / "blobs"
     blobs.mkdir(parents=True)
     with (blobs / "sha256-part").open("wb") as f:
@@ -272,8 +271,7 @@ def test_h200_says_no_profile_fits_and_why() -> None:
 
 
 def test_process_runtime_does_not_ask_docker() -> None:
-    settings = _free_port_settings()
-    settings.engine.runtime = "process"
+    settings = with_changes(_free_port_settings(), {"engine.runtime": "process"})
 
     def must_not_be_called() -> DockerFacts:
         raise AssertionError("the doctor asked Docker although the runtime is a process")
@@ -285,8 +283,7 @@ def test_process_runtime_does_not_ask_docker() -> None:
 
 
 def test_without_gpu_request_missing_gpu_is_a_warning() -> None:
-    settings = _free_port_settings()
-    settings.engine.request_gpu = False
+    settings = with_changes(_free_port_settings(), {"engine.request_gpu": False})
     no_gpu = hardware.Hardware(gpus=[], host=hardware.PRESETS["h200"].host, nvml_error="none")
     report = _run(settings, hw=no_gpu)
     assert report.check("gpu").status == WARN

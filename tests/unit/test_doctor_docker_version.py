@@ -6,7 +6,7 @@ import pytest
 
 from appliance import doctor
 from appliance.doctor import PASS, WARN, DockerFacts
-from appliance.settings import Settings
+from appliance.settings import Settings, with_changes
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,6 @@ def test_docker_version_warning(version: str, status: str, named: str) -> None:
 
 
 def test_not_checked_without_docker() -> None:
-    settings = Settings()
-    settings.engine.runtime = "process"
+    settings = with_changes(Settings(), {"engine.runtime": "process"})
     assert doctor.check_docker_version(settings, DockerFacts()).status == PASS
     assert doctor.check_docker_version(Settings(), DockerFacts(error="down")).status == PASS

@@ -14,12 +14,8 @@ from appliance.engine.spec import ENGINE_KEY_DIR, LABEL_ENGINE_KEY_ID, listen_ho
 
 
 def _settings(**engine: object) -> st.Settings:
-    settings = st.Settings()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.request_gpu = False
-    for key, value in engine.items():
-        setattr(settings.engine, key, value)
-    return settings
+    base = {"engine.profile": "fp8-tp1", "engine.request_gpu": False}
+    return st.with_changes(st.Settings(), base | {f"engine.{k}": v for k, v in engine.items()})
 
 
 def _mode(path: Path) -> int:
@@ -92,7 +88,7 @@ def test_hf_token_only_when_the_engine_downloads_itself(station_home: Path) -> N
 def test_the_engine_never_listens_beyond_loopback() -> None:
     settings = _settings()
     for host in ("0.0.0.0", "192.168.1.5", "::"):
-        settings.engine.host = host
+        settings = st.with_changes(settings, {"engine.host": host})
         assert listen_host(settings.engine, "docker") == "127.0.0.1"
-    settings.engine.host = "127.0.0.1"
+    settings = st.with_changes(settings, {"engine.host": "127.0.0.1"})
     assert listen_host(settings.engine, "process") == "127.0.0.1"

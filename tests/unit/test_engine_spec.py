@@ -30,12 +30,8 @@ UUID = "GPU-6f1c0e9b-1111-2222-3333-444455556666"
 
 
 def _settings(**engine: object) -> st.Settings:
-    settings = st.Settings()
-    settings.engine.profile = "fp8-tp1"
-    settings.engine.gpu_uuid = UUID
-    for key, value in engine.items():
-        setattr(settings.engine, key, value)
-    return settings
+    base = {"engine.profile": "fp8-tp1", "engine.gpu_uuid": UUID}
+    return st.with_changes(st.Settings(), base | {f"engine.{k}": v for k, v in engine.items()})
 
 
 def test_docker_spec_for_the_station_profile(station_home: Path) -> None:
@@ -166,7 +162,7 @@ def test_process_runtime_listens_on_loopback_and_shares_the_hf_cache(station_hom
     # as a local process, vLLM is given the host's socket path itself
     assert spec.arg_value("--uds") == str(endpoint.socket_path(settings.engine.container_name))
     assert spec.arg_value("--host") is None
-    settings.engine.listen = "tcp"
+    settings = st.with_changes(settings, {"engine.listen": "tcp"})
     on_tcp = launch_spec_for(settings, demo=True, download_weights=False, secrets=st.Secrets())
     assert on_tcp.arg_value("--host") == "127.0.0.1"
     assert spec.mounts == ()
@@ -210,8 +206,7 @@ def test_settings_hash_follows_what_runs_not_secrets_or_sim_knobs(
         launch_spec_for(_settings(listen="tcp", port=9001), secrets=st.Secrets()).settings_hash
         != tcp
     )
-    other_profile = _settings()
-    other_profile.engine.profile = "nvfp4-tp1"
+    other_profile = st.with_changes(_settings(), {"engine.profile": "nvfp4-tp1"})
     assert launch_spec_for(other_profile, secrets=st.Secrets()).settings_hash != base
 
 

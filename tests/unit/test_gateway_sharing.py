@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 
 import psutil
@@ -19,15 +20,15 @@ from appliance.keys import OwnerLogin, ui_bind_host
 def test_the_gateway_listens_on_loopback_unless_shared() -> None:
     gw = st.GatewaySettings()
     assert bind_host(gw) == "127.0.0.1"
-    gw.interface = "10.1.2.3"
+    gw = dataclasses.replace(gw, interface="10.1.2.3")
     assert bind_host(gw) == "127.0.0.1"  # an interface alone does not share
-    gw.share_lan = True
+    gw = dataclasses.replace(gw, share_lan=True)
     assert bind_host(gw) == "10.1.2.3"
-    gw.interface = ""
+    gw = dataclasses.replace(gw, interface="")
     assert bind_host(gw) == "0.0.0.0"
-    gw.interface = "lo"  # an interface name resolves to its IPv4 address
+    gw = dataclasses.replace(gw, interface="lo")  # an interface name resolves to its IPv4 address
     assert bind_host(gw) == "127.0.0.1"
-    gw.interface = "no-such-if0"
+    gw = dataclasses.replace(gw, interface="no-such-if0")
     with pytest.raises(SettingsError, match="not an interface"):
         bind_host(gw)
 
@@ -35,25 +36,25 @@ def test_the_gateway_listens_on_loopback_unless_shared() -> None:
 def test_keys_are_required_whenever_shared_and_optional_on_loopback() -> None:
     gw = st.GatewaySettings()
     assert not config_for(gw, "127.0.0.1").require_key
-    gw.require_key_on_loopback = True
+    gw = dataclasses.replace(gw, require_key_on_loopback=True)
     assert config_for(gw, "127.0.0.1").require_key
-    gw.require_key_on_loopback = False
+    gw = dataclasses.replace(gw, require_key_on_loopback=False)
     assert config_for(gw, "0.0.0.0").require_key
     assert config_for(gw, "192.168.1.20").require_key
-    gw.share_lan = True
+    gw = dataclasses.replace(gw, share_lan=True)
     assert config_for(gw, "127.0.0.2").require_key  # shared on a loopback-looking interface
-    gw.max_body_mb = 3
+    gw = dataclasses.replace(gw, max_body_mb=3)
     assert config_for(gw, "0.0.0.0").max_body_bytes == 3 << 20
 
 
 def test_the_ui_goes_beyond_loopback_only_with_an_owner_login() -> None:
     settings = st.Settings()
     assert ui_bind_host(settings) == "127.0.0.1"
-    settings.ui.lan = True
+    settings = st.with_changes(settings, {"ui.lan": True})
     assert ui_bind_host(settings) == "127.0.0.1"  # no login set: stays on loopback
     OwnerLogin().set("owner", "long enough")
     assert ui_bind_host(settings) == "0.0.0.0"
-    settings.ui.host = "192.168.7.7"
+    settings = st.with_changes(settings, {"ui.host": "192.168.7.7"})
     assert ui_bind_host(settings) == "192.168.7.7"
 
 

@@ -3,6 +3,7 @@ and the appliance's own flags added on top."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -158,11 +159,11 @@ def test_appliance_flags_follow_the_seed() -> None:
     # without a path given, the host's socket path; on TCP, loopback and the port
     default = profiles.build_vllm_args(profile, engine)
     assert default[default.index("--uds") + 1] == str(endpoint.socket_path(engine.container_name))
-    engine.listen = "tcp"
+    engine = dataclasses.replace(engine, listen="tcp")
     tcp = profiles.build_vllm_args(profile, engine)
     assert _contains(tcp, ["--host", "127.0.0.1", "--port", "8123"])
     assert "--uds" not in tcp
-    engine.listen = "udp"
+    engine = dataclasses.replace(engine, listen="udp")
     with pytest.raises(SettingsError, match=r"engine\.listen"):
         profiles.build_vllm_args(profile, engine)
 
@@ -254,11 +255,12 @@ def test_docker_run_command(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert inner[inner.index("--uds") + 1] == "/run/step-station-socket/engine.sock"
     assert inner[-2:] == ["--allowed-origins", "[]"]
-    engine.listen = "tcp"  # on TCP: the host's network, vLLM on its loopback
+    # on TCP: the host's network, vLLM on its loopback
+    engine = dataclasses.replace(engine, listen="tcp")
     tcp = profiles.docker_run_command(profile, engine, ["GPU-abc"])
     assert _contains(tcp, ["--network", "host"])
     assert tcp[tcp.index("--host") + 1] == "127.0.0.1"
-    engine.listen = "socket"
+    engine = dataclasses.replace(engine, listen="socket")
     assert _contains(cmd, ["-e", "VLLM_API_KEY"])  # by name only
     several = profiles.docker_run_command(
         profiles.get_profile("fp8-tp8"), engine, ["GPU-a", "GPU-b"]
@@ -331,7 +333,7 @@ def test_simulator_accepts_what_the_appliance_passes(name: str) -> None:
     assert parsed.model == profile.checkpoint
     assert parsed.served_name == profile.served_model_name
     assert parsed.uds == str(endpoint.socket_path(engine.container_name))
-    engine.listen = "tcp"
+    engine = dataclasses.replace(engine, listen="tcp")
     on_tcp = args_module.parse_args(profiles.build_vllm_args(profile, engine))
     assert on_tcp.host == "127.0.0.1"
     assert on_tcp.port == 8123

@@ -29,7 +29,7 @@ from appliance.monitoring.sampler import (
     status_lines,
     status_payload,
 )
-from appliance.settings import Settings
+from appliance.settings import Settings, with_changes
 
 GB = 10**9
 
@@ -265,9 +265,7 @@ def test_gpu_names_are_read_once() -> None:
 
 
 def test_ring_buffer_keeps_only_the_history_window() -> None:
-    settings = Settings()
-    settings.sampler.interval_s = 1.0
-    settings.sampler.history_s = 5
+    settings = with_changes(Settings(), {"sampler.interval_s": 1.0, "sampler.history_s": 5})
     ticks = iter(range(100, 200))
     sampler = make_sampler(FakeNvml(), settings=settings, clock=lambda: float(next(ticks)))
     for _ in range(8):
@@ -343,8 +341,7 @@ def test_metrics_are_scraped_only_while_the_engine_serves() -> None:
 
 
 def test_background_thread_samples_and_stops() -> None:
-    settings = Settings()
-    settings.sampler.interval_s = 0.05
+    settings = with_changes(Settings(), {"sampler.interval_s": 0.05})
     seen = threading.Event()
 
     def host(s: Settings) -> HostSample:
@@ -365,8 +362,7 @@ def test_background_thread_samples_and_stops() -> None:
 
 
 def test_a_failing_reading_does_not_kill_the_thread() -> None:
-    settings = Settings()
-    settings.sampler.interval_s = 0.05
+    settings = with_changes(Settings(), {"sampler.interval_s": 0.05})
     calls = [0]
     recovered = threading.Event()
 
@@ -406,8 +402,9 @@ def test_grace_memory_is_counted_apart_from_hbm(tmp_path: Path) -> None:
 
 def test_plain_host_memory_and_weights_disk(tmp_path: Path) -> None:
     write_node(tmp_path, 0, "0-1", 24 * 1024**2, 20 * 1024**2)
-    settings = Settings()
-    settings.engine.hf_cache_dir = str(tmp_path / "not" / "created" / "yet")
+    settings = with_changes(
+        Settings(), {"engine.hf_cache_dir": str(tmp_path / "not" / "created" / "yet")}
+    )
     host = read_host(settings, sysfs=tmp_path)
     assert host.memory_source == "system"
     assert host.gpu_numa_bytes is None
