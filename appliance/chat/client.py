@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from appliance import endpoint
 from appliance.errors import BadInputError, EngineError
+from appliance.units import fmt_bytes
 
 REASONING_LEVELS = ("low", "medium", "high")
 MAX_IMAGE_SIDE = 3024  # vLLM's Step image processor downscales any side above this
@@ -111,9 +112,10 @@ def prepare_image(path: Path, *, max_mb: float, name: str | None = None) -> Prep
         raise BadInputError(
             f"{name} could not be read ({err.strerror}).", hint="Attach it again."
         ) from err
-    if size > max_mb * 1024 * 1024:
+    limit = max_mb * 1024 * 1024  # the setting counts MiB
+    if size > limit:
         raise BadInputError(
-            f"{name} is {size / 1024 / 1024:.1f} MB; images may be at most {max_mb:g} MB.",
+            f"{name} is {fmt_bytes(size)}; images may be at most {fmt_bytes(limit)}.",
             hint="Send a smaller or compressed image (the limit is the chat.max_image_mb "
             "setting). Nothing was sent.",
         )

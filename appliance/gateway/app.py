@@ -38,6 +38,7 @@ from appliance.gateway.upstream import (
     request_head,
 )
 from appliance.keys import ApiKey, KeyStore, KeyStoreError
+from appliance.units import fmt_bytes
 
 log = logging.getLogger("step_station.gateway")
 
@@ -477,7 +478,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     too_large = _Reply(
         413,
         "request_too_large",
-        f"The request body is larger than this endpoint accepts ({limit // (1 << 20)} MB). "
+        f"The request body is larger than this endpoint accepts ({fmt_bytes(limit)}). "
         "Send fewer or smaller images.",
     )
     declared = _header(scope, b"content-length")

@@ -60,7 +60,9 @@ def test_too_big_is_refused_before_reading(tmp_path: Path) -> None:
     path = tmp_path / "huge.png"
     with path.open("wb") as handle:  # sparse: the size check must not need the bytes
         handle.truncate(50 * 1024 * 1024)
-    with pytest.raises(BadInputError, match=r"huge\.png is 50\.0 MB; images may be at most 20 MB"):
+    with pytest.raises(
+        BadInputError, match=r"huge\.png is 50\.0 MiB; images may be at most 20\.0 MiB"
+    ):
         chat.prepare_image(path, max_mb=20)
 
 
