@@ -553,7 +553,6 @@ class ConnectionGuard:
         self._open: dict[str, int] = {}
         self._count = 0
         self.refused = 0  # connections closed at accept (for logs and tests)
-        self.timed_out = 0  # connections closed for headers that did not arrive in time
         self.warned_at = -math.inf  # when a refusal was last logged
 
     def configure(self, per_address: int, header_timeout_s: float) -> None:
@@ -686,7 +685,6 @@ def guarded_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:  # noqa:
             self._header_timer = None
             if self.transport.is_closing():
                 return
-            guard.timed_out += 1
             if self.cycle is None or self.cycle.response_complete:
                 message = (
                     f"The request headers did not arrive within {guard.header_timeout_s:g} s; "

@@ -110,16 +110,6 @@ class UpstreamResponse:
         self._buffered = 0
         return data
 
-    async def read_all(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError(f"the engine's answer is larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
     def abort(self) -> None:
         """Drop the connection (the engine aborts the request)."""
         self._conn.close()

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +233,6 @@ class EnginePids:
         self._checked: set[int] = set()  # GPU pids seen at the last lookup
         self._asked_at: float | None = None
         self._key: object = None
-        self.lookups = 0
 
     def for_gpu_pids(self, gpu_pids: set[int], key: object = None) -> set[int]:
         """Engine pids among the GPU processes; `key` (e.g. the container id) resets the cache."""
@@ -247,7 +246,6 @@ class EnginePids:
             self._key = key
             self._asked_at = now
             self._checked = set(gpu_pids)
-            self.lookups += 1
             try:
                 self._pids = set(self._lookup())
             except ApplianceError as err:
@@ -464,11 +462,6 @@ def status_payload(sample: Sample) -> dict[str, Any]:
             "weights_disk_free_bytes": sample.host.weights_disk_free_bytes,
         },
     }
-
-
-def sample_dict(sample: Sample) -> dict[str, Any]:
-    """Everything in a sample as plain data."""
-    return asdict(sample)
 
 
 def status_lines(sample: Sample) -> list[str]:

@@ -114,10 +114,6 @@ class Reply:
     def tool_tokens(self) -> int:
         return sum(len(pieces(call.xml())) for call in self.tool_calls)
 
-    @property
-    def total_tokens(self) -> int:
-        return len(self.reasoning) + len(self.content) + self.tool_tokens
-
 
 def plan_lengths(
     level: str | None, forced_total: int | None, cap: int | None, natural_answer: int

@@ -24,7 +24,6 @@ class ChatPrompt:
     images: list[ImageInfo] = field(default_factory=list)
     user_text: str = ""
     tool_result: str | None = None
-    tool_result_name: str | None = None
 
     @property
     def text_without_images(self) -> str:
@@ -89,7 +88,7 @@ def read_chat(body: dict[str, Any], level: str | None, image_limit: int | None) 
         if role == "user":
             prompt.user_text = text
         if role == "tool":
-            prompt.tool_result, prompt.tool_result_name = text, name
+            prompt.tool_result = text
         elif role in ("user", "system"):
             prompt.tool_result = None
     lines.append("<|im_start|>assistant\n<think>\n")
