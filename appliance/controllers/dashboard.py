@@ -1,0 +1,265 @@
+"""The dashboard tab's logic: cards, the memory breakdown and the plots' frames from samples.
+
+Every number comes from the shared sampler's ring buffer, so an open page costs a read, never an
+NVML query. The tab asks `values()` every second and `plots()` every five while it is on screen.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import pandas as pd
+
+from appliance.monitoring.sampler import GpuSample, Sample
+from appliance.monitoring.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
+from appliance.units import NA, fmt_bytes, fmt_num
+
+READER = "dashboard"  # the sampler counts reads per reader
+
+
+class SampleSource(Protocol):
+    """The part of the sampler the dashboard reads."""
+
+    def latest(self, reader: str = "") -> Sample | None: ...
+
+    def history(self, seconds: float | None = None, reader: str = "") -> list[Sample]: ...
+
+
+_PART_COLORS = {
+    "Weights": "#6366f1",
+    "KV cache in use": "#f59e0b",
+    "KV cache reserved, free": "#fde68a",
+    "Engine: activations, CUDA graphs, context": "#a5b4fc",
+    "Engine": "#818cf8",
+    "Other processes": "#f87171",
+    "Driver and unlisted": "#9ca3af",
+    "Free": "#e5e7eb",
+}
+
+
+# ------------------------------------------------------------------------------------ current
+
+
+def _pct_bar(used: int | None, total: int | None) -> str:
+    if used is None or not total:
+        return ""
+    pct = max(0.0, min(100.0, 100.0 * used / total))
+    return f'<div class="ss-bar"><div class="ss-bar-fill" style="width:{pct:.1f}%"></div></div>'
+
+
+def gpu_card(gpu: GpuSample) -> str:
+    rows = [
+        ("Memory", f"{fmt_bytes(gpu.memory_used_bytes)} of {fmt_bytes(gpu.memory_total_bytes)}"),
+        ("Utilization", fmt_num(gpu.utilization_pct, " %")),
+        ("Temperature", fmt_num(gpu.temperature_c, " °C")),
+        ("Power", f"{fmt_num(gpu.power_w, ' W')} of {fmt_num(gpu.power_limit_w, ' W')}"),
+        ("SM clock", fmt_num(gpu.sm_clock_mhz, " MHz")),
+        (
+            "Throttle reasons",
+            NA if gpu.throttle_reasons is None else (", ".join(gpu.throttle_reasons) or "none"),
+        ),
+    ]
+    cells = "".join(
+        f'<tr><th>{k}</th><td data-field="{k.lower().replace(" ", "-")}">{html.escape(v)}</td></tr>'
+        for k, v in rows
+    )
+    procs = "".join(
+        f'<tr class="{"ss-engine" if p.is_engine else ""}" data-pid="{p.pid}"><td>{p.pid}</td>'
+        f"<td>{html.escape(p.name or 'not visible to this host')}</td>"
+        f"<td>{fmt_bytes(p.memory_bytes)}</td></tr>"
+        for p in gpu.processes
+    )
+    proc_table = (
+        f'<table class="ss-procs"><tr><th>PID</th><th>Process</th><th>GPU memory</th></tr>'
+        f"{procs}</table>"
+        if procs
+        else '<p class="ss-muted">No processes on this GPU.</p>'
+    )
+    return (
+        f'<div class="ss-card" data-gpu="{gpu.index}"><div class="ss-title">GPU {gpu.index}: '
+        f"{html.escape(gpu.name)}</div>{_pct_bar(gpu.memory_used_bytes, gpu.memory_total_bytes)}"
+        f'<table class="ss-kv">{cells}</table>{proc_table}</div>'
+    )
+
+
+def host_card(sample: Sample) -> str:
+    h = sample.host
+    memory = f"{fmt_bytes(h.memory_used_bytes)} of {fmt_bytes(h.memory_total_bytes)}"
+    note = ""
+    if h.memory_source == "grace-numa":
+        note = (
+            '<p class="ss-muted">Grace memory only: the OS also counts '
+            f"{fmt_bytes(h.gpu_numa_bytes)} of GPU memory as system RAM; that is shown per GPU, "
+            "never added here.</p>"
+        )
+    return (
+        '<div class="ss-card" data-card="host"><div class="ss-title">Host</div>'
+        f"{_pct_bar(h.memory_used_bytes, h.memory_total_bytes)}"
+        f'<table class="ss-kv"><tr><th>CPU</th><td data-field="cpu">{fmt_num(h.cpu_pct, " %")}'
+        f'</td></tr><tr><th>Memory</th><td data-field="host-memory">{memory}</td></tr>'
+        f'<tr><th>Free disk for weights</th><td data-field="disk">'
+        f"{fmt_bytes(h.weights_disk_free_bytes)}</td></tr></table>{note}"
+        f'<p class="ss-muted">Weights folder: {html.escape(h.weights_dir)}</p></div>'
+    )
+
+
+def engine_card(sample: Sample) -> str:
+    e = sample.engine
+    if e is None:
+        state = sample.engine_state or "not started"
+        return (
+            '<div class="ss-card" data-card="engine"><div class="ss-title">Engine</div>'
+            f'<p class="ss-muted">Engine numbers appear while it serves (now: '
+            f"{html.escape(state.replace('_', ' '))}).</p></div>"
+        )
+    ttft = e.ttft_median_s * 1000 if e.ttft_median_s is not None else None
+    rows = [
+        ("Requests running", fmt_num(e.running)),
+        ("Requests waiting", fmt_num(e.waiting)),
+        ("KV-cache usage", fmt_num(e.kv_cache_usage_pct, " %", 1)),
+        ("Generation", fmt_num(e.generation_tokens_per_s, " tokens/s", 1)),
+        ("Prompt", fmt_num(e.prompt_tokens_per_s, " tokens/s", 1)),
+        ("Prefix-cache hit rate", fmt_num(e.prefix_cache_hit_pct, " %", 1)),
+        ("MTP acceptance", fmt_num(e.spec_acceptance_pct, " %", 1)),
+        ("Time to first token (median)", fmt_num(ttft, " ms")),
+        ("Sleep state", (e.sleep_state or NA).replace("_", " ")),
+    ]
+    cells = "".join(
+        f'<tr><th>{k}</th><td data-field="{k.lower().split(" (")[0].replace(" ", "-")}">'
+        f"{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    return (
+        '<div class="ss-card" data-card="engine"><div class="ss-title">Engine</div>'
+        f'<table class="ss-kv">{cells}</table>'
+        '<p class="ss-muted">Hit rate, acceptance and TTFT are since the engine started.</p></div>'
+    )
+
+
+def current_html(sample: Sample | None) -> str:
+    if sample is None:
+        return '<p class="ss-muted">Waiting for the first reading…</p>'
+    cards = [gpu_card(g) for g in sample.gpus]
+    if not sample.gpus:
+        cards.append(
+            '<div class="ss-card" data-card="no-gpu"><div class="ss-title">GPU</div>'
+            "<p>No GPU readings: "
+            f"{html.escape(sample.gpu_error or 'no NVIDIA GPU found')}.</p></div>"
+        )
+    cards += [host_card(sample), engine_card(sample)]
+    stamp = datetime.fromtimestamp(sample.at).strftime("%H:%M:%S")
+    return (
+        f'<div class="ss-cards">{"".join(cards)}</div>'
+        f'<p class="ss-muted" id="ss-sampled-at">Sampled at {stamp}</p>'
+    )
+
+
+def breakdown_html(breakdown: MemoryBreakdown | None) -> str:
+    if breakdown is None:
+        return '<p class="ss-muted">No GPU memory reading to break down.</p>'
+    total = breakdown.total_bytes or 1
+    segments = "".join(
+        f'<div class="ss-seg" title="{html.escape(p.name)}: {fmt_bytes(p.bytes)}" '
+        f'style="width:{100 * p.bytes / total:.2f}%;background:{_PART_COLORS.get(p.name, "#ccc")}">'
+        "</div>"
+        for p in breakdown.parts
+        if p.bytes > 0
+    )
+    legend = "".join(
+        f'<span class="ss-part" data-part="{html.escape(p.name)}"><span class="ss-swatch" '
+        f'style="background:{_PART_COLORS.get(p.name, "#ccc")}"></span>{html.escape(p.name)}: '
+        f'<span class="ss-strong">{fmt_bytes(p.bytes)}</span></span>'
+        for p in breakdown.parts
+    )
+    note = f'<p class="ss-muted">{html.escape(breakdown.note)}</p>' if breakdown.note else ""
+    return (
+        '<div class="ss-breakdown"><div class="ss-title">'
+        f"Memory of {html.escape(breakdown.gpu_name)} "
+        f"({fmt_bytes(breakdown.total_bytes)})</div>"
+        f'<div class="ss-stack">{segments}</div><div class="ss-legend">{legend}</div>{note}'
+        f'<p class="ss-why">{html.escape(WHY_RESERVED)}</p></div>'
+    )
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def plot_frames(samples: list[Sample]) -> dict[str, pd.DataFrame]:
+    """Long-format frames (time, value, series) for the five plots."""
+    rows: dict[str, list[tuple[datetime, float, str]]] = {
+        k: [] for k in ("memory", "utilization", "power", "tokens", "kv")
+    }
+    for s in samples:
+        t = datetime.fromtimestamp(s.at)
+        for g in s.gpus:
+            label = f"GPU {g.index}"
+            if g.memory_used_bytes is not None:
+                rows["memory"].append((t, g.memory_used_bytes / 1e9, label))
+            if g.utilization_pct is not None:
+                rows["utilization"].append((t, g.utilization_pct, label))
+            if g.power_w is not None:
+                rows["power"].append((t, g.power_w, label))
+        e = s.engine
+        if e is not None:
+            if e.generation_tokens_per_s is not None:
+                rows["tokens"].append((t, e.generation_tokens_per_s, "generation"))
+            if e.prompt_tokens_per_s is not None:
+                rows["tokens"].append((t, e.prompt_tokens_per_s, "prompt"))
+            if e.kv_cache_usage_pct is not None:
+                rows["kv"].append((t, e.kv_cache_usage_pct, "KV cache"))
+    return {k: pd.DataFrame(v, columns=["time", "value", "series"]) for k, v in rows.items()}
+
+
+PLOTS = (
+    ("memory", "GPU memory used (GB)"),
+    ("utilization", "GPU utilization (%)"),
+    ("power", "GPU power (W)"),
+    ("tokens", "Tokens per second"),
+    ("kv", "KV-cache usage (%)"),
+)
+
+
+@dataclass(frozen=True)
+class Values:
+    """The current readings as HTML, and the sample time they show."""
+
+    current: str
+    breakdown: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One plot's frame; a plot with no data (no GPU here, engine not serving yet) is hidden."""
+
+    key: str
+    frame: pd.DataFrame
+
+    @property
+    def visible(self) -> bool:
+        return not self.frame.empty
+
+
+class DashboardController:
+    """What the dashboard shows, read from the sampler and the engine's effective settings."""
+
+    def __init__(self, sampler: SampleSource, effective: Callable[[], dict[str, Any]]) -> None:
+        self.sampler = sampler
+        self.effective = effective  # the engine's effective settings (weights and KV sizes)
+
+    def values(self, seen_at: float) -> Values | None:
+        """The cards and breakdown; None when the newest sample is the one the page shows."""
+        sample = self.sampler.latest(reader=READER)
+        if sample is None or sample.at == seen_at:
+            return None
+        kv = sample.engine.kv_cache_usage_pct if sample.engine else None
+        parts = memory_breakdown(sample, self.effective(), kv)
+        return Values(current_html(sample), breakdown_html(parts), sample.at)
+
+    def plots(self) -> list[Plot]:
+        frames = plot_frames(self.sampler.history(reader=READER))
+        return [Plot(key, frames[key]) for key, _ in PLOTS]

@@ -1,0 +1,107 @@
+"""The dashboard's decisions, without a browser: redraw only on a new sample, the cards' numbers,
+the memory breakdown from the engine's sizes, plots hidden while they have no data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.controllers import dashboard as ctl
+from appliance.monitoring.metrics import EngineMetrics
+from appliance.monitoring.sampler import GpuSample, HostSample, ProcessSample, Sample
+from appliance.units import fmt_bytes
+
+GIB = 1024**3
+HOST = HostSample(12.0, 64 * GIB, 16 * GIB, "system", None, "/weights", 500 * 10**9)
+
+
+def gpu(used: int, engine_bytes: int = 0) -> GpuSample:
+    procs = (
+        (ProcessSample(4242, engine_bytes, True, "Step-3.7-Flash engine"),) if engine_bytes else ()
+    )
+    return GpuSample(
+        0, "GB300 <x>", "GPU-1", 100 * GIB, used, 55.0, 60.0, 300.0, 1000.0, 1800, (), procs
+    )
+
+
+def sample(at: float, *, gpus: tuple[GpuSample, ...] = (), engine: Any = None) -> Sample:
+    return Sample(at=at, gpus=gpus, host=HOST, engine_state="ready", engine=engine)
+
+
+class FakeSampler:
+    """The sampler's read side (ctl.SampleSource): a fixed ring buffer."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+        self.readers: list[str] = []
+
+    def latest(self, reader: str = "") -> Sample | None:
+        self.readers.append(reader)
+        return self.samples[-1] if self.samples else None
+
+    def history(self, seconds: float | None = None, reader: str = "") -> list[Sample]:
+        self.readers.append(reader)
+        return list(self.samples)
+
+
+def test_values_wait_for_the_first_sample_and_skip_one_already_shown() -> None:
+    sampler = FakeSampler([])
+    controller = ctl.DashboardController(sampler, dict)
+    assert controller.values(0.0) is None
+    sampler.samples.append(sample(10.0, gpus=(gpu(40 * GIB),)))
+    shown = controller.values(0.0)
+    assert shown is not None
+    assert shown.at == 10.0
+    assert controller.values(10.0) is None  # the page already shows this one
+    assert set(sampler.readers) == {ctl.READER}
+
+
+def test_cards_show_the_gpu_host_and_engine_numbers_escaped() -> None:
+    engine = EngineMetrics(at=1.0, running=3, waiting=1, kv_cache_usage_pct=12.5, ttft_median_s=0.2)
+    page = ctl.current_html(sample(1.0, gpus=(gpu(40 * GIB),), engine=engine))
+    assert 'data-gpu="0"' in page
+    assert "GB300 &lt;x&gt;" in page
+    memory = f"{fmt_bytes(40 * GIB)} of {fmt_bytes(100 * GIB)}"
+    assert f'<td data-field="memory">{memory}</td>' in page
+    assert '<td data-field="requests-running">3</td>' in page
+    assert '<td data-field="kv-cache-usage">12.5 %</td>' in page
+    assert '<td data-field="time-to-first-token">200 ms</td>' in page
+    assert "Free disk for weights" in page
+
+
+def test_no_gpu_and_no_engine_say_why() -> None:
+    bare = Sample(at=1.0, gpus=(), host=HOST, engine_state="pulling_image", gpu_error="no driver")
+    page = ctl.current_html(bare)
+    assert "No GPU readings: no driver." in page
+    assert "(now: pulling image)" in page
+    assert ctl.current_html(None) == '<p class="ss-muted">Waiting for the first reading…</p>'
+
+
+def test_the_breakdown_uses_the_engines_weights_and_kv_pool() -> None:
+    sampler = FakeSampler([sample(5.0, gpus=(gpu(90 * GIB, engine_bytes=80 * GIB),))])
+    effective = {"weights_gib": 50, "kv_cache_gib": 20}
+    values = ctl.DashboardController(sampler, lambda: effective).values(0.0)
+    assert values is not None
+    assert 'data-part="Weights"' in values.breakdown
+    assert 'data-part="KV cache reserved, free"' in values.breakdown
+    weights = 'data-part="Weights"><span class="ss-swatch" style="background:#6366f1"></span>'
+    assert f'{weights}Weights: <span class="ss-strong">{fmt_bytes(50 * GIB)}</span>' in (
+        values.breakdown
+    )
+    empty = ctl.DashboardController(FakeSampler([sample(5.0)]), dict).values(0.0)
+    assert empty is not None
+    assert "No GPU memory reading to break down." in empty.breakdown
+
+
+def test_plots_carry_each_series_and_hide_while_empty() -> None:
+    engine = EngineMetrics(at=1.0, generation_tokens_per_s=40.0, prompt_tokens_per_s=None)
+    samples = [
+        sample(1.0, gpus=(gpu(2 * 10**9),)),
+        sample(2.0, gpus=(gpu(3 * 10**9),), engine=engine),
+    ]
+    plots = {p.key: p for p in ctl.DashboardController(FakeSampler(samples), dict).plots()}
+    assert list(plots) == [key for key, _ in ctl.PLOTS]
+    assert plots["memory"].frame["value"].tolist() == [2.0, 3.0]  # GB
+    assert set(plots["memory"].frame["series"]) == {"GPU 0"}
+    assert plots["tokens"].frame["series"].tolist() == ["generation"]
+    assert plots["memory"].visible
+    assert not plots["kv"].visible  # no KV reading yet: hidden, not drawn empty
