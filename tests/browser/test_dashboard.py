@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
-from chat_page import screenshot
+from chat_page import screenshot, wait_until
 from openai import OpenAI
 from playwright.sync_api import expect
 
@@ -52,6 +53,23 @@ class Polls:
 
     def count(self, ids: set[int]) -> int:
         return sum(1 for fn in self.fn_ids if fn in ids)
+
+
+QUIET_WINDOW_MS = 3000  # over two poll periods: how long "no polls" is watched for
+
+
+def settled_count(page, polls: Polls, ids: set[int], timeout_s: float = 15) -> int:
+    """The poll count once a poll that was already under way has landed (no new one for a
+    second), so the quiet window that follows starts clean."""
+    deadline = time.monotonic() + timeout_s
+    last = polls.count(ids)
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(1000)
+        now = polls.count(ids)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the dashboard kept polling for {timeout_s} s after it was hidden")
 
 
 def chat_load(
@@ -96,8 +114,9 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     assert plots_tick
     dashboard = values_tick | plots_tick
 
-    # The chat tab is in front: the dashboard never polls.
-    page.wait_for_timeout(2500)
+    # The chat tab is in front: the dashboard never polls (watched for more than two poll periods:
+    # a window in which nothing may happen, not a wait for something).
+    page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == 0
 
     page.get_by_role("tab", name="Dashboard").click()
@@ -128,7 +147,8 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(page.locator("#ss-plot-tokens")).to_be_visible(timeout=15_000)
     expect(page.locator("#ss-plot-kv")).to_be_visible()
     expect(page.locator("#ss-plot-memory")).to_be_visible()
-    page.wait_for_timeout(5500)  # one more plot refresh with the traffic in it
+    with_traffic = polls.count(plots_tick)  # one more plot refresh with the traffic in it
+    wait_until(lambda: polls.count(plots_tick) > with_traffic, timeout_s=30, interval_s=0.1)
     screenshot(page, "dashboard.png", full_page=True)
     load.join(60)
     expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
@@ -136,25 +156,21 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
 
     # Another tab in front: the polls stop.
     page.get_by_role("tab", name="Chat").click()
-    page.wait_for_timeout(1500)
-    stopped_at = polls.count(dashboard)
-    page.wait_for_timeout(3000)
+    stopped_at = settled_count(page, polls, dashboard)
+    page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == stopped_at
 
     # Back on the dashboard they resume.
     page.get_by_role("tab", name="Dashboard").click()
-    page.wait_for_timeout(2500)
-    assert polls.count(dashboard) > stopped_at
+    wait_until(lambda: polls.count(dashboard) > stopped_at, timeout_s=15, interval_s=0.1)
 
     # The browser tab in the background: no polls either.
     page.evaluate(HIDE_JS, "hidden")
-    page.wait_for_timeout(1500)
-    hidden_at = polls.count(dashboard)
-    page.wait_for_timeout(3000)
+    hidden_at = settled_count(page, polls, dashboard)
+    page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == hidden_at
     page.evaluate(HIDE_JS, "visible")
-    page.wait_for_timeout(2500)
-    assert polls.count(dashboard) > hidden_at
+    wait_until(lambda: polls.count(dashboard) > hidden_at, timeout_s=15, interval_s=0.1)
 
 
 def test_dashboard_without_a_gpu_says_why(appliance, page):

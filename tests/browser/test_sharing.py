@@ -78,7 +78,6 @@ def test_share_switch_key_snippets_usage_and_revoke(appliance, page) -> None:
 
     # The use shows up in the key table and in recent use.
     page.locator("#ss-share-switch").scroll_into_view_if_needed()
-    time.sleep(0.5)
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("tab", name="Sharing").click()  # shown again: refreshes at once
     expect(page.locator("#ss-recent")).to_contain_text("POST /v1/chat/completions", timeout=15_000)
