@@ -1,19 +1,25 @@
 """The sharing tab: one switch to share the model on the LAN, keys, addresses, snippets, usage.
 
-Layout and wiring only; every action is a method of `appliance.gateway.sharing.Sharing`. A new
-key is shown once, in this page only (it lives in this page's state, never on the server), and
-goes into the snippets so they can be copied as they are.
+Layout and wiring only: what each control does and what the page shows after it is
+`appliance.controllers.sharing.SharingController`'s. A new key is shown once, in this page only
+(it lives in this page's state, never on the server).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import gradio as gr
 
+from appliance.controllers.sharing import (
+    KeyOutcome,
+    Notice,
+    SharingController,
+    Tables,
+    snippet_id,
+)
 from appliance.errors import ApplianceError
-from appliance.gateway.sharing import SNIPPETS, Sharing
+from appliance.gateway.sharing import Sharing
 from appliance.keys import ui_lan_active
 from appliance.services import Services
 from ui.polling import panel, poll_while_visible
@@ -36,21 +42,42 @@ LOGOUT_JS = (
 )
 
 
-def _ids(name: str) -> str:
-    return "ss-snippet-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def _toast(notice: Notice | None) -> None:
+    if notice is None:
+        return
+    if notice.level == "warning":
+        gr.Warning(notice.text)
+    else:
+        gr.Info(notice.text)
 
 
-def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issue 13 item 3
-    """Create the tab's widgets inside the current gr.Tab and wire them to services."""
-    sharing = Sharing(services.settings, services.gateway, services.keys)
-    names = list(SNIPPETS)
+def _tables(tables: Tables) -> tuple[Any, ...]:
+    """A refresh as the outputs in `refreshed` order (see build)."""
+    return (
+        tables.status,
+        tables.addresses,
+        tables.keys,
+        gr.Dropdown(choices=tables.revoke_choices, value=tables.revoke_value),
+        gr.Dropdown(choices=tables.base_urls, value=tables.base_url),
+        tables.recent,
+        *tables.snippets,
+    )
 
-    def address_rows() -> list[list[str]]:
-        return [[a.interface, a.address, a.url, a.note] for a in sharing.addresses()]
 
-    def snippet_values(base_url: str, key: str) -> list[str]:
-        snippets = sharing.snippets(base_url or sharing.base_urls()[0], key)
-        return [snippets[name] for name in names]
+def _shown(outcome: KeyOutcome) -> tuple[Any, ...]:
+    """The one-time key's box, the page's key state, then the refresh."""
+    if outcome.show is None:
+        box = gr.Textbox()
+    else:
+        box = gr.Textbox(value=outcome.key, visible=outcome.show)
+    return (box, outcome.key, *_tables(outcome.tables))
+
+
+def build(services: Services) -> None:
+    """Create the tab's widgets inside the current gr.Tab and wire them to the controller."""
+    sharing = Sharing(services.store, services.gateway, services.keys)
+    controller = SharingController(sharing)
+    names = controller.names
 
     with panel(PANEL):
         gr.Markdown(
@@ -69,7 +96,7 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
             )
             status = gr.Markdown(sharing.status_text(), elem_id="ss-share-status")
         addresses = gr.Dataframe(
-            value=address_rows(),
+            value=controller.address_rows(),
             headers=ADDRESS_HEADERS,
             label="Addresses of this machine",
             interactive=False,
@@ -113,7 +140,7 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
             )
             codes = []
             with gr.Tabs():
-                for name, value in zip(names, snippet_values(urls[0], ""), strict=True):
+                for name, value in zip(names, controller.snippet_values(urls[0], ""), strict=True):
                     with gr.Tab(name):
                         codes.append(
                             gr.Code(
@@ -121,7 +148,7 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
                                 label=name,
                                 language=_LANGUAGES.get(name, "yaml"),  # type: ignore[arg-type]
                                 buttons=["copy"],
-                                elem_id=_ids(name),
+                                elem_id=snippet_id(name),
                             )
                         )
         recent = gr.Dataframe(
@@ -164,33 +191,12 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
             )
         timer = gr.Timer(5.0, active=False)
 
-    def tables(base_url: str, key: str, choice: str | None = None) -> tuple[Any, ...]:
-        choices = sharing.active_key_choices()
-        urls = sharing.base_urls()
-        url = base_url if base_url in urls else urls[0]
-        return (
-            sharing.status_text(),
-            address_rows(),
-            sharing.keys_rows(),
-            gr.Dropdown(choices=choices, value=choice if choice in choices else None),
-            gr.Dropdown(choices=urls, value=url),
-            sharing.recent_rows(),
-            *snippet_values(url, key),
-        )
-
     refreshed = [status, addresses, keys_table, revoke_choice, base, recent, *codes]
 
     def on_share(on: bool, base_url: str, key: str) -> tuple[Any, ...]:
-        try:
-            result = sharing.set_shared(on)
-        except ApplianceError as err:
-            gr.Warning(str(err))
-            return (not on, gr.Textbox(), key, *tables(base_url, key))
-        gr.Info(result.message)
-        if result.new_key is not None:
-            key = result.new_key.secret
-            return (on, gr.Textbox(value=key, visible=True), key, *tables(base_url, key))
-        return (on, gr.Textbox(), key, *tables(base_url, key))
+        switch, outcome = controller.share(on, base_url, key)
+        _toast(switch.notice)
+        return (switch.on, *_shown(outcome))
 
     share.input(
         on_share,
@@ -201,11 +207,10 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
 
     def on_create(name: str, base_url: str) -> tuple[Any, ...]:
         try:
-            made = sharing.create_key(name)
+            outcome = controller.create_key(name, base_url)
         except ApplianceError as err:
             raise gr.Error(str(err)) from err
-        key = made.secret
-        return ("", gr.Textbox(value=key, visible=True), key, *tables(base_url, key))
+        return ("", *_shown(outcome))
 
     create.click(
         on_create,
@@ -221,16 +226,12 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
     )
 
     def on_revoke(choice: str | None, base_url: str, key: str) -> tuple[Any, ...]:
-        key_id = (choice or "").rsplit("(", 1)[-1].rstrip(")")
         try:
-            message = sharing.revoke_key(key_id)
+            outcome = controller.revoke_key(choice, base_url, key)
         except ApplianceError as err:
             raise gr.Error(str(err)) from err
-        gr.Info(message)
-        if key and key_id and key.startswith(f"sk-step-{key_id}"):
-            key = ""  # the key shown in this page is the one revoked
-            return (gr.Textbox(value="", visible=False), key, *tables(base_url, key))
-        return (gr.Textbox(), key, *tables(base_url, key))
+        _toast(outcome.notice)
+        return _shown(outcome)
 
     revoke.click(
         on_revoke,
@@ -239,29 +240,17 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
         show_progress="hidden",
     )
 
-    def on_base(base_url: str, key: str) -> list[str]:
-        return snippet_values(base_url, key)
-
-    base.input(on_base, [base, key_state], codes, show_progress="hidden")
+    base.input(controller.snippet_values, [base, key_state], codes, show_progress="hidden")
 
     def on_ui_lan(on: bool, name: str, secret: str) -> tuple[Any, ...]:
-        try:
-            message = sharing.set_ui_lan(on, name, secret)
-        except ApplianceError as err:
-            gr.Warning(str(err))
-            return (not on, sharing.ui_lan_status(), "")
-        gr.Info(message)
-        return (on, sharing.ui_lan_status() + " " + message, "")
+        switch = controller.set_ui_lan(on, name, secret)
+        _toast(switch.notice)
+        return (switch.on, switch.status, "")
 
     ui_lan.input(on_ui_lan, [ui_lan, user, password], [ui_lan, ui_status, password])
 
     def on_change_login(old: str, name: str, secret: str) -> tuple[Any, ...]:
-        try:
-            message = sharing.change_login(old, name, secret)
-        except ApplianceError as err:
-            gr.Warning(str(err))
-            return ("", "", sharing.ui_lan_status())
-        gr.Info(message)
+        _toast(controller.change_login(old, name, secret))
         return ("", "", sharing.ui_lan_status())
 
     change.click(
@@ -274,7 +263,7 @@ def build(services: Services) -> None:  # noqa: C901 - layout and handlers: issu
     logout.click(None, None, None, js=LOGOUT_JS)
 
     def refresh(base_url: str, key: str, choice: str | None) -> tuple[Any, ...]:
-        return tables(base_url, key, choice)
+        return _tables(controller.tables(base_url, key, choice))
 
     inputs = [base, key_state, revoke_choice]
     timer.tick(refresh, inputs, refreshed, show_progress="hidden")
