@@ -62,7 +62,7 @@ def make_supervisor(
 ) -> Iterator[Callable[..., Supervisor]]:
     made: list[Supervisor] = []
 
-    def make(**kwargs: Any) -> Supervisor:
+    def make(with_settings: st.Settings | None = None, **kwargs: Any) -> Supervisor:
         options: dict[str, Any] = {
             "runtime": fake,
             "demo": True,  # the simulator's spec: no flag check against an image
@@ -73,7 +73,7 @@ def make_supervisor(
             "outside_poll_s": 0,
             "lock_timeout_s": WAIT_S,
         }
-        sup = Supervisor(settings, **(options | kwargs))
+        sup = Supervisor(with_settings or settings, **(options | kwargs))
         made.append(sup)
         return sup
 
@@ -424,3 +424,130 @@ def test_an_engine_launched_elsewhere_during_the_pull_is_adopted_without_holding
     for each in (sup, looker, starter):
         assert each.wait_ready(WAIT_S).state == EngineState.READY
     assert len(fake.engines) == 1  # adopted three times, launched once
+
+
+# ----------------------------------------------------------------- stop during the weights download
+
+
+def test_stop_during_the_weights_download_launches_nothing_and_a_later_start_works(
+    fake: FakeRuntime, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    sup = make_supervisor(download_weights=True, weights_fetcher=fake.weights)
+    sup.start()
+    wait_status(
+        sup,
+        lambda s: s.state == EngineState.DOWNLOADING_WEIGHTS and bool(s.progress and s.progress[0]),
+        "downloading with progress",
+    )
+
+    stopped = sup.stop()  # the download is still running: nothing released it
+
+    assert stopped.state == EngineState.STOPPED, stopped.message
+    assert fake.weights.cancelled.is_set()  # the download itself was cut short
+    assert fake.engines == []  # and nothing was launched after it
+
+    fake.weights.release()
+    assert sup.try_start() is True
+    launched(sup, fake).become_ready()
+    assert sup.wait_ready(WAIT_S).state == EngineState.READY
+    assert fake.weights.started == 2
+    assert len(fake.engines) == 1
+
+
+# ------------------------------------------------------------------ the monitor of a serving engine
+
+
+def serving(sup: Supervisor, fake: FakeRuntime) -> FakeEngine:
+    sup.start()
+    engine = launched(sup, fake)
+    engine.become_ready()
+    assert sup.wait_ready(WAIT_S).state == EngineState.READY
+    return engine
+
+
+def test_a_crash_while_serving_fails_with_its_exit_code_and_is_not_restarted(
+    fake: FakeRuntime, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    sup = make_supervisor()
+    sup.exit_settle_s = 0.2  # how long an exit may wait for its removal by another process
+    engine = serving(sup, fake)
+    line = "ERROR 12-01 10:05:00 [core.py:900] EngineCore encountered a fatal error."
+
+    engine.crash(0, line)  # vLLM's API server exits 0 when its engine core dies
+
+    failed = wait_status(sup, lambda s: s.state == EngineState.FAILED, "failed")
+    assert failed.exit_code == 0
+    assert "crashed: it exited unexpectedly (exit code 0)" in failed.message
+    assert line in failed.log_tail
+    assert len(fake.engines) == 1  # reported, never relaunched behind the user's back
+
+
+def test_an_engine_stopped_and_removed_elsewhere_while_serving_is_stopped_not_crashed(
+    fake: FakeRuntime, make_supervisor: Callable[..., Supervisor]
+) -> None:
+    """Another step-station stops the engine: it exits (SIGTERM) a moment before that process
+    removes it. The monitor sees the exit first and must wait for the removal, not call it a
+    crash."""
+    sup = make_supervisor()
+    engine = serving(sup, fake)
+    seen = record_states(sup)
+
+    engine.exit(0)
+    looked = engine.inspections
+    fake.wait_for(lambda: engine.inspections >= looked + 2, "the monitor seeing the exit")
+    fake.remove(engine.handle)  # the other process's removal, after the exit was seen
+
+    final = wait_status(sup, lambda s: s.state == EngineState.STOPPED, "stopped")
+    assert "stopped and removed by another step-station" in final.message
+    assert not any(s.state == EngineState.FAILED for s in seen), [s.message for s in seen]
+    assert len(fake.engines) == 1
+
+
+# ---------------------------------------------------------------- idle sleep against a browser chat
+
+IDLE_S = 60.0
+
+
+def test_a_chat_that_begins_while_idle_sleep_decides_waits_then_wakes_the_engine(
+    fake: FakeRuntime,
+    make_supervisor: Callable[..., Supervisor],
+    clock: FakeClock,
+    settings: st.Settings,
+) -> None:
+    """vLLM's POST /sleep aborts every running request, so a chat may not begin between the
+    decision to sleep and the sleep: it waits for the sleep, then wakes the engine."""
+    sleepy = replace_settings(settings, sleep_mode=True)
+    sup = make_supervisor(with_settings=sleepy, idle_sleep_s=IDLE_S)
+    engine = serving(sup, fake)
+    engine.hold_metrics()
+
+    clock.advance(IDLE_S + 1)  # idle time is up: the monitor's next round decides
+    fake.wait_for(lambda: engine.metrics_reads == 1, "the idle sleep's look at the gauges")
+    chat = Call(sup.begin_use, name="chat")  # while the decision holds its last look
+    engine.release_metrics()
+
+    chat.result()
+    assert engine.calls == ["sleep", "wake_up"]  # slept first, then woken for the chat
+    assert sup.status().state == EngineState.READY
+
+
+def test_an_open_chat_keeps_the_engine_awake_past_the_idle_time(
+    fake: FakeRuntime,
+    make_supervisor: Callable[..., Supervisor],
+    clock: FakeClock,
+    settings: st.Settings,
+) -> None:
+    sleepy = replace_settings(settings, sleep_mode=True)
+    sup = make_supervisor(with_settings=sleepy, idle_sleep_s=IDLE_S)
+    engine = serving(sup, fake)
+    sup.begin_use()
+
+    clock.advance(IDLE_S + 1)
+    fake.wait_for(lambda: sup.idle_s() < IDLE_S, "the monitor restarting the idle clock")
+    assert engine.calls == []  # the open chat kept it awake
+    assert engine.metrics_reads == 0  # without even asking the engine
+
+    sup.end_use()
+    clock.advance(IDLE_S + 1)
+    wait_status(sup, lambda s: s.state == EngineState.SLEEPING, "asleep once the chat ended")
+    assert engine.calls == ["sleep"]
