@@ -12,6 +12,11 @@ The socket: `<data>/control/control.sock` (or a private `/tmp/step-station-<uid>
 that path is too long for a socket address; see appliance/endpoint.py), folder 0700, socket
 0600: only the owner's account can connect, so no other local user drives the engine through it.
 
+The same goes for the commands that change what the service holds: `config set` goes to the
+service's settings store (saved, and its supervisor and gateway take the new snapshot at once),
+`keys create|revoke|list` to its key store (a revoked key is refused on the next request), and
+`pull` to its supervisor's runtime.
+
 The protocol is small HTTP/1.0 with JSON bodies, served by the stdlib on threads of its own (a
 slow stop never blocks the UI's event loop):
 
@@ -21,6 +26,17 @@ slow stop never blocks the UI's event loop):
     POST /start   {"profile": P|null}  {"status": ...} (returns at once; poll /status)
     POST /stop                         {"status": ...} (returns when stopped)
     GET  /logs?follow=0|1              the engine's log, one line per line, until the end
+    GET  /settings                     {"settings": the snapshot in force, "path": the file}
+    POST /settings {"changes": {K: V}} the same after `store.update`, plus {"status": ...}
+    GET  /keys                         {"keys": [ApiKey.public_dict(), ...]}
+    POST /keys/create {"name": N}      {"key": public_dict, "secret": the key, shown once}
+    POST /keys/revoke {"key": NAME-or-ID}  {"key": public_dict}
+    POST /pull                         one JSON object a line: {"progress": [done, total]} while
+                                       bytes move, then {"pulled": {"image", "total"}} or
+                                       {"skipped": why} or {"error", "hint", "exit_code"}
+
+A failure is HTTP 500 with {"error", "hint", "exit_code"}: the CLI raises the same kind of error
+(`_error_from`), so its message and exit code are those of the command run without a service.
 """
 
 from __future__ import annotations
@@ -34,16 +50,20 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from appliance import endpoint
 from appliance import settings as st
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
-from appliance.errors import ApplianceError, EngineError
-from appliance.keys import KeyStore
+from appliance.errors import ApplianceError, EngineError, SettingsError
+from appliance.keys import ApiKey, KeyStore, NewKey
+
+if TYPE_CHECKING:
+    from appliance.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -124,40 +144,117 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        sup = self.server.supervisor
+        route = _GET_ROUTES.get(url.path)
+        if route is None:
+            self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
+            return
         try:
-            if url.path == "/status":
-                if "since" in query:
-                    timeout = min(float(query.get("timeout", "10")), LONG_POLL_MAX_S)
-                    status = sup.wait_for_change(int(query["since"]), timeout)
-                else:
-                    status = sup.status()
-                self._send(200, {"status": status.to_dict()})
-            elif url.path == "/status/full":
-                self._send(200, _full_status(self.server.store.current(), sup))
-            elif url.path == "/logs":
-                self._stream_logs(follow=query.get("follow") == "1")
-            else:
-                self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
+            route(self, query)
         except (ApplianceError, ValueError, OSError) as err:
             self._error(err)
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
         url = urlsplit(self.path)
-        sup = self.server.supervisor
+        route = _POST_ROUTES.get(url.path)
+        if route is None:
+            self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
+            return
         try:
-            body = self._body()
-            if url.path == "/start":
-                profile = body.get("profile")
-                status = sup.start(str(profile) if profile else None)
-            elif url.path == "/stop":
-                status = sup.stop()
-            else:
-                self._send(404, {"error": f"no {url.path} here", "hint": "", "exit_code": 1})
-                return
-            self._send(200, {"status": status.to_dict()})
+            route(self, self._body())
         except (ApplianceError, ValueError, OSError) as err:
             self._error(err)
+
+    # ------------------------------------------------------------------------------ engine
+
+    def _get_status(self, query: dict[str, str]) -> None:
+        sup = self.server.supervisor
+        if "since" in query:
+            timeout = min(float(query.get("timeout", "10")), LONG_POLL_MAX_S)
+            status = sup.wait_for_change(int(query["since"]), timeout)
+        else:
+            status = sup.status()
+        self._send(200, {"status": status.to_dict()})
+
+    def _get_full_status(self, query: dict[str, str]) -> None:
+        del query
+        self._send(200, _full_status(self.server.store.current(), self.server.supervisor))
+
+    def _get_logs(self, query: dict[str, str]) -> None:
+        self._stream_logs(follow=query.get("follow") == "1")
+
+    def _post_start(self, body: dict[str, Any]) -> None:
+        profile = body.get("profile")
+        status = self.server.supervisor.start(str(profile) if profile else None)
+        self._send(200, {"status": status.to_dict()})
+
+    def _post_stop(self, body: dict[str, Any]) -> None:
+        del body
+        self._send(200, {"status": self.server.supervisor.stop().to_dict()})
+
+    # ---------------------------------------------------------------------------- settings
+
+    def _settings_payload(self, settings: st.Settings) -> dict[str, Any]:
+        return {"settings": settings.to_dict(), "path": str(self.server.store.path)}
+
+    def _get_settings(self, query: dict[str, str]) -> None:
+        del query
+        self._send(200, self._settings_payload(self.server.store.current()))
+
+    def _post_settings(self, body: dict[str, Any]) -> None:
+        changes = body.get("changes")
+        if not isinstance(changes, dict):
+            raise SettingsError(
+                "POST /settings takes {'changes': {'section.field': value}}.",
+                hint="Use `step-station config set KEY VALUE`.",
+            )
+        new = self.server.store.update(changes)  # the supervisor took it before this returns
+        status = self.server.supervisor.status()
+        self._send(200, {**self._settings_payload(new), "status": status.to_dict()})
+
+    # -------------------------------------------------------------------------------- keys
+
+    def _keys(self) -> KeyStore:
+        if self.server.keys is None:
+            raise EngineError("This Step Station service keeps no API keys.")
+        return self.server.keys
+
+    def _get_keys(self, query: dict[str, str]) -> None:
+        del query
+        self._send(200, {"keys": [k.public_dict() for k in self._keys().list()]})
+
+    def _post_create_key(self, body: dict[str, Any]) -> None:
+        made = self._keys().create(str(body.get("name") or ""))
+        self._send(200, {"key": made.record.public_dict(), "secret": made.secret})
+
+    def _post_revoke_key(self, body: dict[str, Any]) -> None:
+        record = self._keys().revoke(str(body.get("key") or ""))
+        self._send(200, {"key": record.public_dict()})
+
+    # -------------------------------------------------------------------------------- pull
+
+    def _post_pull(self, body: dict[str, Any]) -> None:
+        del body
+        runtime = self.server.supervisor.runtime
+        if runtime.kind != "docker":
+            self._send(200, {"skipped": NO_IMAGE})
+            return
+        image = self.server.store.current().engine.image
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+
+        def line(payload: dict[str, Any]) -> None:
+            self.wfile.write(json.dumps(payload).encode() + b"\n")
+            self.wfile.flush()
+
+        try:
+            total = pull_image(runtime, image, lambda done, size: line({"progress": [done, size]}))
+        except ApplianceError as err:
+            line({"error": err.message, "hint": err.hint, "exit_code": err.exit_code})
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the terminal went away; the pull it asked for ended with it
+        line({"pulled": {"image": image, "total": total}})
 
     def _stream_logs(self, *, follow: bool) -> None:
         stop = threading.Event()
@@ -181,6 +278,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass  # the terminal went away (Ctrl-C on `logs -f`)
         finally:
             stop.set()
+
+
+_GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
+    "/status": _Handler._get_status,
+    "/status/full": _Handler._get_full_status,
+    "/logs": _Handler._get_logs,
+    "/settings": _Handler._get_settings,
+    "/keys": _Handler._get_keys,
+}
+_POST_ROUTES: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
+    "/start": _Handler._post_start,
+    "/stop": _Handler._post_stop,
+    "/settings": _Handler._post_settings,
+    "/keys/create": _Handler._post_create_key,
+    "/keys/revoke": _Handler._post_revoke_key,
+    "/pull": _Handler._post_pull,
+}
+
+NO_IMAGE = "engine.runtime is not docker: there is no image to pull."
+
+
+def pull_image(runtime: Runtime, image: str, on_progress: Callable[[int, int], None]) -> int:
+    """Pull `image` with the engine's runtime, reporting (bytes done, bytes total); returns the
+    bytes downloaded. Used by `step-station pull` alone and by the service for it."""
+    from appliance.engine.spec import LaunchSpec
+
+    spec = LaunchSpec(
+        name="pull", image=image, args=(), profile="", served_model_name="", host_port=0
+    )
+    seen = [0]
+
+    def progress(done: int, total: int, line: str) -> None:
+        del line
+        seen[0] = total
+        on_progress(done, total)
+
+    runtime.ensure_image(spec, progress)
+    return seen[0]
 
 
 def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
@@ -272,7 +407,9 @@ def _error_classes(base: type[ApplianceError] = ApplianceError) -> list[type[App
 def _error_from(data: dict[str, Any], status: int) -> ApplianceError:
     """The service's error as the same kind of error here (so the CLI's exit code matches)."""
     code = int(data.get("exit_code") or EngineError.exit_code)
-    kind = next((c for c in _error_classes() if c.exit_code == code), EngineError)
+    # the base class first: code 1 is no subclass's own (whichever happens to be imported)
+    kinds = [ApplianceError, *_error_classes()]
+    kind = next((c for c in kinds if c.exit_code == code), EngineError)
     return kind(str(data.get("error") or f"HTTP {status}"), hint=str(data.get("hint") or ""))
 
 
@@ -313,15 +450,29 @@ def status_from_dict(data: dict[str, Any]) -> EngineStatus:
     )
 
 
-class ServiceSupervisor:
-    """The CLI's handle on the running service's supervisor: the calls the CLI makes on a local
-    Supervisor (attach, start, stop, status, wait_for_change, iter_logs), sent over the socket."""
+@dataclass(frozen=True)
+class SettingsChange:
+    """What the service says after `config set`: its snapshot, its file, its engine."""
 
-    remote = True
+    settings: st.Settings
+    path: Path
+    status: EngineStatus
 
-    def __init__(self, path: Path, settings: st.Settings) -> None:
+
+@dataclass(frozen=True)
+class PullOutcome:
+    image: str = ""
+    total: int = 0  # bytes downloaded
+    skipped: str = ""  # why nothing was pulled (not a Docker runtime)
+
+
+class ServiceClient:
+    """The CLI's end of the running service's control socket."""
+
+    PULL_READ_TIMEOUT_S = 900.0  # a pull may go quiet for a while between progress lines
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.settings = settings
 
     def _call(
         self, method: str, route: str, body: dict[str, Any] | None = None, timeout: float = 30.0
@@ -334,11 +485,7 @@ class ServiceSupervisor:
             response = conn.getresponse()
             data = json.loads(response.read() or b"{}")
         except (OSError, http.client.HTTPException, ValueError) as err:
-            raise EngineError(
-                f"The Step Station service stopped answering on {self.path} ({err}).",
-                hint="`systemctl --user status step-station` shows why; the command works "
-                "without the service too.",
-            ) from err
+            raise self._gone(err) from err
         finally:
             conn.close()
         if not isinstance(data, dict):
@@ -346,6 +493,92 @@ class ServiceSupervisor:
         if response.status != 200:
             raise _error_from(data, response.status)
         return data
+
+    def _gone(self, err: Exception) -> EngineError:
+        return EngineError(
+            f"The Step Station service stopped answering on {self.path} ({err}).",
+            hint="`systemctl --user status step-station` shows why; the command works "
+            "without the service too.",
+        )
+
+    # ---------------------------------------------------------------------------- settings
+
+    def update_settings(self, changes: dict[str, Any]) -> SettingsChange:
+        """`store.update(changes)` in the service: validated, saved, and in force there."""
+        data = self._call("POST", "/settings", {"changes": changes})
+        return SettingsChange(
+            settings=st.from_dict(data["settings"]),
+            path=Path(str(data["path"])),
+            status=status_from_dict(data["status"]),
+        )
+
+    # -------------------------------------------------------------------------------- keys
+
+    def keys(self) -> ServiceKeys:
+        return ServiceKeys(self)
+
+    # -------------------------------------------------------------------------------- pull
+
+    def pull(self, on_progress: Callable[[int, int], None]) -> PullOutcome:
+        """Pull the engine image through the service, reporting (bytes done, bytes total)."""
+        conn = _UnixConnection(str(self.path), self.PULL_READ_TIMEOUT_S)
+        try:
+            conn.request("POST", "/pull", body=b"{}", headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise _error_from(json.loads(response.read() or b"{}"), response.status)
+            if response.getheader("Content-Type", "") == "application/json":
+                return PullOutcome(skipped=str(json.loads(response.read())["skipped"]))
+            return _read_pull(response, on_progress)
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise self._gone(err) from err
+        finally:
+            conn.close()
+
+
+def _read_pull(
+    response: http.client.HTTPResponse, on_progress: Callable[[int, int], None]
+) -> PullOutcome:
+    while line := response.readline():
+        data = json.loads(line)
+        if "progress" in data:
+            done, total = data["progress"]
+            on_progress(int(done), int(total))
+        elif "pulled" in data:
+            return PullOutcome(str(data["pulled"]["image"]), int(data["pulled"]["total"]))
+        elif "error" in data:
+            raise _error_from(data, 500)
+    raise EngineError("The Step Station service ended the pull without saying how it went.")
+
+
+class ServiceKeys:
+    """The service's KeyStore over the socket: `create`, `revoke`, `list` as on a KeyStore."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+
+    def create(self, name: str) -> NewKey:
+        data = self.client._call("POST", "/keys/create", {"name": name})
+        return NewKey(record=ApiKey.from_public(data["key"]), secret=str(data["secret"]))
+
+    def revoke(self, name_or_id: str) -> ApiKey:
+        return ApiKey.from_public(
+            self.client._call("POST", "/keys/revoke", {"key": name_or_id})["key"]
+        )
+
+    def list(self) -> list[ApiKey]:
+        return [ApiKey.from_public(k) for k in self.client._call("GET", "/keys")["keys"]]
+
+
+class ServiceSupervisor(ServiceClient):
+    """The CLI's handle on the running service's supervisor: the calls the CLI makes on a local
+    Supervisor (attach, start, stop, status, wait_for_change, iter_logs), sent over the socket."""
+
+    remote = True
+
+    def __init__(self, path: Path, settings: st.Settings) -> None:
+        super().__init__(path)
+        self.settings = settings
 
     def status(self) -> EngineStatus:
         return status_from_dict(self._call("GET", "/status")["status"])
@@ -388,12 +621,18 @@ class ServiceSupervisor:
         return None
 
 
-def service_supervisor(settings: st.Settings) -> ServiceSupervisor | None:
-    """A handle on the running service's supervisor, or None when no service answers."""
+def running_service() -> ServiceClient | None:
+    """The running service's control socket, or None when no service answers."""
     try:
         path = socket_path()
     except ApplianceError:
         return None
     if not _answers(path):
         return None
-    return ServiceSupervisor(path, settings)
+    return ServiceClient(path)
+
+
+def service_supervisor(settings: st.Settings) -> ServiceSupervisor | None:
+    """A handle on the running service's supervisor, or None when no service answers."""
+    service = running_service()
+    return None if service is None else ServiceSupervisor(service.path, settings)

@@ -28,7 +28,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,24 @@ class ApiKey:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_public(cls, data: Mapping[str, Any]) -> ApiKey:
+        """A record from `public_dict()` (the service's answer to the CLI). It has no salt or
+        digest, so it can show a key but never verify one."""
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            salt="",
+            digest="",
+            created=float(data["created"]),
+            last_used=None if data.get("last_used") is None else float(data["last_used"]),
+            last_address=str(data.get("last_address") or ""),
+            requests=int(data.get("requests") or 0),
+            prompt_tokens=int(data.get("prompt_tokens") or 0),
+            completion_tokens=int(data.get("completion_tokens") or 0),
+            revoked=None if data.get("revoked") is None else float(data["revoked"]),
+        )
 
     def public_dict(self) -> dict[str, Any]:
         """JSON for `keys list --json` and the UI: everything but the salt and digest."""

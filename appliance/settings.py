@@ -271,6 +271,11 @@ def with_changes(settings: Settings, changes: Mapping[str, Any]) -> Settings:
     return dataclasses.replace(settings, **sections)
 
 
+def from_dict(data: Mapping[str, Any]) -> Settings:
+    """Settings from `Settings.to_dict()`'s shape (or a settings file's tables), validated."""
+    return _from_mapping(dict(data))
+
+
 def _from_mapping(data: dict[str, Any]) -> Settings:
     changes: dict[str, Any] = {}
     for section, values in data.items():

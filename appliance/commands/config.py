@@ -1,4 +1,10 @@
-"""`step-station config show|get|set|path|set-secret`."""
+"""`step-station config show|get|set|path|set-secret`.
+
+While the service runs, `config set` goes to its settings store over the control socket
+(appliance/control.py): saved as without it, and the service's engine supervisor and gateway take
+the new value at once (an engine that must restart for it says so). Without a service the command
+validates and saves it itself.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import sys
 from typing import Any
 
 from appliance import settings as st
+from appliance.control import running_service
 
 
 def register(sub: Any) -> None:
@@ -56,6 +63,17 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _set(args: argparse.Namespace) -> int:
+    service = running_service()
+    if service is not None:  # the service's store saves it, and its parts take it at once
+        change = service.update_settings({args.key: args.value})
+        value = change.settings.get(args.key)
+        print(f"{args.key} = {value!r} (saved to {change.path}; the running service uses it now)")
+        if change.status.restart_needed:
+            print(
+                "Note: the engine runs with the settings it started with; "
+                "`step-station restart` applies the new ones."
+            )
+        return 0
     store = st.SettingsStore(_load())
     settings = store.update({args.key: args.value})
     print(f"{args.key} = {settings.get(args.key)!r} (saved to {store.path})")

@@ -1,10 +1,10 @@
 """`step-station pull | start | stop | restart | status | logs`: the engine from the terminal.
 
-While the service (`step-station up`) runs, `start`, `stop`, `restart`, `status` and `logs` go to
-its supervisor over its private control socket (appliance/control.py): one owner of the engine,
-and the terminal sees what the pages see. Without a service, each command runs a supervisor of
-its own; the inter-process lock and the engine's Docker labels keep it in step with an appliance
-started later (which adopts what the CLI started).
+While the service (`step-station up`) runs, `start`, `stop`, `restart`, `status`, `logs` and
+`pull` go to its supervisor over its private control socket (appliance/control.py): one owner of
+the engine, and the terminal sees what the pages see. Without a service, each command runs a
+supervisor of its own; the inter-process lock and the engine's Docker labels keep it in step with
+an appliance started later (which adopts what the CLI started).
 Progress: a bar redrawn in place on a terminal, plain lines otherwise.
 
 Exit codes (`status`): 0 ready or sleeping, 10 not running (absent/stopped), 11 in progress
@@ -19,13 +19,18 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from appliance import endpoint
 from appliance import settings as st
 from appliance.control import (
+    NO_IMAGE,
     EngineCommands,
+    PullOutcome,
     ServiceSupervisor,
+    pull_image,
+    running_service,
     service_supervisor,
     status_from_dict,
 )
@@ -179,33 +184,33 @@ def _summary(status: EngineStatus) -> None:
 
 def _pull(args: argparse.Namespace) -> int:
     del args
-    settings = _settings()
-    sup = Supervisor(settings, outside_poll_s=0)
-    runtime = sup.runtime
-    if runtime.kind != "docker":
-        print("engine.runtime is not docker: there is no image to pull.")
-        return 0
+    image = _settings().engine.image
     progress = Progress()
-    image = settings.engine.image
     shown = EngineStatus(state=EngineState.PULLING_IMAGE, phase=f"Pulling {image}")
 
-    def on_progress(done: int, total: int, line: str) -> None:
-        del line
+    def on_progress(done: int, total: int) -> None:
         shown.progress = (done, total)
         progress.show(shown)
 
-    from appliance.engine.spec import LaunchSpec
-
-    spec = LaunchSpec(
-        name="pull", image=image, args=(), profile="", served_model_name="", host_port=0
-    )
+    service = running_service()  # the service's runtime pulls, as it would for a start
     try:
-        runtime.ensure_image(spec, on_progress)
+        outcome = service.pull(on_progress) if service is not None else _pull_here(on_progress)
     finally:
         progress.done()
-    total = shown.progress[1] if shown.progress else 0
-    print(f"Pulled {image} ({_gb(total)} downloaded).")
+    if outcome.skipped:
+        print(outcome.skipped)
+        return 0
+    print(f"Pulled {outcome.image} ({_gb(outcome.total)} downloaded).")
     return 0
+
+
+def _pull_here(on_progress: Callable[[int, int], None]) -> PullOutcome:
+    settings = _settings()
+    runtime = Supervisor(settings, outside_poll_s=0).runtime
+    if runtime.kind != "docker":
+        return PullOutcome(skipped=NO_IMAGE)
+    image = settings.engine.image
+    return PullOutcome(image, pull_image(runtime, image, on_progress))
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """`step-station keys create NAME | list [--json] | revoke NAME-or-ID`: API keys for the LAN API.
 
-Works on the key file directly (under a file lock), so it agrees with a running appliance: a key
-made here works at once, a key revoked here stops working on the next request.
+While the service runs, these go to its key store over the control socket (appliance/control.py):
+the gateway checks keys against that same store, so a key revoked here is refused on its very
+next request. Without a service they work on the key file directly (under a file lock, so an
+appliance started later agrees).
 """
 
 from __future__ import annotations
@@ -10,10 +12,26 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from appliance import settings as st
-from appliance.keys import ApiKey, KeyStore
+from appliance.control import running_service
+from appliance.keys import ApiKey, KeyStore, NewKey
+
+
+class KeyCommands(Protocol):
+    """What these commands ask of a key store: the service's (ServiceKeys) or the file's."""
+
+    def create(self, name: str) -> NewKey: ...
+
+    def revoke(self, name_or_id: str) -> ApiKey: ...
+
+    def list(self) -> list[ApiKey]: ...
+
+
+def _keys() -> KeyCommands:
+    service = running_service()
+    return service.keys() if service is not None else KeyStore()
 
 
 def register(sub: Any) -> None:
@@ -37,7 +55,7 @@ def _endpoint() -> str:
 
 
 def _create(args: argparse.Namespace) -> int:
-    made = KeyStore().create(args.name)
+    made = _keys().create(args.name)
     if args.json:
         print(json.dumps({**made.record.public_dict(), "key": made.secret}))
         return 0
@@ -69,7 +87,7 @@ def _row(key: ApiKey) -> list[str]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    keys = KeyStore().list()
+    keys = _keys().list()
     if args.json:
         print(json.dumps([k.public_dict() for k in keys], indent=2))
         return 0
@@ -87,6 +105,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    record = KeyStore().revoke(args.key)
+    record = _keys().revoke(args.key)
     print(f"Revoked {record.name!r} ({record.id}); it stops working at once.")
     return 0
