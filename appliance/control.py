@@ -408,7 +408,7 @@ def _error_from(data: dict[str, Any], status: int) -> ApplianceError:
     """The service's error as the same kind of error here (so the CLI's exit code matches)."""
     code = int(data.get("exit_code") or EngineError.exit_code)
     # the base class first: code 1 is no subclass's own (whichever happens to be imported)
-    kinds = [ApplianceError, *_error_classes()]
+    kinds: list[type[ApplianceError]] = [ApplianceError, *_error_classes()]
     kind = next((c for c in kinds if c.exit_code == code), EngineError)
     return kind(str(data.get("error") or f"HTTP {status}"), hint=str(data.get("hint") or ""))
 
