@@ -50,6 +50,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import psutil
 
 from appliance import settings as st
+from appliance.keys import ui_lan_active
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +388,6 @@ def ui_token(create: bool = True) -> str:
 
 def open_url(settings: st.Settings, host: str | None = None) -> str:
     """The address that opens the UI in a browser, token included."""
-    from appliance.keys import ui_lan_active  # keys imports settings; no cycle at module load
-
     where = host or "127.0.0.1"
     tls = bool(settings.ui.tls_cert.strip() and settings.ui.tls_key.strip())
     base = f"{'https' if tls else 'http'}://{where}:{settings.ui.port}/"

@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance import endpoint
 from appliance import settings as st
+from appliance.engine import phases
 from appliance.engine.engine_key import LABEL_KEY_ID, EngineKey
 from appliance.settings import EngineSettings
 
@@ -365,8 +366,6 @@ def safer_spec(
     `--gpu-memory-utilization` by 0.05 (more room for activations and CUDA graphs). None when
     nothing safer is left to try.
     """
-    from appliance.engine import phases  # local: phases is pure and small, avoid a cycle
-
     facts = facts or {}
     if failure == phases.MAX_LEN_TOO_LARGE:
         current = spec.arg_value("--max-model-len")

@@ -26,6 +26,7 @@ from appliance.engine import compat, engine_key, health, phases
 from appliance.engine.board import DOWNLOADING, PULLING, StatusBoard, phase_name
 from appliance.engine.context import EngineContext
 from appliance.engine.exits import Outcome, exited_outcome, fail_engine
+from appliance.engine.launch import with_fresh_engine_key
 from appliance.engine.lock import EngineLock
 from appliance.engine.log_follower import LogFollower
 from appliance.engine.monitor import Monitor
@@ -254,8 +255,6 @@ class Starter:
                     message="Starting the engine.",
                     exit_code=None,
                 )
-                from appliance.engine.launch import with_fresh_engine_key  # local: import cycle
-
                 spec = with_fresh_engine_key(spec)  # a new key for every start, before it runs
                 self.engine_key = spec.engine_key
                 handle = ctx.runtime.launch(spec)
