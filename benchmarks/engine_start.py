@@ -35,14 +35,13 @@ from docker.types import Mount
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import free_port, write_section  # noqa: E402
-
 from appliance import endpoint  # noqa: E402
 from appliance import settings as st  # noqa: E402
 from appliance.engine import EngineState, Supervisor  # noqa: E402
 from appliance.engine.docker_runtime import parse_docker_time  # noqa: E402
 from appliance.engine.health import port_is_free  # noqa: E402
 from appliance.engine.launch import launch_spec_for  # noqa: E402
+from benchmarks.common import free_port, write_section  # noqa: E402
 
 SIM_IMAGE = os.environ.get("STEP_SIM_IMAGE", "localhost:5000/vllm/vllm-openai:stepfun37")
 BEGIN, END = "<!-- engine_start:begin -->", "<!-- engine_start:end -->"
@@ -89,7 +88,7 @@ def engine_gone(s: st.Settings) -> bool:
     return port_is_free("127.0.0.1", s.engine.port)
 
 
-def bare_docker(dk, load_s: float) -> float:
+def bare_docker(dk: docker.DockerClient, load_s: float) -> float:
     """The same engine by `docker run`: its socket folder mounted, the same network."""
     s = settings_for("docker")
     spec = launch_spec_for(s, secrets=st.Secrets(), download_weights=False)
@@ -160,7 +159,7 @@ def managed(runtime: str, runs: int, bare: Callable[[], float]) -> dict[str, lis
     return out
 
 
-def crash_detection(dk, runs: int) -> list[float]:
+def crash_detection(dk: docker.DockerClient, runs: int) -> list[float]:
     os.environ["STEP_SIM_FAULT"], os.environ["STEP_SIM_FAULT_AFTER_S"] = "crash", "1"
     latencies = []
     try:
@@ -198,7 +197,7 @@ def main() -> int:
     os.environ["STEP_STATION_HOME"] = tempfile.mkdtemp(prefix="ssbench-")
     os.environ["STEP_SIM_LOAD_S"] = str(args.load_s)
     dk = docker.from_env()
-    rows = []
+    rows: list[tuple[str, float, dict[str, list[float]]]] = []
     for runtime in ("docker", "process"):
         if runtime == "docker":
             got = managed(runtime, args.runs, lambda: bare_docker(dk, args.load_s))
@@ -229,12 +228,12 @@ def main() -> int:
         "attach() to ready (adopt) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for runtime, bare, got in rows:
+    for runtime, bare_ready, got in rows:
         ready = med(got["ready"])
         lines.append(
             f"| {runtime} | {spread(got['bare'])} | {spread(got['ready'])} | "
             f"{ready - args.load_s:.2f} s | "
-            f"{ready - bare:.2f} s | {ready / bare:.2f} | {med(got['stop']):.2f} s | "
+            f"{ready - bare_ready:.2f} s | {ready / bare_ready:.2f} | {med(got['stop']):.2f} s | "
             f"{1000 * med(got['adopt']):.0f} ms |"
         )
     lines += [

@@ -25,12 +25,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
-from gateway_throughput import MODEL, ROOT, Connection, free_port, wait_http
 
-from appliance import endpoint
-from appliance.keys import KeyStore
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py`
+
+from appliance import endpoint  # noqa: E402
+from appliance.keys import KeyStore  # noqa: E402
+from benchmarks.common import free_port  # noqa: E402
+from benchmarks.gateway_throughput import MODEL, ROOT, Connection, wait_http  # noqa: E402
 
 
 def running_gauge(engine_url: str) -> float:
@@ -46,7 +50,9 @@ class Abort(Exception):
     """Raised inside a stream to drop the connection on purpose."""
 
 
-async def client(url: str, key: str, deadline: float, stats: dict, rng: random.Random) -> None:
+async def client(
+    url: str, key: str, deadline: float, stats: dict[str, Any], rng: random.Random
+) -> None:
     path = "/v1/chat/completions"
     conn = Connection(url, key)
     try:
@@ -63,7 +69,7 @@ async def client(url: str, key: str, deadline: float, stats: dict, rng: random.R
             }
             seen = {"n": 0}
 
-            def on_event(seen=seen, drop=drop) -> None:
+            def on_event(seen: dict[str, int] = seen, drop: bool = drop) -> None:
                 seen["n"] += 1
                 if drop and seen["n"] >= 5:
                     raise Abort
@@ -89,8 +95,17 @@ async def client(url: str, key: str, deadline: float, stats: dict, rng: random.R
         await conn.close()
 
 
-async def run_load(url: str, key: str, clients: int, seconds: float, proc: psutil.Process) -> dict:
-    stats: dict = {"requests": 0, "tokens": 0, "dropped": 0, "errors": [], "rss": [], "fds": []}
+async def run_load(
+    url: str, key: str, clients: int, seconds: float, proc: psutil.Process
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "requests": 0,
+        "tokens": 0,
+        "dropped": 0,
+        "errors": [],
+        "rss": [],
+        "fds": [],
+    }
     deadline = time.monotonic() + seconds
     started = time.monotonic()
 
@@ -128,7 +143,7 @@ def main() -> int:
     key = KeyStore().create("load-test").secret
     gw_port = free_port()
     sim_socket = f"{tempfile.mkdtemp(prefix='ssload-sock-')}/{endpoint.SOCKET_NAME}"
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         sim = subprocess.Popen(
             [sys.executable, "-m", "appliance.simulator", "stepfun-ai/Step-3.7-Flash-FP8",

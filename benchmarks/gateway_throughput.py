@@ -32,17 +32,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for `python benchmarks/gateway_throughput.py`
 
 from appliance import endpoint  # noqa: E402
+from benchmarks.common import free_port  # noqa: E402
 
 MODEL = "step3p7-flash"
 _TOKEN_EVENT = re.compile(rb'"(?:content|reasoning|reasoning_content|text)":\s*"[^"]')
@@ -88,7 +90,9 @@ class Connection:
                 await self.writer.wait_closed()
             self.writer = None
 
-    async def stream(self, path: str, payload: dict, on_event=None) -> StreamResult:
+    async def stream(
+        self, path: str, payload: dict[str, Any], on_event: Callable[[], None] | None = None
+    ) -> StreamResult:
         body = json.dumps(payload).encode()
         auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
         head = (
@@ -140,7 +144,7 @@ class Connection:
             result.error = pending[:300].decode("utf-8", "replace")
         return result
 
-    async def _body(self, headers: dict[str, str]):
+    async def _body(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
         assert self.reader is not None
         if headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
@@ -158,8 +162,8 @@ class Connection:
                 yield await self.reader.readexactly(length)
 
 
-def chat_payload(tokens: int, stream_usage: bool = True) -> dict:
-    payload = {
+def chat_payload(tokens: int, stream_usage: bool = True) -> dict[str, Any]:
+    payload: dict[str, Any] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
         "max_tokens": tokens,
@@ -258,7 +262,9 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def started_stack(rate: float, ttft_ms: float, max_seqs: int):
+def started_stack(
+    rate: float, ttft_ms: float, max_seqs: int
+) -> Iterator[tuple[str, str, list[int]]]:
     """Simulator (on its socket) + gateway (on loopback) processes; yields (engine_url,
     gateway_url, pids)."""
     env = dict(os.environ)
@@ -271,7 +277,7 @@ def started_stack(rate: float, ttft_ms: float, max_seqs: int):
     gw_port = free_port()
     folder = tempfile.mkdtemp(prefix="ssbench-sock-")  # 0700, as the appliance's socket folder
     sim_socket = f"{folder}/{endpoint.SOCKET_NAME}"
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         sim = subprocess.Popen(
             [sys.executable, "-m", "appliance.simulator", "stepfun-ai/Step-3.7-Flash-FP8",

@@ -38,13 +38,11 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from common import free_port, up_demo_argv, write_section  # noqa: E402
+sys.path.insert(0, str(REPO))  # for `python benchmarks/login_burst.py`
 
 from appliance import settings as st  # noqa: E402
 from appliance.keys import hash_login  # noqa: E402
+from benchmarks.common import free_port, up_demo_argv, write_section  # noqa: E402
 
 LAN = "127.0.0.2"
 USER, PASSWORD = "owner", "station-pass-1"

@@ -25,13 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from common import free_port, write_section  # noqa: E402
 
 from appliance import endpoint  # noqa: E402
 from appliance import settings as st  # noqa: E402
@@ -39,6 +38,7 @@ from appliance.engine import EngineState, Supervisor  # noqa: E402
 from appliance.engine.health import port_is_free  # noqa: E402
 from appliance.engine.launch import launch_spec_for  # noqa: E402
 from appliance.engine.spec import LaunchSpec  # noqa: E402
+from benchmarks.common import free_port, write_section  # noqa: E402
 
 REAL = Path(os.environ.get("REALVLLM_DIR", ROOT / ".realvllm"))
 MODEL = REAL / "models" / "tiny-std"
@@ -154,7 +154,7 @@ def managed_start() -> tuple[float, float]:
     return ready, stop
 
 
-def gateway_overhead(engine_url: str, streams: int, tokens: int, rounds: int) -> dict:
+def gateway_overhead(engine_url: str, streams: int, tokens: int, rounds: int) -> dict[str, Any]:
     port = free_port()
     gw = subprocess.Popen(
         [
@@ -201,7 +201,8 @@ def gateway_overhead(engine_url: str, streams: int, tokens: int, rounds: int) ->
             check=True,
             cwd=ROOT,
         )
-        return json.loads(out.read_text())
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
     finally:
         gw.terminate()
         gw.wait(10)
@@ -225,14 +226,17 @@ def main() -> int:
     os.environ["PATH"] = f"{REAL / 'venv' / 'bin'}:{os.environ['PATH']}"
     os.environ.update(CPU_ENV)
     logs = Path(tempfile.mkdtemp(prefix="ssbench-real-logs-"))
-    bare, bare_stops, ready, stops = [], [], [], []
+    bare: list[float] = []
+    bare_stops: list[float] = []
+    ready: list[float] = []
+    stops: list[float] = []
     for i in range(args.runs):
         t, _, proc, s = bare_start(logs / f"bare-{i}.log")
         bare.append(t)
         bare_stops.append(bare_stop(proc, s))
-        r, s = managed_start()
+        r, stop = managed_start()
         ready.append(r)
-        stops.append(s)
+        stops.append(stop)
         print(f"run {i + 1}: bare {t:.1f} s, click-to-ready {r:.1f} s", flush=True)
     _, _, proc, s = bare_start(logs / "gw-engine.log")
     try:

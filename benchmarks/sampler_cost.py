@@ -21,12 +21,26 @@ import argparse
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-from common import CHROMIUM_ARGS, REPO, launch_demo, open_url, wait_demo_ready
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, BrowserContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py`
+
+from benchmarks.common import (  # noqa: E402
+    CHROMIUM_ARGS,
+    REPO,
+    launch_demo,
+    open_url,
+    wait_demo_ready,
+)
 
 FAKE_NVML = REPO / "tests" / "browser" / "fake_nvml"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -71,7 +85,7 @@ def measure(pid: int, window_s: float) -> dict[str, float]:
     }
 
 
-def open_dashboards(browser, url: str, count: int) -> list:
+def open_dashboards(browser: Browser, url: str, count: int) -> list[BrowserContext]:
     contexts = []
     for _ in range(count):
         context = browser.new_context(viewport={"width": 1440, "height": 1000})

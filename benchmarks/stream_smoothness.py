@@ -31,10 +31,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import CHROMIUM_ARGS, free_port, give_ui_secret, up_demo_argv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py`
+
+from benchmarks.common import CHROMIUM_ARGS, free_port, give_ui_secret, up_demo_argv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long, detailed answer about streaming."
@@ -65,11 +68,16 @@ PROBE = """(sel) => {
 }"""
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], check: Any = None) -> None:
+def wait_http(
+    url: str,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes],
+    check: Callable[[bytes], bool] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")  # a list: as str()
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 body = response.read()

@@ -18,6 +18,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import launch_demo, ui_cookie, wait_demo_ready
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py`
+
+from benchmarks.common import launch_demo, ui_cookie, wait_demo_ready  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
