@@ -69,7 +69,8 @@ class DockerFacts:
 def probe_docker() -> DockerFacts:
     """Ask the local Docker engine (through the one module that imports docker)."""
     try:
-        # Imported here: docker-py costs ~0.2 s to import and only the doctor needs it.
+        # Imported here: a missing docker package is a finding to report, not a crash, and
+        # docker-py costs ~0.2 s to import, which checks that never ask Docker do not pay.
         from appliance.engine import docker_runtime
     except ImportError as err:
         return DockerFacts(error=f"the docker Python package is missing ({err})")
