@@ -179,7 +179,7 @@ def test_dashboard_without_a_gpu_says_why(appliance, page):
     page.goto(app.url)
     page.get_by_role("tab", name="Dashboard").click()
     expect(page.locator('#ss-current [data-card="no-gpu"]')).to_contain_text("NVML unavailable")
-    expect(field(page, "host-memory")).to_contain_text("GB of")
+    expect(field(page, "host-memory")).to_contain_text("iB of ")
     expect(page.locator("#ss-breakdown")).to_contain_text("No GPU memory reading")
     expect(page.locator("#ss-plot-memory")).to_be_hidden()
     expect(page.locator("#ss-plot-kv")).to_be_visible(timeout=15_000)
