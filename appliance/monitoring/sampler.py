@@ -34,9 +34,7 @@ import psutil
 from appliance import hardware
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
-from appliance.units import NA as NA  # re-exported until ui/ imports appliance.units itself
-from appliance.units import fmt_bytes as fmt_bytes
-from appliance.units import fmt_num as fmt_num
+from appliance.units import fmt_bytes, fmt_num
 
 if TYPE_CHECKING:  # httpx and prometheus_client stay out of the GPU test's imports
     from appliance.monitoring.metrics import EngineMetrics, MetricsScraper

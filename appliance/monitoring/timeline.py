@@ -22,8 +22,7 @@ from typing import Any
 from appliance.engine import phases as log_phases
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.monitoring.sampler import Sample
-from appliance.units import fmt_duration as fmt_duration  # re-exported until ui/ imports units
-from appliance.units import fmt_progress, fmt_rate
+from appliance.units import fmt_duration, fmt_progress, fmt_rate
 
 PULLING = "Pulling image"
 DOWNLOADING = "Downloading weights"
