@@ -43,6 +43,7 @@ from appliance.errors import (
     ImagePullError,
     PortInUseError,
 )
+from appliance.units import fmt_progress
 
 T = TypeVar("T")
 LABEL_PROBE = "io.step-station.probe"  # throwaway containers (the flag check); never the engine
@@ -699,7 +700,7 @@ def pull_image(
             elif clock() - last_move > stall_s:
                 raise ImagePullError(
                     f"Pulling {ref} made no progress for {stall_s:.0f} s "
-                    f"({_gb(progress.done)} of {_gb(progress.total)}): the registry stopped "
+                    f"({fmt_progress(progress.done, progress.total)}): the registry stopped "
                     "answering.",
                     hint="Check the network or the registry, then `step-station pull` again; "
                     "layers already fetched are kept.",
@@ -727,10 +728,6 @@ def _is_activity(event: dict[str, Any]) -> bool:
     """Bytes moving or a layer changing state; not Docker's retry countdown or a wait."""
     status = str(event.get("status", ""))
     return not (_RETRYING.match(status) or status == "Waiting")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def _pull_error(ref: str, reason: str) -> ImagePullError:

@@ -36,6 +36,7 @@ from appliance.engine.spec import LABEL_PROFILE, LABEL_SERVED_NAME, LaunchSpec, 
 from appliance.engine.state import EngineState
 from appliance.errors import ApplianceError, DockerUnavailableError, EngineError, SettingsError
 from appliance.profiles import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+from appliance.units import fmt_progress
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Starter:
         def on_progress(done: int, total: int, line: str) -> None:
             if self._ctx.cancel.is_set():
                 raise EngineError("Start cancelled while pulling the image.")
-            record.detail = bytes_detail(done, total)
+            record.detail = fmt_progress(done, total)
             board.update(progress=(done, total), message=line or f"Pulling {spec.image}.")
 
         self._ctx.runtime.ensure_image(spec, on_progress)
@@ -173,7 +174,7 @@ class Starter:
         )
 
         def on_progress(done: int, total: int, line: str) -> None:
-            record.detail = bytes_detail(done, total)
+            record.detail = fmt_progress(done, total)
             board.update(progress=(done, total), message=line or record.detail)
 
         fetch = self._weights_fetcher
@@ -414,9 +415,3 @@ def effective(spec: LaunchSpec) -> dict[str, Any]:
         "gpus": list(spec.gpus) if spec.gpus is not None else None,
         "command": spec.display_command(),
     }
-
-
-def bytes_detail(done: int, total: int) -> str:
-    if total <= 0:
-        return f"{done / 1e9:.2f} GB"
-    return f"{done / 1e9:.2f} of {total / 1e9:.2f} GB ({100 * done / total:.0f}%)"

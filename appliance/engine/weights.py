@@ -27,6 +27,7 @@ from huggingface_hub.errors import (
 )
 
 from appliance.errors import WeightsError
+from appliance.units import fmt_bytes, fmt_progress
 
 Progress = Callable[[int, int, str], None]
 
@@ -124,9 +125,9 @@ def check_disk(hf_cache: Path, repo_id: str, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN_BYTES > free:
         raise WeightsError(
-            f"Not enough disk space for {repo_id}: {needed / 1e9:.1f} GB more is needed in "
-            f"{hf_cache} (plus {DISK_MARGIN_BYTES / 1e9:.1f} GB margin) and "
-            f"{free / 1e9:.1f} GB is free.",
+            f"Not enough disk space for {repo_id}: {fmt_bytes(needed)} more is needed in "
+            f"{hf_cache} (plus {fmt_bytes(DISK_MARGIN_BYTES)} margin) and "
+            f"{fmt_bytes(free)} is free.",
             hint="Free space, or point the cache at a larger disk with "
             "`step-station config set engine.hf_cache_dir PATH`.",
         )
@@ -153,7 +154,7 @@ def ensure_weights(
     have = bytes_on_disk(folder)
     check_disk(cache, repo_id, max(0, total - have))
     (cache / "hub").mkdir(parents=True, exist_ok=True)
-    report(min(have, total), total, f"{have / 1e9:.2f} of {total / 1e9:.2f} GB")
+    report(min(have, total), total, fmt_progress(min(have, total), total))
 
     result: dict[str, Any] = {}
 
@@ -175,7 +176,7 @@ def ensure_weights(
     while worker.is_alive():
         worker.join(POLL_S)
         done = min(bytes_on_disk(folder), total)
-        report(done, total, f"{done / 1e9:.2f} of {total / 1e9:.2f} GB")
+        report(done, total, fmt_progress(done, total))
         if stop.is_set():
             raise WeightsError(
                 f"Download of {repo_id} cancelled; what was fetched is kept and resumes next time."
@@ -184,5 +185,5 @@ def ensure_weights(
     if error is not None:
         raise _explain(repo_id, error, token) from error
     del sha
-    report(total, total, f"{total / 1e9:.2f} GB, complete")
+    report(total, total, f"{fmt_bytes(total)}, complete")
     return Path(result["path"])

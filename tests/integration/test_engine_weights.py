@@ -81,7 +81,7 @@ def test_disk_too_small_is_refused_before_downloading(hub: FakeHub, tmp_path: Pa
         ensure_weights(REPO, hf_cache=tmp_path)
     text = str(info.value)
     assert "Not enough disk space" in text
-    assert "50000000.0 GB more is needed" in text
+    assert "44.4 PiB more is needed" in text  # 50e15 bytes
     assert str(tmp_path) in text
     assert "engine.hf_cache_dir" in text
     assert hub.gets() == []  # nothing was fetched
