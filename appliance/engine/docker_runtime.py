@@ -111,11 +111,6 @@ def docker_probe(timeout: float = 3.0) -> DockerProbe:
     )
 
 
-def docker_version(timeout: float = 3.0) -> str:
-    """The Docker engine's version string; DockerUnavailableError when unreachable."""
-    return docker_probe(timeout).version
-
-
 # ------------------------------------------------------------------------------ the runtime
 
 PULL_STALL_S = 120.0  # a pull gaining no byte for this long is abandoned with a clear error
@@ -496,15 +491,6 @@ class DockerRuntime(Runtime):
             return set()
         column = titles.index("PID")
         return {int(row[column]) for row in top.get("Processes") or [] if row[column].isdigit()}
-
-    def list_managed(self) -> list[EngineHandle]:
-        """Every container this appliance manages (any name), for cleanup and checks."""
-        found = self._call(
-            lambda: self.client.containers.list(
-                all=True, filters={"label": f"{LABEL_MANAGED}=true"}
-            )
-        )
-        return [self._handle(c) for c in found]
 
 
 def _platform_names(platforms: list[Any]) -> list[str]:

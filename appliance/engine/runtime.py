@@ -26,10 +26,6 @@ class EngineHandle:
     labels: dict[str, str] = field(default_factory=dict)
     started_at: float | None = None  # wall clock, when the engine process started
 
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
 
 @dataclass(frozen=True)
 class EngineExit:

@@ -66,10 +66,7 @@ class PhaseRecord:
     started_at: float  # wall-clock seconds (time.time())
     elapsed_s: float = 0.0
     done: bool = False
-    detail: str = ""  # e.g. "21/50 shards" or "3.1 of 8.0 GB"
-
-    def as_tuple(self) -> tuple[str, float, float, bool]:
-        return (self.name, self.started_at, self.elapsed_s, self.done)
+    detail: str = ""  # e.g. "21/50 shards" or "3.1 of 8.0 GiB (39%)"
 
 
 @dataclass
