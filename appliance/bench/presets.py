@@ -9,7 +9,7 @@ The seed model card benchmarks with
 The `seed` preset is that line with the abbreviations written out (`--random-input` is accepted
 only as an argparse prefix of `--random-input-len`, which a later vLLM flag can make ambiguous),
 plus what the appliance must add for the run to work here and to be comparable between vLLM
-versions (see `bench_args`). Facts and sources: docs/moe-tuning.md and the issue 14 research note.
+versions (see `bench_args`). Facts and sources: docs/moe-tuning.md, "`vllm bench serve` facts".
 """
 
 from __future__ import annotations
