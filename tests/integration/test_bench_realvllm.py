@@ -137,3 +137,19 @@ def test_config_file_names_match_vllms_own_function() -> None:
         for gpu, E, N, dtype, block in cases
     ]
     assert ours == theirs
+
+
+def test_every_triton_config_shipped_with_vllm_reads_and_round_trips() -> None:
+    """The 0.32 wheel's own tuned configs: each name `get_moe_configs` can look for parses back to
+    itself, and each such file passes tune's format check (the `backend=flydsl` files are another
+    kernel's format that vLLM's Triton lookup never names)."""
+    require_real_vllm()
+    (folder,) = VENV.glob("lib/python3*/site-packages/vllm/model_executor/layers/fused_moe/configs")
+    files = tune.read_folder(folder)
+    triton = [f for f in files if "backend=" not in f.path.name]
+    assert len(triton) > 300
+    for file in triton:
+        assert file.usable, (file.path.name, file.problems)
+        assert file.shape is not None
+        assert tune.config_file_name(file.shape, file.device) == file.path.name
+    assert all(f.shape is None for f in files if "backend=" in f.path.name)
