@@ -132,6 +132,124 @@ def moe_shape(
     return MoeShape(E=experts, N=2 * intermediate // tp_size // 2, dtype=dtype, block_shape=block)
 
 
+# ---------------------------------------------------------------------------------- tuner
+# The tuner is the repository script `benchmarks/kernels/benchmark_moe.py`, not part of the
+# wheel; vLLM's Dockerfile copies `benchmarks/` into `/vllm-workspace` (docker/Dockerfile @
+# dead20ba). Unverified in the stepfun37 image: see docs/moe-tuning.md.
+TUNER_WORKDIR = "/vllm-workspace"
+TUNER_SCRIPT = "benchmarks/kernels/benchmark_moe.py"
+# The tuner's own default batch sizes (its `main`, upstream @ 71acd375).
+DEFAULT_BATCH_SIZES = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    256,
+    512,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+)
+
+
+def tuner_model_config(
+    text_config: Mapping[str, Any], *, block_shape: Sequence[int] | None = (128, 128)
+) -> dict[str, Any]:
+    """A `config.json` the tuner can read, carrying Step-3.7's expert shape.
+
+    The tuner's `get_model_params` has no Step3 branch: Step-3.7 falls to its Mixtral default,
+    which fails on the checkpoint's config (no `num_local_experts`) or, with transformers' native
+    class, silently tunes the dense `intermediate_size`. Its `Qwen3MoeForCausalLM` branch reads
+    exactly the four numbers needed (`num_experts`, `num_experts_per_tok`,
+    `moe_intermediate_size`, `hidden_size`), and the FP8 block shape comes from
+    `quantization_config.weight_block_size`."""
+    shape = moe_shape(text_config, dtype=None, block_shape=None)
+    top_k = text_config.get("moe_top_k", text_config.get("num_experts_per_tok"))
+    hidden = text_config.get("hidden_size")
+    if not isinstance(top_k, int) or not isinstance(hidden, int):
+        raise TunedConfigError(
+            f"The model's config has no top-k or hidden size (moe_top_k={top_k!r}, "
+            f"hidden_size={hidden!r}).",
+            hint="Tuning needs the checkpoint's config.json (its text_config).",
+        )
+    config: dict[str, Any] = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": shape.E,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": shape.N,
+        "hidden_size": hidden,
+        "torch_dtype": "bfloat16",
+    }
+    if block_shape:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_block_size": [int(block_shape[0]), int(block_shape[1])],
+        }
+    return config
+
+
+def tuner_argv(
+    *,
+    model_dir: str,
+    save_dir: str,
+    dtype: str | None = "fp8_w8a8",
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    tp_size: int = 1,
+) -> list[str]:
+    """`python3 benchmarks/kernels/benchmark_moe.py ...` run from TUNER_WORKDIR. `--tp-size`
+    is always written: the script's default is 2."""
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise TunedConfigError(f"Batch sizes must be positive (got {list(batch_sizes)}).")
+    return [
+        "python3",
+        TUNER_SCRIPT,
+        "--model",
+        model_dir,
+        "--tp-size",
+        str(tp_size),
+        "--dtype",
+        dtype or "auto",
+        "--tune",
+        "--save-dir",
+        save_dir,
+        "--batch-size",
+        *(str(b) for b in batch_sizes),
+    ]
+
+
+def merge_configs(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One config from the files of several tuner runs over parts of the batch sizes (the tuner
+    writes only at its end, so tuning in chunks loses at most one chunk). A later part wins
+    for a batch size tuned twice; parts tuned under different Triton versions are refused."""
+    versions = {p["triton_version"] for p in parts if "triton_version" in p}
+    if len(versions) > 1:
+        raise TunedConfigError(
+            f"The tuned parts come from different Triton versions ({', '.join(sorted(versions))}).",
+            hint="Tune every part with the same engine image.",
+        )
+    entries: dict[int, Any] = {}
+    for part in parts:
+        problems = check_config(dict(part))
+        if problems:
+            raise TunedConfigError(f"A tuned part is not in vLLM's format: {problems[0]}.")
+        entries.update({int(k): v for k, v in part.items() if k != "triton_version"})
+    merged: dict[str, Any] = {"triton_version": versions.pop()} if versions else {}
+    merged.update({str(k): entries[k] for k in sorted(entries)})
+    return merged
+
+
 # --------------------------------------------------------------------------------- format
 
 

@@ -153,3 +153,30 @@ def test_every_triton_config_shipped_with_vllm_reads_and_round_trips() -> None:
         assert file.shape is not None
         assert tune.config_file_name(file.shape, file.device) == file.path.name
     assert all(f.shape is None for f in files if "backend=" in f.path.name)
+
+
+def test_tuner_model_config_loads_in_vllm_with_step37s_shape(tmp_path: Path) -> None:
+    """vLLM's `get_config` (what the tuner calls) reads the synthetic config to the numbers the
+    tuner's Qwen3Moe branch uses, and its block shape."""
+    require_real_vllm()
+    text = {"moe_num_experts": 288, "moe_top_k": 8, "moe_intermediate_size": 1280}
+    config = tune.tuner_model_config(text | {"hidden_size": 4096})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    script = (
+        "import json, sys\n"
+        "from vllm.transformers_utils.config import get_config\n"
+        "c = get_config(sys.argv[1], trust_remote_code=False)\n"
+        "print(json.dumps([c.architectures[0], c.num_experts, c.num_experts_per_tok,\n"
+        "    c.moe_intermediate_size, c.hidden_size,\n"
+        "    c.quantization_config['weight_block_size']]))\n"
+    )
+    out = subprocess.run(  # noqa: S603
+        [str(VENV / "bin" / "python"), "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=engine_env(),
+        check=True,
+    )
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == ["Qwen3MoeForCausalLM", 288, 8, 1280, 4096, [128, 128]]

@@ -206,3 +206,60 @@ def test_host_engine_reads_the_folder_in_place(tmp_path: Path) -> None:
     tuning = tune.engine_tuning(tmp_path, in_container=False)
     assert tuning.env == {"VLLM_TUNED_CONFIG_FOLDER": str(tmp_path)}
     assert tuning.mounts == ()
+
+
+STEP_TEXT = TEXT_CONFIG | {"hidden_size": 4096}
+
+
+def test_tuner_model_config_carries_step37s_shape_in_a_branch_the_tuner_reads() -> None:
+    config = tune.tuner_model_config(STEP_TEXT)
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert (config["num_experts"], config["num_experts_per_tok"]) == (288, 8)
+    assert (config["moe_intermediate_size"], config["hidden_size"]) == (1280, 4096)
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert "quantization_config" not in tune.tuner_model_config(STEP_TEXT, block_shape=None)
+
+
+def test_tuner_model_config_needs_top_k_and_hidden_size() -> None:
+    with pytest.raises(TunedConfigError, match="top-k or hidden size"):
+        tune.tuner_model_config(TEXT_CONFIG)
+
+
+def test_tuner_argv_always_sets_tp1_and_the_batch_sizes() -> None:
+    argv = tune.tuner_argv(model_dir="/tmp/shape", save_dir="/out", batch_sizes=(1, 2, 4))
+    assert argv == [
+        "python3", "benchmarks/kernels/benchmark_moe.py",
+        "--model", "/tmp/shape", "--tp-size", "1", "--dtype", "fp8_w8a8", "--tune",
+        "--save-dir", "/out", "--batch-size", "1", "2", "4",
+    ]  # fmt: skip
+    assert tune.tuner_argv(model_dir="m", save_dir="o", dtype=None)[7] == "auto"
+    default = tune.tuner_argv(model_dir="m", save_dir="o")
+    assert default[default.index("--batch-size") + 1 :] == [
+        str(b) for b in tune.DEFAULT_BATCH_SIZES
+    ]
+    with pytest.raises(TunedConfigError):
+        tune.tuner_argv(model_dir="m", save_dir="o", batch_sizes=())
+
+
+def test_merged_chunks_are_one_config_in_batch_size_order() -> None:
+    entry = GOOD["1"]
+    first = {"triton_version": "3.5.0", "64": entry, "1": entry}
+    second = {
+        "triton_version": "3.5.0",
+        "8": entry | {"num_warps": 8},
+        "1": entry | {"num_stages": 4},
+    }
+    merged = tune.merge_configs([first, second])
+    assert list(merged) == ["triton_version", "1", "8", "64"]
+    assert merged["1"]["num_stages"] == 4  # the later part wins
+    assert tune.check_config(merged) == []
+
+
+def test_merging_parts_of_different_triton_versions_is_refused() -> None:
+    with pytest.raises(TunedConfigError, match="different Triton versions"):
+        tune.merge_configs([GOOD, GOOD | {"triton_version": "3.6.0"}])
+
+
+def test_merging_a_broken_part_is_refused() -> None:
+    with pytest.raises(TunedConfigError, match="not in vLLM's format"):
+        tune.merge_configs([GOOD, {"2": {"BLOCK_SIZE_M": 16}}])
