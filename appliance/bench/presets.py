@@ -189,6 +189,12 @@ def workload(
         inp, out = inp * budget // (inp + out), out * budget // (inp + out)
         inp, out = max(inp, 1), max(out, 1)
         scaled = True
+    if inp < 1:
+        raise BadInputError(
+            f"{out} output tokens leave no room for a prompt in the engine's context window of "
+            f"{context_len} tokens ({budget} usable for this preset).",
+            hint="Ask for fewer output tokens.",
+        )
     prompts = num_prompts if num_prompts is not None else preset.num_prompts
     concurrency = max_concurrency if max_concurrency is not None else preset.max_concurrency
     return Workload(
@@ -279,3 +285,25 @@ def bench_args(
         "--result-filename",
         result_filename,
     ]
+
+
+def bench_env(api_key: str | None = None) -> dict[str, str]:
+    """Environment entries for the `vllm bench serve` process (on top of a clean base).
+
+    - `OPENAI_API_KEY`: bench sends it as `Authorization: Bearer` on every completion/chat
+      request (the gateway wants a key); in the environment it stays out of `ps`, where a
+      `--header` would show it.
+    - `NO_PROXY`: bench's HTTP session trusts the environment's proxies; loopback must not go
+      through one.
+    - `PYTHONUNBUFFERED`: its phase lines reach a pipe as they happen.
+    - `VLLM_USE_RUST_BENCH=0`: 0.32 hands the whole command to a Rust binary when it is 1.
+    """
+    env = {
+        "NO_PROXY": "127.0.0.1,localhost,::1",
+        "no_proxy": "127.0.0.1,localhost,::1",
+        "PYTHONUNBUFFERED": "1",
+        "VLLM_USE_RUST_BENCH": "0",
+    }
+    if api_key:
+        env["OPENAI_API_KEY"] = api_key
+    return env

@@ -264,7 +264,7 @@ def check_config(data: object) -> list[str]:
             if not isinstance(entry, str):
                 problems.append(f"triton_version is {entry!r}, not a string")
             continue
-        if not key.isdigit() or int(key) < 1:
+        if not _is_batch_size(key):
             # vLLM does int(key) on every key but triton_version; anything else crashes it.
             problems.append(f"key {key!r} is not a batch size")
             continue
@@ -273,6 +273,11 @@ def check_config(data: object) -> list[str]:
     if not sizes:
         problems.append("no batch sizes")
     return problems
+
+
+def _is_batch_size(key: str) -> bool:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    return key.isascii() and key.isdigit() and int(key) > 0
 
 
 def _check_entry(key: str, entry: object) -> list[str]:
@@ -347,7 +352,7 @@ def _read_file(path: Path) -> TunedConfigFile:
     sizes: tuple[int, ...] = ()
     version = ""
     if isinstance(data, dict):
-        sizes = tuple(sorted(int(k) for k in data if k.isdigit()))
+        sizes = tuple(sorted(int(k) for k in data if _is_batch_size(k)))
         version = (
             data.get("triton_version", "") if isinstance(data.get("triton_version"), str) else ""
         )

@@ -41,7 +41,7 @@ def test_seed_preset_scaled_down_runs_against_the_real_engine(
         result_dir=str(tmp_path / "results"),
         result_filename="run.json",
     )
-    env = engine_env({"NO_PROXY": "127.0.0.1,localhost"})
+    env = engine_env(presets.bench_env())
     stdout = (tmp_path / "bench.out").open("wb")
     proc = subprocess.Popen(  # noqa: S603
         [str(exe), "bench", "serve", *args],

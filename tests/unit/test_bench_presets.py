@@ -180,3 +180,18 @@ def test_every_flag_is_one_vllm_bench_serve_accepts() -> None:
         for token in args:
             if token.startswith("--"):
                 assert f"  {token} " in help_text or f"  {token}\n" in help_text, token
+
+
+def test_long_preset_with_too_many_output_tokens_is_refused() -> None:
+    with pytest.raises(BadInputError, match="no room for a prompt"):
+        presets.bench_args("long", context_len=1024, random_output=2000, **COMMON)
+
+
+def test_bench_env_keeps_the_key_out_of_the_argv() -> None:
+    env = presets.bench_env("sk-secret")
+    assert env["OPENAI_API_KEY"] == "sk-secret"
+    assert "127.0.0.1" in env["NO_PROXY"]
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["VLLM_USE_RUST_BENCH"] == "0"
+    assert "OPENAI_API_KEY" not in presets.bench_env()
+    assert not any("sk-secret" in t for t in presets.bench_args("seed", context_len=8192, **COMMON))

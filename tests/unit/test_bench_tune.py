@@ -131,6 +131,8 @@ GOOD = {
         (GOOD | {"2": GOOD["1"] | {"num_stages": "3"}}, "num_stages is '3'"),
         (GOOD | {"2": GOOD["1"] | {"GROUP_SIZE_M": True}}, "GROUP_SIZE_M is True"),
         (GOOD | {"triton_version": 3}, "triton_version"),
+        (GOOD | {"\u00b2": GOOD["1"]}, "is not a batch size"),  # a digit int() refuses
+        (GOOD | {"0": GOOD["1"]}, "'0' is not a batch size"),
     ],
 )
 def test_format_problems_are_named(data: object, problem: str) -> None:
