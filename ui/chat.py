@@ -1,14 +1,13 @@
 """The chat tab: layout and wiring only.
 
-The flow lives in `appliance.chat.service.ChatService` (checks, history, streaming); the
-messages are built by `ui.chat_render`. Errors from the appliance become `gr.Error` here, and a
-refused message stays in the input box.
+What each action does is `appliance.controllers.chat.ChatController`'s (around the chat service:
+checks, history, streaming); the messages are built by `ui.chat_render`. Errors from the appliance
+become `gr.Error`/`gr.Warning` here, and a refused message stays in the input box.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ from gradio import utils as gr_utils
 
 from appliance.chat import client as chat
 from appliance.chat import history as hist
-from appliance.errors import ApplianceError, BadInputError
+from appliance.controllers.chat import ChatController, discard_uploads
+from appliance.controllers.chat import export_folder as export_folder  # app.py serves it
+from appliance.errors import ApplianceError
 from appliance.services import Services
-from appliance.settings import cache_dir, private_dir, write_private
+from appliance.settings import Settings
 from ui import chat_render as render
 
 LATEX: list[dict[str, str | bool]] = [
@@ -50,7 +51,7 @@ HEAD = (
 )
 
 
-def max_upload_bytes(settings: Any) -> int:
+def max_upload_bytes(settings: Settings) -> int:
     """Gradio refuses (413) an upload over the chat's image limit before it is stored."""
     return int(settings.chat.max_image_mb * 1024 * 1024)
 
@@ -61,26 +62,242 @@ def image_folder() -> Path:
     return Path(gr_utils.get_upload_folder()) / "step-station-chat"
 
 
-def export_folder() -> Path:
-    return cache_dir() / "exports"
+def _discard_uploads(files: list[Path]) -> None:
+    """Gradio's copies of a stored message's uploads go; the chat's own image cache stays."""
+    discard_uploads(files, Path(gr_utils.get_upload_folder()), image_folder())
 
 
-def discard_uploads(files: list[Path]) -> None:
-    """Delete Gradio's copies of a message's uploads once the message is stored (its images live
-    in the history now): uploaded files do not pile up in Gradio's temporary folder. Only files
-    inside that folder are touched, never the chat's own image cache (a message put back in the
-    box by Undo points there)."""
-    uploads = Path(gr_utils.get_upload_folder()).resolve()
-    images = image_folder().resolve()
-    for file in files:
-        path = file.resolve()
-        if not path.is_relative_to(uploads) or path.is_relative_to(images):
-            continue
-        path.unlink(missing_ok=True)
-        folder = path.parent  # Gradio keeps each upload in a folder named by its hash
-        if folder != uploads and folder.is_relative_to(uploads):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
+def _image_path(image: hist.StoredImage) -> Path:
+    return render.image_file(image, image_folder())
+
+
+def _busy_box() -> Any:
+    return gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
+
+
+def _idle_box(value: Any = None) -> Any:
+    """Back to Send. Without a value, whatever the owner typed meanwhile stays in the box."""
+    if value is None:
+        return gr.MultimodalTextbox(submit_btn=True, stop_btn=False)
+    return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
+
+
+class _Handlers:
+    """The tab's event handlers: each asks the controller, then maps its answer to the outputs
+    the wiring in `build` lists (messages rendered by `ui.chat_render`)."""
+
+    def __init__(self, controller: ChatController) -> None:
+        self.ctl = controller
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def rendered(self, conversation_id: str | None) -> render.Rendered:
+        if not conversation_id:
+            return render.Rendered()
+        return render.render_messages(self.ctl.messages(conversation_id), _image_path)
+
+    def list_update(self, query: str, selected: str | None) -> Any:
+        listed = self.ctl.history_list(query, selected)
+        return gr.Radio(choices=listed.choices, value=listed.value)
+
+    async def context_text(self, conversation_id: str | None) -> str:
+        return render.context_line(*await self.ctl.context(conversation_id))
+
+    @staticmethod
+    def options(lvl: str, system: str, temp: float, tp: float, mx: float | None) -> Any:
+        try:
+            return ChatController.options(lvl, system, temp, tp, mx)
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+
+    def view(self, conversation_id: str | None) -> tuple[Any, Any, Any]:
+        shown = self.rendered(conversation_id)
+        return shown.messages, shown.positions, shown.kinds
+
+    # ---------------------------------------------------------------------------- sending
+
+    async def on_submit(
+        self,
+        message: dict[str, Any] | None,
+        conversation_id: str | None,
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> str:
+        """Check and store the message. Its only output is the (invisible) conversation id, so
+        a refusal shows as a toast and leaves the chat and the input box as they were."""
+        message = message or {}
+        files = [Path(f) for f in message.get("files") or []]
+        opts = self.options(lvl, system, temp, tp, mx)
+        try:
+            text = str(message.get("text") or "")
+            turn = await self.ctl.submit(conversation_id, text, files, opts)
+        except ApplianceError as err:
+            # The refused message stays in the box with its attachments (to fix and resend);
+            # what is never sent is removed at the next start (settings.private_runtime).
+            raise gr.Error(str(err), title="Not sent", print_exception=False) from err
+        _discard_uploads(files)
+        return str(turn.conversation_id)
+
+    def on_sent(self, conversation_id: str, lvl: str, query: str) -> tuple[Any, ...]:
+        view = self.rendered(conversation_id)
+        waiting = {
+            "role": "assistant",
+            "content": "",
+            "metadata": {"title": f"Waiting · level {lvl}", "status": "pending"},
+        }
+        return (
+            _busy_box(),
+            [*view.messages, waiting],
+            view.positions,
+            view.kinds,
+            self.list_update(query, conversation_id),
+            "Sending…",
+        )
+
+    async def on_respond(
+        self,
+        conversation_id: str | None,
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> AsyncIterator[Any]:
+        if not conversation_id:
+            return
+        opts = self.options(lvl, system, temp, tp, mx)
+        base = self.rendered(conversation_id)
+        position = self.ctl.next_position(conversation_id)
+        updates = self.ctl.service.respond(conversation_id, opts)
+        try:
+            async for reply in updates:
+                view = render.Rendered(list(base.messages), list(base.positions), list(base.kinds))
+                render.render_live_reply(view, position, reply)
+                yield view.messages, view.positions, view.kinds, render.live_stats(reply), gr.skip()
+        except ApplianceError as err:
+            gr.Warning(str(err), title="Not sent")
+        finally:
+            await updates.aclose()
+        # The last update above already showed the finished reply; only the context line moves.
+        yield gr.skip(), gr.skip(), gr.skip(), "", await self.context_text(conversation_id)
+
+    async def respond_if(self, ok: bool, *args: Any) -> AsyncIterator[Any]:
+        """After an edit: answer only when the edit was taken."""
+        if not ok:
+            return
+        async for update in self.on_respond(*args):
+            yield update
+
+    async def on_finished(self, conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        """After a reply ended, or was cancelled by Stop (Gradio runs `.then` after a cancel)."""
+        done = await self.ctl.finished(conversation_id)
+        if not done.redraw:
+            return _idle_box(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (
+            _idle_box(),
+            *self.view(conversation_id),
+            done.note,
+            self.list_update(query, conversation_id),
+        )
+
+    def on_retry(self, conversation_id: str | None) -> tuple[Any, ...]:
+        try:
+            self.ctl.retry(conversation_id)
+        except ApplianceError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        return _busy_box(), *self.view(conversation_id)
+
+    async def on_edit(
+        self,
+        data: gr.EditData,
+        conversation_id: str | None,
+        shown_positions: list[int],
+        shown_kinds: list[str],
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> tuple[Any, ...]:
+        index = data.index if isinstance(data.index, int) else data.index[0]
+        opts = self.options(lvl, system, temp, tp, mx)
+        try:
+            await self.ctl.edit(
+                conversation_id, index, data.value, shown_positions, shown_kinds, opts
+            )
+        except ApplianceError as err:
+            gr.Warning(str(err))
+            return _idle_box(), *self.view(conversation_id), False
+        return _busy_box(), *self.view(conversation_id), True
+
+    def on_undo(self, conversation_id: str | None) -> tuple[Any, ...]:
+        removed = self.ctl.undo(conversation_id)
+        box = None
+        if removed is not None:
+            box = {
+                "text": removed.content,
+                "files": [str(_image_path(i)) for i in removed.images],
+            }
+        return _idle_box(box), *self.view(conversation_id)
+
+    # --------------------------------------------------------------------------- managing
+
+    async def on_open(self, conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        opened = self.ctl.open(conversation_id)
+        view = render.render_messages(opened.messages, _image_path)
+        return (
+            opened.conversation_id,
+            view.messages,
+            view.positions,
+            view.kinds,
+            opened.title,
+            self.list_update(query, opened.conversation_id),
+            await self.context_text(opened.conversation_id),
+            "",
+        )
+
+    def on_new(self, query: str) -> tuple[Any, ...]:
+        return None, [], [], [], "", self.list_update(query, None), "", _idle_box()
+
+    def on_rename(self, conversation_id: str | None, title: str, query: str) -> Any:
+        try:
+            self.ctl.rename(conversation_id, title)
+        except ApplianceError as err:
+            gr.Warning(str(err))
+            return gr.skip()
+        return self.list_update(query, conversation_id)
+
+    def on_delete(self, conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        self.ctl.delete(conversation_id)
+        return (None, [], [], [], "", self.list_update(query, None), gr.Row(visible=False))
+
+    def on_export(self, conversation_id: str | None, fmt: str, everything: bool) -> Any:
+        try:
+            path = self.ctl.export(conversation_id, fmt, everything=everything)
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+        return gr.File(value=str(path), visible=True)
+
+    def export_one(self, conversation_id: str | None, fmt: str) -> Any:
+        return self.on_export(conversation_id, fmt, everything=False)
+
+    def export_all(self, conversation_id: str | None, fmt: str) -> Any:
+        return self.on_export(conversation_id, fmt, everything=True)
+
+    def on_engine(self, seen: Any) -> tuple[Any, ...]:
+        banner = self.ctl.banner(tuple(seen) if seen else None)
+        if banner is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        if not banner.visible:
+            return gr.Row(visible=False), gr.skip(), banner.key
+        return gr.Row(visible=True), banner.text, banner.key
+
+    async def on_load(self, query: str, seen: Any, request: gr.Request) -> tuple[Any, ...]:
+        conversation_id = request.query_params.get("c") or None
+        return (*await self.on_open(conversation_id, query), *self.on_engine(seen))
 
 
 @dataclass
@@ -93,14 +310,11 @@ class ChatTab:
     load_outputs: list[Any]
 
 
-def build(services: Services) -> ChatTab:  # noqa: C901 - layout and handlers: issue 13 item 3
-    """Create the chat tab's widgets inside the current gr.Tab and wire them to services.chat."""
-    svc = services.chat
+def build(services: Services) -> ChatTab:
+    """Create the chat tab's widgets inside the current gr.Tab and wire them to the controller."""
+    h = _Handlers(ChatController(services.chat))
     cfg = services.settings.chat
     max_images = services.settings.engine.max_images_per_prompt
-
-    def image_path(image: hist.StoredImage) -> Path:
-        return render.image_file(image, image_folder())
 
     # ------------------------------------------------------------------------------- layout
     # The open conversation's id. It is mirrored into the page's URL (`?c=ID`), so a reload, a
@@ -199,315 +413,49 @@ def build(services: Services) -> ChatTab:  # noqa: C901 - layout and handlers: i
                     )
     sampling = [level, system_prompt, temperature, top_p, max_tokens]
 
-    # ---------------------------------------------------------------------------- helpers
-
-    def options(lvl: str, system: str, temp: float, tp: float, mx: float | None) -> Any:
-        try:
-            return chat.SamplingOptions(
-                reasoning_effort=lvl,
-                temperature=float(temp),
-                top_p=float(tp),
-                max_tokens=int(mx or 0),
-                system_prompt=system or "",
-            )
-        except ApplianceError as err:
-            raise gr.Error(str(err)) from err
-
-    def rendered(conversation_id: str | None) -> render.Rendered:
-        if not conversation_id:
-            return render.Rendered()
-        return render.render_messages(
-            svc.history.get_conversation(conversation_id).messages, image_path
-        )
-
-    def history_choices(query: str = "") -> list[tuple[str, str]]:
-        return [(s.title, s.id) for s in svc.history.list_conversations(query or "")]
-
-    def list_update(query: str, selected: str | None) -> Any:
-        choices = history_choices(query)
-        value = selected if selected in {c[1] for c in choices} else None
-        return gr.Radio(choices=choices, value=value)
-
-    def used_tokens(conversation_id: str | None) -> int | None:
-        if not conversation_id:
-            return None
-        for message in reversed(svc.history.get_conversation(conversation_id).messages):
-            if message.role == "assistant" and message.meta.get("prompt_tokens") is not None:
-                return int(message.meta["prompt_tokens"]) + int(
-                    message.meta.get("completion_tokens") or 0
-                )
-        return None
-
-    async def context_text(conversation_id: str | None) -> str:
-        try:
-            length = await svc.context_length()
-        except ApplianceError:
-            length = None
-        return render.context_line(length, used_tokens(conversation_id))
-
-    def busy_box() -> Any:
-        return gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True)
-
-    def idle_box(value: Any = None) -> Any:
-        """Back to Send. Without a value, whatever the owner typed meanwhile stays in the box."""
-        if value is None:
-            return gr.MultimodalTextbox(submit_btn=True, stop_btn=False)
-        return gr.MultimodalTextbox(value=value, submit_btn=True, stop_btn=False)
-
-    # ---------------------------------------------------------------------------- handlers
-
-    async def on_submit(
-        message: dict[str, Any] | None,
-        conversation_id: str | None,
-        lvl: str,
-        system: str,
-        temp: float,
-        tp: float,
-        mx: float | None,
-    ) -> str:
-        """Check and store the message. Its only output is the (invisible) conversation id, so
-        a refusal shows as a toast and leaves the chat and the input box as they were."""
-        message = message or {}
-        files = [Path(f) for f in message.get("files") or []]
-        try:
-            turn = await svc.submit(
-                conversation_id,
-                str(message.get("text") or ""),
-                files,
-                options(lvl, system, temp, tp, mx),
-            )
-        except ApplianceError as err:
-            # The refused message stays in the box with its attachments (to fix and resend);
-            # what is never sent is removed at the next start (settings.private_runtime).
-            raise gr.Error(str(err), title="Not sent", print_exception=False) from err
-        discard_uploads(files)
-        return str(turn.conversation_id)
-
-    def on_sent(conversation_id: str, lvl: str, query: str) -> tuple[Any, ...]:
-        view = rendered(conversation_id)
-        waiting = {
-            "role": "assistant",
-            "content": "",
-            "metadata": {"title": f"Waiting · level {lvl}", "status": "pending"},
-        }
-        return (
-            busy_box(),
-            [*view.messages, waiting],
-            view.positions,
-            view.kinds,
-            list_update(query, conversation_id),
-            "Sending…",
-        )
-
-    async def on_respond(
-        conversation_id: str | None,
-        lvl: str,
-        system: str,
-        temp: float,
-        tp: float,
-        mx: float | None,
-    ) -> Any:
-        if not conversation_id:
-            return
-        opts = options(lvl, system, temp, tp, mx)
-        base = rendered(conversation_id)
-        position = len(svc.history.get_conversation(conversation_id).messages)
-        updates = svc.respond(conversation_id, opts)
-        try:
-            async for reply in updates:
-                view = render.Rendered(list(base.messages), list(base.positions), list(base.kinds))
-                render.render_live_reply(view, position, reply)
-                yield view.messages, view.positions, view.kinds, render.live_stats(reply), gr.skip()
-        except ApplianceError as err:
-            gr.Warning(str(err), title="Not sent")
-        finally:
-            await updates.aclose()
-        # The last update above already showed the finished reply; only the context line moves.
-        yield gr.skip(), gr.skip(), gr.skip(), "", await context_text(conversation_id)
-
-    async def on_finished(conversation_id: str | None, query: str) -> tuple[Any, ...]:
-        """After a reply ended, or was cancelled by Stop (Gradio runs `.then` after a cancel).
-        A cancelled reply is shown as saved (`stopped`); a finished one is already on screen,
-        and re-sending a long chat would only make the browser render it again."""
-        last = None
-        if conversation_id:
-            await svc.settled(conversation_id)
-            messages = svc.history.get_conversation(conversation_id).messages
-            last = messages[-1] if messages else None
-        if last is not None and last.role == "assistant" and last.status != hist.STOPPED:
-            return idle_box(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        final = rendered(conversation_id)
-        return (
-            idle_box(),
-            final.messages,
-            final.positions,
-            final.kinds,
-            "Stopped: the engine ended the request."
-            if last is not None and last.status == hist.STOPPED
-            else "",
-            list_update(query, conversation_id),
-        )
-
-    def on_retry(conversation_id: str | None) -> tuple[Any, ...]:
-        try:
-            if not conversation_id:
-                raise BadInputError("There is nothing to regenerate yet.")
-            svc.prepare_regenerate(conversation_id)
-        except ApplianceError as err:
-            raise gr.Error(str(err), print_exception=False) from err
-        view = rendered(conversation_id)
-        return busy_box(), view.messages, view.positions, view.kinds
-
-    async def on_edit(
-        data: gr.EditData,
-        conversation_id: str | None,
-        shown_positions: list[int],
-        shown_kinds: list[str],
-        lvl: str,
-        system: str,
-        temp: float,
-        tp: float,
-        mx: float | None,
-    ) -> tuple[Any, ...]:
-        index = data.index if isinstance(data.index, int) else data.index[0]
-        if not conversation_id or index >= len(shown_positions) or shown_kinds[index] != "text":
-            view = rendered(conversation_id)
-            gr.Warning("Only the text of your own messages can be edited.")
-            return idle_box(), view.messages, view.positions, view.kinds, False
-        text = data.value if isinstance(data.value, str) else str(data.value or "")
-        try:
-            await svc.prepare_edit(
-                conversation_id,
-                shown_positions[index],
-                text,
-                options(lvl, system, temp, tp, mx),
-            )
-        except ApplianceError as err:
-            view = rendered(conversation_id)
-            gr.Warning(str(err))
-            return idle_box(), view.messages, view.positions, view.kinds, False
-        view = rendered(conversation_id)
-        return busy_box(), view.messages, view.positions, view.kinds, True
-
-    def on_undo(conversation_id: str | None) -> tuple[Any, ...]:
-        if not conversation_id:
-            return idle_box(), [], [], []
-        removed = svc.undo(conversation_id)
-        view = rendered(conversation_id)
-        box = None
-        if removed is not None:
-            box = {
-                "text": removed.content,
-                "files": [str(image_path(i)) for i in removed.images],
-            }
-        return idle_box(box), view.messages, view.positions, view.kinds
-
-    async def on_open(conversation_id: str | None, query: str) -> tuple[Any, ...]:
-        title = ""
-        if conversation_id:
-            try:
-                title = svc.history.get_conversation(conversation_id).title
-            except ApplianceError:
-                conversation_id = None
-        view = rendered(conversation_id)
-        return (
-            conversation_id,
-            view.messages,
-            view.positions,
-            view.kinds,
-            title,
-            list_update(query, conversation_id),
-            await context_text(conversation_id),
-            "",
-        )
-
-    def on_new(query: str) -> tuple[Any, ...]:
-        return None, [], [], [], "", list_update(query, None), "", idle_box()
-
-    def on_rename(conversation_id: str | None, title: str, query: str) -> Any:
-        try:
-            if not conversation_id:
-                raise BadInputError("Open a conversation first.")
-            svc.history.rename(conversation_id, title)
-        except ApplianceError as err:
-            gr.Warning(str(err))
-            return gr.skip()
-        return list_update(query, conversation_id)
-
-    def on_delete(conversation_id: str | None, query: str) -> tuple[Any, ...]:
-        if conversation_id:
-            svc.history.delete(conversation_id)
-        return (None, [], [], [], "", list_update(query, None), gr.Row(visible=False))
-
-    def on_export(conversation_id: str | None, fmt: str, everything: bool) -> Any:
-        if not everything and not conversation_id:
-            raise gr.Error("Open a conversation first, or use Export all.")
-        which = None if everything else conversation_id
-        markdown = fmt == "Markdown"
-        text = svc.history.export_markdown(which) if markdown else svc.history.export_json(which)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = "all-conversations" if everything else f"conversation-{(conversation_id or '')[:8]}"
-        folder = private_dir(export_folder())
-        path = folder / f"step-station-{name}-{stamp}.{'md' if markdown else 'json'}"
-        write_private(path, text)  # 0600: an export is the whole chat
-        return gr.File(value=str(path), visible=True)
-
-    def on_engine(seen: Any) -> tuple[Any, ...]:
-        view = svc.engine()
-        key = (view.ready, view.label, view.message)
-        if key == seen:
-            return gr.skip(), gr.skip(), gr.skip()
-        if view.ready:
-            return gr.Row(visible=False), gr.skip(), key
-        return gr.Row(visible=True), view.not_ready_text(), key
-
     # ----------------------------------------------------------------------------- wiring
     stream_outputs = [chatbot, positions, kinds, live, context_md]
     chat_events: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
 
     sent = textbox.submit(
-        on_submit, [textbox, conversation, *sampling], [conversation], **chat_events
+        h.on_submit, [textbox, conversation, *sampling], [conversation], **chat_events
     ).success(
-        on_sent,
+        h.on_sent,
         [conversation, level, search],
         [textbox, chatbot, positions, kinds, history_list, live],
         **chat_events,
     )
-    sent_reply = sent.success(on_respond, [conversation, *sampling], stream_outputs, **chat_events)
-    finished_outputs = [textbox, chatbot, positions, kinds, live, history_list]
-    sent_reply.then(on_finished, [conversation, search], finished_outputs)
-
-    retried = chatbot.retry(on_retry, [conversation], [textbox, chatbot, positions, kinds])
-    retry_reply = retried.success(
-        on_respond, [conversation, *sampling], stream_outputs, **chat_events
+    sent_reply = sent.success(
+        h.on_respond, [conversation, *sampling], stream_outputs, **chat_events
     )
-    retry_reply.then(on_finished, [conversation, search], finished_outputs)
+    finished_outputs = [textbox, chatbot, positions, kinds, live, history_list]
+    sent_reply.then(h.on_finished, [conversation, search], finished_outputs)
+
+    retried = chatbot.retry(h.on_retry, [conversation], [textbox, chatbot, positions, kinds])
+    retry_reply = retried.success(
+        h.on_respond, [conversation, *sampling], stream_outputs, **chat_events
+    )
+    retry_reply.then(h.on_finished, [conversation, search], finished_outputs)
 
     edit_ok = gr.State(False)
     edited = chatbot.edit(
-        on_edit,
+        h.on_edit,
         [conversation, positions, kinds, *sampling],
         [textbox, chatbot, positions, kinds, edit_ok],
     )
 
-    async def respond_if(ok: bool, *args: Any) -> Any:
-        if not ok:
-            return
-        async for update in on_respond(*args):
-            yield update
-
     edit_reply = edited.success(
-        respond_if, [edit_ok, conversation, *sampling], stream_outputs, **chat_events
+        h.respond_if, [edit_ok, conversation, *sampling], stream_outputs, **chat_events
     )
-    edit_reply.then(on_finished, [conversation, search], finished_outputs)
+    edit_reply.then(h.on_finished, [conversation, search], finished_outputs)
 
     # Stop cancels the running reply (its task is cancelled, which closes the engine request);
-    # the `.then(on_finished)` above then shows the saved, `stopped` reply.
+    # the `.then(h.on_finished)` above then shows the saved, `stopped` reply.
     textbox.stop(None, None, None, cancels=[sent_reply, retry_reply, edit_reply])
-    chatbot.undo(on_undo, [conversation], [textbox, chatbot, positions, kinds])
+    chatbot.undo(h.on_undo, [conversation], [textbox, chatbot, positions, kinds])
     # The chat's own "Clear" button starts a new conversation; the old one stays in the history.
     chatbot.clear(
-        on_new,
+        h.on_new,
         [search],
         [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
         cancels=[sent_reply, retry_reply, edit_reply],
@@ -524,43 +472,37 @@ def build(services: Services) -> ChatTab:  # noqa: C901 - layout and handlers: i
         live,
     ]
     history_list.input(
-        on_open,
+        h.on_open,
         [history_list, search],
         open_outputs,
         cancels=[sent_reply, retry_reply, edit_reply],
     )
     # always_last: a search typed while the previous one runs is not dropped.
     search.change(
-        list_update,
+        h.list_update,
         [search, conversation],
         [history_list],
         show_progress="hidden",
         trigger_mode="always_last",
     )
     new_chat.click(
-        on_new,
+        h.on_new,
         [search],
         [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
         cancels=[sent_reply, retry_reply, edit_reply],
     )
-    rename.click(on_rename, [conversation, title_box, search], [history_list])
+    rename.click(h.on_rename, [conversation, title_box, search], [history_list])
     delete.click(lambda: gr.Row(visible=True), None, [confirm_row])
     cancel_delete.click(lambda: gr.Row(visible=False), None, [confirm_row])
     confirm_delete.click(
-        on_delete,
+        h.on_delete,
         [conversation, search],
         [conversation, chatbot, positions, kinds, title_box, history_list, confirm_row],
     )
-    export_one.click(
-        lambda c, f: on_export(c, f, everything=False),
-        [conversation, export_format],
-        [export_file],
-    )
-    export_all.click(
-        lambda c, f: on_export(c, f, everything=True), [conversation, export_format], [export_file]
-    )
+    export_one.click(h.export_one, [conversation, export_format], [export_file])
+    export_all.click(h.export_all, [conversation, export_format], [export_file])
     gr.Timer(2.0).tick(
-        on_engine, [engine_seen], [banner_row, banner, engine_seen], show_progress="hidden"
+        h.on_engine, [engine_seen], [banner_row, banner, engine_seen], show_progress="hidden"
     )
 
     conversation.change(
@@ -572,13 +514,9 @@ def build(services: Services) -> ChatTab:  # noqa: C901 - layout and handlers: i
         "window.history.replaceState(null, '', u); return []; }",
     )
 
-    async def on_load(query: str, seen: Any, request: gr.Request) -> tuple[Any, ...]:
-        conversation_id = request.query_params.get("c") or None
-        return (*await on_open(conversation_id, query), *on_engine(seen))
-
     return ChatTab(
         go_to_model=go_to_model,
-        on_load=on_load,
+        on_load=h.on_load,
         load_inputs=[search, engine_seen],
         load_outputs=[*open_outputs, banner_row, banner, engine_seen],
     )

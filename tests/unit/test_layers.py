@@ -3,7 +3,9 @@ lint time; this holds even where someone adds a per-file exemption).
 
 - only appliance/engine/docker_runtime.py imports docker;
 - only appliance/hardware.py imports pynvml;
-- appliance/ never imports gradio.
+- appliance/ never imports gradio;
+- the tabs' controllers (appliance/controllers/) import neither gradio nor ui/: the UI calls
+  them, never the other way round.
 """
 
 from __future__ import annotations
@@ -95,6 +97,18 @@ def test_appliance_never_imports_gradio() -> None:
         if "gradio" in imported_modules(f.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+
+
+def test_controllers_import_neither_gradio_nor_the_ui() -> None:
+    controllers = sorted((REPO / "appliance" / "controllers").glob("*.py"))
+    names = {f.stem for f in controllers}
+    assert {"chat", "model", "dashboard", "sharing"} <= names  # one per tab
+    offenders = {
+        f.relative_to(REPO).as_posix(): found
+        for f in controllers
+        if (found := imported_modules(f.read_text(encoding="utf-8")) & {"gradio", "ui"})
+    }
+    assert offenders == {}
 
 
 def test_pyproject_bans_the_same_imports() -> None:
