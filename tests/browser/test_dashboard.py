@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from chat_page import screenshot, wait_until
+from chat_page import screenshot
 from openai import OpenAI
 from playwright.sync_api import expect
 
@@ -70,6 +70,17 @@ def settled_count(page, polls: Polls, ids: set[int], timeout_s: float = 15) -> i
             return now
         last = now
     raise AssertionError(f"the dashboard kept polling for {timeout_s} s after it was hidden")
+
+
+def page_wait_until(page, predicate, timeout_s: float) -> None:
+    """Poll `predicate` until true, letting the page run in between (Playwright's sync API
+    handles the page's events only inside its own calls: a plain sleep would hold them back, and
+    the poll counter would never move)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        page.wait_for_timeout(100)
 
 
 def chat_load(
@@ -148,7 +159,7 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(page.locator("#ss-plot-kv")).to_be_visible()
     expect(page.locator("#ss-plot-memory")).to_be_visible()
     with_traffic = polls.count(plots_tick)  # one more plot refresh with the traffic in it
-    wait_until(lambda: polls.count(plots_tick) > with_traffic, timeout_s=30, interval_s=0.1)
+    page_wait_until(page, lambda: polls.count(plots_tick) > with_traffic, timeout_s=30)
     screenshot(page, "dashboard.png", full_page=True)
     load.join(60)
     expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
@@ -162,7 +173,7 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
 
     # Back on the dashboard they resume.
     page.get_by_role("tab", name="Dashboard").click()
-    wait_until(lambda: polls.count(dashboard) > stopped_at, timeout_s=15, interval_s=0.1)
+    page_wait_until(page, lambda: polls.count(dashboard) > stopped_at, timeout_s=15)
 
     # The browser tab in the background: no polls either.
     page.evaluate(HIDE_JS, "hidden")
@@ -170,7 +181,7 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == hidden_at
     page.evaluate(HIDE_JS, "visible")
-    wait_until(lambda: polls.count(dashboard) > hidden_at, timeout_s=15, interval_s=0.1)
+    page_wait_until(page, lambda: polls.count(dashboard) > hidden_at, timeout_s=15)
 
 
 def test_dashboard_without_a_gpu_says_why(appliance, page):
