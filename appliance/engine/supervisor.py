@@ -35,6 +35,7 @@ from appliance import settings as st
 from appliance.engine.attach import Attacher
 from appliance.engine.board import TAIL_LINES, Listener, StatusBoard
 from appliance.engine.context import EngineContext, Timing, Worker
+from appliance.engine.launch import launch_spec_for, served_name_for
 from appliance.engine.lock import EngineLock
 from appliance.engine.log_follower import LogFollower
 from appliance.engine.monitor import Monitor
@@ -169,8 +170,6 @@ class Supervisor:
         with self._board.lock:
             if self._board.status.served_model_name:
                 return self._board.status.served_model_name
-        from appliance.engine.launch import served_name_for  # local: avoids a start-up cycle
-
         return served_name_for(self.settings)
 
     @property
@@ -353,8 +352,6 @@ class Supervisor:
     def _build_spec(self, profile: str | None) -> LaunchSpec:
         if self._spec_builder is not None:
             return self._spec_builder(self, profile)
-        from appliance.engine.launch import launch_spec_for  # local: keeps import light
-
         return launch_spec_for(
             self.settings,
             profile=profile,
