@@ -8,7 +8,6 @@ set -uo pipefail
 runs="${1:-5}"
 logs="${2:-/tmp/step-soak}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-head="$(git -C "$repo" rev-parse --short HEAD)"
 mkdir -p "$logs"
 
 hog_pid=""
@@ -19,6 +18,7 @@ for i in $(seq 1 "$runs"); do
     clone="$logs/clone-$i"
     rm -rf "$clone"
     git clone -q "$repo" "$clone"
+    head="$(git -C "$clone" rev-parse --short HEAD)"  # each run tests the HEAD of its moment
     # The hog: one busy process, nice 0, as a competing build or indexer would be.
     python3 -c 'while True: pass' &
     hog_pid=$!
