@@ -54,6 +54,16 @@ def fmt_progress(done: int, total: int) -> str:
     return f"{done_text} of {total_text} ({100 * done / total:.0f}%)"
 
 
+def fmt_latency(seconds: float | None) -> str:
+    """`420 ms`, `1.4 s`: a latency (time to first token, per-token time), in milliseconds under a
+    second and in seconds with one decimal above; `n/a` for None or NaN."""
+    if seconds is None or math.isnan(seconds):
+        return NA
+    if round(seconds * 1000) < 1000:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s"
+
+
 def fmt_duration(seconds: float | None) -> str:
     """`45 s`, `3 min 05 s`, `1 h 02 min`: how long, to the second under an hour and to the
     minute above it (halves round up); `n/a` for None, zero for anything negative."""

@@ -19,6 +19,7 @@ from typing import Any
 from appliance.chat import client as chat
 from appliance.chat import history as hist
 from appliance.settings import private_dir
+from appliance.units import fmt_latency
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"}
 
@@ -248,16 +249,10 @@ def _images(text: str) -> str:
             index = close + 1
 
 
-def _fmt_seconds(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
-
-
 def stats_line(stats: dict[str, Any], status: str) -> str:
     """`level high · first token 0.42 s · 341 tok/s · 1,234 prompt + 4,000 completion tokens`."""
     parts = [f"level {stats.get('level') or '?'}"]
-    parts.append(f"first token {_fmt_seconds(stats.get('ttft_s'))}")
+    parts.append(f"first token {fmt_latency(stats.get('ttft_s'))}")
     rate = stats.get("tokens_per_s")
     parts.append(f"{rate:,.0f} tok/s" if rate else "– tok/s")
     prompt = stats.get("prompt_tokens")

@@ -36,6 +36,7 @@ from appliance.control import (
 )
 from appliance.engine import EngineState, EngineStatus, Supervisor
 from appliance.errors import EngineError
+from appliance.units import fmt_bytes, fmt_progress
 
 EXIT_NOT_RUNNING = 10
 EXIT_IN_PROGRESS = 11
@@ -127,7 +128,7 @@ class Progress:
             if decile > self._last_decile.get(label, -1):
                 self._last_decile[label] = decile
                 done, total = status.progress
-                print(f"{label}: {100 * frac:.0f}% ({_gb(done)} of {_gb(total)})", file=self.out)
+                print(f"{label}: {fmt_progress(done, total)}", file=self.out)
 
     def _bar(self, label: str, status: EngineStatus, frac: float | None) -> None:
         elapsed = ""
@@ -140,8 +141,8 @@ class Progress:
             width = 30
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
-            text = f"{label} [{bar}] {100 * frac:3.0f}% {_gb(status.progress[0])}/"
-            text += _gb(status.progress[1])
+            text = f"{label} [{bar}] {100 * frac:3.0f}% {fmt_bytes(status.progress[0])}/"
+            text += fmt_bytes(status.progress[1])
         else:
             text = f"{label}{elapsed}"
         self.out.write("\r\x1b[2K" + text[:120])
@@ -152,10 +153,6 @@ class Progress:
         if self.tty and self._last_line:
             self.out.write("\n")
             self.out.flush()
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def _follow(sup: EngineCommands, until: Any, timeout_s: float) -> EngineStatus:
@@ -200,7 +197,7 @@ def _pull(args: argparse.Namespace) -> int:
     if outcome.skipped:
         print(outcome.skipped)
         return 0
-    print(f"Pulled {outcome.image} ({_gb(outcome.total)} downloaded).")
+    print(f"Pulled {outcome.image} ({fmt_bytes(outcome.total)} downloaded).")
     return 0
 
 

@@ -11,6 +11,7 @@ from appliance import hardware, planner, profiles
 from appliance import settings as st
 from appliance.errors import SettingsError
 from appliance.hardware import GB, Hardware
+from appliance.units import fmt_bytes
 
 
 def register(sub: Any) -> None:
@@ -107,7 +108,7 @@ def render(result: planner.Plan) -> str:
         lines[0] += f", driver {hw.driver_version}"
     host = hw.host
     lines.append(
-        f"Host: {host.cpu_count} CPUs, {host.memory_total_bytes / GB:.0f} GB memory"
+        f"Host: {host.cpu_count} CPUs, {fmt_bytes(host.memory_total_bytes)} memory"
         + (f" ({host.note})" if host.note else "")
     )
     for gpu in planner.rank_gpus(hw.gpus):
@@ -119,9 +120,9 @@ def render(result: planner.Plan) -> str:
     )
     lines += ["", header, "-" * len(header)]
     for fit in result.profiles:
-        budget = "-" if fit.kv_budget_gb is None else f"{fit.kv_budget_gb:.1f} GB"
+        budget = "-" if fit.kv_budget_gb is None else fmt_bytes(fit.kv_budget_gb * GB)
         lines.append(
-            f"{fit.name:<10} {'yes' if fit.fits else 'no':<4} {fit.weights_gb:>6.1f} GB "
+            f"{fit.name:<10} {'yes' if fit.fits else 'no':<4} {fmt_bytes(fit.weights_gb * GB):>9} "
             f"{budget:>10} {_num(fit.kv_tokens):>11} {_num(fit.max_context):>8} "
             f"{_num(fit.max_context_at_n):>8}  " + _notes(fit)
         )

@@ -198,7 +198,7 @@ def plot_frames(samples: list[Sample]) -> dict[str, pd.DataFrame]:
         for g in s.gpus:
             label = f"GPU {g.index}"
             if g.memory_used_bytes is not None:
-                rows["memory"].append((t, g.memory_used_bytes / 1e9, label))
+                rows["memory"].append((t, g.memory_used_bytes / 1024**3, label))
             if g.utilization_pct is not None:
                 rows["utilization"].append((t, g.utilization_pct, label))
             if g.power_w is not None:
@@ -215,7 +215,7 @@ def plot_frames(samples: list[Sample]) -> dict[str, pd.DataFrame]:
 
 
 PLOTS = (
-    ("memory", "GPU memory used (GB)"),
+    ("memory", "GPU memory used (GiB)"),
     ("utilization", "GPU utilization (%)"),
     ("power", "GPU power (W)"),
     ("tokens", "Tokens per second"),

@@ -222,7 +222,7 @@ def test_model_tab_pulls_and_starts_the_real_engine_showing_every_phase_in_order
     assert PULLING in active, active
     assert active & set(REAL_CPU_PHASES), active
     # The pull fetched the real image's bytes from the registry, to the end.
-    assert any("MB" in d or "GB" in d for d in pull_details), pull_details
+    assert any(unit in d for d in pull_details for unit in ("MiB", "GiB")), pull_details
     expect(page.locator(f'#ss-timeline [data-step="{PULLING}"] .ss-detail')).to_contain_text(
         "(100%)"
     )

@@ -24,6 +24,7 @@ from appliance.engine import EngineState, Supervisor
 from appliance.engine.docker_runtime import DockerRuntime
 from appliance.engine.spec import LaunchSpec
 from appliance.errors import ImagePullError
+from appliance.units import fmt_progress
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -152,8 +153,8 @@ def test_cli_pull_prints_plain_progress_lines(dk, registry, pushed, station_home
         )
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
-        assert any(line.endswith(f"100% ({layer_bytes / 1e9:.2f} GB of {layer_bytes / 1e9:.2f} GB)")
-                   for line in lines)  # fmt: skip
+        whole = fmt_progress(layer_bytes, layer_bytes)  # "12.3 of 12.3 MiB (100%)"
+        assert any(line.endswith(f": {whole}") for line in lines), lines
         assert lines[-1].startswith(f"Pulled {ref}")
         assert "\r" not in done.stdout  # not a terminal: no redrawn bar
     finally:

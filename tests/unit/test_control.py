@@ -168,7 +168,7 @@ def test_pull_goes_to_the_services_runtime(service, capsys) -> None:
     assert main(["pull"]) == 0
     out = capsys.readouterr().out
     assert supervisor.runtime.pulled == [store.current().engine.image]
-    assert f"Pulled {store.current().engine.image} (1.00 GB downloaded)." in out
+    assert f"Pulled {store.current().engine.image} (953.7 MiB downloaded)." in out
     assert "100%" in out  # the service's progress reached the terminal
 
 

@@ -95,12 +95,13 @@ def test_the_breakdown_uses_the_engines_weights_and_kv_pool() -> None:
 def test_plots_carry_each_series_and_hide_while_empty() -> None:
     engine = EngineMetrics(at=1.0, generation_tokens_per_s=40.0, prompt_tokens_per_s=None)
     samples = [
-        sample(1.0, gpus=(gpu(2 * 10**9),)),
-        sample(2.0, gpus=(gpu(3 * 10**9),), engine=engine),
+        sample(1.0, gpus=(gpu(2 * 2**30),)),
+        sample(2.0, gpus=(gpu(3 * 2**30),), engine=engine),
     ]
     plots = {p.key: p for p in ctl.DashboardController(FakeSampler(samples), dict).plots()}
     assert list(plots) == [key for key, _ in ctl.PLOTS]
-    assert plots["memory"].frame["value"].tolist() == [2.0, 3.0]  # GB
+    assert plots["memory"].frame["value"].tolist() == [2.0, 3.0]  # GiB, as the cards above say
+    assert dict(ctl.PLOTS)["memory"] == "GPU memory used (GiB)"
     assert set(plots["memory"].frame["series"]) == {"GPU 0"}
     assert plots["tokens"].frame["series"].tolist() == ["generation"]
     assert plots["memory"].visible

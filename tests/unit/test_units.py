@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.units import NA, fmt_bytes, fmt_duration, fmt_num, fmt_progress, fmt_rate
+from appliance.units import (
+    NA,
+    fmt_bytes,
+    fmt_duration,
+    fmt_latency,
+    fmt_num,
+    fmt_progress,
+    fmt_rate,
+)
 
 KIB = 1024
 MIB = 1024**2
@@ -78,3 +86,20 @@ def test_fmt_rate_and_progress() -> None:
 )
 def test_fmt_duration(seconds: float | None, text: str) -> None:
     assert fmt_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, NA),
+        (float("nan"), NA),
+        (0.0, "0 ms"),
+        (0.2, "200 ms"),
+        (0.9994, "999 ms"),
+        (0.9996, "1.0 s"),  # rounds to 1000 ms: written in seconds, never "1000 ms"
+        (1.44, "1.4 s"),
+        (12.0, "12.0 s"),
+    ],
+)
+def test_fmt_latency(seconds: float | None, text: str) -> None:
+    assert fmt_latency(seconds) == text
