@@ -8,7 +8,7 @@ from appliance.errors import ApplianceError
 class BenchError(ApplianceError):
     """A benchmark could not run, or its result cannot be read or kept."""
 
-    exit_code = 10
+    exit_code = 12
 
 
 class BenchResultError(BenchError):

@@ -1,0 +1,531 @@
+"""BenchRunner: the argv it hands to `vllm bench serve`, the loopback bridge to the engine's socket,
+progress, cancel, one run at a time, the key made for a run through the gateway, and the bench
+container's spec.
+
+The program run is a stand-in `vllm` (a Python script written per test) that does what vLLM's
+bench does where the runner depends on it: it calls `{--base-url}/v1/completions` with
+`Authorization: Bearer $OPENAI_API_KEY`, draws tqdm frames on stderr, and writes the result file
+only at the end (none when stopped). The engine is a real HTTP server on a Unix socket.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import socketserver
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import endpoint
+from appliance.bench import presets, runner
+from appliance.bench.errors import BenchError, BenchFailedError
+from appliance.bench.runner import (
+    BenchRequest,
+    BenchRunner,
+    BenchState,
+    BenchTarget,
+    TcpBridge,
+)
+from appliance.bench.store import BenchStore
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "bench" / "result-0.32-spec-decode.json"
+DEADLINE_S = 30.0
+
+FAKE_VLLM = r"""#!{python}
+import json, os, sys, time, urllib.request
+args = sys.argv[1:]
+assert args[:2] == ["bench", "serve"], args
+def flag(name):
+    return args[args.index(name) + 1]
+with open(os.environ["FAKE_LOG"], "w") as out:
+    json.dump({{"argv": args, "env": {{k: os.environ.get(k) for k in
+               ("OPENAI_API_KEY", "NO_PROXY", "PYTHONUNBUFFERED", "VLLM_USE_RUST_BENCH",
+                "HF_HUB_OFFLINE", "VLLM_LEAK")}}}}, out)
+n = int(flag("--num-prompts"))
+delay = float(os.environ.get("FAKE_DELAY", "0"))
+statuses = []
+for i in range(n):
+    req = urllib.request.Request(flag("--base-url") + "/v1/completions", data=b"{{}}",
+        headers={{"Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "")}})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            statuses.append(resp.status)
+    except urllib.error.HTTPError as err:
+        statuses.append(err.code)
+    time.sleep(delay)
+    sys.stderr.write(f"\r{{100*(i+1)//n:3d}}%|##| {{i+1}}/{{n}} [00:0{{i}}<00:01,  1.00it/s]")
+    sys.stderr.flush()
+print("Successful requests:", statuses.count(200))
+result = json.load(open(os.environ["FAKE_RESULT"]))
+result["completed"] = statuses.count(200)
+result["failed"] = n - statuses.count(200)
+os.makedirs(flag("--result-dir"), exist_ok=True)
+with open(os.path.join(flag("--result-dir"), flag("--result-filename")), "w") as out:
+    json.dump(result, out)
+"""
+
+
+class _Engine(http.server.BaseHTTPRequestHandler):
+    """The engine's /v1/completions on its socket: 200 with the right key, 401 otherwise."""
+
+    key = "sk-engine-test"
+    seen: list[str]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def address_string(self) -> str:
+        return "engine"
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization", "")
+        type(self).seen.append(auth)
+        ok = auth == f"Bearer {self.key}"
+        body = b'{"ok": true}' if ok else b'{"error": "unauthorized"}'
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b"x" * 300_000  # bigger than one pipe chunk, to check the bridge carries it whole
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def engine_socket() -> Iterator[str]:
+    folder = tempfile.mkdtemp(prefix="bench-")  # short: a socket path holds 107 bytes
+    path = f"{folder}/{endpoint.SOCKET_NAME}"
+    _Engine.seen = []
+    server = _UnixServer(path, _Engine)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+    os.unlink(path)
+    os.rmdir(folder)
+
+
+@pytest.fixture
+def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    program = tmp_path / "bin" / "vllm"
+    program.parent.mkdir()
+    program.write_text(FAKE_VLLM.format(python=sys.executable))
+    program.chmod(0o755)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "fake.json"))
+    monkeypatch.setenv("FAKE_RESULT", str(REAL))
+    monkeypatch.setenv("VLLM_LEAK", "must not reach the bench")
+    return program
+
+
+def target_for(engine_url: str, program: Path, **changes: Any) -> BenchTarget:
+    base = BenchTarget(
+        engine_url=engine_url,
+        api_key=_Engine.key,
+        served_model_name="step3p7-flash",
+        model="/models/tiny",
+        context_len=4096,
+        profile="fp8-tp1",
+        runtime="process",
+        program=str(program),
+        image_digest="",
+        vllm_version="0.32.0",
+        gpu_name="NVIDIA GB300",
+        flags={"mtp": True},
+    )
+    return BenchTarget(**{**base.__dict__, **changes})
+
+
+def fake_log(tmp_path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((tmp_path / "fake.json").read_text())
+    return data
+
+
+def wait_for(cond: Any, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------ a whole run
+
+
+def test_a_run_over_the_engines_socket_is_kept_with_what_ran(
+    engine_socket: str, fake_vllm: Path, tmp_path: Path
+) -> None:
+    seen: list[BenchState] = []
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    target = target_for(endpoint.socket_url(engine_socket), fake_vllm)
+    request = BenchRequest(preset="seed", num_prompts=4, random_input=128, random_output=64)
+
+    outcome = bench.run(request, target, seen.append)
+
+    assert outcome.state == "completed"
+    # every request crossed the bridge to the socket with the engine's key
+    assert _Engine.seen == [f"Bearer {_Engine.key}"] * 4
+    ran = fake_log(tmp_path)
+    argv = ran["argv"][2:]
+    base_url = argv[argv.index("--base-url") + 1]
+    assert base_url.startswith("http://127.0.0.1:")
+    # the argv is the presets' own, with the bridge's URL and the run's result folder
+    expected = presets.bench_args(
+        "seed",
+        model="/models/tiny",
+        served_model_name="step3p7-flash",
+        base_url=base_url,
+        tokenizer="/models/tiny",
+        context_len=4096,
+        num_prompts=4,
+        random_input=128,
+        random_output=64,
+        result_dir=argv[argv.index("--result-dir") + 1],
+        result_filename="result.json",
+    )
+    assert argv == expected
+    assert ran["env"]["OPENAI_API_KEY"] == _Engine.key
+    assert ran["env"]["VLLM_USE_RUST_BENCH"] == "0"
+    assert ran["env"]["HF_HUB_OFFLINE"] == "1"
+    assert ran["env"]["VLLM_LEAK"] is None  # the caller's vLLM settings stay out
+    # progress went from the tqdm frames to the callback
+    assert [(s.done, s.total) for s in seen][-1] == (4, 4)
+    assert seen[-1].preset == "seed"
+    # kept: vLLM's own result plus what ran
+    (stored,) = bench.list_runs()
+    assert stored.id == outcome.id
+    assert stored.info.profile == "fp8-tp1"
+    assert stored.info.vllm_version == "0.32.0"
+    assert stored.info.gpu_name == "NVIDIA GB300"
+    assert stored.info.flags == {"mtp": True, "through_gateway": False}
+    assert "--base-url" in stored.info.args
+    assert base_url not in stored.info.args  # a dead loopback port says nothing later
+    assert outcome.export()["id"] == stored.id
+    assert outcome.export()["profile"] == "fp8-tp1"
+    assert outcome.export()["completed"] == 4
+    assert bench.current() is None
+
+
+def test_the_bridge_is_gone_after_the_run(
+    engine_socket: str, fake_vllm: Path, tmp_path: Path
+) -> None:
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    bench.run(
+        BenchRequest(num_prompts=1), target_for(endpoint.socket_url(engine_socket), fake_vllm)
+    )
+    argv = fake_log(tmp_path)["argv"]
+    port = int(argv[argv.index("--base-url") + 1].rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_tcp_engine_is_used_directly(engine_socket: str, fake_vllm: Path, tmp_path: Path) -> None:
+    bridge = TcpBridge(engine_socket)  # stands in for an engine on loopback TCP
+    bridge.start()
+    try:
+        bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+        bench.run(BenchRequest(num_prompts=2), target_for(bridge.url, fake_vllm))
+    finally:
+        bridge.close()
+    argv = fake_log(tmp_path)["argv"]
+    assert argv[argv.index("--base-url") + 1] == bridge.url
+
+
+def test_failed_requests_raise_and_nothing_is_kept(
+    engine_socket: str, fake_vllm: Path, tmp_path: Path
+) -> None:
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    target = target_for(endpoint.socket_url(engine_socket), fake_vllm, api_key="sk-wrong")
+    with pytest.raises(BenchFailedError, match="3 of 3 requests failed") as err:
+        bench.run(BenchRequest(num_prompts=3), target)
+    assert err.value.exit_code == BenchError.exit_code
+    assert bench.list_runs() == []
+    assert bench.current() is None
+
+
+def test_a_program_that_cannot_run_says_what_to_install(tmp_path: Path) -> None:
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    target = target_for("http://127.0.0.1:9", tmp_path / "no-such-vllm")
+    with pytest.raises(BenchError, match="vllm bench serve"):
+        bench.run(BenchRequest(num_prompts=1), target)
+    assert bench.current() is None
+
+
+def test_bench_error_exit_code_is_its_own() -> None:
+    """`status` exits 10 (not running) and 11 (in progress); every other error has its own."""
+    from appliance.commands import engine as engine_cmd
+    from appliance.errors import ApplianceError
+
+    def subclasses(base: type[ApplianceError]) -> list[type[ApplianceError]]:
+        found: list[type[ApplianceError]] = []
+        for sub in base.__subclasses__():
+            found += [sub, *subclasses(sub)]
+        return found
+
+    taken = {engine_cmd.EXIT_NOT_RUNNING, engine_cmd.EXIT_IN_PROGRESS, 130}
+    others = {c.exit_code for c in subclasses(ApplianceError) if not issubclass(c, BenchError)}
+    assert BenchError.exit_code not in taken | others | {ApplianceError.exit_code}
+
+
+# -------------------------------------------------------------------------- cancel, one run
+
+
+def test_cancel_stops_the_run_and_keeps_nothing(
+    engine_socket: str, fake_vllm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_DELAY", "0.5")
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    target = target_for(endpoint.socket_url(engine_socket), fake_vllm)
+    outcomes: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: outcomes.append(bench.run(BenchRequest(num_prompts=200), target))
+    )
+    thread.start()
+    wait_for(lambda: (bench.current() or BenchState("", 0)).done >= 1, "the first request")
+    # a second run while one runs: a clear error, and the first goes on
+    with pytest.raises(BenchError, match="already running"):
+        bench.run(BenchRequest(num_prompts=1), target)
+    began = time.monotonic()
+    assert bench.cancel() is True
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive()
+    assert time.monotonic() - began < 10
+    (outcome,) = outcomes
+    assert outcome.state == "cancelled"
+    assert outcome.id is None
+    assert bench.list_runs() == []
+    assert bench.current() is None
+    assert bench.cancel() is False  # nothing to cancel now
+    assert len(_Engine.seen) < 200
+
+
+# ------------------------------------------------------------------------------ the gateway
+
+
+class _Keys:
+    """A key store that records what the runner made and revoked (subclasses nothing: the
+    runner's seam is the KeyIssuer protocol, which KeyStore and ServiceKeys both satisfy)."""
+
+    def __init__(self) -> None:
+        from appliance.keys import KeyStore
+
+        self.store = KeyStore()
+        self.made: list[str] = []
+        self.revoked: list[str] = []
+
+    def create(self, name: str) -> Any:
+        made = self.store.create(name)
+        self.made.append(made.secret)
+        return made
+
+    def revoke(self, name_or_id: str) -> Any:
+        self.revoked.append(name_or_id)
+        return self.store.revoke(name_or_id)
+
+
+def test_through_the_gateway_a_key_is_made_for_the_run_and_revoked(
+    engine_socket: str, fake_vllm: Path, tmp_path: Path
+) -> None:
+    gateway = TcpBridge(engine_socket)  # stands in for the gateway's TCP port
+    gateway.start()
+    keys = _Keys()
+    try:
+        bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"), keys=keys)
+        target = target_for(endpoint.socket_url(engine_socket), fake_vllm, gateway_url=gateway.url)
+        with pytest.raises(BenchFailedError):  # the stand-in wants the engine key, not this one
+            bench.run(BenchRequest(num_prompts=2, through_gateway=True), target)
+    finally:
+        gateway.close()
+    ran = fake_log(tmp_path)
+    argv = ran["argv"]
+    assert argv[argv.index("--base-url") + 1] == gateway.url
+    (secret,) = keys.made
+    assert ran["env"]["OPENAI_API_KEY"] == secret
+    assert _Engine.seen == [f"Bearer {secret}"] * 2
+    (key,) = keys.store.list()
+    assert key.name.startswith("bench-")
+    assert not key.active  # revoked after the run, failed or not
+    assert keys.store.verify(secret) is None
+
+
+def test_through_the_gateway_without_a_service_says_so(fake_vllm: Path, tmp_path: Path) -> None:
+    bench = BenchRunner(BenchStore(tmp_path / "bench.sqlite3"))
+    with pytest.raises(BenchError, match="needs the running service"):
+        bench.run(
+            BenchRequest(num_prompts=1, through_gateway=True),
+            target_for("http://127.0.0.1:9", fake_vllm),
+        )
+
+
+# ------------------------------------------------------------------------------ the bridge
+
+
+def test_the_bridge_carries_large_answers_and_many_connections(engine_socket: str) -> None:
+    import http.client
+
+    with TcpBridge(engine_socket) as bridge:
+        assert bridge.url.startswith("http://127.0.0.1:")
+        results: list[int] = []
+
+        def fetch() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", bridge.port, timeout=10)
+            conn.request("GET", "/metrics")
+            results.append(len(conn.getresponse().read()))
+            conn.close()
+
+        threads = [threading.Thread(target=fetch) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE_S)
+        assert results == [300_000] * 8
+        wait_for(lambda: bridge.connections() == 0, "the bridge to drop finished connections")
+        listener = socket.getaddrinfo("127.0.0.1", bridge.port)[0]
+        assert listener[4][0] == "127.0.0.1"
+
+
+def test_the_bridge_closes_a_client_when_the_engine_is_gone(tmp_path: Path) -> None:
+    with (
+        TcpBridge(str(tmp_path / "gone.sock")) as bridge,
+        socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as conn,
+    ):
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            answer = conn.recv(10)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # closed (or reset), never left hanging
+
+
+# ----------------------------------------------------------------------- the bench container
+
+
+def test_container_request_runs_vllm_from_the_engines_image(tmp_path: Path) -> None:
+    target = BenchTarget(
+        engine_url="http+unix://x",
+        api_key="sk-engine",
+        served_model_name="step3p7-flash",
+        model="/data/models/step",
+        context_len=65536,
+        profile="fp8-tp1",
+        runtime="docker",
+        image="vllm/vllm-openai:stepfun37",
+        image_digest="sha256:" + "a" * 64,
+    )
+    job = runner.BenchJob(
+        args=("--backend", "vllm"),
+        env=presets.bench_env("sk-engine"),
+        work_dir=tmp_path,
+        stamp="20261206-010203-1",
+        api_key="sk-engine",
+    )
+    spec = runner.container_request(target, job)
+    assert spec["image"] == "sha256:" + "a" * 64  # the engine's exact image
+    assert spec["entrypoint"][:2] == ["/bin/sh", "-c"]
+    assert spec["entrypoint"][2].endswith('exec vllm "$@"')
+    assert spec["command"] == ["bench", "serve", "--backend", "vllm"]
+    assert spec["network_mode"] == "host"
+    assert spec["labels"] == {runner.LABEL_BENCH: "20261206-010203-1"}
+    assert "OPENAI_API_KEY" not in spec["environment"]  # docker inspect shows the environment
+    assert spec["volumes"]["/data/models/step"] == {
+        "bind": runner.CONTAINER_TOKENIZER,
+        "mode": "ro",
+    }
+    assert spec["volumes"][str(tmp_path / "key")]["mode"] == "ro"
+    assert spec["volumes"][str(tmp_path / "result")]["bind"] == runner.CONTAINER_RESULT_DIR
+    assert runner.tokenizer_for(target) == runner.CONTAINER_TOKENIZER
+    hub = BenchTarget(**{**target.__dict__, "model": "stepfun-ai/Step-3.7-Flash",
+                         "hf_cache": "/data/hf", "image_digest": ""})  # fmt: skip
+    spec = runner.container_request(hub, job)
+    assert spec["image"] == "vllm/vllm-openai:stepfun37"
+    assert spec["volumes"]["/data/hf"] == {"bind": runner.CONTAINER_HF_CACHE, "mode": "ro"}
+    assert runner.tokenizer_for(hub) == "stepfun-ai/Step-3.7-Flash"
+
+
+class _FakeContainer:
+    def __init__(self, frames: list[bytes], result_dir: Path) -> None:
+        self.frames = frames
+        self.result_dir = result_dir
+        self.removed = False
+        self.stopped = False
+
+    def logs(self, **kwargs: Any) -> Any:
+        if kwargs.get("stream"):
+            return iter(self.frames)
+        return b"Successful requests: 2\n"
+
+    def wait(self, timeout: float) -> dict[str, int]:
+        (self.result_dir / "result.json").write_text(REAL.read_text())
+        return {"StatusCode": 0}
+
+    def stop(self, timeout: int) -> None:
+        self.stopped = True
+
+    def remove(self, force: bool) -> None:
+        self.removed = True
+
+
+class _FakeClient:
+    """docker-py's client where the runner touches it: containers.run / list."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict[str, Any]] = []
+        self.container: _FakeContainer | None = None
+        self.containers = self
+
+    def run(self, **kwargs: Any) -> _FakeContainer:
+        self.runs.append(kwargs)
+        result_dir = next(
+            Path(src) for src, m in kwargs["volumes"].items() if m["bind"].endswith("result")
+        )
+        key_dir = next(
+            Path(src) for src, m in kwargs["volumes"].items() if m["bind"].endswith("key")
+        )
+        assert (key_dir / "key").read_text() == "sk-engine-test\n"
+        assert stat.S_IMODE((key_dir / "key").stat().st_mode) == 0o600
+        frames = [b"\r 50%|# | 1/2 [00:01<00:01]", b"\r100%|##| 2/2 [00:02<00:00]"]
+        self.container = _FakeContainer(frames, result_dir)
+        return self.container
+
+
+def test_the_docker_route_runs_a_labelled_container_and_removes_it(
+    engine_socket: str, tmp_path: Path
+) -> None:
+    client = _FakeClient()
+    bench = BenchRunner(
+        BenchStore(tmp_path / "bench.sqlite3"),
+        launcher_for=lambda t: runner.ContainerLauncher(t, client),
+    )
+    target = target_for(
+        endpoint.socket_url(engine_socket),
+        Path("unused"),
+        runtime="docker",
+        image="vllm/vllm-openai:stepfun37",
+    )
+    outcome = bench.run(BenchRequest(num_prompts=2), target)
+    assert outcome.state == "completed"
+    (spec,) = client.runs
+    assert spec["command"][spec["command"].index("--result-dir") + 1] == runner.CONTAINER_RESULT_DIR
+    assert spec["command"][spec["command"].index("--tokenizer") + 1] == runner.CONTAINER_TOKENIZER
+    assert client.container is not None
+    assert client.container.removed
