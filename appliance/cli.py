@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "appliance.commands.doctor",
     "appliance.commands.keys",
     "appliance.commands.config",
+    "appliance.commands.bench",
 )
 
 

@@ -34,6 +34,12 @@ slow stop never blocks the UI's event loop):
     POST /pull                         one JSON object a line: {"progress": [done, total]} while
                                        bytes move, then {"pulled": {"image", "total"}} or
                                        {"skipped": why} or {"error", "hint", "exit_code"}
+    POST /bench   BenchRequest's fields one JSON object a line: {"progress": BenchState} while it
+                                       runs, then {"outcome": {"state", "id", "profile",
+                                       "result"}} or {"error", "hint", "exit_code"}; a terminal
+                                       that goes away cancels the run
+    POST /bench/cancel                 {"cancelled": true|false (none was running)}
+    GET  /bench/runs                   {"runs": [stored run, newest first]}
 
 A failure is HTTP 500 with {"error", "hint", "exit_code"}: the CLI raises the same kind of error
 (`_error_from`), so its message and exit code are those of the command run without a service.
@@ -42,6 +48,7 @@ A failure is HTTP 500 with {"error", "hint", "exit_code"}: the CLI raises the sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import http.server
 import json
@@ -58,6 +65,19 @@ from urllib.parse import parse_qs, urlsplit
 
 from appliance import endpoint
 from appliance import settings as st
+from appliance.bench.errors import BenchError
+from appliance.bench.runner import (
+    BenchOutcome,
+    BenchRequest,
+    BenchRunner,
+    BenchState,
+    BenchTarget,
+    ContainerLauncher,
+    Launcher,
+    ProcessLauncher,
+)
+from appliance.bench.store import StoredRun
+from appliance.engine.spec import hf_cache_root
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
 from appliance.errors import ApplianceError, EngineError, SettingsError
 from appliance.keys import ApiKey, KeyStore, NewKey
@@ -105,6 +125,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     supervisor: Any
     store: st.SettingsStore
     keys: KeyStore | None
+    bench: BenchRunner | None
+    gpu_name: Callable[[], str]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -177,7 +199,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _get_full_status(self, query: dict[str, str]) -> None:
         del query
-        self._send(200, _full_status(self.server.store.current(), self.server.supervisor))
+        server = self.server
+        self._send(200, _full_status(server.store.current(), server.supervisor, server.bench))
 
     def _get_logs(self, query: dict[str, str]) -> None:
         self._stream_logs(follow=query.get("follow") == "1")
@@ -279,6 +302,51 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             stop.set()
 
+    # ------------------------------------------------------------------------------- bench
+
+    def _bench(self) -> BenchRunner:
+        if self.server.bench is None:
+            raise BenchError("This Step Station service runs no benchmarks.")
+        return self.server.bench
+
+    def _post_bench(self, body: dict[str, Any]) -> None:
+        bench = self._bench()
+        request = BenchRequest.from_dict(body)
+        bench.ensure_idle()  # before the stream starts: a plain HTTP error
+        target = bench_target(
+            self.server.supervisor, self.server.store.current(), self.server.gpu_name()
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+
+        def line(payload: dict[str, Any]) -> None:
+            self.wfile.write(json.dumps(payload, default=str).encode() + b"\n")
+            self.wfile.flush()
+
+        def progress(state: BenchState) -> None:
+            try:
+                line({"progress": state.to_dict()})
+            except OSError:  # the terminal went away (Ctrl-C): its run goes with it
+                bench.cancel()
+
+        try:
+            outcome = bench.run(request, target, progress)
+        except ApplianceError as err:
+            with contextlib.suppress(OSError):
+                line({"error": err.message, "hint": err.hint, "exit_code": err.exit_code})
+            return
+        with contextlib.suppress(OSError):
+            line({"outcome": outcome_dict(outcome)})
+
+    def _post_bench_cancel(self, body: dict[str, Any]) -> None:
+        del body
+        self._send(200, {"cancelled": self._bench().cancel()})
+
+    def _get_bench_runs(self, query: dict[str, str]) -> None:
+        del query
+        self._send(200, {"runs": [run_dict(r) for r in self._bench().list_runs()]})
+
 
 _GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
     "/status": _Handler._get_status,
@@ -286,6 +354,7 @@ _GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
     "/logs": _Handler._get_logs,
     "/settings": _Handler._get_settings,
     "/keys": _Handler._get_keys,
+    "/bench/runs": _Handler._get_bench_runs,
 }
 _POST_ROUTES: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
     "/start": _Handler._post_start,
@@ -294,6 +363,8 @@ _POST_ROUTES: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
     "/keys/create": _Handler._post_create_key,
     "/keys/revoke": _Handler._post_revoke_key,
     "/pull": _Handler._post_pull,
+    "/bench": _Handler._post_bench,
+    "/bench/cancel": _Handler._post_bench_cancel,
 }
 
 NO_IMAGE = "engine.runtime is not docker: there is no image to pull."
@@ -318,22 +389,190 @@ def pull_image(runtime: Runtime, image: str, on_progress: Callable[[int, int], N
     return seen[0]
 
 
-def _full_status(settings: st.Settings, supervisor: Any) -> dict[str, Any]:
+def _full_status(
+    settings: st.Settings, supervisor: Any, bench: BenchRunner | None = None
+) -> dict[str, Any]:
     from appliance.monitoring.status import status_report
 
     data, lines = status_report(supervisor.status(), settings, supervisor)
+    data["bench"], line = bench_status(bench)
+    if line:
+        lines.append(line)
     return {"json": data, "lines": lines}
+
+
+def bench_status(bench: BenchRunner | None) -> tuple[dict[str, Any] | None, str]:
+    """The `bench` key of the status (None when no benchmark runs) and its status line: the
+    dashboard and `status` say a benchmark is loading the engine."""
+    state = bench.current() if bench is not None else None
+    if state is None:
+        return None, ""
+    done = f" {state.done}/{state.total} requests" if state.total else ""
+    via = " through the gateway" if state.through_gateway else ""
+    return state.to_dict(), f"Benchmark: {state.preset} running{via},{done} {state.elapsed_s:.0f} s"
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def bench_target(supervisor: Any, settings: st.Settings, gpu_name: str = "") -> BenchTarget:
+    """The running engine as `vllm bench serve` needs it, from what the supervisor knows and what
+    the engine itself answers (`/v1/models`: the checkpoint and the window; `/version`)."""
+    status: EngineStatus = supervisor.status()
+    if status.state == EngineState.SLEEPING:
+        supervisor.ensure_awake()
+        status = supervisor.status()
+    if status.state != EngineState.READY:
+        raise BenchError(
+            f"The engine is not serving ({status.state.label.lower()}); there is nothing to "
+            "benchmark.",
+            hint="Start it with `step-station start` and run the benchmark once it is ready.",
+        )
+    url, key = supervisor.engine_url, supervisor.engine_api_key
+    model, context_len, version = _engine_facts(url, key)
+    eff = status.effective
+    runtime = supervisor.runtime.kind
+    image = str(eff.get("image") or settings.engine.image) if runtime == "docker" else ""
+    command = [str(part) for part in eff.get("command") or []]
+    return BenchTarget(
+        engine_url=url,
+        api_key=key,
+        served_model_name=supervisor.served_model_name,
+        model=model or str(eff.get("model") or ""),
+        context_len=context_len or int(eff.get("max_model_len") or 0),
+        profile=status.profile,
+        runtime=runtime,
+        program=_bench_program(command) if runtime == "process" else "",
+        image=image,
+        image_digest=_image_digest(supervisor.runtime, image),
+        vllm_version=version or str(eff.get("vllm_version") or ""),
+        gpu_name=gpu_name,
+        flags={"mtp": "--speculative-config" in command},
+        gateway_url=f"http://127.0.0.1:{settings.gateway.port}",
+        hf_cache=str(hf_cache_root(settings.engine)),
+    )
+
+
+def _engine_facts(url: str, key: str) -> tuple[str, int, str]:
+    """(checkpoint, context window, vLLM version) as the engine reports them; vLLM's
+    `/v1/models` gives `root` (the model it loaded) and `max_model_len`, `/version` its
+    version (vllm/entrypoints/openai/.../protocol: `ModelCard`, 0.32)."""
+    import httpx
+
+    try:
+        with endpoint.client(url, timeout=10.0) as http:
+            models = http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+            version = http.get("/version").json()
+        first = (models.get("data") or [{}])[0]
+        return (
+            str(first.get("root") or ""),
+            int(first.get("max_model_len") or 0),
+            str(version.get("version") or ""),
+        )
+    except (httpx.HTTPError, ValueError, AttributeError, IndexError) as err:
+        raise BenchError(
+            f"The engine did not say which model it serves ({err}).",
+            hint="`step-station status` shows whether it is ready.",
+        ) from err
+
+
+def _bench_program(command: list[str]) -> str:
+    """The `vllm` beside the engine's: the engine's own program when it is a `vllm` (its
+    `bench serve` is the same wheel's), else the one on PATH."""
+    if command and Path(command[0]).name == "vllm":
+        return command[0]
+    import shutil
+
+    return shutil.which("vllm") or "vllm"
+
+
+def _image_digest(runtime: Any, image: str) -> str:
+    if not image or not hasattr(runtime, "image_digest"):
+        return ""
+    try:
+        return str(runtime.image_digest(image))
+    except ApplianceError:
+        return ""
+
+
+def launcher_for(runtime: Any) -> Callable[[BenchTarget], Launcher]:
+    """How the bench runs beside the engine's runtime: a sibling container under Docker (with
+    the runtime's own client: only docker_runtime imports docker), a process otherwise."""
+    if getattr(runtime, "kind", "") == "docker":
+        return lambda target: ContainerLauncher(target, runtime.client)
+    return ProcessLauncher
+
+
+def outcome_dict(outcome: BenchOutcome) -> dict[str, Any]:
+    return {
+        "state": outcome.state,
+        "id": outcome.id,
+        "profile": outcome.profile,
+        "result": dict(outcome.result),
+    }
+
+
+def outcome_from_dict(data: dict[str, Any]) -> BenchOutcome:
+    return BenchOutcome(
+        state=str(data.get("state") or ""),
+        id=data.get("id"),
+        profile=str(data.get("profile") or ""),
+        result=dict(data.get("result") or {}),
+    )
+
+
+def run_dict(run: StoredRun) -> dict[str, Any]:
+    info = run.info
+    return {
+        "id": run.id,
+        "created_at": run.created_at,
+        "profile": info.profile,
+        "preset": info.preset,
+        "flags": dict(info.flags),
+        "image_digest": info.image_digest,
+        "vllm_version": info.vllm_version,
+        "gpu_name": info.gpu_name,
+        "args": list(info.args),
+        "result": dict(run.raw),
+    }
+
+
+def run_from_dict(data: dict[str, Any]) -> StoredRun:
+    from appliance.bench.store import RunInfo
+
+    return StoredRun(
+        id=int(data["id"]),
+        created_at=float(data.get("created_at") or 0.0),
+        info=RunInfo(
+            profile=str(data.get("profile") or ""),
+            preset=str(data.get("preset") or ""),
+            args=tuple(data.get("args") or ()),
+            flags=dict(data.get("flags") or {}),
+            image_digest=str(data.get("image_digest") or ""),
+            vllm_version=str(data.get("vllm_version") or ""),
+            gpu_name=str(data.get("gpu_name") or ""),
+        ),
+        raw=dict(data.get("result") or {}),
+    )
 
 
 class ControlServer:
     """The service's end: serves the supervisor on the private socket from a thread."""
 
     def __init__(
-        self, supervisor: Any, store: st.SettingsStore, *, keys: KeyStore | None = None
+        self,
+        supervisor: Any,
+        store: st.SettingsStore,
+        *,
+        keys: KeyStore | None = None,
+        bench: BenchRunner | None = None,
+        gpu_name: Callable[[], str] = str,
     ) -> None:
         self.supervisor = supervisor
         self.store = store
         self.keys = keys
+        self.bench = bench
+        self.gpu_name = gpu_name
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.path: Path | None = None
@@ -356,6 +595,8 @@ class ControlServer:
         server.supervisor = self.supervisor
         server.store = self.store
         server.keys = self.keys
+        server.bench = self.bench
+        server.gpu_name = self.gpu_name
         self._server = server
         self.path = path
         self._thread = threading.Thread(
@@ -517,6 +758,9 @@ class ServiceClient:
     def keys(self) -> ServiceKeys:
         return ServiceKeys(self)
 
+    def bench(self) -> ServiceBench:
+        return ServiceBench(self)
+
     # -------------------------------------------------------------------------------- pull
 
     def pull(self, on_progress: Callable[[int, int], None]) -> PullOutcome:
@@ -549,6 +793,45 @@ def _read_pull(
         elif "error" in data:
             raise _error_from(data, 500)
     raise EngineError("The Step Station service ended the pull without saying how it went.")
+
+
+class ServiceBench:
+    """The service's BenchRunner over the socket: `run` streams progress, `cancel`, `list_runs`."""
+
+    READ_TIMEOUT_S = 900.0  # the long preset's one prompt may take minutes between frames
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+
+    def run(
+        self, request: BenchRequest, on_progress: Callable[[BenchState], None] | None = None
+    ) -> BenchOutcome:
+        conn = _UnixConnection(str(self.client.path), self.READ_TIMEOUT_S)
+        try:
+            body = json.dumps(dataclasses.asdict(request)).encode()
+            conn.request("POST", "/bench", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise _error_from(json.loads(response.read() or b"{}"), response.status)
+            while line := response.readline():
+                data = json.loads(line)
+                if "progress" in data and on_progress is not None:
+                    on_progress(BenchState(**data["progress"]))
+                elif "outcome" in data:
+                    return outcome_from_dict(data["outcome"])
+                elif "error" in data:
+                    raise _error_from(data, 500)
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise self.client._gone(err) from err
+        finally:
+            conn.close()
+        raise BenchError("The Step Station service ended the benchmark without saying how it went.")
+
+    def cancel(self) -> bool:
+        return bool(self.client._call("POST", "/bench/cancel", {})["cancelled"])
+
+    def list_runs(self) -> list[StoredRun]:
+        return [run_from_dict(r) for r in self.client._call("GET", "/bench/runs")["runs"]]
 
 
 class ServiceKeys:

@@ -153,6 +153,13 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
         sampler.settings = new
 
     store.subscribe(readers_follow)
+    # the benchmark: beside whatever runtime the supervisor has at the moment of the run
+    from appliance.bench.runner import BenchRunner
+    from appliance.control import launcher_for
+
+    bench = BenchRunner(
+        launcher_for=lambda target: launcher_for(supervisor.runtime)(target), keys=keys
+    )
     return Services(
         store=store,
         secrets=secrets,
@@ -164,6 +171,7 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
         progress_rates=progress_rates,
         keys=keys,
         gateway=gateway,
+        bench=bench,
     )
 
 
@@ -196,13 +204,26 @@ def _stop_engine(services: Services) -> None:
 def _start_control(services: Services) -> ControlServer | None:
     """The CLI's way in (appliance/control.py): from here on `step-station start/stop/status`
     drive this service's supervisor instead of running their own."""
-    control = ControlServer(services.supervisor, services.store, keys=services.keys)
+    control = ControlServer(
+        services.supervisor,
+        services.store,
+        keys=services.keys,
+        bench=services.bench,
+        gpu_name=lambda: _engine_gpu_name(services),
+    )
     try:
         control.start()
     except ApplianceError as err:
         log.warning("the CLI cannot reach this service: %s", err)
         return None
     return control
+
+
+def _engine_gpu_name(services: Services) -> str:
+    """The engine's GPU as the sampler last saw it ("" before its first sample, or no GPU)."""
+    sample = services.sampler.latest()
+    gpu = sample.engine_gpu() if sample is not None else None
+    return gpu.name if gpu is not None else ""
 
 
 # ---- gateway: started after the UI's services, stopped before the engine (gateway owner) ----

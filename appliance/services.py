@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from appliance.settings import Secrets, Settings, SettingsStore
 
 if TYPE_CHECKING:  # types only: building them imports heavy modules (see server.build_services)
+    from appliance.bench.runner import BenchRunner
     from appliance.chat.history import History
     from appliance.chat.service import ChatService
     from appliance.engine.supervisor import Supervisor
@@ -35,6 +36,7 @@ class Services:
     progress_rates: ProgressRates  # pull / download rates
     keys: KeyStore
     gateway: Gateway
+    bench: BenchRunner  # `vllm bench serve`, one run at a time; `bench.current()` while it runs
     warnings: list[str] = field(default_factory=list)
 
     @property

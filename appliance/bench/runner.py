@@ -608,14 +608,23 @@ class BenchRunner:
             process.terminate()
         return True
 
+    def ensure_idle(self) -> None:
+        """BenchError when a run is in progress (one run at a time: two would measure each
+        other)."""
+        with self._lock:
+            self._refuse_if_busy()
+
+    def _refuse_if_busy(self) -> None:
+        if self._state is not None:
+            raise BenchError(
+                f"A benchmark ({self._state.preset}) is already running.",
+                hint="Wait for it to finish, or cancel it (Ctrl-C in its terminal, or the "
+                "Benchmark panel's Cancel).",
+            )
+
     def _claim(self, request: BenchRequest) -> None:
         with self._lock:
-            if self._state is not None:
-                raise BenchError(
-                    f"A benchmark ({self._state.preset}) is already running.",
-                    hint="Wait for it to finish, or cancel it (Ctrl-C in its terminal, or the "
-                    "Benchmark panel's Cancel).",
-                )
+            self._refuse_if_busy()
             self._cancel.clear()
             self._state = BenchState(
                 preset=request.preset,

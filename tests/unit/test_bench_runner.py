@@ -2,29 +2,21 @@
 progress, cancel, one run at a time, the key made for a run through the gateway, and the bench
 container's spec.
 
-The program run is a stand-in `vllm` (a Python script written per test) that does what vLLM's
-bench does where the runner depends on it: it calls `{--base-url}/v1/completions` with
-`Authorization: Bearer $OPENAI_API_KEY`, draws tqdm frames on stderr, and writes the result file
-only at the end (none when stopped). The engine is a real HTTP server on a Unix socket.
+The program run is a stand-in `vllm` and the engine a real HTTP server on a Unix socket
+(tests/fixtures/bench_kit.py).
 """
 
 from __future__ import annotations
 
-import http.server
-import json
-import os
 import socket
-import socketserver
 import stat
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.bench_kit import REAL, Engine, engine_socket, fake_log, fake_vllm
 
 from appliance import endpoint
 from appliance.bench import presets, runner
@@ -38,110 +30,14 @@ from appliance.bench.runner import (
 )
 from appliance.bench.store import BenchStore
 
-REAL = Path(__file__).resolve().parents[1] / "data" / "bench" / "result-0.32-spec-decode.json"
+__all__ = ["engine_socket", "fake_vllm"]  # fixtures, used by name
 DEADLINE_S = 30.0
-
-FAKE_VLLM = r"""#!{python}
-import json, os, sys, time, urllib.request
-args = sys.argv[1:]
-assert args[:2] == ["bench", "serve"], args
-def flag(name):
-    return args[args.index(name) + 1]
-with open(os.environ["FAKE_LOG"], "w") as out:
-    json.dump({{"argv": args, "env": {{k: os.environ.get(k) for k in
-               ("OPENAI_API_KEY", "NO_PROXY", "PYTHONUNBUFFERED", "VLLM_USE_RUST_BENCH",
-                "HF_HUB_OFFLINE", "VLLM_LEAK")}}}}, out)
-n = int(flag("--num-prompts"))
-delay = float(os.environ.get("FAKE_DELAY", "0"))
-statuses = []
-for i in range(n):
-    req = urllib.request.Request(flag("--base-url") + "/v1/completions", data=b"{{}}",
-        headers={{"Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "")}})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            statuses.append(resp.status)
-    except urllib.error.HTTPError as err:
-        statuses.append(err.code)
-    time.sleep(delay)
-    sys.stderr.write(f"\r{{100*(i+1)//n:3d}}%|##| {{i+1}}/{{n}} [00:0{{i}}<00:01,  1.00it/s]")
-    sys.stderr.flush()
-print("Successful requests:", statuses.count(200))
-result = json.load(open(os.environ["FAKE_RESULT"]))
-result["completed"] = statuses.count(200)
-result["failed"] = n - statuses.count(200)
-os.makedirs(flag("--result-dir"), exist_ok=True)
-with open(os.path.join(flag("--result-dir"), flag("--result-filename")), "w") as out:
-    json.dump(result, out)
-"""
-
-
-class _Engine(http.server.BaseHTTPRequestHandler):
-    """The engine's /v1/completions on its socket: 200 with the right key, 401 otherwise."""
-
-    key = "sk-engine-test"
-    seen: list[str]
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-    def address_string(self) -> str:
-        return "engine"
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        auth = self.headers.get("Authorization", "")
-        type(self).seen.append(auth)
-        ok = auth == f"Bearer {self.key}"
-        body = b'{"ok": true}' if ok else b'{"error": "unauthorized"}'
-        self.send_response(200 if ok else 401)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:  # noqa: N802
-        body = b"x" * 300_000  # bigger than one pipe chunk, to check the bridge carries it whole
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
-@pytest.fixture
-def engine_socket() -> Iterator[str]:
-    folder = tempfile.mkdtemp(prefix="bench-")  # short: a socket path holds 107 bytes
-    path = f"{folder}/{endpoint.SOCKET_NAME}"
-    _Engine.seen = []
-    server = _UnixServer(path, _Engine)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    yield path
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-    os.unlink(path)
-    os.rmdir(folder)
-
-
-@pytest.fixture
-def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    program = tmp_path / "bin" / "vllm"
-    program.parent.mkdir()
-    program.write_text(FAKE_VLLM.format(python=sys.executable))
-    program.chmod(0o755)
-    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "fake.json"))
-    monkeypatch.setenv("FAKE_RESULT", str(REAL))
-    monkeypatch.setenv("VLLM_LEAK", "must not reach the bench")
-    return program
 
 
 def target_for(engine_url: str, program: Path, **changes: Any) -> BenchTarget:
     base = BenchTarget(
         engine_url=engine_url,
-        api_key=_Engine.key,
+        api_key=Engine.key,
         served_model_name="step3p7-flash",
         model="/models/tiny",
         context_len=4096,
@@ -154,11 +50,6 @@ def target_for(engine_url: str, program: Path, **changes: Any) -> BenchTarget:
         flags={"mtp": True},
     )
     return BenchTarget(**{**base.__dict__, **changes})
-
-
-def fake_log(tmp_path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((tmp_path / "fake.json").read_text())
-    return data
 
 
 def wait_for(cond: Any, what: str) -> None:
@@ -184,7 +75,7 @@ def test_a_run_over_the_engines_socket_is_kept_with_what_ran(
 
     assert outcome.state == "completed"
     # every request crossed the bridge to the socket with the engine's key
-    assert _Engine.seen == [f"Bearer {_Engine.key}"] * 4
+    assert Engine.seen == [f"Bearer {Engine.key}"] * 4
     ran = fake_log(tmp_path)
     argv = ran["argv"][2:]
     base_url = argv[argv.index("--base-url") + 1]
@@ -204,7 +95,7 @@ def test_a_run_over_the_engines_socket_is_kept_with_what_ran(
         result_filename="result.json",
     )
     assert argv == expected
-    assert ran["env"]["OPENAI_API_KEY"] == _Engine.key
+    assert ran["env"]["OPENAI_API_KEY"] == Engine.key
     assert ran["env"]["VLLM_USE_RUST_BENCH"] == "0"
     assert ran["env"]["HF_HUB_OFFLINE"] == "1"
     assert ran["env"]["VLLM_LEAK"] is None  # the caller's vLLM settings stay out
@@ -316,7 +207,7 @@ def test_cancel_stops_the_run_and_keeps_nothing(
     assert bench.list_runs() == []
     assert bench.current() is None
     assert bench.cancel() is False  # nothing to cancel now
-    assert len(_Engine.seen) < 200
+    assert len(Engine.seen) < 200
 
 
 # ------------------------------------------------------------------------------ the gateway
@@ -361,7 +252,7 @@ def test_through_the_gateway_a_key_is_made_for_the_run_and_revoked(
     assert argv[argv.index("--base-url") + 1] == gateway.url
     (secret,) = keys.made
     assert ran["env"]["OPENAI_API_KEY"] == secret
-    assert _Engine.seen == [f"Bearer {secret}"] * 2
+    assert Engine.seen == [f"Bearer {secret}"] * 2
     (key,) = keys.store.list()
     assert key.name.startswith("bench-")
     assert not key.active  # revoked after the run, failed or not
