@@ -51,6 +51,7 @@ from appliance.bench.progress import Progress, ProgressReader
 from appliance.bench.result import load_result
 from appliance.bench.store import BenchStore, RunInfo
 from appliance.errors import ApplianceError
+from appliance.settings import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -522,6 +523,9 @@ class ContainerLauncher:
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(job.api_key + "\n")
+        removed = remove_leftovers(self.client)  # one run at a time: any other is a leftover
+        if removed:
+            log.info("bench: removed %d benchmark container(s) left by an earlier run", removed)
         try:
             container = self.client.containers.run(**container_request(self.target, job))
         except Exception as err:  # noqa: BLE001 - docker-py's errors, translated here
@@ -654,9 +658,10 @@ class BenchRunner:
 
     @contextlib.contextmanager
     def _work_dir(self, runtime: str) -> Iterator[Path]:
-        root = self._work_root
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
+        # Under the data folder, not /tmp: a bench container mounts it, and in the compose setup
+        # only the data folder is the host's at the same path (endpoint.SHARED_DATA_ENV).
+        root = self._work_root or data_dir() / "bench-runs"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="bench-", dir=root) as tmp:
             path = Path(tmp)
             os.chmod(path, 0o700)

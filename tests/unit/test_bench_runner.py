@@ -19,6 +19,7 @@ import pytest
 from fixtures.bench_kit import REAL, Engine, engine_socket, fake_log, fake_vllm
 
 from appliance import endpoint
+from appliance import settings as st
 from appliance.bench import presets, runner
 from appliance.bench.errors import BenchError, BenchFailedError
 from appliance.bench.runner import (
@@ -383,6 +384,12 @@ class _FakeClient:
         self.runs: list[dict[str, Any]] = []
         self.container: _FakeContainer | None = None
         self.containers = self
+        self.leftover = _FakeContainer([], Path())  # a crashed appliance's bench container
+        self.filters: list[dict[str, str]] = []
+
+    def list(self, all: bool, filters: dict[str, str]) -> list[_FakeContainer]:  # noqa: A002
+        self.filters.append(filters)
+        return [] if self.leftover.removed else [self.leftover]
 
     def run(self, **kwargs: Any) -> _FakeContainer:
         self.runs.append(kwargs)
@@ -420,3 +427,7 @@ def test_the_docker_route_runs_a_labelled_container_and_removes_it(
     assert spec["command"][spec["command"].index("--tokenizer") + 1] == runner.CONTAINER_TOKENIZER
     assert client.container is not None
     assert client.container.removed
+    assert client.leftover.removed  # found by its label before the run
+    assert client.filters == [{"label": runner.LABEL_BENCH}]
+    (result_dir,) = [src for src, m in spec["volumes"].items() if m["bind"].endswith("result")]
+    assert Path(result_dir).is_relative_to(st.data_dir())  # shared with the host in compose
