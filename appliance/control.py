@@ -8,9 +8,10 @@ service listens on a Unix socket private to its user and the engine verbs of the
 same supervisor at the same moment. Without a running service the CLI runs a supervisor itself,
 as before (Ollama's and LM Studio's CLIs talk to their running server the same way).
 
-The socket: `<data>/control/control.sock` (or a private `/tmp/step-station-<uid>/` folder when
-that path is too long for a socket address; see appliance/endpoint.py), folder 0700, socket
-0600: only the owner's account can connect, so no other local user drives the engine through it.
+The socket: `<data>/control/service/control.sock` (or a private `/tmp/step-station-<uid>/`
+folder when that path is too long for a socket address; see appliance/endpoint.py), folder 0700,
+socket 0600: only the owner's account can connect, so no other local user drives the engine
+through it.
 
 The same goes for the commands that change what the service holds: `config set` goes to the
 service's settings store (saved, and its supervisor and gateway take the new snapshot at once),
@@ -77,6 +78,7 @@ from appliance.bench.runner import (
     ProcessLauncher,
 )
 from appliance.bench.store import StoredRun
+from appliance.engine.protocol import EngineReader
 from appliance.engine.spec import hf_cache_root
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
 from appliance.errors import ApplianceError, EngineError, SettingsError
@@ -84,6 +86,7 @@ from appliance.keys import ApiKey, KeyStore, NewKey
 
 if TYPE_CHECKING:
     from appliance.engine.runtime import Runtime
+    from appliance.engine.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +95,18 @@ LONG_POLL_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-class EngineCommands(Protocol):
+class EngineCommands(EngineReader, Protocol):
     """What the CLI asks of the engine's owner: the service's supervisor through the socket
-    (ServiceSupervisor) or a Supervisor of the CLI's own."""
+    (ServiceSupervisor) or a Supervisor of the CLI's own. The status and its long poll are the
+    engine's protocol (engine/protocol.py); the rest is the CLI's own."""
 
     settings: st.Settings
-
-    def status(self) -> EngineStatus: ...
 
     def attach(self) -> EngineStatus: ...
 
     def start(self, profile: str | None = None) -> EngineStatus: ...
 
     def stop(self, timeout_s: float | None = None) -> EngineStatus: ...
-
-    def wait_for_change(self, since_version: int, timeout_s: float) -> EngineStatus: ...
 
     def iter_logs(self, *, follow: bool, stop: threading.Event | None = None) -> Iterator[str]: ...
 
@@ -122,7 +122,7 @@ def socket_path() -> Path:
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-    supervisor: Any
+    supervisor: Supervisor
     store: st.SettingsStore
     keys: KeyStore | None
     bench: BenchRunner | None
@@ -390,7 +390,7 @@ def pull_image(runtime: Runtime, image: str, on_progress: Callable[[int, int], N
 
 
 def _full_status(
-    settings: st.Settings, supervisor: Any, bench: BenchRunner | None = None
+    settings: st.Settings, supervisor: Supervisor, bench: BenchRunner | None = None
 ) -> dict[str, Any]:
     from appliance.monitoring.status import status_report
 
@@ -561,7 +561,7 @@ class ControlServer:
 
     def __init__(
         self,
-        supervisor: Any,
+        supervisor: Supervisor,
         store: st.SettingsStore,
         *,
         keys: KeyStore | None = None,

@@ -15,10 +15,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from appliance.chat import client as chat
 from appliance.chat import history as hist
+from appliance.engine.protocol import EngineActivity, EngineOwner
+from appliance.engine.state import EngineState
 from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import Settings
 
@@ -43,30 +45,22 @@ class EngineView:
         return f"The model is not running ({self.label}).{detail} Start it in the Model tab."
 
 
-def engine_view_from(supervisor: Any, default_model: str = "step3p7-flash") -> EngineView:
+def engine_view_from(
+    supervisor: EngineOwner | None, default_model: str = "step3p7-flash"
+) -> EngineView:
     """Read a Supervisor's status into an EngineView (the supervisor owns the truth)."""
     if supervisor is None:
         return EngineView(False, message="No engine is configured.")
     status = supervisor.status()
-    state = getattr(status.state, "value", str(status.state))
-    label = getattr(status.state, "label", state)
+    ready = status.state is EngineState.READY
     return EngineView(
-        ready=state == "ready" and bool(status.engine_url),
+        ready=ready and bool(status.engine_url),
         url=status.engine_url,
         model=status.served_model_name or default_model,
-        label=label,
-        message=status.message if state != "ready" else "",
-        api_key=str(getattr(supervisor, "engine_api_key", "") or ""),
+        label=status.state.label,
+        message=status.message if not ready else "",
+        api_key=supervisor.engine_api_key,
     )
-
-
-class EngineActivity(Protocol):
-    """What the chat tells the engine's owner (the Supervisor): a request is about to go (wake a
-    sleeping engine, hold off idle sleep: vLLM's /sleep aborts running requests) and ended."""
-
-    def begin_use(self, timeout_s: float = ...) -> None: ...
-
-    def end_use(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +112,8 @@ class ChatService:
         engine: Callable[[], EngineView],
         *,
         api_key: str = "",
+        # the engine's owner: wake a sleeping engine before a request, and no idle sleep until
+        # it ended (vLLM's /sleep aborts running requests)
         activity: EngineActivity | None = None,
     ) -> None:
         self.settings = settings

@@ -292,7 +292,8 @@ def _status(args: argparse.Namespace) -> int:
             from appliance.monitoring.status import status_report
 
             status = sup.attach()
-            data, lines = status_report(status, sup.settings, sup)
+            local = sup if isinstance(sup, Supervisor) else None  # it is: no service answered
+            data, lines = status_report(status, sup.settings, local)
         if args.json:
             print(json.dumps(data, indent=2, default=str))
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from appliance import hardware, planner, profiles
+from appliance.engine.protocol import EngineReader, EngineSwitch
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.errors import ApplianceError, HardwareError
 from appliance.monitoring.timeline import ProgressRates, Timeline, build_timeline, compact_log
@@ -34,14 +35,8 @@ _CSS_STATE = {
 }
 
 
-class EngineControl(Protocol):
-    """The part of the supervisor the model tab uses."""
-
-    def status(self) -> EngineStatus: ...
-
-    def try_start(self, profile: str | None = None) -> bool: ...
-
-    def stop(self, timeout_s: float | None = None) -> EngineStatus: ...
+class EngineControl(EngineReader, EngineSwitch, Protocol):
+    """The part of the engine's owner (engine/protocol.py) the model tab uses."""
 
 
 class SettingsWriter(Protocol):

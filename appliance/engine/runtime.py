@@ -92,6 +92,13 @@ class Runtime(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most runtimes hold nothing
         """Release connections."""
 
+    def engine_pids(self, container_id: str) -> set[int]:
+        """Host PIDs of the engine's processes, so the dashboard can label its GPU memory; empty
+        where the runtime cannot tell (a process engine's id is `pid:N`: the sampler reads its
+        process tree itself)."""
+        del container_id
+        return set()
+
 
 def split_lines(buffer: str) -> tuple[list[str], str]:
     """Split text on `\\r` and `\\n`; returns complete lines and the unfinished rest."""

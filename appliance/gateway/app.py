@@ -222,7 +222,7 @@ class GatewayApp:
                 "engine_not_ready",
                 check.message,
                 retry_after=check.retry_after_s,
-                engine_state=check.state,
+                engine_state=check.state.value,
             )
         self.gate.note_activity()
         upstream_body = b""

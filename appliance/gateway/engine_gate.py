@@ -19,9 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import anyio.to_thread
+
+from appliance.engine.protocol import EngineOwner, Listener
+from appliance.engine.state import EngineState, EngineStatus
 
 log = logging.getLogger("step_station.gateway")
 
@@ -29,60 +31,90 @@ READY_TTL_S = 1.0
 NOT_READY_TTL_S = 0.5
 WAKE_WAIT_S = 20.0
 
-
-class EngineView(Protocol):
-    """The part of `appliance.engine.Supervisor` the gateway uses."""
-
-    def status(self) -> Any: ...
-
-    def start(self) -> Any: ...
+# What a request may cause: a start (absent, stopped) or, for a sleeping engine, a wake.
+STARTABLE = (EngineState.ABSENT, EngineState.STOPPED)
 
 
 @dataclass(frozen=True)
 class EngineCheck:
     ready: bool
-    state: str
+    state: EngineState
     url: str
     model: str
     message: str
     retry_after_s: int
 
 
-@dataclass
-class FixedStatus:
-    state: str
-    engine_url: str
-    served_model_name: str
-    message: str = ""
-    phase: str = ""
-
-
 class FixedEngine:
-    """An engine the appliance does not manage (benchmarks, `--engine-url`): always ready."""
+    """An engine the appliance does not manage (benchmarks, `--engine-url`): always ready.
+
+    It is the gateway's `EngineOwner` all the same: nothing to start, stop or wake (it serves
+    whatever happens), no idle clock, no key of its own (the gateway is given a fixed one), and a
+    status that never changes."""
 
     def __init__(self, url: str, served_model_name: str) -> None:
         self.url = url.rstrip("/")
         self.served_model_name = served_model_name
 
-    def status(self) -> FixedStatus:
-        return FixedStatus("ready", self.url, self.served_model_name)
+    @property
+    def engine_url(self) -> str:
+        return self.url
 
-    def start(self) -> None:
+    @property
+    def engine_api_key(self) -> str:
+        return ""
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            state=EngineState.READY, engine_url=self.url, served_model_name=self.served_model_name
+        )
+
+    def wait_for_change(self, since_version: int, timeout_s: float) -> EngineStatus:
+        del since_version  # the version never moves: the whole wait passes
+        time.sleep(max(timeout_s, 0.0))
+        return self.status()
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        del listener  # never called: nothing changes
+        return lambda: None
+
+    def start(self, profile: str | None = None) -> EngineStatus:
+        del profile
+        return self.status()
+
+    def try_start(self, profile: str | None = None) -> bool:
+        del profile
+        return False  # already running
+
+    def stop(self, timeout_s: float | None = None) -> EngineStatus:
+        del timeout_s  # not the appliance's engine to stop: it keeps serving
+        return self.status()
+
+    def wake(self, timeout_s: float = 0.0) -> EngineStatus:
+        del timeout_s
+        return self.status()
+
+    def note_activity(self) -> None:
+        return None
+
+    def begin_use(self, timeout_s: float = 0.0) -> None:
+        del timeout_s
+
+    def end_use(self) -> None:
         return None
 
 
 _RETRY_AFTER = {
-    "starting": 10,
-    "pulling_image": 30,
-    "downloading_weights": 30,
-    "sleeping": 5,
-    "stopping": 10,
+    EngineState.STARTING: 10,
+    EngineState.PULLING_IMAGE: 30,
+    EngineState.DOWNLOADING_WEIGHTS: 30,
+    EngineState.SLEEPING: 5,
+    EngineState.STOPPING: 10,
 }
-
-
-def _state_name(status: Any) -> str:
-    state = getattr(status, "state", "absent")
-    return str(getattr(state, "value", state))
 
 
 class EngineGate:
@@ -90,7 +122,7 @@ class EngineGate:
 
     def __init__(
         self,
-        engine: EngineView,
+        engine: EngineOwner,
         *,
         start_on_request: Callable[[], bool] = lambda: False,
         wake_on_request: Callable[[], bool] = lambda: False,
@@ -104,18 +136,14 @@ class EngineGate:
         self._expires = 0.0
         self._inflight: asyncio.Future[EngineCheck] | None = None
         self._starting = threading.Event()
-        listen = getattr(engine, "add_listener", None)
-        if listen is not None:
-            listen(lambda status: self.invalidate())  # a state change is seen at once
+        engine.add_listener(lambda status: self.invalidate())  # a state change is seen at once
 
     def invalidate(self) -> None:
         self._expires = 0.0
 
     def note_activity(self) -> None:
         """Tell the supervisor a request went to the engine (its idle-sleep clock restarts)."""
-        note = getattr(self.engine, "note_activity", None)
-        if note is not None:
-            note()
+        self.engine.note_activity()
 
     async def check(self) -> EngineCheck:
         cached = self._cached
@@ -140,55 +168,50 @@ class EngineGate:
         self._expires = self._clock() + (READY_TTL_S if result.ready else NOT_READY_TTL_S)
         return result
 
-    def _may_act(self, state: str) -> bool:
+    def _may_act(self, state: EngineState) -> bool:
         """May a request start (absent, stopped) or wake (sleeping) the engine?"""
-        if state == "sleeping":
+        if state is EngineState.SLEEPING:
             return self._start_on_request() or self._wake_on_request()
-        return state in ("absent", "stopped") and self._start_on_request()
+        return state in STARTABLE and self._start_on_request()
 
     async def _ask(self) -> EngineCheck:
         status = await anyio.to_thread.run_sync(self.engine.status)
         check = self._from_status(status)
         if check.ready or not self._may_act(check.state):
             return check
-        if check.state == "sleeping" and hasattr(self.engine, "wake"):
+        if check.state is EngineState.SLEEPING:
             return await self._wake(check)
-        if check.state in ("absent", "stopped"):
+        if check.state in STARTABLE:
             self._start_in_background()
             return EngineCheck(
                 False,
-                "starting",
+                EngineState.STARTING,
                 "",
                 check.model,
                 "The engine was not running; this request started it. Starting takes minutes "
                 "for the real model.",
-                _RETRY_AFTER["starting"],
+                _RETRY_AFTER[EngineState.STARTING],
             )
         return check
 
-    def _from_status(self, status: Any) -> EngineCheck:
-        state = _state_name(status)
-        url = str(getattr(status, "engine_url", "") or "").rstrip("/")
-        model = str(
-            getattr(status, "served_model_name", "")
-            or getattr(self.engine, "served_model_name", "")
-            or ""
-        )
-        message = str(getattr(status, "message", "") or "")
-        phase = str(getattr(status, "phase", "") or "")
-        if state == "ready" and url:
+    def _from_status(self, status: EngineStatus) -> EngineCheck:
+        state = status.state
+        url = status.engine_url.rstrip("/")
+        model = status.served_model_name or self.engine.served_model_name
+        message, phase = status.message, status.phase
+        if state is EngineState.READY and url:
             return EngineCheck(True, state, url, model, message, 0)
-        detail = f" ({phase})" if phase and phase.lower() != state.replace("_", " ") else ""
-        text = f"The model is not ready: the engine is {state.replace('_', ' ')}{detail}."
+        words = state.value.replace("_", " ")
+        detail = f" ({phase})" if phase and phase.lower() != words else ""
+        text = f"The model is not ready: the engine is {words}{detail}."
         if message:
             text += f" {message}"
-        if state in ("absent", "stopped", "failed"):
+        if state in (EngineState.ABSENT, EngineState.STOPPED, EngineState.FAILED):
             text += " The owner can start it in Step Station's Model tab."
         return EngineCheck(False, state, url, model, text, _RETRY_AFTER.get(state, 30))
 
     async def _wake(self, check: EngineCheck) -> EngineCheck:
-        wake = self.engine.wake  # type: ignore[attr-defined]
-        await anyio.to_thread.run_sync(wake)
+        await anyio.to_thread.run_sync(self.engine.wake)
         deadline = self._clock() + WAKE_WAIT_S
         while self._clock() < deadline:
             status = await anyio.to_thread.run_sync(self.engine.status)

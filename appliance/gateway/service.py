@@ -29,10 +29,11 @@ import uvicorn
 
 from appliance import settings as st
 from appliance import web_guard
+from appliance.engine.protocol import EngineOwner
 from appliance.errors import PortInUseError, SettingsError
 from appliance.gateway.access import AccessLog, AccessRecord
 from appliance.gateway.app import GatewayApp, GatewayConfig
-from appliance.gateway.engine_gate import EngineGate, EngineView
+from appliance.gateway.engine_gate import EngineGate
 from appliance.gateway.limits import (
     MAX_OUTPUT_TOKENS,
     BodyCaps,
@@ -139,7 +140,7 @@ class Gateway:
         self,
         settings: st.Settings,
         keys: KeyStore,
-        engine: EngineView,
+        engine: EngineOwner,
         *,
         engine_api_key: str = "",
         access: AccessLog | None = None,
@@ -169,15 +170,14 @@ class Gateway:
         self._flusher: asyncio.Task[None] | None = None
         # per-address connection cap and header read timeout, at accept (see limits.py)
         self.connections = ConnectionGuard()
-        listen = getattr(engine, "add_listener", None)
-        if listen is not None:  # the engine's key is new on every start: follow it
-            listen(lambda status: self._follow_engine_key())
+        # the engine's key is new on every start: follow it
+        engine.add_listener(lambda status: self._follow_engine_key())
 
     @property
     def engine_api_key(self) -> str:
         """The key the engine requires on /v1: the supervisor's current one (fresh on every
         engine start, set before the engine runs), else the fixed one given."""
-        return str(getattr(self.gate.engine, "engine_api_key", "") or self._engine_api_key)
+        return self.gate.engine.engine_api_key or self._engine_api_key
 
     def _follow_engine_key(self) -> None:
         key = self.engine_api_key

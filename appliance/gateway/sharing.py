@@ -181,12 +181,8 @@ class Sharing:
     # ----------------------------------------------------------------------------- status
 
     def model_name(self) -> str:
-        status = self.gateway.gate.engine.status()
-        return (
-            str(getattr(status, "served_model_name", "") or "")
-            or str(getattr(self.gateway.gate.engine, "served_model_name", "") or "")
-            or "step3p7-flash"
-        )
+        engine = self.gateway.gate.engine
+        return engine.status().served_model_name or engine.served_model_name or "step3p7-flash"
 
     def status_text(self) -> str:
         gw = self.settings.gateway

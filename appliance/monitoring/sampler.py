@@ -27,16 +27,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from appliance import hardware
+from appliance.engine.protocol import EngineReader
+from appliance.engine.state import EngineStatus
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
 from appliance.units import fmt_bytes, fmt_num
 
 if TYPE_CHECKING:  # httpx and prometheus_client stay out of the GPU test's imports
+    from appliance.engine.runtime import Runtime
     from appliance.monitoring.metrics import EngineMetrics, MetricsScraper
 
 log = logging.getLogger(__name__)
@@ -271,7 +274,7 @@ class Sampler:
         *,
         nvml: hardware.NvmlSession | None = None,
         read_host: Callable[[Settings], HostSample] = read_host,
-        engine_status: Callable[[], Any] | None = None,
+        engine_status: Callable[[], EngineStatus] | None = None,
         engine_pids: Callable[[], set[int]] | None = None,
         scraper: MetricsScraper | None = None,
         clock: Callable[[], float] = time.time,
@@ -353,12 +356,12 @@ class Sampler:
             self.stats.samples += 1
         return sample
 
-    def _sample_gpus(self, status: Any) -> tuple[tuple[GpuSample, ...], str]:
+    def _sample_gpus(self, status: EngineStatus | None) -> tuple[tuple[GpuSample, ...], str]:
         readings = hardware.read_gpus(self._nvml)
         if not readings:
             return (), self._nvml.error() or "NVML found no GPU"
         gpu_pids = {p.pid for r in readings for p in r.processes}
-        key = getattr(status, "container_id", None) or _state_value(status)
+        key = (status.container_id if status else "") or _state_value(status)
         engine = self._engine_pids.for_gpu_pids(gpu_pids, key) if gpu_pids else set()
         gpus = tuple(gpu_sample(r, self._gpu_name(r), engine, self._names) for r in readings)
         return gpus, ""
@@ -372,12 +375,12 @@ class Sampler:
             name = self._gpu_names.setdefault(reading.uuid, f"GPU {reading.index}")
         return name
 
-    def _scrape(self, status: Any, state: str) -> EngineMetrics | None:
+    def _scrape(self, status: EngineStatus | None, state: str) -> EngineMetrics | None:
         if self._scraper is None or state not in ("ready", "sleeping"):
             if self._scraper is not None:
                 self._scraper.reset()
             return None
-        url = getattr(status, "engine_url", "")
+        url = status.engine_url if status else ""
         if not url:
             return None
         try:
@@ -423,11 +426,8 @@ def _name_os_thread(name: str) -> None:
         pass
 
 
-def _state_value(status: Any) -> str:
-    if status is None:
-        return ""
-    state = getattr(status, "state", "")
-    return str(getattr(state, "value", state))
+def _state_value(status: EngineStatus | None) -> str:
+    return status.state.value if status is not None else ""
 
 
 # ------------------------------------------------------------------------- status (CLI, JSON)
@@ -511,7 +511,15 @@ def process_tree(pid: int) -> set[int]:
         return set()
 
 
-def engine_pid_lookup(supervisor: Any) -> Callable[[], set[int]]:
+class RunningEngine(EngineReader, Protocol):
+    """The engine's owner as the sampler sees it: its status, and the runtime that can name the
+    host PIDs of the engine's container."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+
+def engine_pid_lookup(supervisor: RunningEngine) -> Callable[[], set[int]]:
     """Host PIDs of the engine the supervisor runs: `docker top` of its container (NVML reports
     host PIDs, so names inside the container say nothing), or the process runtime's tree."""
 
@@ -521,13 +529,12 @@ def engine_pid_lookup(supervisor: Any) -> Callable[[], set[int]]:
             return set()
         if engine_id.startswith("pid:"):
             return process_tree(int(engine_id[4:]))
-        pids = getattr(supervisor.runtime, "engine_pids", None)
-        return set(pids(engine_id)) if pids is not None else set()
+        return set(supervisor.runtime.engine_pids(engine_id))
 
     return lookup
 
 
-def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
+def build_sampler(settings: Settings, supervisor: RunningEngine | None = None) -> Sampler:
     """The appliance's sampler: engine status, engine pids and metrics from the supervisor."""
     from appliance.monitoring.metrics import MetricsScraper  # httpx only when serving
 
@@ -539,7 +546,9 @@ def build_sampler(settings: Settings, supervisor: Any = None) -> Sampler:
     )
 
 
-def status_sample(settings: Settings, supervisor: Any = None, *, window_s: float = 0.5) -> Sample:
+def status_sample(
+    settings: Settings, supervisor: RunningEngine | None = None, *, window_s: float = 0.5
+) -> Sample:
     """One sample for `step-station status`, taken the way the dashboard's would be: two samples
     `window_s` apart, so CPU and tokens/s are rates over that window (a single reading of
     psutil's CPU percent or of a counter has nothing to compare with)."""

@@ -14,14 +14,19 @@ from typing import Any
 from appliance.engine.state import EngineStatus
 from appliance.engine.status_json import engine_payload
 from appliance.errors import ApplianceError
-from appliance.monitoring.sampler import status_lines, status_payload, status_sample
+from appliance.monitoring.sampler import (
+    RunningEngine,
+    status_lines,
+    status_payload,
+    status_sample,
+)
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def status_report(
-    status: EngineStatus, settings: Settings, supervisor: Any = None
+    status: EngineStatus, settings: Settings, supervisor: RunningEngine | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """(the `status --json` object, the lines `status` prints after the engine's state)."""
     data = engine_payload(status)

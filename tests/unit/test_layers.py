@@ -8,7 +8,10 @@ lint time; this holds even where someone adds a per-file exemption).
   them, never the other way round;
 - the rooms (engine, monitoring, chat, bench, gateway, ...) never import the assembly above them
   (server, services, control, commands, controllers, ui), chat/bench/gateway stand apart from the
-  engine, there is no import cycle between rooms, and the simulator is standard library only.
+  engine, there is no import cycle between rooms, and the simulator is standard library only;
+- the engine's state and protocol (appliance/engine/state.py, protocol.py) are a room of their
+  own, "engine.api", that leans only on the base: it is how the rest sees the engine's owner, so
+  chat and gateway may import it and still never reach the supervisor.
 """
 
 from __future__ import annotations
@@ -132,31 +135,57 @@ FORBIDDEN: dict[str, set[str]] = {
     "units": {EVERY},
     "settings": {EVERY},  # but errors, below
     "endpoint": {EVERY},  # but errors and settings, below
+    # what every room knows of the engine: its state and its owner's protocol, on the base alone
+    "engine.api": {EVERY},  # but errors, settings and units, below
     # the rooms: none reaches the assembly; chat, bench and gateway stand alone (the engine is
-    # reached through its URL and a protocol the assembly hands in)
+    # reached through its URL and the engine.api protocol the assembly hands an owner for)
     "engine": ASSEMBLY | {"chat", "bench", "gateway", "monitoring", "simulator"},
     "monitoring": ASSEMBLY | {"chat", "bench", "gateway", "simulator"},
     "chat": ASSEMBLY | {"engine", "bench", "gateway", "monitoring", "simulator"},
     "bench": ASSEMBLY | {"engine", "chat", "gateway", "monitoring", "simulator"},
     "gateway": ASSEMBLY | {"engine", "chat", "bench", "monitoring", "simulator"},
-    "hardware": ASSEMBLY | {"engine", "chat", "bench", "gateway", "monitoring", "planner"},
-    "planner": ASSEMBLY | {"engine", "chat", "bench", "gateway", "monitoring"},
+    "hardware": ASSEMBLY
+    | {"engine", "engine.api", "chat", "bench", "gateway", "monitoring", "planner"},
+    "planner": ASSEMBLY | {"engine", "engine.api", "chat", "bench", "gateway", "monitoring"},
     # tab logic sits below the server and the UI
     "controllers": {"server", "services", "control", "commands", "cli", "__main__", "ui"},
 }
-ALLOWED_BELOW = {"settings": {"errors"}, "endpoint": {"errors", "settings"}}
+ALLOWED_BELOW = {
+    "settings": {"errors"},
+    "endpoint": {"errors", "settings"},
+    "engine.api": {"errors", "settings", "units"},
+}
+ENGINE_API = "engine.api"
+ENGINE_API_MODULES = {"state", "protocol"}  # appliance/engine/<these>.py
 
 
 def room_of(rel: str) -> str:
-    """`appliance/engine/board.py` -> engine; `appliance/settings.py` -> settings; `ui/*` -> ui."""
+    """`appliance/engine/board.py` -> engine; `appliance/engine/state.py` -> engine.api;
+    `appliance/settings.py` -> settings; `ui/*` -> ui."""
     parts = Path(rel).with_suffix("").parts
     if parts[0] == "ui":
         return "ui"
+    if parts[1:] in {("engine", name) for name in ENGINE_API_MODULES}:
+        return ENGINE_API
     return parts[1] if len(parts) > 1 else parts[0]
 
 
+def _room_of_module(name: str) -> str | None:
+    """`appliance.engine.protocol` -> engine.api; `appliance.engine.board` -> engine;
+    `ui.chat` -> ui; None outside appliance and ui."""
+    parts = name.split(".")
+    if parts[0] == "ui":
+        return "ui"
+    if parts[0] != "appliance" or len(parts) < 2:
+        return None
+    if parts[1] == "engine" and len(parts) > 2 and parts[2] in ENGINE_API_MODULES:
+        return ENGINE_API
+    return parts[1]
+
+
 def rooms_imported(source: str) -> set[str]:
-    """The rooms a module's source imports: `appliance.X...`, `from appliance import X`, `ui...`."""
+    """The rooms a module's source imports: `appliance.X...`, `from appliance import X`, `ui...`;
+    `from appliance.engine import X` is engine.api for X in state/protocol, else engine."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         names: list[str] = []
@@ -164,16 +193,11 @@ def rooms_imported(source: str) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = (
-                [f"appliance.{alias.name}" for alias in node.names]
-                if node.module == "appliance"
+                [f"{node.module}.{alias.name}" for alias in node.names]
+                if node.module in {"appliance", "appliance.engine"}
                 else [node.module]
             )
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "appliance" and len(parts) > 1:
-                found.add(parts[1])
-            elif parts[0] == "ui":
-                found.add("ui")
+        found.update(room for name in names if (room := _room_of_module(name)) is not None)
     return found
 
 
@@ -216,7 +240,7 @@ def test_the_room_scanner_reads_each_form() -> None:
         "import appliance.chat.client\nfrom appliance import gateway\n"
         "from ui import app\nfrom appliance.engine.state import EngineState\nimport json\n"
     )
-    assert rooms_imported(source) == {"chat", "gateway", "ui", "engine"}
+    assert rooms_imported(source) == {"chat", "gateway", "ui", "engine.api"}
     assert room_of("appliance/engine/board.py") == "engine"
     assert room_of("appliance/settings.py") == "settings"
     assert room_of("ui/chat.py") == "ui"
@@ -224,21 +248,65 @@ def test_the_room_scanner_reads_each_form() -> None:
     assert cycle_in({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
+def test_the_engine_api_is_a_room_of_its_own() -> None:
+    """state.py and protocol.py are engine.api, however they are imported; the rest of the
+    package (the supervisor, the runtimes, `appliance.engine` itself) is engine."""
+    assert room_of("appliance/engine/state.py") == "engine.api"
+    assert room_of("appliance/engine/protocol.py") == "engine.api"
+    assert room_of("appliance/engine/supervisor.py") == "engine"
+    assert rooms_imported("from appliance.engine.protocol import EngineOwner\n") == {"engine.api"}
+    assert rooms_imported("import appliance.engine.state\n") == {"engine.api"}
+    assert rooms_imported("from appliance.engine import state, protocol\n") == {"engine.api"}
+    assert rooms_imported("from appliance.engine import Supervisor\n") == {"engine"}
+    assert rooms_imported("from appliance.engine import phases, state\n") == {
+        "engine",
+        "engine.api",
+    }
+    assert rooms_imported("from appliance import engine\n") == {"engine"}
+    assert rooms_imported("from appliance.engine.supervisor import Supervisor\n") == {"engine"}
+
+
+def test_the_rules_catch_a_planted_import() -> None:
+    """A gateway (or chat) that reaches the supervisor is caught; the protocol is allowed; the
+    protocol leaning on anything but the base is caught."""
+    planted = rooms_imported("from appliance.engine.supervisor import Supervisor\n")
+    assert offenders("gateway", planted) == {"engine"}
+    assert offenders("chat", rooms_imported("from appliance.engine import launch\n")) == {"engine"}
+    allowed = rooms_imported("from appliance.engine.protocol import EngineOwner\n")
+    for room in ("gateway", "chat", "monitoring", "controllers"):
+        assert offenders(room, allowed) == set()
+    assert offenders("engine.api", {"errors", "settings", "units"}) == set()
+    assert offenders("engine.api", {"engine"}) == {"engine"}
+    assert offenders("engine.api", rooms_imported("import appliance.hardware\n")) == {"hardware"}
+
+
 def test_no_import_cycle_between_rooms() -> None:
     graph = room_graph()
-    assert {"engine", "chat", "monitoring", "bench", "controllers", "gateway", "ui"} <= set(graph)
+    assert {
+        "engine",
+        "engine.api",
+        "chat",
+        "monitoring",
+        "bench",
+        "controllers",
+        "gateway",
+        "ui",
+    } <= set(graph)
     assert cycle_in(graph) == []
+
+
+def offenders(room: str, imported: set[str]) -> set[str]:
+    """The rooms among `imported` that `room` may not import."""
+    forbidden = FORBIDDEN[room]
+    if EVERY in forbidden:
+        return imported - ALLOWED_BELOW.get(room, set())
+    return imported & forbidden
 
 
 @pytest.mark.parametrize("room", sorted(FORBIDDEN))
 def test_lower_rooms_never_import_the_rooms_above(room: str) -> None:
-    imported = room_graph()[room]
-    forbidden = FORBIDDEN[room]
-    if EVERY in forbidden:
-        offenders = imported - ALLOWED_BELOW.get(room, set())
-    else:
-        offenders = imported & forbidden
-    assert offenders == set(), f"appliance/{room} imports {sorted(offenders)}"
+    found = offenders(room, room_graph()[room])
+    assert found == set(), f"appliance/{room} imports {sorted(found)}"
 
 
 def test_the_simulator_needs_only_the_standard_library() -> None:

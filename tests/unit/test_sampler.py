@@ -136,13 +136,11 @@ def two_gpus() -> list[dict]:
     ]
 
 
-class Status:
-    """The part of the supervisor's EngineStatus the sampler reads."""
-
-    def __init__(self, state: str = "ready", container_id: str = "c1", url: str = "") -> None:
-        self.state = state
-        self.container_id = container_id
-        self.engine_url = url
+def fake_status(
+    state: EngineState = EngineState.READY, container_id: str = "c1", url: str = ""
+) -> EngineStatus:
+    """The supervisor's status with the parts the sampler reads set."""
+    return EngineStatus(state=state, container_id=container_id, engine_url=url)
 
 
 def fixed_host(settings: Settings) -> HostSample:
@@ -170,7 +168,7 @@ def test_two_gpus_with_the_engine_labelled_across_the_container_boundary() -> No
         lookups.append(1)
         return {1001, 1002, 77}  # 77: an engine process that holds no GPU memory
 
-    sampler = make_sampler(FakeNvml(), engine_status=lambda: Status(), engine_pids=engine_pids)
+    sampler = make_sampler(FakeNvml(), engine_status=lambda: fake_status(), engine_pids=engine_pids)
     sample = sampler.sample_once()
     rtx, gb300 = sample.gpus
     assert (rtx.name, gb300.name) == (
@@ -305,7 +303,7 @@ def test_engine_pid_lookup_failure_is_not_fatal() -> None:
         raise DockerUnavailableError("Docker is not reachable.")
 
     sample = make_sampler(
-        FakeNvml(), engine_status=lambda: Status(), engine_pids=lookup
+        FakeNvml(), engine_status=lambda: fake_status(), engine_pids=lookup
     ).sample_once()
     assert not any(p.is_engine for g in sample.gpus for p in g.processes)
 
@@ -326,16 +324,16 @@ def test_metrics_are_scraped_only_while_the_engine_serves() -> None:
         def close(self) -> None:
             pass
 
-    status = Status(state="starting", url="http://127.0.0.1:8001")
+    status = fake_status(state=EngineState.STARTING, url="http://127.0.0.1:8001")
     scraper = Scraper()
     sampler = make_sampler(FakeNvml(), engine_status=lambda: status, scraper=scraper)
     assert sampler.sample_once().engine is None
-    status.state = "ready"
+    status.state = EngineState.READY
     engine = sampler.sample_once().engine
     assert engine is not None
     assert engine.running == 3
     assert scraper.urls == ["http://127.0.0.1:8001"]
-    status.state = "stopped"
+    status.state = EngineState.STOPPED
     assert sampler.sample_once().engine is None
     assert scraper.resets == 2
 
@@ -420,8 +418,8 @@ class Supervisor:
         self.container_id = container_id
         self.runtime = runtime
 
-    def status(self) -> Status:
-        return Status(container_id=self.container_id)
+    def status(self) -> EngineStatus:
+        return fake_status(container_id=self.container_id)
 
 
 def test_engine_pids_of_a_process_engine_include_its_children() -> None:
