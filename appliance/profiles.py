@@ -278,7 +278,7 @@ def build_vllm_args(
 ) -> list[str]:
     """Arguments after `vllm serve`: the model, the seed's flags, then the appliance's own.
 
-    Where vLLM listens (appliance/engine/endpoint.py): with `engine.listen = "socket"` on the Unix
+    Where vLLM listens (appliance/endpoint.py): with `engine.listen = "socket"` on the Unix
     socket `uds` (inside a container its mounted path; by default the host's socket path), with
     "tcp" on `listen_host` (default `engine.host`) and `engine.port`.
     """

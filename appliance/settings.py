@@ -101,7 +101,7 @@ class EngineSettings:
     container_name: str = "step-station-engine"
     # "socket": vLLM serves on a Unix socket only the appliance's user can open (the default);
     # "tcp": on host:port, where any local account can reach its routes outside /v1 (see
-    # appliance/engine/endpoint.py and docs/security.md)
+    # appliance/endpoint.py and docs/security.md)
     listen: str = "socket"
     host: str = "127.0.0.1"  # with listen = "tcp": loopback only; the gateway faces the LAN
     port: int = 8001  # with listen = "tcp"
@@ -296,7 +296,7 @@ PRIVATE_UMASK = 0o077
 # Their top folder is made private; their contents are not walked at every start.
 # Not walked at the top of a tree: big trees of weights and compile caches, and the installer's
 # virtual environment (data_dir()/venv, thousands of files, its programs must stay executable).
-# engine-sockets: the socket folders are setgid on purpose (appliance/engine/endpoint.py).
+# engine-sockets: the socket folders are setgid on purpose (appliance/endpoint.py).
 _NOT_WALKED = ("huggingface", "compile", "venv", "engine-sockets")
 
 
