@@ -79,7 +79,7 @@ from appliance.bench.runner import (
 )
 from appliance.bench.store import StoredRun
 from appliance.engine.protocol import EngineReader
-from appliance.engine.spec import hf_cache_root
+from appliance.engine.spec import hf_cache_root, is_local_model
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
 from appliance.errors import ApplianceError, EngineError, SettingsError
 from appliance.keys import ApiKey, KeyStore, NewKey
@@ -450,7 +450,17 @@ def bench_target(supervisor: Any, settings: st.Settings, gpu_name: str = "") -> 
         flags={"mtp": "--speculative-config" in command},
         gateway_url=f"http://127.0.0.1:{settings.gateway.port}",
         hf_cache=str(hf_cache_root(settings.engine)),
+        model_dir=_model_dir(settings.engine),
     )
+
+
+def _model_dir(engine: st.EngineSettings) -> str:
+    """The host folder of a local checkpoint (`engine.model_override`), as the launch spec
+    mounts it; "" for a Hub id."""
+    override = engine.model_override
+    if not override or not is_local_model(override):
+        return ""
+    return str(Path(override).expanduser().resolve())
 
 
 def _engine_facts(url: str, key: str) -> tuple[str, int, str]:

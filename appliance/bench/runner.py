@@ -99,10 +99,13 @@ class BenchTarget:
     flags: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"mtp": true}
     gateway_url: str = ""  # http://127.0.0.1:<gateway.port>
     hf_cache: str = ""  # the host's HF cache folder (holds hub/), for a Hub id's tokenizer
+    # A local checkpoint's folder on the host. In a container the engine names its own mount
+    # (`/models/<name>`), which a bench container must mount again from here.
+    model_dir: str = ""
 
     @property
     def local_model(self) -> bool:
-        return self.model.startswith("/")
+        return bool(self.model_dir) or self.model.startswith("/")
 
 
 @dataclass(frozen=True)
@@ -443,7 +446,7 @@ def container_request(target: BenchTarget, job: BenchJob) -> dict[str, Any]:
         str(job.work_dir / "key"): {"bind": CONTAINER_KEY_DIR, "mode": "ro"},
     }
     if target.local_model:
-        volumes[target.model] = {"bind": CONTAINER_TOKENIZER, "mode": "ro"}
+        volumes[target.model_dir or target.model] = {"bind": CONTAINER_TOKENIZER, "mode": "ro"}
     elif target.hf_cache:
         volumes[target.hf_cache] = {"bind": CONTAINER_HF_CACHE, "mode": "ro"}
     image = target.image

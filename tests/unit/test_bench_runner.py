@@ -346,6 +346,11 @@ def test_container_request_runs_vllm_from_the_engines_image(tmp_path: Path) -> N
     assert spec["volumes"][str(tmp_path / "key")]["mode"] == "ro"
     assert spec["volumes"][str(tmp_path / "result")]["bind"] == runner.CONTAINER_RESULT_DIR
     assert runner.tokenizer_for(target) == runner.CONTAINER_TOKENIZER
+    # the engine names its own mount; the bench container mounts the host's folder again
+    mounted = BenchTarget(**{**target.__dict__, "model": "/models/step", "model_dir": "/data/s"})
+    spec = runner.container_request(mounted, job)
+    assert spec["volumes"]["/data/s"] == {"bind": runner.CONTAINER_TOKENIZER, "mode": "ro"}
+    assert "/models/step" not in spec["volumes"]
     hub = BenchTarget(**{**target.__dict__, "model": "stepfun-ai/Step-3.7-Flash",
                          "hf_cache": "/data/hf", "image_digest": ""})  # fmt: skip
     spec = runner.container_request(hub, job)
