@@ -9,7 +9,8 @@ through the control socket; the runner runs the real `vllm bench serve` beside t
 What only the CPU build needs is the same as in test_real_engine_process.py (no sleep mode, a
 small KV cache, no FP8 KV cache without AVX-512) and lives here, never in the product.
 
-Numbers: the issue's scaled-down seed run (20 prompts, 128 in, 64 out, 4 at a time) as asked.
+Numbers: the issue's scaled-down seed run (20 prompts, 128 in, 64 out, 4 at a time) as asked;
+the run through the gateway is smaller (4 prompts), as it checks the path, not the numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import psutil
 import pytest
 from fixtures.realvllm import ENGINE_ENV, MODELS, _cpu_stores_fp8_kv, _take_slot, require_real_vllm
 from fixtures.sim import REPO, free_port
+from gateway_kit import GatewayStack, start_gateway
 
 from appliance import control, endpoint
 from appliance import settings as st
@@ -40,7 +42,6 @@ from appliance.engine import EngineState, Supervisor
 from appliance.engine.launch import launch_spec_for
 from appliance.engine.process_runtime import ProcessRuntime
 from appliance.engine.spec import LaunchSpec
-from appliance.keys import KeyStore
 
 pytestmark = pytest.mark.timeout(3000)
 
@@ -67,6 +68,7 @@ class Station:
     bench: BenchRunner
     home: Path
     env: dict[str, str]
+    gateway: GatewayStack
 
     def cli(self, *args: str) -> subprocess.Popen[str]:
         """`step-station ARGS` as its own process, with Ctrl-C working as in a terminal (a
@@ -152,17 +154,26 @@ def station(base: Path) -> Iterator[Station]:
         spec_builder=cpu_harness_spec,
         outside_poll_s=0,
     )
-    store = st.SettingsStore(settings)
-    bench = BenchRunner(BenchStore(), launcher_for=control.launcher_for(runtime), keys=KeyStore())
-    server = control.ControlServer(sup, store, keys=KeyStore(), bench=bench)
     slot = _take_slot()
+    stack: GatewayStack | None = None
+    server: control.ControlServer | None = None
+    bench = BenchRunner(BenchStore(), launcher_for=control.launcher_for(runtime))
     try:
         sup.start()
         sup.wait_ready(START_S)
+        # the service's gateway and key store: a run --through-gateway gets its key there
+        stack = start_gateway(settings, sup, sup.engine_url)
+        bench.keys = stack.keys
+        server = control.ControlServer(
+            sup, st.SettingsStore(stack.settings), keys=stack.keys, bench=bench
+        )
         server.start()
-        yield Station(sup, bench, home, dict(os.environ))
+        yield Station(sup, bench, home, dict(os.environ), stack)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        if stack is not None:
+            stack.gateway.stop()
         bench.store.close()
         sup.stop(timeout_s=30)
         sup.close()
@@ -261,6 +272,24 @@ def test_ctrl_c_cancels_the_run_and_the_engine_still_answers(station: Station) -
     )
     assert station.sup.status().state == EngineState.READY
     assert station.chat() == "The answer is 42."
+
+
+def test_through_the_gateway_with_a_key_made_for_the_run_and_revoked(station: Station) -> None:
+    cli = station.cli(
+        "bench", "--through-gateway", "--num-prompts", "4", "--random-input", "64",
+        "--random-output", "16", "--json",
+    )  # fmt: skip
+    out, err = cli.communicate(timeout=BENCH_S)
+    assert cli.returncode == 0, f"bench exited {cli.returncode}:\n{err[-4000:]}"
+    printed = json.loads(out)
+    assert printed["completed"] == 4
+    stored = next(r for r in station.bench.list_runs() if r.id == printed["id"])
+    assert stored.info.flags["through_gateway"] is True
+    # the gateway counted the run's requests on the run's own key, revoked after it
+    (key,) = [k for k in station.gateway.keys.list() if k.name.startswith("bench-")]
+    assert not key.active
+    assert key.requests >= 4
+    assert key.completion_tokens >= 4 * 16
 
 
 class _NoRun:
