@@ -14,14 +14,14 @@ import gradio as gr
 from fastapi import FastAPI
 
 from appliance.services import Services
-from ui import chat, dashboard, model, sharing
+from ui import bench, chat, dashboard, model, sharing
 
 DEFAULT_CONCURRENCY = 16
 # Gradio's queue looks for new events every 1 ms while it has none: ~70 ms of CPU a second on an
 # idle appliance, most of what it used. Every 5 ms costs a fifth of that and starts a click's
 # event on average ~2 ms later (benchmarks/ui_idle.py measures both, side by side).
 QUEUE_POLL_MS = float(os.environ.get("STEP_STATION_QUEUE_POLL_MS") or 5)
-TAB_IDS = ("chat", "model", "dashboard", "sharing")
+TAB_IDS = ("chat", "model", "dashboard", "bench", "sharing")
 
 
 def build_ui(services: Services) -> gr.Blocks:
@@ -34,6 +34,8 @@ def build_ui(services: Services) -> gr.Blocks:
                 model.build(services)
             with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard"):
                 dashboard.build(services)
+            with gr.Tab("Benchmark", id="bench", elem_id="tab-bench"):
+                bench.build(services)
             with gr.Tab("Sharing", id="sharing", elem_id="tab-sharing"):
                 sharing.build(services)
         chat_tab.go_to_model.click(lambda: gr.Tabs(selected="model"), None, [tabs])

@@ -1,0 +1,207 @@
+"""The Benchmark tab: run vLLM's own `vllm bench serve` against the engine, follow it, compare runs.
+
+Layout and wiring only: what runs, what the page shows and what is exported is
+`appliance.controllers.bench.BenchPanel`'s. The run goes on in the panel's own thread, so the
+page only polls `view()`: every second, and only while the tab is on screen (`ui.polling`).
+The runner is the service's one (`services.bench`), the same one `step-station bench` reaches,
+so a run started in a terminal shows here too.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from appliance.control import bench_target
+from appliance.controllers.bench import METRICS, RUN_COLUMNS, BenchPanel, BenchView, preset_choices
+from appliance.controllers.chat import export_folder
+from appliance.errors import ApplianceError
+from appliance.services import Services
+from appliance.settings import private_dir, write_private
+from ui.polling import panel, poll_while_visible
+
+PANEL = "ss-bench"
+POLL_S = 1.0
+METRIC_LABELS = {key: label for label, key, _ in METRICS}
+
+
+def build(services: Services) -> None:
+    """Create the tab's widgets inside the current gr.Tab and wire them to services."""
+    controller = BenchPanel(services.bench, lambda: bench_target(*_target_args(services)))
+
+    with panel(PANEL):
+        gr.HTML(_STYLE)
+        with gr.Row():
+            preset = gr.Dropdown(
+                choices=preset_choices(),
+                value="seed",
+                label="Preset",
+                elem_id="ss-bench-preset",
+                scale=3,
+            )
+            gateway = gr.Checkbox(
+                value=False,
+                label="Through the gateway",
+                info="What a LAN client sees",
+                elem_id="ss-bench-gateway",
+                scale=1,
+            )
+        gr.Markdown("Leave a number empty to use the preset's.", elem_classes="ss-muted")
+        with gr.Row():
+            prompts = gr.Number(label="Prompts", precision=0, elem_id="ss-bench-prompts")
+            input_len = gr.Number(label="Input tokens", precision=0, elem_id="ss-bench-input")
+            output_len = gr.Number(label="Output tokens", precision=0, elem_id="ss-bench-output")
+            concurrency = gr.Number(
+                label="Concurrency", precision=0, elem_id="ss-bench-concurrency"
+            )
+        with gr.Row():
+            run = gr.Button("Run benchmark", variant="primary", elem_id="ss-bench-run")
+            cancel = gr.Button(
+                "Cancel", variant="stop", interactive=False, elem_id="ss-bench-cancel"
+            )
+        status = gr.HTML(elem_id="ss-bench-status")
+        error = gr.Markdown(elem_id="ss-bench-error")
+        gr.Markdown("### Past runs")
+        table = gr.Dataframe(
+            headers=list(RUN_COLUMNS),
+            value=[],
+            interactive=False,
+            wrap=True,
+            elem_id="ss-bench-runs",
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                metric = gr.Dropdown(
+                    choices=[(label, key) for label, key, _ in METRICS],
+                    value=METRICS[0][1],
+                    label="Compare",
+                    elem_id="ss-bench-metric",
+                )
+                chosen = gr.Dropdown(
+                    choices=[],
+                    value=[],
+                    multiselect=True,
+                    label="Runs (none chosen: all)",
+                    elem_id="ss-bench-chosen",
+                )
+                with gr.Row():
+                    export_json = gr.Button("Export JSON", size="sm", elem_id="ss-bench-json")
+                    export_csv = gr.Button("Export CSV", size="sm", elem_id="ss-bench-csv")
+                export_file = gr.File(label="Export", visible=False, elem_id="ss-bench-file")
+            with gr.Column(scale=3):
+                plot = gr.BarPlot(
+                    _frame([]), x="label", y="value", height=260, elem_id="ss-bench-plot"
+                )
+        shown = gr.State(None)  # the rows on screen, to send the table only when it changed
+        timer = gr.Timer(POLL_S, active=False)
+
+    def compare(run_ids: list[int] | None, key: str) -> Any:
+        points = controller.compare(run_ids or [], key)
+        return gr.BarPlot(
+            _frame(points),
+            title=METRIC_LABELS.get(key, key),
+            sort=[str(p["label"]) for p in points] or None,
+        )
+
+    def show(view: BenchView, seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
+        """The view as the outputs; the table, run choices and plot only when the rows moved."""
+        top = [
+            _status_html(view),
+            view.error and f"**{view.error}**",
+            gr.Button(interactive=not view.running),
+            gr.Button(interactive=view.running),
+        ]
+        if view.rows == seen:
+            return [*top, gr.skip(), gr.skip(), gr.skip(), seen]
+        ids = [row[0] for row in view.rows]
+        kept = [i for i in run_ids or [] if i in ids]
+        return [
+            *top,
+            view.rows,
+            gr.Dropdown(choices=[(f"#{i}", i) for i in ids], value=kept),
+            compare(kept, key),
+            view.rows,
+        ]
+
+    def refresh(seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
+        return show(controller.view(), seen, run_ids, key)
+
+    def on_run(
+        name: str,
+        num: Any,
+        inp: Any,
+        out: Any,
+        conc: Any,
+        via_gateway: bool,
+        seen: Any,
+        run_ids: list[int] | None,
+        key: str,
+    ) -> list[Any]:
+        return show(controller.start(name, num, inp, out, conc, via_gateway), seen, run_ids, key)
+
+    def on_cancel(seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
+        return show(controller.cancel(), seen, run_ids, key)
+
+    def on_export(fmt: str, run_ids: list[int] | None) -> Any:
+        try:
+            name, text = controller.export(fmt, run_ids or [])
+        except ApplianceError as err:
+            raise gr.Error(str(err)) from err
+        path = write_private(private_dir(export_folder()) / name, text)
+        return gr.File(value=str(path), visible=True)
+
+    state = [shown, chosen, metric]
+    outputs = [status, error, run, cancel, table, chosen, plot, shown]
+    timer.tick(refresh, state, outputs, show_progress="hidden", concurrency_limit=None)
+    poll_while_visible(PANEL, [timer], refresh, state, outputs)
+    run.click(
+        on_run,
+        [preset, prompts, input_len, output_len, concurrency, gateway, *state],
+        outputs,
+        show_progress="hidden",
+        concurrency_limit=1,
+        concurrency_id="ss-bench-run",
+    )
+    cancel.click(on_cancel, state, outputs, show_progress="hidden")
+    for changed in (metric, chosen):
+        changed.input(compare, [chosen, metric], [plot], show_progress="hidden")
+    export_json.click(lambda ids: on_export("json", ids), [chosen], [export_file])
+    export_csv.click(lambda ids: on_export("csv", ids), [chosen], [export_file])
+
+
+def _target_args(services: Services) -> tuple[Any, Any, str]:
+    """`bench_target`'s arguments at the moment of a start: the engine's owner, the settings in
+    force, and the engine's GPU as the sampler last saw it ("" on a CPU engine), as the service
+    gives them to `step-station bench` (appliance/server.py `_engine_gpu_name`)."""
+    sample = services.sampler.latest()
+    gpu = sample.engine_gpu() if sample is not None else None
+    return services.supervisor, services.settings, gpu.name if gpu is not None else ""
+
+
+def _frame(points: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"label": [str(p["label"]) for p in points], "value": [p["value"] for p in points]}
+    )
+
+
+def _status_html(view: BenchView) -> str:
+    """The one status line, and a bar of requests done / total while a run goes on."""
+    bar = ""
+    if view.fraction is not None:
+        width = f"{100 * min(max(view.fraction, 0.0), 1.0):.1f}%"
+        bar = f'<div class="ss-bar"><div class="ss-bar-fill" style="width: {width}"></div></div>'
+    state = "running" if view.running else "idle"
+    line = html.escape(view.status)
+    return f'<div class="ss-bench-line" data-state="{state}">{line}</div>{bar}'
+
+
+_STYLE = """<style>
+.ss-bench-line { font-family: ui-sans-serif, system-ui, "DejaVu Sans", sans-serif;
+  font-weight: 600; margin: 0.3em 0; }
+#ss-bench-status .ss-bar { height: 8px; background: #e5e7eb; border-radius: 4px; overflow: hidden; }
+#ss-bench-status .ss-bar-fill { height: 100%; background: #6366f1; }
+#ss-bench-error p { color: #dc2626; }
+</style>"""
