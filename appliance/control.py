@@ -61,7 +61,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from appliance import endpoint
@@ -85,6 +85,7 @@ from appliance.errors import ApplianceError, EngineError, SettingsError
 from appliance.keys import ApiKey, KeyStore, NewKey
 
 if TYPE_CHECKING:
+    from appliance.engine.docker_runtime import DockerRuntime
     from appliance.engine.runtime import Runtime
     from appliance.engine.supervisor import Supervisor
 
@@ -415,7 +416,7 @@ def bench_status(bench: BenchRunner | None) -> tuple[dict[str, Any] | None, str]
 # ---------------------------------------------------------------------------------- bench
 
 
-def bench_target(supervisor: Any, settings: st.Settings, gpu_name: str = "") -> BenchTarget:
+def bench_target(supervisor: Supervisor, settings: st.Settings, gpu_name: str = "") -> BenchTarget:
     """The running engine as `vllm bench serve` needs it, from what the supervisor knows and what
     the engine itself answers (`/v1/models`: the checkpoint and the window; `/version`)."""
     status: EngineStatus = supervisor.status()
@@ -496,8 +497,8 @@ def _bench_program(command: list[str]) -> str:
     return shutil.which("vllm") or "vllm"
 
 
-def _image_digest(runtime: Any, image: str) -> str:
-    if not image or not hasattr(runtime, "image_digest"):
+def _image_digest(runtime: Runtime, image: str) -> str:
+    if not image:
         return ""
     try:
         return str(runtime.image_digest(image))
@@ -505,11 +506,12 @@ def _image_digest(runtime: Any, image: str) -> str:
         return ""
 
 
-def launcher_for(runtime: Any) -> Callable[[BenchTarget], Launcher]:
+def launcher_for(runtime: Runtime) -> Callable[[BenchTarget], Launcher]:
     """How the bench runs beside the engine's runtime: a sibling container under Docker (with
     the runtime's own client: only docker_runtime imports docker), a process otherwise."""
-    if getattr(runtime, "kind", "") == "docker":
-        return lambda target: ContainerLauncher(target, runtime.client)
+    if runtime.kind == "docker":
+        docker_runtime = cast("DockerRuntime", runtime)  # its client is made when first asked
+        return lambda target: ContainerLauncher(target, docker_runtime.client)
     return ProcessLauncher
 
 

@@ -99,6 +99,12 @@ class Runtime(ABC):
         del container_id
         return set()
 
+    def image_digest(self, ref: str) -> str:
+        """The local image's id for `ref` (what a benchmark run records); "" where the runtime
+        runs no images (a process engine)."""
+        del ref
+        return ""
+
 
 def split_lines(buffer: str) -> tuple[list[str], str]:
     """Split text on `\\r` and `\\n`; returns complete lines and the unfinished rest."""
