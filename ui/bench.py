@@ -50,13 +50,11 @@ def build(services: Services) -> None:
                 scale=1,
             )
         gr.Markdown("Leave a number empty to use the preset's.", elem_classes="ss-muted")
-        with gr.Row():
-            prompts = gr.Number(label="Prompts", precision=0, elem_id="ss-bench-prompts")
-            input_len = gr.Number(label="Input tokens", precision=0, elem_id="ss-bench-input")
-            output_len = gr.Number(label="Output tokens", precision=0, elem_id="ss-bench-output")
-            concurrency = gr.Number(
-                label="Concurrency", precision=0, elem_id="ss-bench-concurrency"
-            )
+        with gr.Row():  # text boxes: a gr.Number cannot be empty, and empty is "the preset's"
+            prompts = _number("Prompts", "ss-bench-prompts")
+            input_len = _number("Input tokens", "ss-bench-input")
+            output_len = _number("Output tokens", "ss-bench-output")
+            concurrency = _number("Concurrency", "ss-bench-concurrency")
         with gr.Row():
             run = gr.Button("Run benchmark", variant="primary", elem_id="ss-bench-run")
             cancel = gr.Button(
@@ -93,24 +91,32 @@ def build(services: Services) -> None:
                 export_file = gr.File(label="Export", visible=False, elem_id="ss-bench-file")
             with gr.Column(scale=3):
                 plot = gr.BarPlot(
-                    _frame([]), x="label", y="value", height=260, elem_id="ss-bench-plot"
+                    _frame([]),
+                    x="label",
+                    y="value",
+                    title=METRICS[0][0],
+                    x_title=" ",
+                    y_title=" ",
+                    y_lim=[0, None],  # bars from zero: Vega's own axis starts at the lowest run
+                    height=260,
+                    elem_id="ss-bench-plot",
                 )
         shown = gr.State(None)  # the rows on screen, to send the table only when it changed
         timer = gr.Timer(POLL_S, active=False)
 
     def compare(run_ids: list[int] | None, key: str) -> Any:
         points = controller.compare(run_ids or [], key)
-        return gr.BarPlot(
-            _frame(points),
-            title=METRIC_LABELS.get(key, key),
-            sort=[str(p["label"]) for p in points] or None,
-        )
+        return gr.BarPlot(_frame(points), title=METRIC_LABELS.get(key, key))
 
-    def show(view: BenchView, seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
-        """The view as the outputs; the table, run choices and plot only when the rows moved."""
+    def show(
+        view: BenchView, seen: Any, run_ids: list[int] | None, key: str, *, clear: bool = False
+    ) -> list[Any]:
+        """The view as the outputs; the table, run choices and plot only when the rows moved.
+        An error stays on screen until the next Run (`clear`): a refused start is told only in
+        its own answer, and the next poll would otherwise wipe it a second later."""
         top = [
             _status_html(view),
-            view.error and f"**{view.error}**",
+            f"**{view.error}**" if view.error else ("" if clear else gr.skip()),
             gr.Button(interactive=not view.running),
             gr.Button(interactive=view.running),
         ]
@@ -140,7 +146,8 @@ def build(services: Services) -> None:
         run_ids: list[int] | None,
         key: str,
     ) -> list[Any]:
-        return show(controller.start(name, num, inp, out, conc, via_gateway), seen, run_ids, key)
+        view = controller.start(name, num, inp, out, conc, via_gateway)
+        return show(view, seen, run_ids, key, clear=True)
 
     def on_cancel(seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
         return show(controller.cancel(), seen, run_ids, key)
@@ -181,10 +188,16 @@ def _target_args(services: Services) -> tuple[Any, Any, str]:
     return services.supervisor, services.settings, gpu.name if gpu is not None else ""
 
 
+def _number(label: str, elem_id: str) -> gr.Textbox:
+    return gr.Textbox(label=label, placeholder="the preset's", max_lines=1, elem_id=elem_id)
+
+
 def _frame(points: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {"label": [str(p["label"]) for p in points], "value": [p["value"] for p in points]}
-    )
+    """The plot's data; typed columns even when empty (an empty float `label` column makes the
+    plot's x axis numeric, and then no bar ever shows)."""
+    labels = pd.Series([str(p["label"]) for p in points], dtype=str)
+    values = pd.Series([float(p["value"]) for p in points], dtype=float)
+    return pd.DataFrame({"label": labels, "value": values})
 
 
 def _status_html(view: BenchView) -> str:
