@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from appliance.bench.runner import BenchTarget
 from appliance.control import bench_target
 from appliance.controllers.bench import METRICS, RUN_COLUMNS, BenchPanel, BenchView, preset_choices
 from appliance.controllers.chat import export_folder
@@ -30,7 +31,7 @@ METRIC_LABELS = {key: label for label, key, _ in METRICS}
 
 def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
-    controller = BenchPanel(services.bench, lambda: bench_target(*_target_args(services)))
+    controller = BenchPanel(services.bench, lambda: _target(services))
 
     with panel(PANEL):
         gr.HTML(_STYLE)
@@ -179,13 +180,13 @@ def build(services: Services) -> None:
     export_csv.click(lambda ids: on_export("csv", ids), [chosen], [export_file])
 
 
-def _target_args(services: Services) -> tuple[Any, Any, str]:
-    """`bench_target`'s arguments at the moment of a start: the engine's owner, the settings in
-    force, and the engine's GPU as the sampler last saw it ("" on a CPU engine), as the service
-    gives them to `step-station bench` (appliance/server.py `_engine_gpu_name`)."""
+def _target(services: Services) -> BenchTarget:
+    """The engine as a run starting now sees it: the settings in force, and the engine's GPU as
+    the sampler last saw it ("" on a CPU engine), as the service gives `step-station bench`
+    (appliance/server.py `_engine_gpu_name`)."""
     sample = services.sampler.latest()
     gpu = sample.engine_gpu() if sample is not None else None
-    return services.supervisor, services.settings, gpu.name if gpu is not None else ""
+    return bench_target(services.supervisor, services.settings, gpu.name if gpu else "")
 
 
 def _number(label: str, elem_id: str) -> gr.Textbox:
