@@ -207,6 +207,13 @@ def test_forced_failure_shows_reason_what_to_do_and_log_tail(
     screenshot(page, "model-failed.png", full_page=True)
 
 
+HIDE_JS = """(state) => {
+  Object.defineProperty(document, 'visibilityState', {value: state, configurable: true});
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+CLICK_JS = "(el) => { const label = el.textContent.trim(); el.click(); return label; }"
+
+
 def test_two_pages_clicking_start_at_once_start_one_engine(
     appliance, page, browser, docker_client, sim_image_ref, engine_name, tmp_path
 ):
@@ -224,12 +231,18 @@ def test_two_pages_clicking_start_at_once_start_one_engine(
         second = open_model_tab(other, app.url)
         expect(first).to_have_text("Start")
         expect(second).to_have_text("Start")
-        # Both clicks leave while both pages show "Start". Playwright's click() waits ~100 ms
-        # for actionability first, long enough at times for the second page's once-a-second
-        # refresh to learn of the start and turn its button into Stop (a real stop, as the
-        # owner would have seen it). dispatch_event sends the click at once.
-        first.dispatch_event("click")
-        second.dispatch_event("click")
+        # Both clicks must leave while both pages show "Start": if the second page's
+        # once-a-second refresh learns of the first start in between, its button turns into
+        # Stop and its click is a real stop (as the owner would have seen it). Under load the
+        # two clicks can be far apart (a CI run with a CPU hog saw exactly that), so the pages
+        # are put in the background first: the tab's timer stops there (ui/polling.py) and the
+        # labels stay. Each click returns the label it was sent with.
+        for p in (page, other):
+            p.evaluate(HIDE_JS, "hidden")
+        seen = [button.evaluate(CLICK_JS) for button in (first, second)]
+        for p in (page, other):
+            p.evaluate(HIDE_JS, "visible")
+        assert seen == ["Start", "Start"]
         # Whichever click reached the engine second is told so (a toast lasts a few seconds, so
         # look now, not after the start): on exactly one of the two pages.
         told = [p.get_by_text("already starting or running") for p in (page, other)]
