@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.bench_kit import MODEL, WINDOW, Engine, engine_socket, fake_log, fake_vllm
+from fixtures.bench_kit import (
+    DEADLINE_S,
+    MODEL,
+    WINDOW,
+    Engine,
+    engine_socket,
+    fake_log,
+    fake_vllm,
+    wait_for,
+)
 
 from appliance import control, endpoint
 from appliance import settings as st
@@ -25,8 +33,6 @@ from appliance.cli import main
 from appliance.engine.state import EngineState, EngineStatus
 
 __all__ = ["engine_socket", "fake_vllm"]  # fixtures, used by name
-
-DEADLINE_S = 30.0
 
 
 @dataclass
@@ -64,14 +70,6 @@ def service(engine_socket: str, fake_vllm: Path) -> Iterator[tuple[BenchSupervis
     yield supervisor, bench
     server.stop()
     bench.store.close()
-
-
-def wait_for(cond: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_bench_json_runs_in_the_service_and_prints_vllms_keys(

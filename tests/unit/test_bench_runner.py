@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.bench_kit import REAL, Engine, engine_socket, fake_log, fake_vllm
+from fixtures.bench_kit import (
+    DEADLINE_S,
+    REAL,
+    Engine,
+    engine_socket,
+    fake_log,
+    fake_vllm,
+    wait_for,
+)
 
 from appliance import endpoint
 from appliance import settings as st
@@ -32,7 +40,6 @@ from appliance.bench.runner import (
 from appliance.bench.store import BenchStore
 
 __all__ = ["engine_socket", "fake_vllm"]  # fixtures, used by name
-DEADLINE_S = 30.0
 
 
 def target_for(engine_url: str, program: Path, **changes: Any) -> BenchTarget:
@@ -51,14 +58,6 @@ def target_for(engine_url: str, program: Path, **changes: Any) -> BenchTarget:
         flags={"mtp": True},
     )
     return BenchTarget(**{**base.__dict__, **changes})
-
-
-def wait_for(cond: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------------------ a whole run

@@ -10,10 +10,16 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fixtures.bench_kit import WINDOW, Engine, engine_socket, fake_vllm
+from fixtures.bench_kit import (
+    DEADLINE_S,
+    WINDOW,
+    Engine,
+    engine_socket,
+    fake_vllm,
+    wait_for,
+)
 
 from appliance import endpoint
 from appliance.bench.runner import BenchRunner, BenchTarget
@@ -22,8 +28,6 @@ from appliance.controllers.bench import RUN_COLUMNS, BenchPanel, preset_choices
 from appliance.errors import EngineError
 
 __all__ = ["engine_socket", "fake_vllm"]  # fixtures, used by name
-
-DEADLINE_S = 30.0
 
 
 def make_panel(url: str, program: Path, tmp_path: Path) -> BenchPanel:
@@ -40,14 +44,6 @@ def make_panel(url: str, program: Path, tmp_path: Path) -> BenchPanel:
         flags={"mtp": True},
     )
     return BenchPanel(BenchRunner(BenchStore(tmp_path / "bench.sqlite3")), lambda: target)
-
-
-def wait_for(cond: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_run_started_from_the_panel_is_followed_and_kept(
