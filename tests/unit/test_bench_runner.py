@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +195,9 @@ def test_cancel_stops_the_run_and_keeps_nothing(
     # a second run while one runs: a clear error, and the first goes on
     with pytest.raises(BenchError, match="already running"):
         bench.run(BenchRequest(num_prompts=1), target)
-    began = time.monotonic()
     assert bench.cancel() is True
     thread.join(DEADLINE_S)
-    assert not thread.is_alive()
-    assert time.monotonic() - began < 10
+    assert not thread.is_alive()  # cancel ended it: the outcome below says cancelled, not completed
     (outcome,) = outcomes
     assert outcome.state == "cancelled"
     assert outcome.id is None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -51,10 +50,8 @@ def test_a_run_started_from_the_panel_is_followed_and_kept(
 ) -> None:
     monkeypatch.setenv("FAKE_DELAY", "0.2")
     panel = make_panel(endpoint.socket_url(engine_socket), fake_vllm, tmp_path)
-    began = time.monotonic()
     view = panel.start("chat", num_prompts="4", random_input=64, random_output="32")
-    assert time.monotonic() - began < 5  # the page is not held for the run
-    assert view.running
+    assert view.running  # start() came back while the run goes on: the page is not held for it
     assert view.error == ""
     wait_for(lambda: (panel.view().fraction or 0) > 0, "progress in the view")
     assert panel.view().status.startswith("Benchmark chat: ")
