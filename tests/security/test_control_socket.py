@@ -29,7 +29,19 @@ def test_another_account_cannot_drive_the_engine_through_the_control_socket(app)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert path.stat().st_uid == os.getuid()
     need_another_account()
-    for method, route in (("POST", "/stop"), ("POST", "/start"), ("GET", "/status")):
+    routes = (
+        ("POST", "/stop"),
+        ("POST", "/start"),
+        ("GET", "/status"),
+        ("POST", "/settings"),
+        ("GET", "/keys"),
+        ("POST", "/keys/create"),
+        ("POST", "/pull"),
+        ("POST", "/bench"),
+        ("POST", "/bench/cancel"),
+        ("GET", "/bench/runs"),
+    )
+    for method, route in routes:
         attempt = curl_as(NOBODY, path, route, method=method, host="control")
         assert attempt.returncode == 7, (route, attempt.stdout, attempt.stderr)  # no connect()
     assert app.health()["engine"] == "ready"  # nothing was stopped
