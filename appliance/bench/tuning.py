@@ -355,7 +355,7 @@ class TuneRunner:
         self,
         request: TuneRequest,
         target: TuneTarget,
-        stop_engine: Callable[[str], None],
+        stop_engine: Callable[[str], object],
         on_progress: ProgressCallback | None = None,
     ) -> TuneOutcome:
         """Tune, check and install; `stop_engine(message)` is called first with the sentence
@@ -577,6 +577,18 @@ class TuneRunner:
         merged = tune.merge_configs(merged_parts)
         path = install_atomically(self.folder, name, merged)
         sizes = tuple(int(k) for k in merged if k != "triton_version")
+        record_install(
+            self.folder,
+            InstallRecord(
+                file_name=name,
+                installed_at=self._wall(),
+                image=target.image,
+                image_digest=target.image_digest,
+                gpu_name=target.gpu_name,
+                triton_version=str(merged.get("triton_version", "")),
+                batch_sizes=sizes,
+            ),
+        )
         notes = []
         expected = tune.config_file_name(shape, target.gpu_name) if target.gpu_name else name
         if expected != name:
@@ -595,6 +607,50 @@ class TuneRunner:
             elapsed_s=round(elapsed, 1),
             note=" ".join(notes),
         )
+
+
+# Beside the configs, one JSON object a line per install. Not `*.json`: vLLM looks for its one
+# file by name and `read_folder` lists `*.json`, so neither ever mistakes it for a config.
+INSTALLS_FILE = "installs.jsonl"
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """When and from which image a config was installed: the Model tab says whether the file
+    was tuned with the engine's current image (its Triton), and the before/after pairing of
+    benchmark runs splits at `installed_at`."""
+
+    file_name: str
+    installed_at: float
+    image: str = ""
+    image_digest: str = ""
+    gpu_name: str = ""
+    triton_version: str = ""
+    batch_sizes: tuple[int, ...] = ()
+
+
+def record_install(folder: Path, record: InstallRecord) -> None:
+    line = json.dumps(dataclasses.asdict(record), sort_keys=True)
+    with (folder / INSTALLS_FILE).open("a", encoding="utf-8") as out:
+        out.write(line + "\n")
+
+
+def last_install(folder: Path, file_name: str) -> InstallRecord | None:
+    """The latest install of `file_name` the appliance recorded (None for a file copied in by
+    hand, or an unreadable record: the file's own date stands in then)."""
+    try:
+        lines = (folder / INSTALLS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            data = json.loads(line)
+            if data.get("file_name") == file_name:
+                data["batch_sizes"] = tuple(data.get("batch_sizes") or ())
+                return InstallRecord(**data)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return None
 
 
 def install_atomically(folder: Path, name: str, data: dict[str, Any]) -> Path:
@@ -645,6 +701,7 @@ def _last_lines(text: str, n: int = 8) -> str:
 
 __all__ = [
     "ContainerTunerLauncher",
+    "InstallRecord",
     "TuneOutcome",
     "TuneRequest",
     "TuneRunner",
@@ -656,5 +713,7 @@ __all__ = [
     "container_request",
     "estimate_text",
     "install_atomically",
+    "last_install",
+    "record_install",
     "stop_message",
 ]

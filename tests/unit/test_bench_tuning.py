@@ -1,18 +1,17 @@
 """A tuning run end to end, with vLLM's tuner replaced at the one seam that needs a GPU.
 
-The fake tuner does what `benchmarks/kernels/benchmark_moe.py --tune` does as seen from outside:
-reads the mounted config.json, prints its progress lines, and writes one file under vLLM's name
-into the save folder, whose entries are copied from a config vLLM 0.32 ships (its real format)."""
+The fake tuner (tests/fixtures/tune_kit.py) does what vLLM's `benchmark_moe.py --tune` does as
+seen from outside, writing entries copied from a config vLLM 0.32 ships (its real format)."""
 
 from __future__ import annotations
 
 import json
-import queue
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.tune_kit import STEP37_FILE, TARGET, UUID, VLLM_ENTRIES, FakeTuner
 
 from appliance import moe_folder
 from appliance.bench import tune
@@ -22,119 +21,12 @@ from appliance.bench.tuning import (
     CONTAINER_SAVE_DIR,
     TuneRequest,
     TunerJob,
-    TunerLauncher,
-    TunerProcess,
     TuneRunner,
     TuneState,
-    TuneTarget,
     container_request,
     estimate_text,
+    last_install,
 )
-
-SHIPPED = Path(__file__).resolve().parents[1] / "data" / "moe_configs"
-B200 = "E=128,N=384,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json"
-VLLM_ENTRIES = json.loads((SHIPPED / B200).read_text())
-STEP37_FILE = "E=288,N=1280,device_name=NVIDIA_GB300,dtype=fp8_w8a8,block_shape=[128,128].json"
-UUID = "GPU-6f1c0e9b-1111-2222-3333-444455556666"
-# The checkpoint's text_config (Step-3.7-Flash's numbers, legacy names).
-TEXT_CONFIG = {
-    "moe_num_experts": 288,
-    "moe_top_k": 8,
-    "moe_intermediate_size": 1280,
-    "hidden_size": 4096,
-}
-TARGET = TuneTarget(
-    image="vllm/vllm-openai:stepfun37",
-    gpu_uuid=UUID,
-    gpu_name="NVIDIA GB300",
-    text_config=TEXT_CONFIG,
-    image_digest="sha256:" + "a" * 64,
-)
-
-
-class FakeTunerProcess(TunerProcess):
-    """The tuner's outside: output lines, then its file, then exit code `code`. With `hold`, it
-    stops after its first batch size until terminated (a cancel)."""
-
-    def __init__(self, job: TunerJob, *, code: int = 0, hold: bool = False, **write: Any) -> None:
-        self.job = job
-        self.code = code
-        self.terminated = threading.Event()
-        self.out: queue.Queue[bytes] = queue.Queue()
-        self.done = threading.Event()
-        self.cleaned = False
-        self._write = write
-        config = json.loads((job.model_dir / "config.json").read_text())
-        self.config = config
-        argv = list(job.argv)
-        sizes = [int(b) for b in argv[argv.index("--batch-size") + 1 :]]
-        self.out.put(b"Start tuning over 640 configurations...\n")
-        threading.Thread(target=self._work, args=(sizes, hold), daemon=True).start()
-
-    def _work(self, sizes: list[int], hold: bool) -> None:
-        for i, size in enumerate(sizes):
-            # tqdm_ray redraws with \r; the line the runner counts ends with \n
-            self.out.put(f"\r 50%|#####     | 320/640\r{size} done".encode())
-            self.out.put(
-                f"\nThu Dec  3 10:00:0{i} 2026] Completed tuning for batch_size={size}\n".encode()
-            )
-            if hold:
-                self.terminated.wait(10)
-                self.code = -15
-                self.out.put(b"")
-                self.done.set()
-                return
-        if self.code == 0:
-            self._save(sizes)
-        self.out.put(b"Tuning took 12.5 seconds\n")
-        self.out.put(b"")
-        self.done.set()
-
-    def _save(self, sizes: list[int]) -> None:
-        c = self.config
-        block = c["quantization_config"]["weight_block_size"]
-        # vLLM's get_config_file_name, written out by hand for this shape (not the code under test)
-        name = self._write.get("name") or (
-            f"E={c['num_experts']},N={c['moe_intermediate_size']},device_name=NVIDIA_GB300,"
-            f"dtype=fp8_w8a8,block_shape=[{block[0]},{block[1]}].json"
-        )
-        nearest = [min(VLLM_ENTRIES, key=lambda k: abs(int(k) - s)) for s in sizes]
-        data: dict[str, Any] = {"triton_version": self._write.get("triton", "3.5.0")}
-        data |= {str(s): VLLM_ENTRIES[k] for s, k in zip(sizes, nearest, strict=True)}
-        if "content" in self._write:
-            data = self._write["content"]
-        (self.job.save_dir / name).write_text(json.dumps(data, indent=4))
-
-    def read_output(self) -> bytes:
-        return self.out.get(timeout=10)
-
-    def wait(self, timeout_s: float) -> int | None:
-        return self.code if self.done.wait(min(timeout_s, 10)) else None
-
-    def terminate(self) -> None:
-        self.terminated.set()
-
-    def cleanup(self) -> None:
-        self.cleaned = True
-
-    def output_tail(self) -> str:
-        return "RuntimeError: ray is not installed\n"
-
-
-class FakeTuner(TunerLauncher):
-    def __init__(self, **behaviour: Any) -> None:
-        self.behaviour = behaviour
-        self.jobs: list[TunerJob] = []
-        self.processes: list[FakeTunerProcess] = []
-        self.events: list[str] | None = None
-
-    def launch(self, job: TunerJob) -> TunerProcess:
-        if self.events is not None:
-            self.events.append("launch")
-        self.jobs.append(job)
-        process = FakeTunerProcess(job, **self.behaviour)
-        self.processes.append(process)
-        return process
 
 
 def _runner(tmp_path: Path, tuner: FakeTuner, **kwargs: Any) -> TuneRunner:
@@ -195,7 +87,12 @@ def test_tuning_stops_the_engine_runs_the_tuner_in_chunks_and_installs_vllms_fil
     status = tune.find_config(tmp_path / "moe-configs", _shape(), "NVIDIA GB300")
     assert status.usable
     # no temporary file left beside it for an engine start to trip on
-    assert [p.name for p in (tmp_path / "moe-configs").iterdir()] == [STEP37_FILE]
+    names = sorted(p.name for p in (tmp_path / "moe-configs").iterdir())
+    assert names == [STEP37_FILE, "installs.jsonl"]
+    record = last_install(tmp_path / "moe-configs", STEP37_FILE)
+    assert record is not None
+    assert record.image_digest == TARGET.image_digest
+    assert record.batch_sizes == (1, 2, 4, 8, 64)
     # ... and the next start mounts it
     tuning = moe_folder.tuning_for_start(tmp_path / "moe-configs")
     assert tuning is not None
