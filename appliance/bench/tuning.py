@@ -205,8 +205,9 @@ def container_request(target: TuneTarget, job: TunerJob) -> dict[str, Any]:
 
     The engine's image (by digest when known), `python3` as the program from /vllm-workspace
     (the image's entrypoint is `vllm serve`), the engine's GPU by UUID, the host's IPC (PyTorch's
-    shared memory, as the engine), no network (the tuner reads only the mounted config), the
-    model config read-only and the save folder read-write."""
+    shared memory, as the engine), no network (the tuner reads only the mounted config, and the
+    local Ray it starts then listens on nothing beyond the container's loopback), the model
+    config read-only and the save folder read-write."""
     image = target.image_digest if target.image_digest.startswith("sha256:") else target.image
     gpu: dict[str, Any] = {"capabilities": [["gpu"]]}
     gpu |= {"device_ids": [target.gpu_uuid]} if target.gpu_uuid else {"count": -1}
@@ -217,7 +218,13 @@ def container_request(target: TuneTarget, job: TunerJob) -> dict[str, Any]:
         "working_dir": tune.TUNER_WORKDIR,
         "name": f"step-station-tune-{job.stamp}",
         "labels": {LABEL_TUNE: job.stamp},
-        "environment": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        # The tuner's progress lines are plain print()s: without this, Python block-buffers
+        # them into the log pipe and they would arrive in lumps, or only at its end.
+        "environment": {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        },
         "network_mode": "none",
         "ipc_mode": "host",
         "volumes": {

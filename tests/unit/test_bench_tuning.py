@@ -236,6 +236,7 @@ def test_the_tuner_container_runs_the_engine_image_on_the_engines_gpu(tmp_path: 
     }
     assert request["labels"] == {"io.step-station.tune": "20261206-030000-1"}
     assert request["network_mode"] == "none"
+    assert request["environment"]["PYTHONUNBUFFERED"] == "1"  # its progress lines as they come
 
 
 def test_the_estimate_scales_with_batch_sizes_and_says_it_is_one() -> None:
