@@ -220,7 +220,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _get_full_status(self, query: dict[str, str]) -> None:
         del query
         server = self.server
-        self._send(200, _full_status(server.store.current(), server.supervisor, server.bench))
+        self._send(
+            200,
+            _full_status(server.store.current(), server.supervisor, server.bench, server.tune),
+        )
 
     def _get_logs(self, query: dict[str, str]) -> None:
         self._stream_logs(follow=query.get("follow") == "1")
@@ -476,12 +479,18 @@ def pull_image(runtime: Runtime, image: str, on_progress: Callable[[int, int], N
 
 
 def _full_status(
-    settings: st.Settings, supervisor: Supervisor, bench: BenchRunner | None = None
+    settings: st.Settings,
+    supervisor: Supervisor,
+    bench: BenchRunner | None = None,
+    tuner: TuneRunner | None = None,
 ) -> dict[str, Any]:
     from appliance.monitoring.status import status_report
 
     data, lines = status_report(supervisor.status(), settings, supervisor)
     data["bench"], line = bench_status(bench)
+    if line:
+        lines.append(line)
+    data["tune"], line = tune_status(tuner)
     if line:
         lines.append(line)
     return {"json": data, "lines": lines}
@@ -496,6 +505,18 @@ def bench_status(bench: BenchRunner | None) -> tuple[dict[str, Any] | None, str]
     done = f" {state.done}/{state.total} requests" if state.total else ""
     via = " through the gateway" if state.through_gateway else ""
     return state.to_dict(), f"Benchmark: {state.preset} running{via},{done} {state.elapsed_s:.0f} s"
+
+
+def tune_status(tuner: TuneRunner | None) -> tuple[dict[str, Any] | None, str]:
+    """The `tune` key of the status (None when no tuning runs) and its line: `status` says why
+    the engine is stopped."""
+    state = tuner.current() if tuner is not None else None
+    if state is None:
+        return None, ""
+    return state.to_dict(), (
+        f"MoE tuning running (the engine is stopped meanwhile): {state.done}/{state.total} "
+        f"batch sizes, {state.elapsed_s / 60:.0f} min"
+    )
 
 
 # ---------------------------------------------------------------------------------- bench

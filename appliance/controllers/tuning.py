@@ -20,7 +20,8 @@ from typing import Literal
 
 from appliance.bench import tune
 from appliance.bench.store import StoredRun
-from appliance.bench.tuning import last_install
+from appliance.bench.tuning import TuneTarget, last_install
+from appliance.errors import ApplianceError
 
 TunedState = Literal["tuned", "other_image", "not_tuned", "broken", "unknown"]
 
@@ -99,6 +100,18 @@ def tuned_view(
         name,
         when,
     )
+
+
+def tuned_view_for(folder: Path, target: TuneTarget | None, why_unknown: str = "") -> TunedView:
+    """`tuned_view` for the engine as the tuner sees it (`control.tune_target`; None with the
+    reason when that failed: no checkpoint on disk yet, a process engine, an NVFP4 checkpoint)."""
+    if target is None:
+        return tuned_view(folder, None, "", why_unknown=why_unknown)
+    try:
+        shape = tune.moe_shape(target.text_config, block_shape=target.block_shape)
+    except ApplianceError as err:
+        return tuned_view(folder, None, "", why_unknown=err.message)
+    return tuned_view(folder, shape, target.gpu_name, target.image_digest)
 
 
 @dataclass(frozen=True)

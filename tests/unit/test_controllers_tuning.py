@@ -12,8 +12,8 @@ import pytest
 
 from appliance.bench import tune
 from appliance.bench.store import BenchStore, RunInfo
-from appliance.bench.tuning import InstallRecord, record_install
-from appliance.controllers.tuning import before_after, tuned_view
+from appliance.bench.tuning import InstallRecord, TuneTarget, record_install
+from appliance.controllers.tuning import before_after, tuned_view, tuned_view_for
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REAL_RESULT = json.loads((DATA / "bench" / "result-0.32-spec-decode.json").read_text())
@@ -92,6 +92,19 @@ def test_unknown_gpu_or_shape_cannot_tell(tmp_path: Path) -> None:
     view = tuned_view(tmp_path, None, "NVIDIA B200", why_unknown="the checkpoint is <not> here")
     assert view.state == "unknown"
     assert "&lt;not&gt;" in view.text
+
+
+def test_the_view_for_the_engine_reads_the_shape_from_its_checkpoint(tmp_path: Path) -> None:
+    text = {"moe_num_experts": 128, "moe_top_k": 8, "moe_intermediate_size": 384}
+    target = TuneTarget(
+        "image", "GPU-1", "NVIDIA B200", text | {"hidden_size": 4096}, image_digest=DIGEST
+    )
+    assert tuned_view_for(_folder(tmp_path), target).state == "tuned"
+    assert tuned_view_for(tmp_path, None, "the checkpoint is not here").state == "unknown"
+    broken = TuneTarget("image", "GPU-1", "NVIDIA B200", {"hidden_size": 4096})
+    view = tuned_view_for(tmp_path, broken)
+    assert view.state == "unknown"
+    assert "no MoE expert count" in view.text
 
 
 class Clock:

@@ -195,6 +195,10 @@ def test_a_start_is_refused_while_tuning_and_cancel_installs_nothing(
             time.sleep(0.02)
         status = remote.status()
         assert status["running"]["total"] == 2
+        data, line = control.tune_status(svc.runner)
+        assert data is not None
+        assert line.startswith("MoE tuning running (the engine is stopped meanwhile): ")
+        assert "/2 batch sizes" in line
         # the engine may not come back under the tuner
         assert main(["start"]) != 0
         assert "MoE tuning is running" in capsys.readouterr().err
@@ -204,6 +208,7 @@ def test_a_start_is_refused_while_tuning_and_cancel_installs_nothing(
         assert ended[0].state == "cancelled"
         assert not (tune.default_folder() / STEP37_FILE).exists()
         assert remote.status()["running"] is None
+        assert control.tune_status(svc.runner) == (None, "")
     finally:
         svc.server.stop()
 
