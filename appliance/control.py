@@ -661,6 +661,7 @@ def tune_target(supervisor: Supervisor, settings: st.Settings, gpu_name: str = "
         text_config=text_config,
         block_shape=block_shape,
         image_digest=_image_digest(supervisor.runtime, spec.image),
+        request_gpu=spec.gpus is not None,
     )
 
 

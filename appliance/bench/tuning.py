@@ -79,6 +79,9 @@ class TuneTarget:
     text_config: dict[str, Any]  # the checkpoint's text_config
     block_shape: tuple[int, int] | None = (128, 128)  # quantization_config.weight_block_size
     image_digest: str = ""
+    # As the engine's `engine.request_gpu`: off only where Docker has no NVIDIA runtime (tests
+    # of the orchestration against the CPU test image, with a stand-in tuner).
+    request_gpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ def container_request(target: TuneTarget, job: TunerJob) -> dict[str, Any]:
     image = target.image_digest if target.image_digest.startswith("sha256:") else target.image
     gpu: dict[str, Any] = {"capabilities": [["gpu"]]}
     gpu |= {"device_ids": [target.gpu_uuid]} if target.gpu_uuid else {"count": -1}
+    gpus = {"device_requests": [gpu]} if target.request_gpu else {}
     return {
         "image": image,
         "entrypoint": [job.argv[0]],
@@ -231,7 +235,7 @@ def container_request(target: TuneTarget, job: TunerJob) -> dict[str, Any]:
             str(job.model_dir): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"},
             str(job.save_dir): {"bind": CONTAINER_SAVE_DIR, "mode": "rw"},
         },
-        "device_requests": [gpu],
+        **gpus,
         "detach": True,
     }
 
@@ -286,12 +290,16 @@ class ContainerTunerLauncher:
         self.target = target
         self.client = client
 
+    def request(self, job: TunerJob) -> dict[str, Any]:
+        """The container's arguments (an integration test adds a stand-in tuner's mount)."""
+        return container_request(self.target, job)
+
     def launch(self, job: TunerJob) -> TunerProcess:
         for old in self.client.containers.list(all=True, filters={"label": LABEL_TUNE}):
             with contextlib.suppress(Exception):
                 old.remove(force=True)  # one tuning at a time: any other is a leftover
         try:
-            container = self.client.containers.run(**container_request(self.target, job))
+            container = self.client.containers.run(**self.request(job))
         except Exception as err:  # noqa: BLE001 - docker-py's errors, translated here
             raise BenchError(
                 f"Docker could not start the tuner container ({err}).",

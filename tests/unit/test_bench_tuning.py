@@ -5,6 +5,7 @@ seen from outside, writing entries copied from a config vLLM 0.32 ships (its rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -237,6 +238,13 @@ def test_the_tuner_container_runs_the_engine_image_on_the_engines_gpu(tmp_path: 
     assert request["labels"] == {"io.step-station.tune": "20261206-030000-1"}
     assert request["network_mode"] == "none"
     assert request["environment"]["PYTHONUNBUFFERED"] == "1"  # its progress lines as they come
+    # no GPU asked where the engine asks none (`engine.request_gpu` off: Docker without NVIDIA)
+    no_gpu = container_request(dataclasses.replace(TARGET, request_gpu=False), job)
+    assert "device_requests" not in no_gpu
+    # all GPUs where no UUID is known, as the engine's own spec does
+    assert container_request(dataclasses.replace(TARGET, gpu_uuid=""), job)["device_requests"] == [
+        {"capabilities": [["gpu"]], "count": -1}
+    ]
 
 
 def test_the_estimate_scales_with_batch_sizes_and_says_it_is_one() -> None:

@@ -133,6 +133,7 @@ def test_tune_moe_stops_the_engine_tunes_and_the_next_start_mounts_the_file(
     (target,) = service.targets
     assert (target.image_digest, target.gpu_uuid, target.gpu_name) == (DIGEST, UUID, "NVIDIA GB300")
     assert target.block_shape == (128, 128)
+    assert target.request_gpu
     config = service.tuner.processes[0].config
     assert config["moe_intermediate_size"] == 1280  # not the dense 11264
     # installed in the persistent folder, in vLLM's format
