@@ -62,6 +62,8 @@ CONFIGS_PER_BATCH_SIZE = 640
 # run's own rate once a batch size is done.
 ESTIMATE_HOURS_FOR_18 = (1.0, 3.0)
 
+ENGINE_STAYS_STOPPED = "The engine stays stopped: `step-station start` starts it again."
+
 _STARTED = re.compile(r"Start tuning over (\d+) configurations")
 _COMPLETED = re.compile(r"Completed tuning for batch_size=(\d+)")
 
@@ -388,10 +390,15 @@ class TuneRunner:
         try:
             self._note(on_progress, message=message)
             stop_engine(message)
-            with self._work_dir() as work:
-                (work / "model").mkdir()
-                (work / "model" / "config.json").write_text(json.dumps(model_config, indent=2))
-                return self._tune(request, target, shape, chunks, work, on_progress)
+            try:
+                with self._work_dir() as work:
+                    (work / "model").mkdir()
+                    (work / "model" / "config.json").write_text(json.dumps(model_config, indent=2))
+                    return self._tune(request, target, shape, chunks, work, on_progress)
+            except BenchError as err:
+                # the engine was stopped for this run; whoever reads the error must know
+                err.hint = f"{err.hint} {ENGINE_STAYS_STOPPED}".strip()
+                raise
         finally:
             with self._lock:
                 self._state = None

@@ -173,8 +173,9 @@ def test_cancel_stops_the_tuner_and_installs_nothing(tmp_path: Path) -> None:
 
 def test_a_failed_tuner_says_why_and_installs_nothing(tmp_path: Path) -> None:
     tuner = FakeTuner(code=1)
-    with pytest.raises(BenchError, match=r"exited with code 1.*ray is not installed"):
+    with pytest.raises(BenchError, match=r"exited with code 1.*ray is not installed") as err:
         _runner(tmp_path, tuner).run(TuneRequest(batch_sizes=(1,)), TARGET, lambda m: None)
+    assert "The engine stays stopped" in err.value.hint
     assert not (tmp_path / "moe-configs").exists()
 
 
