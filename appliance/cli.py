@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "appliance.commands.keys",
     "appliance.commands.config",
     "appliance.commands.bench",
+    "appliance.commands.tune",
 )
 
 

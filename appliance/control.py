@@ -41,6 +41,13 @@ slow stop never blocks the UI's event loop):
                                        that goes away cancels the run
     POST /bench/cancel                 {"cancelled": true|false (none was running)}
     GET  /bench/runs                   {"runs": [stored run, newest first]}
+    POST /tune    TuneRequest's fields one JSON object a line: {"progress": TuneState} while it
+                                       runs (the first says the engine is stopped and for how
+                                       long), then {"outcome": TuneOutcome} or {"error", ...};
+                                       a terminal that goes away does not cancel it (hours of
+                                       GPU time); `tune-moe` cancels on Ctrl-C through
+    POST /tune/cancel                  {"cancelled": true|false (none was running)}
+    GET  /tune                         {"running": TuneState|null, "configs": tuned_configs()}
 
 A failure is HTTP 500 with {"error", "hint", "exit_code"}: the CLI raises the same kind of error
 (`_error_from`), so its message and exit code are those of the command run without a service.
@@ -66,7 +73,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from appliance import endpoint
 from appliance import settings as st
-from appliance.bench.errors import BenchError
+from appliance.bench import tune
+from appliance.bench.errors import BenchError, TunedConfigError
 from appliance.bench.runner import (
     BenchOutcome,
     BenchRequest,
@@ -78,6 +86,16 @@ from appliance.bench.runner import (
     ProcessLauncher,
 )
 from appliance.bench.store import StoredRun
+from appliance.bench.tuning import (
+    ContainerTunerLauncher,
+    TuneOutcome,
+    TuneRequest,
+    TunerLauncher,
+    TuneRunner,
+    TuneState,
+    TuneTarget,
+    last_install,
+)
 from appliance.engine.protocol import EngineReader
 from appliance.engine.spec import hf_cache_root, is_local_model
 from appliance.engine.state import EngineState, EngineStatus, PhaseRecord
@@ -127,6 +145,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     store: st.SettingsStore
     keys: KeyStore | None
     bench: BenchRunner | None
+    tune: TuneRunner | None
     gpu_name: Callable[[], str]
 
 
@@ -201,12 +220,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _get_full_status(self, query: dict[str, str]) -> None:
         del query
         server = self.server
-        self._send(200, _full_status(server.store.current(), server.supervisor, server.bench))
+        self._send(
+            200,
+            _full_status(server.store.current(), server.supervisor, server.bench, server.tune),
+        )
 
     def _get_logs(self, query: dict[str, str]) -> None:
         self._stream_logs(follow=query.get("follow") == "1")
 
     def _post_start(self, body: dict[str, Any]) -> None:
+        if self.server.tune is not None and self.server.tune.current() is not None:
+            # the tuner holds the whole GPU; an engine loading beside it would fail or skew it
+            raise TunedConfigError(
+                "MoE tuning is running on the engine's GPU; the engine starts after it.",
+                hint="Wait for `step-station tune-moe` to finish, or cancel it.",
+            )
         profile = body.get("profile")
         status = self.server.supervisor.start(str(profile) if profile else None)
         self._send(200, {"status": status.to_dict()})
@@ -348,6 +376,63 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         del query
         self._send(200, {"runs": [run_dict(r) for r in self._bench().list_runs()]})
 
+    # -------------------------------------------------------------------------------- tune
+
+    def _tune(self) -> TuneRunner:
+        if self.server.tune is None:
+            raise TunedConfigError("This Step Station service does not tune MoE kernels.")
+        return self.server.tune
+
+    def _post_tune(self, body: dict[str, Any]) -> None:
+        runner = self._tune()
+        request = TuneRequest.from_dict(body)
+        runner.ensure_idle()  # before the stream starts: plain HTTP errors
+        if self.server.bench is not None:
+            self.server.bench.ensure_idle()
+        supervisor = self.server.supervisor
+        target = tune_target(supervisor, self.server.store.current(), self.server.gpu_name())
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        watching = [True]
+
+        def line(payload: dict[str, Any]) -> None:
+            if not watching[0]:
+                return
+            try:
+                self.wfile.write(json.dumps(payload, default=str).encode() + b"\n")
+                self.wfile.flush()
+            except OSError:
+                watching[0] = False  # the terminal went away; the tuning goes on
+
+        try:
+            outcome = runner.run(
+                request,
+                target,
+                lambda message: supervisor.stop(),
+                lambda state: line({"progress": state.to_dict()}),
+            )
+        except ApplianceError as err:
+            line({"error": err.message, "hint": err.hint, "exit_code": err.exit_code})
+            return
+        line({"outcome": outcome.to_dict()})
+
+    def _post_tune_cancel(self, body: dict[str, Any]) -> None:
+        del body
+        self._send(200, {"cancelled": self._tune().cancel()})
+
+    def _get_tune(self, query: dict[str, str]) -> None:
+        del query
+        runner = self._tune()
+        state = runner.current()
+        configs = tuned_configs(
+            runner.folder,
+            self.server.supervisor,
+            self.server.store.current(),
+            self.server.gpu_name(),
+        )
+        self._send(200, {"running": state.to_dict() if state else None, "configs": configs})
+
 
 _GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
     "/status": _Handler._get_status,
@@ -356,6 +441,7 @@ _GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
     "/settings": _Handler._get_settings,
     "/keys": _Handler._get_keys,
     "/bench/runs": _Handler._get_bench_runs,
+    "/tune": _Handler._get_tune,
 }
 _POST_ROUTES: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
     "/start": _Handler._post_start,
@@ -366,6 +452,8 @@ _POST_ROUTES: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
     "/pull": _Handler._post_pull,
     "/bench": _Handler._post_bench,
     "/bench/cancel": _Handler._post_bench_cancel,
+    "/tune": _Handler._post_tune,
+    "/tune/cancel": _Handler._post_tune_cancel,
 }
 
 NO_IMAGE = "engine.runtime is not docker: there is no image to pull."
@@ -391,12 +479,18 @@ def pull_image(runtime: Runtime, image: str, on_progress: Callable[[int, int], N
 
 
 def _full_status(
-    settings: st.Settings, supervisor: Supervisor, bench: BenchRunner | None = None
+    settings: st.Settings,
+    supervisor: Supervisor,
+    bench: BenchRunner | None = None,
+    tuner: TuneRunner | None = None,
 ) -> dict[str, Any]:
     from appliance.monitoring.status import status_report
 
     data, lines = status_report(supervisor.status(), settings, supervisor)
     data["bench"], line = bench_status(bench)
+    if line:
+        lines.append(line)
+    data["tune"], line = tune_status(tuner)
     if line:
         lines.append(line)
     return {"json": data, "lines": lines}
@@ -411,6 +505,18 @@ def bench_status(bench: BenchRunner | None) -> tuple[dict[str, Any] | None, str]
     done = f" {state.done}/{state.total} requests" if state.total else ""
     via = " through the gateway" if state.through_gateway else ""
     return state.to_dict(), f"Benchmark: {state.preset} running{via},{done} {state.elapsed_s:.0f} s"
+
+
+def tune_status(tuner: TuneRunner | None) -> tuple[dict[str, Any] | None, str]:
+    """The `tune` key of the status (None when no tuning runs) and its line: `status` says why
+    the engine is stopped."""
+    state = tuner.current() if tuner is not None else None
+    if state is None:
+        return None, ""
+    return state.to_dict(), (
+        f"MoE tuning running (the engine is stopped meanwhile): {state.done}/{state.total} "
+        f"batch sizes, {state.elapsed_s / 60:.0f} min"
+    )
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -515,6 +621,112 @@ def launcher_for(runtime: Runtime) -> Callable[[BenchTarget], Launcher]:
     return ProcessLauncher
 
 
+# ----------------------------------------------------------------------------------- tune
+
+
+def tune_target(supervisor: Supervisor, settings: st.Settings, gpu_name: str = "") -> TuneTarget:
+    """The engine as vLLM's MoE tuner needs it: its image and GPU from the launch spec the next
+    start would use, and the expert shape from the checkpoint's own config.json on disk."""
+    from appliance.engine.compat import model_folder
+    from appliance.engine.launch import launch_spec_for
+
+    if supervisor.runtime.kind != "docker":
+        raise TunedConfigError(
+            "MoE tuning runs vLLM's tuner script from the engine image, and this engine runs "
+            "as a process (the pip wheel has no tuner).",
+            hint="Use the Docker engine (`step-station config set engine.runtime docker`).",
+        )
+    spec = launch_spec_for(settings, runtime="docker", download_weights=False, secrets=st.Secrets())
+    config = _checkpoint_config(model_folder(spec), spec.model)
+    text = config.get("text_config")
+    text_config = dict(text) if isinstance(text, dict) else config
+    quant = config.get("quantization_config") or text_config.get("quantization_config") or {}
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise TunedConfigError(
+            f"The engine's checkpoint ({spec.model}) is not the FP8 one (quant_method "
+            f"{method!r}); vLLM's tuned Triton MoE configs serve the FP8 checkpoint only.",
+            hint="Pick the fp8-tp1 profile and start it once (it downloads the checkpoint), "
+            "then tune.",
+        )
+    block = quant.get("weight_block_size")
+    block_shape = (
+        (int(block[0]), int(block[1])) if isinstance(block, list) and len(block) == 2 else None
+    )
+    gpu_uuid = spec.gpus[0] if spec.gpus else ""
+    return TuneTarget(
+        image=spec.image,
+        gpu_uuid=gpu_uuid,
+        gpu_name=gpu_name or _gpu_name_of(gpu_uuid),
+        text_config=text_config,
+        block_shape=block_shape,
+        image_digest=_image_digest(supervisor.runtime, spec.image),
+        request_gpu=spec.gpus is not None,
+    )
+
+
+def _checkpoint_config(folder: Path | None, model: str) -> dict[str, Any]:
+    path = folder / "config.json" if folder is not None else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError) as err:
+        raise TunedConfigError(f"The checkpoint's {path} cannot be read ({err}).") from err
+    if not isinstance(data, dict):
+        raise TunedConfigError(
+            f"The checkpoint {model} is not on this machine yet: tuning reads its config.json "
+            "for the expert shape.",
+            hint="Start the engine once (`step-station start`) so that it is downloaded.",
+        )
+    return data
+
+
+def _gpu_name_of(uuid: str) -> str:
+    """The GPU's name from NVML ("" without one): vLLM names config files after it."""
+    from appliance import hardware
+
+    gpus = hardware.detect().gpus
+    chosen = next((g for g in gpus if g.uuid == uuid), gpus[0] if gpus else None)
+    return chosen.name if chosen is not None else ""
+
+
+def tune_launcher_for(runtime: Runtime) -> Callable[[TuneTarget], TunerLauncher]:
+    """The tuner beside the engine: a sibling container with the runtime's own client."""
+    docker_runtime = cast("DockerRuntime", runtime)
+    return lambda target: ContainerTunerLauncher(target, docker_runtime.client)
+
+
+def tuned_configs(
+    folder: Path, supervisor: Supervisor, settings: st.Settings, gpu_name: str = ""
+) -> dict[str, Any]:
+    """What `GET /tune` and `tune-moe --status` show: the file vLLM would load for this GPU and
+    shape (when the checkpoint is on disk to say the shape), and every file in the folder."""
+    data: dict[str, Any] = {"folder": str(folder), "expected": None, "note": ""}
+    try:
+        target = tune_target(supervisor, settings, gpu_name)
+        shape = tune.moe_shape(target.text_config, dtype="fp8_w8a8", block_shape=target.block_shape)
+        found = tune.find_config(folder, shape, target.gpu_name)
+        data["gpu_name"] = target.gpu_name
+        record = last_install(folder, found.file_name)
+        data["expected"] = {
+            "file_name": found.file_name,
+            "exists": found.exists,
+            "usable": found.usable,
+            "problems": list(found.file.problems) if found.file else [],
+            "batch_sizes": list(found.file.batch_sizes) if found.file else [],
+            "triton_version": found.file.triton_version if found.file else "",
+            "installed_at": record.installed_at if record else None,
+            "image_digest": record.image_digest if record else "",
+            "same_image": bool(record and record.image_digest == target.image_digest),
+        }
+    except ApplianceError as err:
+        data["note"] = err.message
+    data["files"] = [
+        {"name": f.path.name, "usable": f.usable, "problems": list(f.problems)}
+        for f in tune.read_folder(folder)
+    ]
+    return data
+
+
 def outcome_dict(outcome: BenchOutcome) -> dict[str, Any]:
     return {
         "state": outcome.state,
@@ -578,12 +790,14 @@ class ControlServer:
         *,
         keys: KeyStore | None = None,
         bench: BenchRunner | None = None,
+        tune: TuneRunner | None = None,
         gpu_name: Callable[[], str] = str,
     ) -> None:
         self.supervisor = supervisor
         self.store = store
         self.keys = keys
         self.bench = bench
+        self.tune = tune
         self.gpu_name = gpu_name
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -608,6 +822,7 @@ class ControlServer:
         server.store = self.store
         server.keys = self.keys
         server.bench = self.bench
+        server.tune = self.tune
         server.gpu_name = self.gpu_name
         self._server = server
         self.path = path
@@ -773,6 +988,9 @@ class ServiceClient:
     def bench(self) -> ServiceBench:
         return ServiceBench(self)
 
+    def tune(self) -> ServiceTune:
+        return ServiceTune(self)
+
     # -------------------------------------------------------------------------------- pull
 
     def pull(self, on_progress: Callable[[int, int], None]) -> PullOutcome:
@@ -844,6 +1062,47 @@ class ServiceBench:
 
     def list_runs(self) -> list[StoredRun]:
         return [run_from_dict(r) for r in self.client._call("GET", "/bench/runs")["runs"]]
+
+
+class ServiceTune:
+    """The service's TuneRunner over the socket: `run` streams progress, `cancel`, `status`."""
+
+    READ_TIMEOUT_S = 24 * 3600.0  # a batch size may take many minutes between progress lines
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+
+    def run(
+        self, request: TuneRequest, on_progress: Callable[[TuneState], None] | None = None
+    ) -> TuneOutcome:
+        conn = _UnixConnection(str(self.client.path), self.READ_TIMEOUT_S)
+        try:
+            body = json.dumps(dataclasses.asdict(request)).encode()
+            conn.request("POST", "/tune", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise _error_from(json.loads(response.read() or b"{}"), response.status)
+            while line := response.readline():
+                data = json.loads(line)
+                if "progress" in data and on_progress is not None:
+                    on_progress(TuneState(**data["progress"]))
+                elif "outcome" in data:
+                    out = data["outcome"]
+                    out["batch_sizes"] = tuple(out.get("batch_sizes") or ())
+                    return TuneOutcome(**out)
+                elif "error" in data:
+                    raise _error_from(data, 500)
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise self.client._gone(err) from err
+        finally:
+            conn.close()
+        raise TunedConfigError("The Step Station service ended the tuning without saying how.")
+
+    def cancel(self) -> bool:
+        return bool(self.client._call("POST", "/tune/cancel", {})["cancelled"])
+
+    def status(self) -> dict[str, Any]:
+        return self.client._call("GET", "/tune")
 
 
 class ServiceKeys:

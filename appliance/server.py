@@ -160,6 +160,14 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     bench = BenchRunner(
         launcher_for=lambda target: launcher_for(supervisor.runtime)(target), keys=keys
     )
+    # MoE tuning: vLLM's tuner beside the engine's runtime; refused while a benchmark runs
+    from appliance.bench.tuning import TuneRunner
+    from appliance.control import tune_launcher_for
+
+    tuner = TuneRunner(
+        launcher_for=lambda target: tune_launcher_for(supervisor.runtime)(target),
+        ensure_bench_idle=bench.ensure_idle,
+    )
     return Services(
         store=store,
         secrets=secrets,
@@ -172,6 +180,7 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
         keys=keys,
         gateway=gateway,
         bench=bench,
+        tune=tuner,
     )
 
 
@@ -209,6 +218,7 @@ def _start_control(services: Services) -> ControlServer | None:
         services.store,
         keys=services.keys,
         bench=services.bench,
+        tune=services.tune,
         gpu_name=lambda: _engine_gpu_name(services),
     )
     try:

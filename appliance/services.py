@@ -13,6 +13,7 @@ from appliance.settings import Secrets, Settings, SettingsStore
 
 if TYPE_CHECKING:  # types only: building them imports heavy modules (see server.build_services)
     from appliance.bench.runner import BenchRunner
+    from appliance.bench.tuning import TuneRunner
     from appliance.chat.history import History
     from appliance.chat.service import ChatService
     from appliance.engine.supervisor import Supervisor
@@ -37,6 +38,7 @@ class Services:
     keys: KeyStore
     gateway: Gateway
     bench: BenchRunner  # `vllm bench serve`, one run at a time; `bench.current()` while it runs
+    tune: TuneRunner  # vLLM's MoE tuner (the engine stopped meanwhile); `tune.current()`
     warnings: list[str] = field(default_factory=list)
 
     @property

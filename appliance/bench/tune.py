@@ -27,43 +27,42 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.bench.errors import TunedConfigError
-from appliance.settings import data_dir
+from appliance.moe_folder import (  # re-exported: the folder's rules are shared with the engine
+    CONTAINER_FOLDER,
+    ENV_VAR,
+    NAME,
+    REQUIRED_KEYS,
+    EngineTuning,
+    Mount,
+    check_config,
+    default_folder,
+    engine_tuning,
+    is_batch_size,
+    tuning_for_start,
+)
 
-ENV_VAR = "VLLM_TUNED_CONFIG_FOLDER"
-# Where the folder appears inside the engine container.
-CONTAINER_FOLDER = "/opt/step-station/moe-configs"
+__all__ = [
+    "CONTAINER_FOLDER",
+    "ENV_VAR",
+    "REQUIRED_KEYS",
+    "EngineTuning",
+    "Mount",
+    "check_config",
+    "default_folder",
+    "engine_tuning",
+    "tuning_for_start",
+]
 
 # `_get_config_dtype_str` (vllm/model_executor/layers/fused_moe/config.py) returns one of these,
 # or None for bf16/fp16 (no `,dtype=` part).
 DTYPES = ("fp8_w8a8", "fp8_w8a16", "int8_w8a16", "int4_w4a16", "float32")
 
-REQUIRED_KEYS = (
-    "BLOCK_SIZE_M",
-    "BLOCK_SIZE_N",
-    "BLOCK_SIZE_K",
-    "GROUP_SIZE_M",
-    "num_warps",
-    "num_stages",
-)
-# Triton block sizes feed `tl.arange`, which takes powers of two only.
-_POWER_OF_TWO_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
-
-_NAME = re.compile(
-    r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+)"
-    r"(?:,dtype=(?P<dtype>[^,]+))?"
-    r"(?:,block_shape=\[(?P<bn>\d+),(?P<bk>\d+)\])?\.json$"
-)
-
-
-def default_folder() -> Path:
-    """The persistent folder for tuned configs: kept with the appliance's data, not its cache,
-    because tuning one GPU takes hours."""
-    return data_dir() / "moe-configs"
+_NAME = NAME
 
 
 def device_file_name(gpu_name: str) -> str:
@@ -253,49 +252,6 @@ def merge_configs(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- format
 
 
-def check_config(data: object) -> list[str]:
-    """What is wrong with a decoded config file for vLLM's loader (empty if nothing)."""
-    if not isinstance(data, dict):
-        return [f"not a JSON object (got {type(data).__name__})"]
-    problems: list[str] = []
-    sizes = 0
-    for key, entry in data.items():
-        if key == "triton_version":
-            if not isinstance(entry, str):
-                problems.append(f"triton_version is {entry!r}, not a string")
-            continue
-        if not _is_batch_size(key):
-            # vLLM does int(key) on every key but triton_version; anything else crashes it.
-            problems.append(f"key {key!r} is not a batch size")
-            continue
-        sizes += 1
-        problems.extend(_check_entry(key, entry))
-    if not sizes:
-        problems.append("no batch sizes")
-    return problems
-
-
-def _is_batch_size(key: str) -> bool:
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-    return key.isascii() and key.isdigit() and int(key) > 0
-
-
-def _check_entry(key: str, entry: object) -> list[str]:
-    if not isinstance(entry, dict):
-        return [f"batch size {key}: not an object"]
-    problems: list[str] = []
-    for name in REQUIRED_KEYS:
-        value = entry.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"batch size {key}: {name} is {value!r}, not a positive integer")
-        elif name in _POWER_OF_TWO_KEYS and value & (value - 1):
-            problems.append(f"batch size {key}: {name} is {value}, not a power of two")
-    for name, value in entry.items():
-        if name not in REQUIRED_KEYS and not isinstance(value, (int, str)):
-            problems.append(f"batch size {key}: {name} is {value!r}")
-    return problems
-
-
 def load_config(path: Path) -> dict[int, dict[str, Any]]:
     """A tuned config as vLLM loads it (batch size -> kernel parameters), or TunedConfigError."""
     try:
@@ -352,7 +308,7 @@ def _read_file(path: Path) -> TunedConfigFile:
     sizes: tuple[int, ...] = ()
     version = ""
     if isinstance(data, dict):
-        sizes = tuple(sorted(int(k) for k in data if _is_batch_size(k)))
+        sizes = tuple(sorted(int(k) for k in data if is_batch_size(k)))
         version = (
             data.get("triton_version", "") if isinstance(data.get("triton_version"), str) else ""
         )
@@ -380,33 +336,3 @@ def find_config(folder: Path, shape: MoeShape, gpu_name: str) -> TunedConfigStat
     if not path.is_file():
         return TunedConfigStatus(file_name=name, path=path, exists=False)
     return TunedConfigStatus(file_name=name, path=path, exists=True, file=_read_file(path))
-
-
-# ---------------------------------------------------------------------------------- engine
-
-
-@dataclass(frozen=True)
-class Mount:
-    host: Path
-    container: str
-    read_only: bool = True
-
-
-@dataclass(frozen=True)
-class EngineTuning:
-    """What an engine launch adds so vLLM reads the tuned configs: one env var and, for the
-    container engine, a read-only bind mount of the folder."""
-
-    env: Mapping[str, str] = field(default_factory=dict)
-    mounts: tuple[Mount, ...] = ()
-
-
-def engine_tuning(folder: Path, *, in_container: bool = True) -> EngineTuning:
-    """The env (and mount) for an engine started with tuned configs in `folder`. The pip-route
-    engine runs on the host and reads the folder where it is."""
-    if not in_container:
-        return EngineTuning(env={ENV_VAR: str(folder)})
-    return EngineTuning(
-        env={ENV_VAR: CONTAINER_FOLDER},
-        mounts=(Mount(host=folder, container=CONTAINER_FOLDER),),
-    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from appliance import endpoint, profiles
+from appliance import endpoint, moe_folder, profiles
 from appliance import settings as st
 from appliance.engine import engine_key
 from appliance.engine.spec import LaunchSpec, build_launch_spec, listen_host
@@ -84,6 +84,9 @@ def launch_spec_for(
         hf_token=token,
         executable=_executable(kind, demo),
         download_weights=download_weights,
+        tuning=moe_folder.tuning_for_start(
+            moe_folder.default_folder(), in_container=kind == "docker"
+        ),
     )
 
 

@@ -23,6 +23,7 @@ from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import phases
 from appliance.engine.engine_key import LABEL_KEY_ID, EngineKey
+from appliance.moe_folder import EngineTuning
 from appliance.settings import EngineSettings
 
 CONTAINER_HOME = "/root"
@@ -269,6 +270,7 @@ def build_launch_spec(
     executable: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
     download_weights: bool = True,
+    tuning: EngineTuning | None = None,
 ) -> LaunchSpec:
     """The frozen spec for one start. Pure apart from reading paths from settings.
 
@@ -276,6 +278,8 @@ def build_launch_spec(
     `engine_env` from `profiles.engine_environment(profile, engine)`.
     `engine.model_override` replaces the model: a local path is mounted read-only, a repo id is
     downloaded like the profile's checkpoint.
+    `tuning` (moe_folder.tuning_for_start) adds the tuned MoE config setting and, in a container,
+    the folder's read-only mount.
     """
     runtime = runtime or engine.runtime
     environ = os.environ if environ is None else environ
@@ -306,6 +310,15 @@ def build_launch_spec(
     if runtime != "docker":
         env["HF_HOME"] = str(hf_root)
     env.update(engine_env or {})
+    if tuning is not None:
+        # In the hashed env: an engine started before the configs were installed shows as
+        # needing a restart, which is what it needs to use them.
+        env.update(tuning.env)
+        if runtime == "docker":
+            mounts = (
+                *mounts,
+                *(Mount(str(m.host), m.container, m.read_only) for m in tuning.mounts),
+            )
     env.update({k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_ENV_PREFIXES)})
     gpus: tuple[str, ...] | None = None
     if runtime == "docker" and engine.request_gpu:

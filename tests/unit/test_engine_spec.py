@@ -3,6 +3,7 @@ labels, settings hash."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import endpoint, profiles
+from appliance import endpoint, moe_folder, profiles
 from appliance import settings as st
 from appliance.engine import phases
 from appliance.engine.launch import launch_spec_for
@@ -233,3 +234,66 @@ def test_safer_spec_for_a_context_that_does_not_fit() -> None:
     assert estimated is not None
     assert estimated.arg_value("--max-model-len") == "129024"
     assert note == "--max-model-len 129024 (was 262144)"
+
+
+# ------------------------------------------------------------------ tuned MoE configs (issue 14)
+
+SHIPPED_MOE = Path(__file__).resolve().parents[1] / "data" / "moe_configs"
+B200_CONFIG = "E=128,N=384,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+def _tuned_folder(station_home: Path) -> Path:
+    folder = station_home / "data" / "moe-configs"
+    assert folder == moe_folder.default_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_a_start_mounts_the_tuned_configs_read_only_and_sets_vllms_folder(
+    station_home: Path,
+) -> None:
+    folder = _tuned_folder(station_home)
+    # a config vLLM shipped (0.32), in its own name and format
+    shutil.copy(SHIPPED_MOE / B200_CONFIG, folder / B200_CONFIG)
+    spec = launch_spec_for(_settings(), secrets=st.Secrets())
+    assert spec.env_map["VLLM_TUNED_CONFIG_FOLDER"] == "/opt/step-station/moe-configs"
+    (mount,) = [m for m in spec.mounts if m.target == "/opt/step-station/moe-configs"]
+    assert mount.source == str(folder)
+    assert mount.read_only
+    # the setting is in the hashed env: an engine started before tuning needs a restart
+    before = launch_spec_for(_settings(), secrets=st.Secrets(), profile=None)
+    (folder / B200_CONFIG).unlink()
+    after = launch_spec_for(_settings(), secrets=st.Secrets())
+    assert before.settings_hash != after.settings_hash
+
+
+def test_no_setting_and_no_mount_without_configs(station_home: Path) -> None:
+    # no folder, an empty folder, a folder of files vLLM never looks for
+    for _ in range(3):
+        spec = launch_spec_for(_settings(), secrets=st.Secrets())
+        assert "VLLM_TUNED_CONFIG_FOLDER" not in spec.env_map
+        assert "/opt/step-station/moe-configs" not in {m.target for m in spec.mounts}
+        folder = _tuned_folder(station_home)
+        (folder / "notes.json").write_text("{}")
+
+
+def test_a_broken_config_leaves_the_folder_out_rather_than_crash_the_load(
+    station_home: Path,
+) -> None:
+    folder = _tuned_folder(station_home)
+    shutil.copy(SHIPPED_MOE / B200_CONFIG, folder / B200_CONFIG)
+    # vLLM's get_moe_configs does int(key) on every key but triton_version, unguarded
+    broken = "E=288,N=1280,device_name=NVIDIA_GB300,dtype=fp8_w8a8,block_shape=[128,128].json"
+    (folder / broken).write_text(json.dumps({"triton_version": "3.5.0", "best": {}}))
+    spec = launch_spec_for(_settings(), secrets=st.Secrets())
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in spec.env_map
+    assert "/opt/step-station/moe-configs" not in {m.target for m in spec.mounts}
+
+
+def test_an_engine_on_the_host_reads_the_folder_in_place(station_home: Path) -> None:
+    folder = _tuned_folder(station_home)
+    shutil.copy(SHIPPED_MOE / B200_CONFIG, folder / B200_CONFIG)
+    settings = _settings(runtime="process")
+    spec = launch_spec_for(settings, demo=True, download_weights=False, secrets=st.Secrets())
+    assert spec.env_map["VLLM_TUNED_CONFIG_FOLDER"] == str(folder)
+    assert spec.mounts == ()
