@@ -229,12 +229,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._stream_logs(follow=query.get("follow") == "1")
 
     def _post_start(self, body: dict[str, Any]) -> None:
-        if self.server.tune is not None and self.server.tune.current() is not None:
-            # the tuner holds the whole GPU; an engine loading beside it would fail or skew it
-            raise TunedConfigError(
-                "MoE tuning is running on the engine's GPU; the engine starts after it.",
-                hint="Wait for `step-station tune-moe` to finish, or cancel it.",
-            )
+        # refused by the supervisor's start guard while MoE tuning holds the GPU
         profile = body.get("profile")
         status = self.server.supervisor.start(str(profile) if profile else None)
         self._send(200, {"status": status.to_dict()})

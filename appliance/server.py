@@ -168,6 +168,8 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
         launcher_for=lambda target: tune_launcher_for(supervisor.runtime)(target),
         ensure_bench_idle=bench.ensure_idle,
     )
+    # the tuner holds the whole GPU for hours: no door may start the engine beside it
+    supervisor.add_start_guard(tuner.start_refusal)
     return Services(
         store=store,
         secrets=secrets,

@@ -360,6 +360,19 @@ class TuneRunner:
             process.terminate()
         return True
 
+    def start_refusal(self) -> TunedConfigError | None:
+        """The supervisor's start guard (Supervisor.add_start_guard): while a run holds the GPU,
+        every start, from the control socket, the Model tab or a LAN request, is refused with
+        this. The run's state is claimed before the engine is stopped, so no start slips in
+        between."""
+        with self._lock:
+            if self._state is None:
+                return None
+        return TunedConfigError(
+            "MoE tuning is running on the engine's GPU; the engine starts after it.",
+            hint="Wait for `step-station tune-moe` to finish, or cancel it.",
+        )
+
     def ensure_idle(self) -> None:
         with self._lock:
             if self._state is not None:

@@ -23,6 +23,7 @@ watcher adopts an engine another process starts. `status()` returns a copy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 SpecBuilder = Callable[["Supervisor", "str | None"], LaunchSpec]
+# Asked before every start: None lets it go, an error (raised in its place) says why not.
+StartGuard = Callable[[], Exception | None]
 
 _T = TypeVar("_T")
 
@@ -141,6 +144,7 @@ class Supervisor:
             demo=demo,
         )
         self._attacher = Attacher(ctx, self._board, self._logs, self._starter, self._worker)
+        self._start_guards: list[StartGuard] = []
 
     @classmethod
     def for_demo(cls, settings: st.Settings, **kwargs: Any) -> Supervisor:
@@ -227,11 +231,16 @@ class Supervisor:
 
     def try_start(self, profile: str | None = None) -> bool:
         """`start()`, saying whether this call started the engine: False when it was already
-        starting or running (two pages clicking Start at once: one starts, one is told)."""
+        starting or running (two pages clicking Start at once: one starts, one is told).
+        Raises the refusal of a start guard (`add_start_guard`) while one holds the GPU."""
         ctx, board = self._ctx, self._board
         with ctx.decide, board.lock:
             if self._busy() or board.status.state in (EngineState.READY, EngineState.SLEEPING):
                 return False
+            for guard in list(self._start_guards):
+                refusal = guard()
+                if refusal is not None:
+                    raise refusal
             ctx.cancel.clear()
             board.begin_start(
                 EngineStatus(
@@ -247,6 +256,22 @@ class Supervisor:
             self._worker.spawn(self._starter.run, profile)
         board.notify()
         return True
+
+    def add_start_guard(self, guard: StartGuard) -> Callable[[], None]:
+        """Ask `guard()` before every start, from whichever door it comes (the control socket,
+        the Model tab, the gateway's start on request): an error it returns is raised instead of
+        starting. MoE tuning holds the GPU this way for hours (appliance/server.py wires
+        `TuneRunner.start_refusal`). The check runs under the same lock as the start decision,
+        so a guard that begins answering before its owner stops the engine leaves no gap for a
+        start to slip through. Returns the function that removes the guard."""
+        with self._ctx.decide:
+            self._start_guards.append(guard)
+
+        def remove() -> None:
+            with self._ctx.decide, contextlib.suppress(ValueError):
+                self._start_guards.remove(guard)
+
+        return remove
 
     def stop(self, timeout_s: float | None = None) -> EngineStatus:
         """Stop gracefully (SIGTERM, deadline, kill), remove the engine, and return when done."""

@@ -13,13 +13,17 @@ import importlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.fake_runtime import WAIT_S, FakeClock, FakeEngine, FakeRuntime
+from fixtures.tune_kit import TARGET, FakeTuner
 
 from appliance import endpoint
 from appliance import settings as st
+from appliance.bench.errors import TunedConfigError
+from appliance.bench.tuning import TuneRequest, TuneRunner
 from appliance.engine import EngineState, EngineStatus, LaunchSpec, Supervisor
 from appliance.engine.launch import launch_spec_for
 from appliance.engine.lock import EngineLock
@@ -551,3 +555,49 @@ def test_an_open_chat_keeps_the_engine_awake_past_the_idle_time(
     clock.advance(IDLE_S + 1)
     wait_status(sup, lambda s: s.state == EngineState.SLEEPING, "asleep once the chat ended")
     assert engine.calls == ["sleep"]
+
+
+# ------------------------------------------------------------- MoE tuning holds the GPU for hours
+
+
+def test_tuning_stops_a_start_in_progress_and_no_door_starts_the_engine_until_it_ends(
+    fake: FakeRuntime, make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    """The tuner and an engine cannot share the GPU. A start already pulling when tuning begins
+    is stopped; while the tuner runs, every start (the control socket's, the Model tab's, the
+    gateway's start on request all end in `try_start`) is refused with the reason; after a
+    cancel the engine starts again."""
+    fake.image_cached = False
+    sup = make_supervisor()
+    tuner = FakeTuner(hold=True)
+    runner = TuneRunner(
+        launcher_for=lambda target: tuner,
+        folder=tmp_path / "moe-configs",
+        work_root=tmp_path / "work",
+    )
+    remove_guard = sup.add_start_guard(runner.start_refusal)
+    sup.start()
+    wait_status(sup, lambda s: s.state == EngineState.PULLING_IMAGE, "pulling")
+
+    tuning = Call(
+        lambda: runner.run(TuneRequest(batch_sizes=(1, 2)), TARGET, lambda m: sup.stop()),
+        name="tune",
+    )
+    fake.wait_for(lambda: bool(tuner.processes), "the tuner's launch")
+    assert sup.status().state == EngineState.STOPPED  # the pulling start was stopped first
+    assert fake.engines == []
+    with pytest.raises(TunedConfigError, match="MoE tuning is running"):
+        sup.try_start()
+    with pytest.raises(TunedConfigError, match="MoE tuning is running"):
+        sup.start()
+    assert sup.status().state == EngineState.STOPPED
+    assert fake.pulls_started == 1  # nothing began behind the refusals
+
+    assert runner.cancel()
+    assert tuning.result().state == "cancelled"
+    assert sup.try_start() is True  # the GPU is free again
+    fake.wait_for(lambda: fake.pulls_started == 2, "the next start's pull")
+    fake.release_pull()
+    launched(sup, fake).become_ready()
+    assert sup.wait_ready(WAIT_S).state == EngineState.READY
+    remove_guard()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,15 @@ class _Runtime:
 
 
 class TuneSupervisor:
-    """The part of the supervisor the tune routes use: its runtime, `stop`, `start`."""
+    """The part of the supervisor the tune routes use: its runtime, `stop`, `start` (which asks
+    its start guards as Supervisor.try_start does; tests/unit/test_supervisor_races.py runs the
+    real one against a tuning)."""
 
     def __init__(self, kind: str = "docker") -> None:
         self.runtime = _Runtime(kind)
         self.state = EngineState.READY
         self.calls: list[str] = []
+        self.guards: list[Callable[[], Exception | None]] = []
 
     def status(self) -> EngineStatus:
         return EngineStatus(state=self.state, profile="fp8-tp1")
@@ -68,6 +71,10 @@ class TuneSupervisor:
         return self.status()
 
     def start(self, profile: str | None = None) -> EngineStatus:
+        for guard in self.guards:
+            refusal = guard()
+            if refusal is not None:
+                raise refusal
         self.calls.append("start")
         return self.status()
 
@@ -99,6 +106,7 @@ class Service:
             return tuner
 
         self.runner = TuneRunner(launcher_for=launcher_for)
+        self.supervisor.guards.append(self.runner.start_refusal)  # as appliance/server.py does
         self.server = control.ControlServer(
             self.supervisor,  # type: ignore[arg-type]
             st.SettingsStore(_settings()),
