@@ -17,7 +17,6 @@ Needs `scripts/realvllm.sh up`. Prints the table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import secrets
@@ -28,50 +27,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-vLLM settings: one place for both
+
+from fixtures.realvllm import (  # noqa: E402
+    MODELS,
+    SERVED,
+    VENV,
+    cpu_stores_fp8_kv,
+    engine_env,
+    take_slot,
+)
 
 from appliance.bench import presets  # noqa: E402
 from appliance.bench.runner import BenchRequest, BenchRunner, BenchTarget  # noqa: E402
 from appliance.bench.store import BenchStore  # noqa: E402
 from benchmarks.common import free_port  # noqa: E402
 
-REAL = Path(os.environ.get("REALVLLM_DIR", ROOT / ".realvllm"))
-VLLM = REAL / "venv" / "bin" / "vllm"
-MODEL = REAL / "models" / "tiny-std"
-SERVED = "step3p7-flash"
-# What a 2-core CPU machine needs (tests/fixtures/realvllm.py says why); not product settings.
-ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
-
-
-def take_slot() -> IO[str]:
-    """The real-vLLM slot lock the tests use, so this run never adds a fourth engine to the
-    machine's test runs."""
-    slots = int(os.environ.get("STEP_REALVLLM_SLOTS", "3"))
-    while True:
-        for i in range(slots):
-            fh = open(f"/tmp/step-station-realvllm-slot{i}.lock", "w")  # noqa: SIM115
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fh
-            except OSError:
-                fh.close()
-        time.sleep(1.0)
+VLLM = VENV / "bin" / "vllm"
+MODEL = MODELS["std"]
 
 
 def start_engine(port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
-    flags = Path("/proc/cpuinfo").read_text()
-    kv = [] if " avx512f" in flags or " amx_" in flags else ["--kv-cache-dtype", "auto"]
+    kv = [] if cpu_stores_fp8_kv() else ["--kv-cache-dtype", "auto"]
     argv = [str(VLLM), "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", SERVED, "--max-model-len", "4096", "--api-key", key,
             *kv]  # fmt: skip
@@ -79,7 +61,7 @@ def start_engine(port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
         argv,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("VLLM_")} | ENV,
+        env=engine_env(),
         start_new_session=True,
     )
     deadline = time.monotonic() + 1200
@@ -104,8 +86,7 @@ def bare(args: list[str], key: str, work: Path) -> float:
     result_dir = work / "bare"
     argv = [str(VLLM), "bench", "serve", *args]
     argv[argv.index("--result-dir") + 1] = str(result_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env |= ENV | presets.bench_env(key)
+    env = engine_env(presets.bench_env(key))
     subprocess.run(argv, env=env, check=True, capture_output=True, timeout=1800)  # noqa: S603
     data = json.loads((result_dir / "result.json").read_text())
     (result_dir / "result.json").unlink()

@@ -34,7 +34,7 @@ import psutil
 import pytest
 from chat_page import BOT, open_chat, send, set_level, wait_for_replies
 from fixtures.appliance import Appliance, appliances
-from fixtures.realvllm import ENGINE_ENV, MODELS, _take_slot, require_real_vllm
+from fixtures.realvllm import ENGINE_ENV, MODELS, require_real_vllm, take_slot
 from playwright.sync_api import expect
 
 from appliance.controllers.bench import RUN_COLUMNS
@@ -73,7 +73,7 @@ def cli(app: Appliance, *args: str, timeout: float = 300) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     exe = require_real_vllm()
-    slot = _take_slot()  # one real engine among the machine's test runs
+    slot = take_slot()  # one real engine among the machine's test runs
     factory = appliances(tmp_path_factory.mktemp("bench-panel"))
     name = f"ss-bench-ui-{uuid.uuid4().hex[:8]}"  # its own engine socket
     env = {**ENGINE_ENV, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}"}

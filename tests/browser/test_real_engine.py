@@ -36,8 +36,7 @@ from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
     remove_containers,
     remove_local,
 )
-from fixtures.realvllm import MODELS
-from fixtures.realvllm import _take_slot as take_slot
+from fixtures.realvllm import MODELS, take_slot
 from fixtures.sim import free_port
 from playwright.sync_api import expect
 

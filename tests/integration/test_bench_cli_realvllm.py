@@ -29,7 +29,7 @@ from typing import Any
 import openai
 import psutil
 import pytest
-from fixtures.realvllm import ENGINE_ENV, MODELS, _cpu_stores_fp8_kv, _take_slot, require_real_vllm
+from fixtures.realvllm import ENGINE_ENV, MODELS, cpu_stores_fp8_kv, require_real_vllm, take_slot
 from fixtures.sim import REPO, free_port
 from gateway_kit import GatewayStack, start_gateway
 
@@ -57,7 +57,7 @@ def cpu_harness_spec(sup: Supervisor, profile: str | None) -> LaunchSpec:
     spec = launch_spec_for(sup.settings, profile=profile, runtime="process", download_weights=False)
     args = tuple(a for a in spec.args if a != "--enable-sleep-mode")
     spec = dataclasses.replace(spec, args=args).with_arg("--num-gpu-blocks-override", KV_BLOCKS)
-    if not _cpu_stores_fp8_kv():  # "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    if not cpu_stores_fp8_kv():  # "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
         spec = spec.with_arg("--kv-cache-dtype", "auto")
     return spec
 
@@ -154,7 +154,7 @@ def station(base: Path) -> Iterator[Station]:
         spec_builder=cpu_harness_spec,
         outside_poll_s=0,
     )
-    slot = _take_slot()
+    slot = take_slot()
     stack: GatewayStack | None = None
     server: control.ControlServer | None = None
     bench = BenchRunner(BenchStore(), launcher_for=control.launcher_for(runtime))

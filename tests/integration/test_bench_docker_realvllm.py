@@ -21,7 +21,7 @@ from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
     real_image,
     remove_containers,
 )
-from fixtures.realvllm import _take_slot
+from fixtures.realvllm import take_slot
 
 from appliance import control
 from appliance import settings as st
@@ -49,7 +49,7 @@ def station_home(home: Path) -> Path:
 @pytest.fixture(scope="module")
 def sup(docker_client: Any, real_image: str, home: Path) -> Iterator[Supervisor]:  # noqa: F811
     del real_image, home
-    slot = _take_slot()
+    slot = take_slot()
     settings = st.with_changes(
         real_engine_settings(name=f"ss-bench-{uuid.uuid4().hex[:8]}"), {"gateway.port": 0}
     )

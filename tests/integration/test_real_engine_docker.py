@@ -33,8 +33,7 @@ from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
     remove_containers,
     remove_local,
 )
-from fixtures.realvllm import MODELS
-from fixtures.realvllm import _take_slot as take_slot
+from fixtures.realvllm import MODELS, take_slot
 from gateway_kit import start_gateway, wait_until
 
 from appliance import endpoint

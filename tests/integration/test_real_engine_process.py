@@ -38,9 +38,9 @@ from fixtures.logcheck import assert_log_classified
 from fixtures.realvllm import (
     ENGINE_ENV,
     MODELS,
-    _cpu_stores_fp8_kv,
-    _take_slot,
+    cpu_stores_fp8_kv,
     require_real_vllm,
+    take_slot,
 )
 from fixtures.sim import free_port
 from gateway_kit import start_gateway, wait_until
@@ -82,7 +82,7 @@ def cpu_harness_spec(sup: Supervisor, profile: str | None) -> LaunchSpec:
     spec = launch_spec_for(sup.settings, profile=profile, runtime="process", download_weights=False)
     args = tuple(a for a in spec.args if a != "--enable-sleep-mode")
     spec = dataclasses.replace(spec, args=args).with_arg("--num-gpu-blocks-override", KV_BLOCKS)
-    if not _cpu_stores_fp8_kv():  # "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
+    if not cpu_stores_fp8_kv():  # "FP8 KV cache on CPU requires x86 with AVX-512 or AMX."
         spec = spec.with_arg("--kv-cache-dtype", "auto")
     return spec
 
@@ -167,7 +167,7 @@ def rig(base: Path) -> Iterator[Rig]:
     messages: list[str] = []
     states: list[EngineState] = []
     sup.add_listener(lambda s: (messages.append(s.message), states.append(s.state)))
-    slot = _take_slot()  # at most a few real engines at once on a shared machine
+    slot = take_slot()  # at most a few real engines at once on a shared machine
     try:
         yield Rig(sup, clock, runtime, log_dir, messages, states)
     finally:

@@ -35,7 +35,7 @@ from fixtures.realimage import (  # noqa: F401 - real_image is a fixture
     real_image,
     remove_containers,
 )
-from fixtures.realvllm import _take_slot as take_slot
+from fixtures.realvllm import take_slot
 from fixtures.sim import free_port
 from integration.gateway_kit import start_gateway, wait_until
 

@@ -123,6 +123,6 @@ CASES = {
 }  # fmt: skip
 
 if __name__ == "__main__":
-    slot = realvllm._take_slot()
+    slot = realvllm.take_slot()
     for case in sys.argv[1:] or list(CASES):
         run(*CASES[case])
