@@ -19,9 +19,11 @@ from appliance.bench.runner import BenchTarget
 from appliance.control import bench_target
 from appliance.controllers.bench import METRICS, RUN_COLUMNS, BenchPanel, BenchView, preset_choices
 from appliance.controllers.chat import export_folder
+from appliance.controllers.tuning import BeforeAfter, TargetCache, pair_headers, tuned_view_for
 from appliance.errors import ApplianceError
 from appliance.services import Services
 from appliance.settings import private_dir, write_private
+from ui.model import tune_target_of
 from ui.polling import panel, poll_while_visible
 
 PANEL = "ss-bench"
@@ -31,7 +33,12 @@ METRIC_LABELS = {key: label for label, key, _ in METRICS}
 
 def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
-    controller = BenchPanel(services.bench, lambda: _target(services))
+    tune_targets = TargetCache(lambda: tune_target_of(services))
+    controller = BenchPanel(
+        services.bench,
+        lambda: _target(services),
+        lambda: tuned_view_for(services.tune.folder, *tune_targets.get()),
+    )
 
     with panel(PANEL):
         gr.HTML(_STYLE)
@@ -102,7 +109,17 @@ def build(services: Services) -> None:
                     height=260,
                     elem_id="ss-bench-plot",
                 )
+        gr.Markdown("### Before / after tuning")
+        pair_text = gr.Markdown(elem_id="ss-bench-tuning-text")
+        pair_table = gr.Dataframe(
+            headers=pair_headers(BeforeAfter(None, None, "")),
+            value=[],
+            interactive=False,
+            visible=False,
+            elem_id="ss-bench-tuning",
+        )
         shown = gr.State(None)  # the rows on screen, to send the table only when it changed
+        pair_shown = gr.State(None)  # the pair on screen (text and rows), likewise
         timer = gr.Timer(POLL_S, active=False)
 
     def compare(run_ids: list[int] | None, key: str) -> Any:
@@ -133,8 +150,20 @@ def build(services: Services) -> None:
             view.rows,
         ]
 
-    def refresh(seen: Any, run_ids: list[int] | None, key: str) -> list[Any]:
-        return show(controller.view(), seen, run_ids, key)
+    def show_pair(seen: Any) -> list[Any]:
+        """The before/after section; read at each poll, since tuning changes it without a new
+        run (the tuned config's install time splits the runs)."""
+        pair = controller.before_after()
+        if pair is None:
+            return [gr.skip(), gr.skip(), seen]
+        key = (pair.text, pair.rows)
+        if key == seen:
+            return [gr.skip(), gr.skip(), seen]
+        table = gr.Dataframe(value=pair.rows, headers=pair_headers(pair), visible=bool(pair.rows))
+        return [pair.text, table, key]
+
+    def refresh(seen: Any, run_ids: list[int] | None, key: str, seen_pair: Any) -> list[Any]:
+        return [*show(controller.view(), seen, run_ids, key), *show_pair(seen_pair)]
 
     def on_run(
         name: str,
@@ -163,8 +192,10 @@ def build(services: Services) -> None:
 
     state = [shown, chosen, metric]
     outputs = [status, error, run, cancel, table, chosen, plot, shown]
-    timer.tick(refresh, state, outputs, show_progress="hidden", concurrency_limit=None)
-    poll_while_visible(PANEL, [timer], refresh, state, outputs)
+    polled = [*state, pair_shown]
+    polled_out = [*outputs, pair_text, pair_table, pair_shown]
+    timer.tick(refresh, polled, polled_out, show_progress="hidden", concurrency_limit=None)
+    poll_while_visible(PANEL, [timer], refresh, polled, polled_out)
     run.click(
         on_run,
         [preset, prompts, input_len, output_len, concurrency, gateway, *state],

@@ -2,7 +2,8 @@
 
 Layout and wiring only: what to show is `appliance.controllers.dashboard.DashboardController`'s.
 Current values refresh every second and the plots every five, and only while the tab is on screen
-(`ui.polling`).
+(`ui.polling`). A running benchmark or MoE tuning is marked above the cards, read at each of those
+seconds from the service's runners.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
     sampler = services.sampler
     supervisor = services.supervisor
-    controller = DashboardController(sampler, lambda: supervisor.status().effective)
+    controller = DashboardController(
+        sampler, lambda: supervisor.status().effective, services.bench, services.tune
+    )
 
     with panel(PANEL):
         gr.HTML(_STYLE)
+        activity = gr.HTML(elem_id="ss-activity")
         current = gr.HTML(elem_id="ss-current")
         breakdown = gr.HTML(elem_id="ss-breakdown")
         gr.Markdown(f"### Last {sampler.settings.sampler.history_s // 60} minutes")
@@ -39,28 +43,32 @@ def build(services: Services) -> None:
             for key, title in PLOTS[3:]:
                 plots.append(_plot(key, title))
         seen = gr.State(0.0)
+        seen_activity = gr.State("")
         values_timer = gr.Timer(sampler.interval_s, active=False)
         plots_timer = gr.Timer(PLOT_EVERY_S, active=False)
 
-    def refresh_values(seen_at: float) -> Any:
+    def refresh_values(seen_at: float, seen_line: str | None) -> Any:
+        line = controller.activity()
+        marked = [gr.skip(), seen_line] if line == seen_line else [line, line]
         values = controller.values(seen_at)
         if values is None:
-            return gr.skip(), gr.skip(), seen_at
-        return values.current, values.breakdown, values.at
+            return gr.skip(), gr.skip(), seen_at, *marked
+        return values.current, values.breakdown, values.at, *marked
 
     def refresh_plots() -> Any:
         return [gr.LinePlot(value=p.frame, visible=p.visible) for p in controller.plots()]
 
-    def refresh_all(seen_at: float) -> Any:
-        return [*refresh_values(0.0), *refresh_plots()]
+    def refresh_all(seen_at: float, seen_line: str | None) -> Any:
+        return [*refresh_values(0.0, None), *refresh_plots()]
 
-    value_outputs = [current, breakdown, seen]
+    value_inputs = [seen, seen_activity]
+    value_outputs = [current, breakdown, seen, activity, seen_activity]
     values_timer.tick(
-        refresh_values, [seen], value_outputs, show_progress="hidden", concurrency_limit=None
+        refresh_values, value_inputs, value_outputs, show_progress="hidden", concurrency_limit=None
     )
     plots_timer.tick(refresh_plots, None, plots, show_progress="hidden", concurrency_limit=None)
     poll_while_visible(
-        PANEL, [values_timer, plots_timer], refresh_all, [seen], [*value_outputs, *plots]
+        PANEL, [values_timer, plots_timer], refresh_all, value_inputs, [*value_outputs, *plots]
     )
 
 
@@ -100,4 +108,6 @@ _STYLE = """<style>
 .ss-swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em;
   border-radius: 2px; vertical-align: middle; }
 .ss-muted { color: #6b7280; font-size: 0.85em; }
+.ss-activity { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 6px;
+  padding: 0.4em 0.8em; font-family: ui-sans-serif, system-ui, "DejaVu Sans", sans-serif; }
 </style>"""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from appliance.bench.presets import PRESETS
 from appliance.bench.runner import BenchOutcome, BenchRequest, BenchState, BenchTarget
 from appliance.bench.store import StoredRun, export_csv, export_json
+from appliance.controllers.tuning import BeforeAfter, TunedView, before_after_section
 from appliance.errors import ApplianceError, BadInputError
 from appliance.units import NA, fmt_latency
 
@@ -106,9 +107,15 @@ def _opt_int(label: str, value: Any) -> int | None:
 class BenchPanel:
     """One per service; every page shares it (the runner allows one run at a time anyway)."""
 
-    def __init__(self, runner: Runner, target: Callable[[], BenchTarget]) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        target: Callable[[], BenchTarget],
+        tuned: Callable[[], TunedView] | None = None,
+    ) -> None:
         self.runner = runner
         self._target = target
+        self._tuned = tuned  # the Model tab's line: which tuned config vLLM loads, since when
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last: BenchOutcome | None = None
@@ -202,6 +209,12 @@ class BenchPanel:
 
     def rows(self) -> list[list[Any]]:
         return [run_row(run) for run in self.runs()]
+
+    def before_after(self, runs: Sequence[StoredRun] | None = None) -> BeforeAfter | None:
+        """The runs either side of the last tuning, side by side (None: no tuning here)."""
+        if self._tuned is None:
+            return None
+        return before_after_section(self.runs() if runs is None else runs, self._tuned())
 
     def compare(
         self, run_ids: Sequence[int], metric: str = "output_throughput"

@@ -2,6 +2,8 @@
 
 Every number comes from the shared sampler's ring buffer, so an open page costs a read, never an
 NVML query. The tab asks `values()` every second and `plots()` every five while it is on screen.
+While a benchmark or an MoE tuning runs, `activity()` says so above the cards: the GPU numbers
+then include its load (issue 14: the run is marked in the dashboard).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from appliance.bench.runner import BenchState
+from appliance.bench.tuning import TuneState
 from appliance.monitoring.sampler import GpuSample, Sample
 from appliance.monitoring.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
 from appliance.units import NA, fmt_bytes, fmt_num
@@ -27,6 +31,18 @@ class SampleSource(Protocol):
     def latest(self, reader: str = "") -> Sample | None: ...
 
     def history(self, seconds: float | None = None, reader: str = "") -> list[Sample]: ...
+
+
+class BenchWatch(Protocol):
+    """The part of the service's BenchRunner the dashboard reads (a small progress record)."""
+
+    def current(self) -> BenchState | None: ...
+
+
+class TuneWatch(Protocol):
+    """The part of the service's TuneRunner the dashboard reads."""
+
+    def current(self) -> TuneState | None: ...
 
 
 _PART_COLORS = {
@@ -185,6 +201,31 @@ def breakdown_html(breakdown: MemoryBreakdown | None) -> str:
     )
 
 
+def activity_html(bench: BenchState | None, tuning: TuneState | None) -> str:
+    """One line per run that loads the GPU now ("" when none): what it is, how far, and what it
+    means for the numbers below."""
+    lines = []
+    if bench is not None:
+        via = " through the gateway" if bench.through_gateway else ""
+        done = f"{bench.done}/{bench.total} requests" if bench.total else "starting"
+        if bench.cancelling:
+            done = "cancelling"
+        lines.append(
+            f'<div class="ss-activity-line" data-run="bench">Benchmark running{via}: '
+            f"{done} ({html.escape(bench.preset)}) — GPU and engine numbers include its load."
+            "</div>"
+        )
+    if tuning is not None:
+        done = "cancelling" if tuning.cancelling else f"{tuning.done}/{tuning.total} batch sizes"
+        lines.append(
+            '<div class="ss-activity-line" data-run="tune">MoE tuning running: '
+            f"{done} — the engine is stopped; the GPU numbers are the tuner's.</div>"
+        )
+    if not lines:
+        return ""
+    return f'<div class="ss-activity">{"".join(lines)}</div>'
+
+
 # -------------------------------------------------------------------------------------- plots
 
 
@@ -247,9 +288,23 @@ class Plot:
 class DashboardController:
     """What the dashboard shows, read from the sampler and the engine's effective settings."""
 
-    def __init__(self, sampler: SampleSource, effective: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        sampler: SampleSource,
+        effective: Callable[[], dict[str, Any]],
+        bench: BenchWatch | None = None,
+        tuning: TuneWatch | None = None,
+    ) -> None:
         self.sampler = sampler
         self.effective = effective  # the engine's effective settings (weights and KV sizes)
+        self.bench = bench
+        self.tuning = tuning
+
+    def activity(self) -> str:
+        """The runs loading the GPU now, as HTML ("" when none)."""
+        bench = self.bench.current() if self.bench is not None else None
+        tuning = self.tuning.current() if self.tuning is not None else None
+        return activity_html(bench, tuning)
 
     def values(self, seen_at: float) -> Values | None:
         """The cards and breakdown; None when the newest sample is the one the page shows."""

@@ -1,4 +1,4 @@
-"""The Model tab's tuned-kernels line and the before/after pairing of benchmark runs.
+"""The Model tab's tuned-kernels line and Tune button, and the before/after pairing of runs.
 
 Two questions an owner asks after `tune-moe` (issue 14, items 3 and 4): does this GPU run tuned
 MoE kernels with this engine image, and what did tuning change? The first is read from the
@@ -6,22 +6,36 @@ folder exactly as vLLM reads it (its file name for this GPU and shape, its JSON 
 appliance/bench/tune.py cites the source); the second pairs the last benchmark run before the
 config was installed with the first one after it.
 
-No gradio here (the layer rules): the tab in ui/ shows `text` and the pair's rows.
+`TunePanel` is the tab's button: the service's one `TuneRunner` (the same one `step-station
+tune-moe` reaches), run in a thread of the panel's own so that a page never holds an event for
+the hours tuning takes; the page polls `view()`.
+
+No gradio here (the layer rules): the tabs in ui/ show `text`, the pair's rows and the views.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from appliance.bench import tune
 from appliance.bench.store import StoredRun
-from appliance.bench.tuning import TuneTarget, last_install
+from appliance.bench.tuning import (
+    TuneOutcome,
+    TuneRequest,
+    TuneState,
+    TuneTarget,
+    last_install,
+    stop_message,
+)
 from appliance.errors import ApplianceError
+from appliance.units import fmt_duration
 
 TunedState = Literal["tuned", "other_image", "not_tuned", "broken", "unknown"]
 
@@ -191,3 +205,286 @@ def _md(text: str) -> str:
     for ch in "\\`*_[]":
         escaped = escaped.replace(ch, "\\" + ch)
     return escaped
+
+
+# ------------------------------------------------------------------ the Benchmark tab's pair
+
+NO_RUN_AFTER = "No run after tuning yet: restart the engine and run the same preset"
+NOT_TUNED_YET = (
+    "Not tuned yet: tune the MoE kernels on the Model tab, start the engine again and run the "
+    "same preset as before; the two runs show here side by side."
+)
+
+
+def pair_headers(pair: BeforeAfter) -> list[str]:
+    """The side-by-side table's header, naming the two runs."""
+    before = f"Before (run {pair.before.id})" if pair.before else "Before"
+    after = f"After (run {pair.after.id})" if pair.after else "After"
+    return ["Metric", before, after, "Change"]
+
+
+def before_after_section(runs: Sequence[StoredRun], tuned: TunedView) -> BeforeAfter:
+    """The Benchmark tab's "Before / after tuning": the pair either side of the install of the
+    config vLLM loads now (the Model tab's `tuned` line says which one that is)."""
+    if tuned.installed_at is None:
+        # nothing installed to split at: the line says why (cannot tell, broken) or not tuned
+        text = tuned.text if tuned.state in ("unknown", "broken") else NOT_TUNED_YET
+        return BeforeAfter(None, None, text)
+    pair = before_after(runs, tuned.installed_at)
+    if pair.after is not None:
+        return pair
+    earlier = [r for r in runs if r.created_at < tuned.installed_at]
+    last = max(earlier, key=lambda r: (r.created_at, r.id), default=None)
+    same = f" ({_md(last.info.preset)}, as run {last.id} before tuning)" if last else ""
+    return BeforeAfter(None, None, f"{NO_RUN_AFTER}{same}.")
+
+
+# ------------------------------------------------------------------- the Model tab's button
+
+# How long the engine-as-the-tuner-sees-it is kept: building it reads the checkpoint's
+# config.json and asks the runtime for the image digest, too much for every page's 1 s poll.
+TARGET_TTL_S = 15.0
+UNAVAILABLE = "Tuning is unavailable here, for the reason in the line above."
+STAYS_STOPPED = "The engine stays stopped: Start above starts it again."
+TUNE_HINT = (
+    "When it ends the engine stays stopped: Start above starts it with the tuned kernels; then "
+    "run the same benchmark preset again and the Benchmark tab shows the two runs side by side."
+)
+
+
+class Tuner(Protocol):
+    """What the tab needs of `appliance.bench.tuning.TuneRunner` (the service's one)."""
+
+    folder: Path
+
+    def run(
+        self,
+        request: TuneRequest,
+        target: TuneTarget,
+        stop_engine: Callable[[str], object],
+        on_progress: Callable[[TuneState], None] | None = None,
+    ) -> TuneOutcome: ...
+
+    def cancel(self) -> bool: ...
+
+    def current(self) -> TuneState | None: ...
+
+    def ensure_idle(self) -> None: ...
+
+
+class TargetCache:
+    """`control.tune_target` (or the error that says why there is none), kept `ttl_s` seconds."""
+
+    def __init__(
+        self,
+        make: Callable[[], TuneTarget],
+        *,
+        ttl_s: float = TARGET_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._make = make
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kept: tuple[float, TuneTarget | None, ApplianceError | None] | None = None
+
+    def get(self, *, fresh: bool = False) -> tuple[TuneTarget | None, str]:
+        """(target, "") or (None, why: what happened and what to do)."""
+        target, err = self._read(fresh)
+        return target, str(err) if err is not None else ""
+
+    def require(self) -> TuneTarget:
+        """A target read now; raises the error that says why there is none."""
+        target, err = self._read(True)
+        if target is None:
+            raise err or ApplianceError("The engine cannot be tuned.")
+        return target
+
+    def _read(self, fresh: bool) -> tuple[TuneTarget | None, ApplianceError | None]:
+        now = self._clock()
+        with self._lock:
+            kept = self._kept
+        if kept is not None and not fresh and now - kept[0] < self._ttl_s:
+            return kept[1], kept[2]
+        target: TuneTarget | None = None
+        error: ApplianceError | None = None
+        try:
+            target = self._make()
+        except ApplianceError as err:
+            error = err
+        with self._lock:
+            self._kept = (now, target, error)
+        return target, error
+
+
+@dataclass(frozen=True)
+class TuneView:
+    """The tab's tuning section at one moment."""
+
+    line: str  # markdown: whether tuned configs exist for this GPU and image
+    can_tune: bool
+    why_not: str  # markdown: why the button is off, where the line does not say it already
+    running: bool
+    progress: str  # the run in progress, or how the last one ended ("" before any)
+    fraction: float | None = None  # batch sizes done / total while running
+    error: str = ""
+
+
+class TunePanel:
+    """One per service; every page shares it (the runner allows one tuning at a time)."""
+
+    def __init__(
+        self,
+        runner: Tuner,
+        target: Callable[[], TuneTarget],
+        stop_engine: Callable[[str], object],
+        *,
+        bench_idle: Callable[[], None] = lambda: None,
+        request: TuneRequest | None = None,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.targets = TargetCache(target, clock=clock)
+        self._stop_engine = stop_engine
+        self._bench_idle = bench_idle
+        self.request = request or TuneRequest()
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last: TuneOutcome | None = None
+        self._error = ""
+
+    # --------------------------------------------------------------------------- reading
+
+    def tuned(self, *, fresh: bool = False) -> TunedView:
+        target, why = self.targets.get(fresh=fresh)
+        return tuned_view_for(self.runner.folder, target, why)
+
+    def view(self) -> TuneView:
+        state = self.runner.current()
+        target, why = self.targets.get()
+        tuned = tuned_view_for(self.runner.folder, target, why)
+        with self._lock:
+            last, error = self._last, self._error
+        if state is not None:
+            return TuneView(
+                tuned.text,
+                False,
+                "MoE tuning is running (Cancel stops it).",
+                True,
+                tuning_line(state, self._wall()),
+                state.done / state.total if state.total else None,
+            )
+        # without a target the line says why ("cannot tell (...)"): the note points at it
+        why_not = UNAVAILABLE if target is None else self._bench_busy()
+        if error:
+            progress = "The tuning did not finish."
+        elif last is not None:
+            progress = outcome_line(last)
+        else:
+            progress = ""
+        return TuneView(
+            tuned.text, target is not None and not why_not, why_not, False, progress, error=error
+        )
+
+    def _bench_busy(self) -> str:
+        try:
+            self._bench_idle()
+        except ApplianceError as err:
+            return _md(str(err))
+        return ""
+
+    # --------------------------------------------------------------------------- actions
+
+    def confirm(self) -> str:
+        """What the person reads before anything stops (markdown); raises when tuning cannot
+        start now (a benchmark or a tuning runs, the engine cannot be tuned)."""
+        target = self._check()
+        sizes = len(set(self.request.batch_sizes))
+        return (
+            f"**The engine will be stopped.** {_md(stop_message(sizes, target.gpu_name))}\n\n"
+            f"{TUNE_HINT}"
+        )
+
+    def start(self) -> TuneView:
+        """Start tuning in the background (the engine is stopped first, by the runner); an error
+        that stops it from starting is in the returned view's `error`."""
+        try:
+            target = self._check()
+        except ApplianceError as err:
+            # told in this answer only: a refused second start leaves the run going as it was
+            view = self.view()
+            return TuneView(
+                view.line,
+                view.can_tune,
+                view.why_not,
+                view.running,
+                view.progress,
+                view.fraction,
+                str(err),
+            )
+        with self._lock:
+            self._error = ""
+            self._last = None
+            thread = threading.Thread(
+                target=self._run, args=(target,), name="tune-panel", daemon=True
+            )
+            self._thread = thread
+        thread.start()
+        return self.view()
+
+    def cancel(self) -> TuneView:
+        self.runner.cancel()
+        return self.view()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until the background run ends (tests); False on timeout."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout_s)
+        return not thread.is_alive()
+
+    # ---------------------------------------------------------------------------- inside
+
+    def _check(self) -> TuneTarget:
+        self.runner.ensure_idle()
+        self._bench_idle()  # before anything stops: the runner would refuse it later anyway
+        return self.targets.require()
+
+    def _run(self, target: TuneTarget) -> None:
+        try:
+            outcome = self.runner.run(self.request, target, self._stop_engine)
+        except ApplianceError as err:
+            with self._lock:
+                self._error = str(err)
+            return
+        finally:
+            self.targets.get(fresh=True)  # the tuned line reads the new install at once
+        with self._lock:
+            self._last = outcome
+
+
+def tuning_line(state: TuneState, now: float) -> str:
+    """The run in progress in one line: batch sizes done of all, time spent, time left."""
+    if state.cancelling:
+        return "Cancelling the MoE tuning..."
+    elapsed = fmt_duration(max(0.0, now - state.started_at)) if state.started_at else "0 s"
+    if state.remaining_s is not None:
+        left = f"about {fmt_duration(state.remaining_s)} left"
+    else:
+        left = "time left known after the first batch size"
+    return (
+        f"Tuning MoE kernels: {state.done}/{state.total} batch sizes done, {elapsed}, {left}. "
+        "The engine is stopped meanwhile."
+    )
+
+
+def outcome_line(outcome: TuneOutcome) -> str:
+    if outcome.completed:
+        return (
+            f"Tuning finished in {fmt_duration(outcome.elapsed_s)}: {outcome.file_name} installed "
+            f"({len(outcome.batch_sizes)} batch sizes). {outcome.note}"
+        )
+    return f"Tuning cancelled; nothing was installed. {STAYS_STOPPED}"
