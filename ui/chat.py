@@ -16,6 +16,7 @@ import gradio as gr
 from gradio import utils as gr_utils
 
 from appliance.chat import client as chat
+from appliance.chat import documents as docs
 from appliance.chat import history as hist
 from appliance.controllers.chat import ChatController, discard_uploads
 from appliance.controllers.chat import export_folder as export_folder  # app.py serves it
@@ -40,6 +41,7 @@ CSS = """
 #chatbot .user-row img { max-height: 160px !important; width: auto !important;
   object-fit: contain; }
 #chatbot .user-row .image-container { width: auto !important; height: auto !important; }
+#chatbot .doc-chip { font-size: 0.9em; }
 """
 
 # Defence in depth behind chat_render.block_remote_images: the page itself may load images and
@@ -52,8 +54,10 @@ HEAD = (
 
 
 def max_upload_bytes(settings: Settings) -> int:
-    """Gradio refuses (413) an upload over the chat's image limit before it is stored."""
-    return int(settings.chat.max_image_mb * 1024 * 1024)
+    """Gradio refuses (413) an upload over the larger of the chat's image limit and the PDF
+    limit before it is stored; a text file under it but too big is refused with its token
+    numbers, unread (appliance/chat/documents.py)."""
+    return max(int(settings.chat.max_image_mb * 1024 * 1024), docs.MAX_UPLOAD_BYTES)
 
 
 def image_folder() -> Path:
@@ -364,16 +368,17 @@ def build(services: Services) -> ChatTab:
                 buttons=["copy", "copy_all"],
                 feedback_options=None,
                 elem_id="chatbot",
-                placeholder="Ask anything. Attach images with the clip, by dragging or pasting.",
+                placeholder="Ask anything. Attach images, PDFs, text, code or CSV files with the "
+                "clip, by dragging or pasting.",
             )
             live = gr.Markdown("", elem_id="chat-live")
             with gr.Row(equal_height=True):
                 textbox = gr.MultimodalTextbox(
                     file_count="multiple",
-                    file_types=["image"],
+                    file_types=docs.FILE_TYPES,  # checked again on the server
                     sources=["upload"],
                     placeholder=f"Message Step-3.7-Flash (up to {max_images} images, "
-                    f"{cfg.max_image_mb} MB each)",
+                    f"{cfg.max_image_mb} MB each; PDF, text, code, CSV)",
                     show_label=False,
                     submit_btn=True,
                     stop_btn=False,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.chat import client as chat
+from appliance.chat import documents as docs
 from appliance.chat import history as hist
 from appliance.settings import private_dir
 from appliance.units import fmt_latency
@@ -37,7 +38,8 @@ class Rendered:
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)  # "image" | "text" | "thinking" | "answer"
+    # "image" | "document" | "text" | "thinking" | "answer"
+    kinds: list[str] = field(default_factory=list)
 
     def add(self, position: int, kind: str, message: dict[str, Any]) -> None:
         self.messages.append(message)
@@ -297,6 +299,14 @@ def _thinking(
     return {"role": "assistant", "content": block_remote_images(reasoning), "metadata": meta}
 
 
+def document_chip(document: docs.Document) -> str:
+    """A document's chip in the owner's bubble: its name, pages and tokens. Every character
+    Markdown or HTML could read as syntax is written as an entity, so a file named
+    `<img src=x>` or `![a](http://host/)` shows as that name and loads nothing."""
+    text = "".join(c if c.isalnum() or c in " ,.·" else f"&#{ord(c)};" for c in document.chip())
+    return f'<div class="doc-chip">📄 {text}</div>'
+
+
 def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., Path]) -> None:
     for image in message.images:
         path = image_path(image)
@@ -305,6 +315,8 @@ def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., 
             "image",
             {"role": "user", "content": {"path": str(path), "alt_text": image.name}},
         )
+    for document in docs.stored_in(message):
+        out.add(message.position, "document", {"role": "user", "content": document_chip(document)})
     if message.content or not message.images:
         text = block_remote_images(message.content)
         out.add(message.position, "text", {"role": "user", "content": text})

@@ -94,6 +94,11 @@ class PreparedImage:
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
 
 
+def sniff_image(head: bytes) -> str | None:
+    """The image format the first 16 bytes are the magic number of (PNG, JPEG, ...), or None."""
+    return _sniff(head)
+
+
 def _sniff(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
@@ -413,6 +418,19 @@ class ChatClient:
             response = await self._http.post(
                 "/tokenize", json={"model": self.model, "messages": messages}, timeout=30.0
             )
+            if response.status_code != 200:
+                return None
+            count = response.json().get("count")
+            return int(count) if count is not None else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    async def count_text_tokens(self, text: str) -> int | None:
+        """Tokens of a piece of text (an attached document) by the engine's own tokenizer,
+        from `/tokenize` with a plain prompt; None when the engine cannot say."""
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        try:
+            response = await self._http.post("/tokenize", json=body, timeout=60.0)
             if response.status_code != 200:
                 return None
             count = response.json().get("count")

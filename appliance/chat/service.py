@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.chat import client as chat
+from appliance.chat import documents as docs
 from appliance.chat import history as hist
 from appliance.engine.protocol import EngineActivity, EngineOwner
 from appliance.engine.state import EngineState
@@ -71,7 +72,8 @@ class UserTurn:
 
 
 def to_openai(messages: Sequence[hist.Message], system_prompt: str = "") -> list[dict[str, Any]]:
-    """History messages as chat-completions messages (images as data URLs, thinking dropped)."""
+    """History messages as chat-completions messages (images as data URLs, documents as text
+    parts headed by their names ahead of the typed text, thinking dropped)."""
     out: list[dict[str, Any]] = []
     if system_prompt.strip():
         out.append({"role": "system", "content": system_prompt})
@@ -80,10 +82,12 @@ def to_openai(messages: Sequence[hist.Message], system_prompt: str = "") -> list
             if message.content:  # a stopped or interrupted reply: the text the owner saw
                 out.append({"role": "assistant", "content": message.content})
             continue
-        if message.images:
+        attached = docs.stored_in(message)
+        if message.images or attached:
             parts: list[dict[str, Any]] = [
                 {"type": "image_url", "image_url": {"url": _data_url(i)}} for i in message.images
             ]
+            parts.extend({"type": "text", "text": d.part()} for d in attached)
             if message.content:
                 parts.append({"type": "text", "text": message.content})
             out.append({"role": message.role, "content": parts})
@@ -201,6 +205,56 @@ class ChatService:
             already_in_conversation=already,
         )
 
+    def _known_context(self) -> int:
+        """The last context length the engine listed, else the model's own (for the cap on how
+        much of a document is read before the engine is asked)."""
+        lengths = [i.max_model_len for i in self._model_info.values() if i.max_model_len]
+        return max(lengths) if lengths else docs.NATIVE_CONTEXT
+
+    def read_documents(self, paths: Sequence[Path]) -> list[docs.Document]:
+        """Extract the documents' text (a worker thread's job: a PDF takes a while), at most
+        about twice the context by the estimate: more could never be sent anyway."""
+        limit = int(2 * self._known_context() * chat.CHARS_PER_TOKEN)
+        return docs.read_documents(paths, max_chars=limit)
+
+    async def count_documents(
+        self,
+        view: EngineView,
+        documents: Sequence[docs.Document],
+        base: list[dict[str, Any]],
+        options: chat.SamplingOptions,
+    ) -> list[docs.Document]:
+        """Each document's tokens (the engine's tokenizer; an estimate for one only partly
+        read), and DocumentTooLongError, with the numbers, for the first that does not fit
+        what the rest of the conversation (`base`) leaves of the context."""
+        if not documents:
+            return []
+        info = await self._info(view)
+        limit = info.max_model_len or docs.NATIVE_CONTEXT
+        reply_room = options.max_tokens or chat.MIN_REPLY_TOKENS
+        taken = chat.estimate_tokens(base)
+        left = limit - taken - reply_room
+        out: list[docs.Document] = []
+        for document in documents:
+            estimate = document.estimate()
+            exact = None
+            # Only partly read (far over the context): its estimate says enough. Anything read
+            # whole is at most about twice the context, which the tokenizer counts in a second.
+            if document.complete:
+                exact = await self._client(view).count_text_tokens(document.part())
+            counted = docs.counted(
+                document, exact if exact is not None else estimate, exact=exact is not None
+            )
+            if counted.tokens > left or not counted.complete:
+                raise docs.DocumentTooLongError(
+                    docs.too_long(counted, left, limit, taken, reply_room),
+                    hint="Attach a smaller file or only the part you need, start a new "
+                    "conversation, or lower Max tokens. Nothing was sent.",
+                )
+            left -= counted.tokens
+            out.append(counted)
+        return out
+
     async def check_context(
         self, view: EngineView, messages: list[dict[str, Any]], options: chat.SamplingOptions
     ) -> int:
@@ -237,20 +291,29 @@ class ChatService:
         earlier: list[hist.Message] = []
         if conversation_id:
             earlier = self.history.get_conversation(conversation_id).messages
-        # Decoding (Pillow) runs in a worker thread: a big image never stalls other streams.
-        images = await asyncio.to_thread(self.prepare_images, image_paths, earlier)
+        image_files, document_files = docs.split_attachments(image_paths)
+        # Decoding (Pillow) and text extraction (pypdf) run in a worker thread: a big image or
+        # PDF never stalls other streams. A broken file is refused before the engine is woken.
+        images = await asyncio.to_thread(self.prepare_images, image_files, earlier)
+        documents = await asyncio.to_thread(self.read_documents, document_files)
         async with self._using_engine():  # a sleeping engine wakes as the message is sent
             view = self._ready_engine()
             stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]
             pending = hist.Message(0, len(earlier), "user", text, images=stored)
+            base = to_openai([*earlier, pending], options.system_prompt)
+            documents = await self.count_documents(view, documents, base, options)
+            pending.meta = docs.meta_for(documents)
             await self.check_context(
                 view, to_openai([*earlier, pending], options.system_prompt), options
             )
         created = not conversation_id
         if not conversation_id:
-            title = hist.title_from(text or ", ".join(i.name for i in images))
+            names = [i.name for i in images] + [d.name for d in documents]
+            title = hist.title_from(text or ", ".join(names))
             conversation_id = self.history.create_conversation(title)
-        message = self.history.add_message(conversation_id, "user", text, images=stored)
+        message = self.history.add_message(
+            conversation_id, "user", text, images=stored, meta=pending.meta
+        )
         return UserTurn(conversation_id, message, created)
 
     async def respond(
@@ -338,18 +401,19 @@ class ChatService:
         if target is None or target.role != "user":
             raise BadInputError("Only your own messages can be edited.")
         text = text.strip()
-        if not text and not target.images:
+        kept = docs.meta_for(docs.stored_in(target))  # its documents stay, as its images do
+        if not text and not target.images and not kept:
             raise BadInputError("The edited message is empty.", hint="Type some text.")
         async with self._using_engine():
             view = self._ready_engine()
-            edited = hist.Message(0, position, "user", text, images=target.images)
+            edited = hist.Message(0, position, "user", text, images=target.images, meta=kept)
             await self.check_context(
                 view,
                 to_openai([*messages[:position], edited], options.system_prompt),
                 options,
             )
         self.history.truncate(conversation_id, position)
-        self.history.add_message(conversation_id, "user", text, images=target.images)
+        self.history.add_message(conversation_id, "user", text, images=target.images, meta=kept)
 
     def undo(self, conversation_id: str) -> hist.Message | None:
         """Remove the last user message and its reply; return that message (for the input)."""
