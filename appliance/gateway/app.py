@@ -1,7 +1,7 @@
 """The gateway's ASGI application: an allowlisting, key-checking proxy in front of the engine.
 
 Raw ASGI rather than a framework, because the two things that matter are exact: which request
-reaches the engine (the raw request target is compared byte for byte with three allowed routes, so
+reaches the engine (the raw request target is compared byte for byte with five allowed routes, so
 no decoding, dot-segment or slash trick can name another engine route), and how bytes flow back
 (each server-sent event is sent on the moment it is complete; a client that goes away cancels the
 engine request by closing the upstream connection).
@@ -9,8 +9,13 @@ engine request by closing the upstream connection).
 Order of checks: address locked out (429) -> route (404) -> key (401) -> body size (413) -> JSON
 (400) -> what the body asks of the engine (400: `limits.check_body`: media only as data URLs, no
 engine-side templates/tensors/extension fields, caps on n, tokens, logprobs...) -> engine ready
-(503) -> model name (404) -> per-key limits (429) -> forward. A refused body never wakes or
-reaches the engine.
+(503) -> the engine serves an agent route (501) -> model name (404) -> per-key limits (429) ->
+forward. A refused body never wakes or reaches the engine.
+
+The agent routes (`/v1/responses`, `/v1/messages`; see `apis.py`) go the same way, with two
+differences: `/v1/messages` answers errors in Anthropic's shape and its clients send the key as
+`x-api-key` (accepted on every route, beside `Authorization: Bearer`); and their streams always
+carry usage, so the gateway asks for nothing and hides nothing there.
 """
 
 from __future__ import annotations
@@ -27,7 +32,19 @@ from urllib.parse import urlsplit
 import anyio
 
 from appliance import endpoint
+from appliance.gateway import apis
 from appliance.gateway.access import AccessLog, AccessRecord, printable_path
+from appliance.gateway.apis import (
+    AGENT_ROUTES,
+    ALLOWED_TEXT,
+    CHAT,
+    COMPLETIONS,
+    MESSAGES,
+    MODELS,
+    OPENAPI_PATH,
+    RESPONSES,
+    ROUTES,
+)
 from appliance.gateway.engine_gate import EngineCheck, EngineGate
 from appliance.gateway.limits import BodyCaps, FailureThrottle, KeyLimiter, check_body
 from appliance.gateway.sse import Usage, UsageTap, usage_of_body
@@ -47,16 +64,11 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-MODELS = "/v1/models"
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-ROUTES: dict[tuple[str, bytes], str] = {
-    ("GET", MODELS.encode()): MODELS,
-    ("POST", CHAT.encode()): CHAT,
-    ("POST", COMPLETIONS.encode()): COMPLETIONS,
-}
-ALLOWED_TEXT = "GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+__all__ = ["CHAT", "COMPLETIONS", "MESSAGES", "MODELS", "RESPONSES", "GatewayApp", "error_body"]
 BODY_READ_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 10.0
+_MAX_PROBE = 4 << 20  # an /openapi.json larger than this is not read: the route is tried instead
+_MAX_404 = 64 << 10  # an engine 404 on an agent route is read whole to tell "no such route"
 _MAX_USAGE_SCAN = 8 << 20  # non-streamed responses larger than this are passed on, not parsed
 _VIA = (b"via", b"1.1 step-station")
 _PASS_HEADERS = {b"content-type", b"content-length", b"x-request-id"}
@@ -86,26 +98,9 @@ class _Reply(Exception):  # noqa: N818 - control flow: an error response to send
         self.extra = extra
 
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
 def error_body(status: int, code: str, message: str, **extra: Any) -> bytes:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    error: dict[str, Any] = {
-        "message": message,
-        "type": _ERROR_TYPES.get(status, "server_error"),
-        "param": None,
-        "code": code,
-    }
-    error.update(extra)
-    return json.dumps({"error": error}).encode()
+    return apis.error_body(status, code, message, **extra)
 
 
 @dataclass
@@ -116,6 +111,7 @@ class _Exchange:
     address: str
     method: str
     raw_path: bytes
+    route: str = ""  # one of ROUTES' values once the target matched one
     status: int = 0
     key: ApiKey | None = None
     stream: bool = False
@@ -145,6 +141,8 @@ class GatewayApp:
         self.limiter = KeyLimiter(config.per_key_concurrency, config.per_key_requests_per_minute)
         self._config = config
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
+        # Per engine (URL, per-start key): the paths its /openapi.json lists; None: unknown.
+        self._engine_paths: dict[tuple[str, str], frozenset[str] | None] = {}
 
     # ---------------------------------------------------------------------------- settings
 
@@ -208,6 +206,7 @@ class GatewayApp:
                 "not_found",
                 f"Not found: this endpoint serves only {ALLOWED_TEXT}.",
             )
+        ex.route = route
         ex.key = self._authenticate(scope, ex, cfg)
         body = await _read_body(scope, receive, cfg.max_body_bytes)
         payload = _parse_json(body) if route != MODELS else None
@@ -224,11 +223,13 @@ class GatewayApp:
                 retry_after=check.retry_after_s,
                 engine_state=check.state.value,
             )
+        if route in AGENT_ROUTES and not await self._engine_serves(route, check):
+            raise _Reply(501, "route_not_served_by_engine", apis.not_served_message(route))
         self.gate.note_activity()
         upstream_body = b""
         strip_usage = False
         if payload is not None:
-            upstream_body, ex.stream, strip_usage = _prepare(payload, body, check)
+            upstream_body, ex.stream, strip_usage = _prepare(payload, body, check, route)
         principal = ex.key.id if ex.key is not None else f"addr:{ex.address}"
         refusal = self.limiter.acquire(principal)
         if refusal is not None:
@@ -242,9 +243,12 @@ class GatewayApp:
             self.gate.note_activity()
 
     def _authenticate(self, scope: Scope, ex: _Exchange, cfg: GatewayConfig) -> ApiKey | None:
-        token = _bearer(scope)
+        # Bearer as OpenAI clients send it, `x-api-key` as Anthropic's do (Claude Code sends
+        # either, by which variable holds the key); the first that names a valid key counts.
+        tokens = [t for t in (_bearer(scope), _x_api_key(scope)) if t]
+        token = tokens[0] if tokens else ""
         try:
-            key = self.keys.verify(token) if token else None
+            key = next(filter(None, (self.keys.verify(t) for t in tokens)), None)
         except KeyStoreError as err:
             if not cfg.require_key:
                 return None
@@ -257,7 +261,8 @@ class GatewayApp:
                 raise _Reply(
                     401,
                     "missing_api_key",
-                    "This endpoint needs an API key: send `Authorization: Bearer sk-step-…`. "
+                    "This endpoint needs an API key: send `Authorization: Bearer sk-step-…` "
+                    "(or `x-api-key: sk-step-…`, as Anthropic clients do). "
                     "The owner creates keys in Step Station's Sharing tab or with "
                     "`step-station keys create NAME`.",
                 )
@@ -271,6 +276,55 @@ class GatewayApp:
 
     # ------------------------------------------------------------------------------ proxy
 
+    def _pool(self, check: EngineCheck) -> tuple[UpstreamPool, str, str]:
+        """(the pool for this engine, the path prefix, the Host header) for `check.url`."""
+        uds, http_url = endpoint.split(check.url)  # the engine's socket, or None on TCP
+        target = urlsplit(http_url)
+        host, port = target.hostname or "127.0.0.1", target.port or 80
+        where = (uds or host, port)
+        pool = self._pools.get(where)
+        if pool is None:
+            pool = self._pools[where] = UpstreamPool(host, port, uds=uds)
+        return pool, target.path.rstrip("/"), host if uds else f"{host}:{port}"
+
+    def _engine_headers(self) -> list[tuple[str, str]]:
+        headers = [("Accept-Encoding", "identity")]
+        if self._config.engine_api_key:
+            headers.append(("Authorization", f"Bearer {self._config.engine_api_key}"))
+        return headers
+
+    async def _engine_serves(self, route: str, check: EngineCheck) -> bool:
+        """False only when the engine's own route list lacks `route`; asked once per engine
+        start (its URL and per-start key), and "don't know" forwards the request."""
+        where = (check.url, self._config.engine_api_key)
+        if where not in self._engine_paths:
+            self._engine_paths[where] = await self._probe_paths(check)
+            while len(self._engine_paths) > 16:  # engines come and go: keep the recent ones
+                del self._engine_paths[next(iter(self._engine_paths))]
+        paths = self._engine_paths[where]
+        return paths is None or route in paths
+
+    async def _probe_paths(self, check: EngineCheck) -> frozenset[str] | None:
+        pool, prefix, host = self._pool(check)
+        head = request_head("GET", prefix + OPENAPI_PATH, host, self._engine_headers())
+        response: UpstreamResponse | None = None
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT_S):
+                response = await pool.request(head, b"")
+                body = await _read_all(response, _MAX_PROBE)
+        except (UpstreamError, TimeoutError) as err:
+            log.info("gateway: the engine's route list is unknown (%s)", err)
+            return None
+        finally:
+            if response is not None:
+                if response.complete:
+                    response.release()
+                else:
+                    response.abort()
+        if response.status != 200 or body is None:
+            return None
+        return apis.engine_paths(body)
+
     async def _proxy(
         self,
         route: str,
@@ -281,24 +335,14 @@ class GatewayApp:
         send: Send,
         ex: _Exchange,
     ) -> None:
-        uds, http_url = endpoint.split(check.url)  # the engine's socket, or None on TCP
-        target = urlsplit(http_url)
-        host, port = target.hostname or "127.0.0.1", target.port or 80
-        headers = [("Accept-Encoding", "identity")]
+        pool, prefix, host = self._pool(check)
+        headers = self._engine_headers()
         if route != MODELS:
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        if self._config.engine_api_key:
-            headers.append(("Authorization", f"Bearer {self._config.engine_api_key}"))
-        head = request_head(
-            "GET" if route == MODELS else "POST",
-            target.path.rstrip("/") + route,
-            host if uds else f"{host}:{port}",
-            headers,
-        )
-        where = (uds or host, port)
-        pool = self._pools.get(where)
-        if pool is None:
-            pool = self._pools[where] = UpstreamPool(host, port, uds=uds)
+        head = request_head("GET" if route == MODELS else "POST", prefix + route, host, headers)
+        # A reply raised inside the task group would leave it wrapped in an ExceptionGroup (and
+        # be answered as a 500): it is kept and raised again outside.
+        reply: _Reply | None = None
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:
@@ -313,8 +357,12 @@ class GatewayApp:
             group.start_soon(watch_disconnect)
             try:
                 await self._exchange(pool, head, body, strip_usage, send, ex)
+            except _Reply as err:
+                reply = err
             finally:
                 group.cancel_scope.cancel()
+        if reply is not None:
+            raise reply
 
     async def _exchange(
         self,
@@ -336,12 +384,28 @@ class GatewayApp:
                 retry_after=5,
             ) from err
         try:
-            await self._relay(response, strip_usage, send, ex)
+            if response.status == 404 and ex.route in AGENT_ROUTES:
+                await self._relay_404(response, send, ex)
+            else:
+                await self._relay(response, strip_usage, send, ex)
         finally:
             if response.complete:
                 response.release()
             else:
                 response.abort()  # the client left (or the engine broke): end it in the engine
+
+    async def _relay_404(self, response: UpstreamResponse, send: Send, ex: _Exchange) -> None:
+        """An agent route the engine turned down with 404: "no such route" (its route list
+        could not be read) is the gateway's 501; any other 404 (a model name) is passed on."""
+        body = await _read_all(response, _MAX_404)
+        if body is None or apis.is_unknown_route(response.status, body):
+            raise _Reply(501, "route_not_served_by_engine", apis.not_served_message(ex.route))
+        ex.status = response.status
+        headers = [(b"content-type", response.header(b"content-type") or b"application/json")]
+        headers += [(b"content-length", str(len(body)).encode()), _VIA]
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        ex.response_started = ex.response_done = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _relay(
         self, response: UpstreamResponse, strip_usage: bool, send: Send, ex: _Exchange
@@ -358,7 +422,7 @@ class GatewayApp:
         ex.status = response.status
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         ex.response_started = True
-        tap = UsageTap(strip_usage_chunk=strip_usage) if sse else None
+        tap = UsageTap(strip_usage_chunk=strip_usage, route=ex.route) if sse else None
         kept: list[bytes] = []
         kept_size = 0
         # A plain (non-SSE) body is sent one chunk behind: its last chunk goes out only after the
@@ -407,7 +471,13 @@ class GatewayApp:
             headers.append((b"retry-after", str(reply.retry_after).encode()))
         if "engine_state" in reply.extra:
             headers.append((b"x-engine-state", str(reply.extra["engine_state"]).encode()))
-        body = error_body(reply.status, reply.code, reply.message, **reply.extra)
+        if reply.status == 501:
+            # The openai and anthropic SDKs retry any 5xx unless told not to: asking again
+            # cannot help while the engine lacks the route.
+            headers.append((b"x-should-retry", b"false"))
+        body = apis.error_body(
+            reply.status, reply.code, reply.message, route=ex.route, **reply.extra
+        )
         headers.append((b"content-length", str(len(body)).encode()))
         with contextlib.suppress(OSError):
             await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -466,12 +536,29 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _x_api_key(scope: Scope) -> str:
+    value = _header(scope, b"x-api-key")
+    return value.decode("latin-1").strip() if value else ""
+
+
 def _bearer(scope: Scope) -> str:
     value = _header(scope, b"authorization")
     if not value:
         return ""
     scheme, _, token = value.decode("latin-1").strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def _read_all(response: UpstreamResponse, limit: int) -> bytes | None:
+    """A whole (small) engine response body, or None when it is longer than `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.read():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -517,7 +604,9 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _prepare(payload: dict[str, Any], body: bytes, check: EngineCheck) -> tuple[bytes, bool, bool]:
+def _prepare(
+    payload: dict[str, Any], body: bytes, check: EngineCheck, route: str
+) -> tuple[bytes, bool, bool]:
     """(body for the engine, is it a stream, strip the usage chunk we asked for)."""
     changed = False
     model = payload.get("model")
@@ -543,7 +632,7 @@ def _prepare(payload: dict[str, Any], body: bytes, check: EngineCheck) -> tuple[
         )
     stream = payload.get("stream") is True
     strip = False
-    if stream:
+    if stream and route in (CHAT, COMPLETIONS):  # the agent APIs' streams always carry usage
         if options is None or options.get("include_usage") is not True:
             # Ask the engine for usage so the key's tokens are counted; hide that chunk again.
             payload["stream_options"] = {**(options or {}), "include_usage": True}

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.gateway.apis import MESSAGES, RESPONSES
+
 # An address that sends this many bad or missing keys within the window is refused for the lockout
 # time (429 with Retry-After), even with a good key; a good key clears its count.
 AUTH_FAILURES_ALLOWED = 10
@@ -172,6 +174,14 @@ def _trim(table: OrderedDict[str, Any], limit: int) -> None:
 # vllm/entrypoints/openai/completion/protocol.py (CompletionRequest),
 # vllm/renderers/chat_utils.py (MM_PARSER_MAP, _parse_chat_message_content_mm_part) and
 # vllm/sampling_params.py. Values that are not numbers are left to vLLM's own validation.
+#
+# The agent routes reach the same chat machinery: vLLM turns a Messages request into a chat
+# completion (vllm/entrypoints/anthropic/serving.py to_chat_completion_request: an image block's
+# `source` becomes an `image_url` part, a URL source fetched like any other,
+# _convert_image_source_to_url), and a Responses request's `input` items into chat messages
+# (openai/responses/utils.py construct_input_messages: a message's `content` parts, and a
+# function_call_output's `output` parts, go to chat_utils' parsers: `input_image` fetches its
+# `image_url`). The engine-side fields above are fields of both request models too.
 
 MAX_N = 4  # vLLM's own ceiling is VLLM_MAX_N_SEQUENCES (sampling_params._verify_num_sequences)
 MAX_OUTPUT_TOKENS = 262_144  # Step-3.7-Flash's context; vLLM refuses more than max_model_len too
@@ -249,7 +259,7 @@ class BodyRefusal:
 
 
 def check_body(route: str, payload: dict[str, Any], caps: BodyCaps) -> BodyRefusal | None:
-    """The first reason this chat or completions body must not reach the engine, or None."""
+    """The first reason this body (any POST route) must not reach the engine, or None."""
     for name, why in REFUSED_FIELDS.items():
         value = payload.get(name)
         if value is None or value in ({}, [], "") or (name == "prompt_logprobs" and value == 0):
@@ -273,6 +283,12 @@ def check_body(route: str, payload: dict[str, Any], caps: BodyCaps) -> BodyRefus
                     f"`chat_template_kwargs` may only set {allowed} (to a plain value) through "
                     "this gateway; use `reasoning_effort` for the reasoning level.",
                 )
+    if route == MESSAGES:
+        return _check_messages(payload.get("messages"), caps) or _check_anthropic(
+            payload.get("messages"), caps
+        )
+    if route == RESPONSES:
+        return _check_responses_input(payload.get("input"), caps)
     if "messages" in payload:
         return _check_messages(payload.get("messages"), caps)
     prompt = payload.get("prompt")
@@ -310,6 +326,7 @@ def _check_numbers(payload: dict[str, Any], caps: BodyCaps) -> BodyRefusal | Non
             "(`engine.max_model_len`).",
         ),
         ("max_completion_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
+        ("max_output_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
         ("min_tokens", caps.max_output_tokens, "Ask for fewer tokens."),
         ("top_logprobs", MAX_LOGPROBS, "Ask for fewer log-probabilities."),
     ]
@@ -373,37 +390,108 @@ def _check_structured(payload: dict[str, Any]) -> BodyRefusal | None:
     return None
 
 
-def _check_messages(messages: Any, caps: BodyCaps) -> BodyRefusal | None:  # noqa: ANN401
+def _check_messages(
+    messages: Any,  # noqa: ANN401 - any JSON value
+    caps: BodyCaps,
+    name: str = "messages",
+    fields: tuple[str, ...] = ("content",),
+) -> BodyRefusal | None:
+    """Each item's content parts (`fields` of each item that hold a list of parts)."""
     if not isinstance(messages, list):
         return None  # vLLM's schema refuses it
     if len(messages) > MAX_MESSAGES:
         return BodyRefusal(
-            "messages",
+            name,
             "too_many_items",
-            f"`messages` has {len(messages)} messages; at most {MAX_MESSAGES} are accepted.",
+            f"`{name}` has {len(messages)} items; at most {MAX_MESSAGES} are accepted.",
         )
+    images = 0
+    for i, message in enumerate(messages):
+        for field_name in fields:
+            content = message.get(field_name) if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    continue
+                where = f"{name}[{i}].{field_name}[{j}]"
+                refusal, kind = _check_part(part, where)
+                if refusal is not None:
+                    return refusal
+                if kind == "image":
+                    images += 1
+                    if images > caps.max_images:
+                        return _too_many_images(where, caps)
+    return None
+
+
+def _too_many_images(where: str, caps: BodyCaps) -> BodyRefusal:
+    return BodyRefusal(
+        where,
+        "too_many_images",
+        f"The request has more than {caps.max_images} images; this appliance "
+        f"accepts at most {caps.max_images} per request (the owner sets it with "
+        "`step-station config set engine.max_images_per_prompt N`).",
+    )
+
+
+def _check_responses_input(value: Any, caps: BodyCaps) -> BodyRefusal | None:  # noqa: ANN401
+    """`/v1/responses`: message items' `content` and function_call_output items' `output`."""
+    return _check_messages(value, caps, "input", ("content", "output"))
+
+
+def _check_anthropic(messages: Any, caps: BodyCaps) -> BodyRefusal | None:  # noqa: ANN401
+    """`/v1/messages`: image blocks, in a message or inside a tool_result, only as base64."""
+    if not isinstance(messages, list):
+        return None
     images = 0
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
+        for j, block in enumerate(content):
+            if not isinstance(block, dict):
                 continue
-            where = f"messages[{i}].content[{j}]"
-            refusal, kind = _check_part(part, where)
-            if refusal is not None:
-                return refusal
-            if kind == "image":
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            nested = [(f"[{k}]", b) for k, b in enumerate(inner)] if isinstance(inner, list) else []
+            for suffix, item in [("", block), *((f".content{s}", b) for s, b in nested)]:
+                if not isinstance(item, dict) or item.get("type") != "image":
+                    continue
+                where = f"messages[{i}].content[{j}]{suffix}"
+                refusal = _check_image_source(item.get("source"), where)
+                if refusal is not None:
+                    return refusal
                 images += 1
                 if images > caps.max_images:
-                    return BodyRefusal(
-                        where,
-                        "too_many_images",
-                        f"The request has more than {caps.max_images} images; this appliance "
-                        f"accepts at most {caps.max_images} per request (the owner sets it with "
-                        "`step-station config set engine.max_images_per_prompt N`).",
-                    )
+                    return _too_many_images(where, caps)
+    return None
+
+
+def _check_image_source(source: Any, where: str) -> BodyRefusal | None:  # noqa: ANN401
+    if not isinstance(source, dict):
+        return None  # vLLM's schema (a dict) or its converter decides
+    if source.get("type") == "url":
+        shown = json.dumps(source.get("url"))[:80]
+        return BodyRefusal(
+            f"{where}.source",
+            "media_url_not_allowed",
+            f"`{where}.source` is a URL ({shown}): this gateway accepts images only inline, as "
+            '`{"type": "base64", "media_type": "image/png", "data": "..."}`; the engine never '
+            "fetches URLs for clients. Download the image and send its bytes.",
+        )
+    data, media = source.get("data"), source.get("media_type", "image/jpeg")
+    if not isinstance(data, str) or not isinstance(media, str):
+        return None
+    # vLLM builds `data:{media_type};base64,{data}` from the block and decodes that.
+    size = image_size(f"data:{media};base64,{data[:_SNIFF_CHARS]}")
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return BodyRefusal(
+            f"{where}.source.data",
+            "image_too_large",
+            f"The image at `{where}` is {size[0]} x {size[1]} pixels; this gateway accepts at "
+            f"most {MAX_IMAGE_PIXELS // 1_000_000} megapixels per image (the model sees far "
+            "fewer). Resize it before sending.",
+        )
     return None
 
 

@@ -5,6 +5,10 @@ Only events that mention `"usage"` are parsed, so ordinary token chunks cost a s
 When the gateway itself asked the engine for `include_usage` (the client did not), the final
 usage-only chunk (`choices: []` plus `usage`) is counted and removed, so the client sees exactly
 the stream it asked for.
+
+The agent routes carry their usage in their own events, always (see `apis.py` for vLLM's source):
+Responses in `response.completed` (`response.usage`), Messages in `message_start` (input tokens)
+and `message_delta` (the final counts), ended by `message_stop`. Nothing is hidden there.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from appliance.gateway.apis import CHAT, MESSAGES, RESPONSES
 
 _BOUNDARY = b"\n\n"
 _MAX_PENDING = 1 << 20  # an upstream that never ends an event is passed through raw past 1 MiB
@@ -23,22 +29,37 @@ class Usage:
     completion_tokens: int = 0
 
     @classmethod
-    def from_json(cls, value: Any) -> Usage | None:
+    def from_json(cls, value: Any) -> Usage | None:  # noqa: ANN401 - any JSON value
+        """OpenAI's `prompt_tokens`/`completion_tokens`, or the agent APIs' `input_tokens`/
+        `output_tokens` (Anthropic counts cached prompt tokens apart: they are added back)."""
         if not isinstance(value, dict):
             return None
-        prompt = value.get("prompt_tokens")
-        completion = value.get("completion_tokens")
+        if "prompt_tokens" not in value and "input_tokens" in value:
+            prompt = sum(_count(value.get(name)) for name in _INPUT_PARTS)
+            return cls(prompt_tokens=prompt, completion_tokens=_count(value.get("output_tokens")))
         return cls(
-            prompt_tokens=prompt if isinstance(prompt, int) and prompt >= 0 else 0,
-            completion_tokens=completion if isinstance(completion, int) and completion >= 0 else 0,
+            prompt_tokens=_count(value.get("prompt_tokens")),
+            completion_tokens=_count(value.get("completion_tokens")),
         )
+
+
+_INPUT_PARTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _count(value: Any) -> int:  # noqa: ANN401 - any JSON value
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+# Stream events that end a Responses stream, each with the whole response and its usage.
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class UsageTap:
     """Feed it upstream bytes; it returns the bytes to send on now and remembers the usage."""
 
-    def __init__(self, *, strip_usage_chunk: bool) -> None:
+    def __init__(self, *, strip_usage_chunk: bool, route: str = CHAT) -> None:
         self.strip = strip_usage_chunk
+        self.route = route
         self.usage: Usage | None = None
         self.done = False  # `data: [DONE]` went by: the client may hang up from now on
         self.final = False  # the final usage chunk (`choices: []`) went by: usage is complete
@@ -55,7 +76,9 @@ class UsageTap:
             return b""
         end += len(_BOUNDARY)
         complete, self._pending = buffer[:end], buffer[end:]
-        if b"data: [DONE]" in complete:
+        if b"data: [DONE]" in complete or (
+            self.route == MESSAGES and b"event: message_stop" in complete
+        ):
             self.done = True
         if b'"usage"' not in complete:
             return complete
@@ -67,6 +90,11 @@ class UsageTap:
         return rest
 
     def _inspect(self, complete: bytes) -> bytes:
+        if self.route in (RESPONSES, MESSAGES):
+            for event in complete.split(_BOUNDARY)[:-1]:
+                if b'"usage"' in event:
+                    self._agent_event(_data_json(event))
+            return complete
         kept: list[bytes] = []
         for event in complete.split(_BOUNDARY)[:-1]:
             if b'"usage"' in event:
@@ -80,6 +108,30 @@ class UsageTap:
                             continue
             kept.append(event + _BOUNDARY)
         return b"".join(kept)
+
+    def _agent_event(self, payload: dict[str, Any] | None) -> None:
+        kind = payload.get("type") if payload else None
+        if payload is None or not isinstance(kind, str):
+            return
+        if self.route == RESPONSES:
+            response = payload.get("response")
+            usage = Usage.from_json(response.get("usage")) if isinstance(response, dict) else None
+            if kind in _RESPONSE_ENDS and usage is not None:
+                self.usage = usage
+                self.final = self.done = True
+            return
+        if kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, dict):
+                self.usage = Usage.from_json(message.get("usage")) or self.usage
+        elif kind == "message_delta":
+            usage = Usage.from_json(payload.get("usage"))
+            if usage is not None:
+                # Anthropic's own message_delta may carry only output_tokens: keep the input.
+                if not usage.prompt_tokens and self.usage is not None:
+                    usage.prompt_tokens = self.usage.prompt_tokens
+                self.usage = usage
+                self.final = True
 
 
 def _data_json(event: bytes) -> dict[str, Any] | None:

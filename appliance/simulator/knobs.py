@@ -58,6 +58,9 @@ class Knobs:
     sleep_s: float = 0.3
     dev_mode: bool = False
     env_api_key: str | None = None
+    # Paths the simulated engine does not serve (STEP_SIM_WITHOUT_ROUTES, comma-separated), as an
+    # older vLLM without /v1/messages or /v1/responses, or one without /openapi.json.
+    without_routes: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
@@ -81,4 +84,7 @@ class Knobs:
             sleep_s=_float(env, "STEP_SIM_SLEEP_S", cls.sleep_s),
             dev_mode=env.get("VLLM_SERVER_DEV_MODE", "").strip() in ("1", "true", "True"),
             env_api_key=env.get("VLLM_API_KEY") or None,
+            without_routes=tuple(
+                p.strip() for p in env.get("STEP_SIM_WITHOUT_ROUTES", "").split(",") if p.strip()
+            ),
         )

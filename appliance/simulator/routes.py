@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from appliance.simulator import VLLM_VERSION
+from appliance.simulator.agents import AgentApis
 from appliance.simulator.args import ServeArgs
 from appliance.simulator.completions import Completions
 from appliance.simulator.engine import Engine
@@ -42,6 +43,7 @@ class Api:
         self.engine = engine
         self.memory = memory
         self.completions = Completions(args, knobs, engine, memory.max_model_len)
+        self.agents = AgentApis(self.completions, args.limit_mm_per_prompt.get("image"))
         self.api_keys = set(args.api_keys) | ({knobs.env_api_key} if knobs.env_api_key else set())
         self.created = int(time.time())
         self.routes: dict[tuple[str, str], Route] = {
@@ -54,6 +56,11 @@ class Api:
             ("GET", "/v1/models"): self.models,
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completion,
+            # vLLM serves both for every generating model (0.32: vllm/entrypoints/generate/
+            # api_router.py registers them beside chat); see agents.py.
+            ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/messages"): self.messages,
+            ("GET", "/openapi.json"): self.openapi,
             ("POST", "/tokenize"): self.tokenize,
             ("POST", "/detokenize"): self.detokenize,
             ("POST", "/invocations"): self.invocations,
@@ -67,6 +74,9 @@ class Api:
                     ("POST", "/reset_prefix_cache"): self.reset_prefix_cache,
                 }
             )
+        for path in knobs.without_routes:  # an older vLLM that lacks them
+            for method in ("GET", "POST"):
+                self.routes.pop((method, path), None)
 
     def route_names(self) -> list[tuple[str, str]]:
         return sorted({(path, method) for method, path in self.routes})
@@ -156,6 +166,15 @@ class Api:
         del request
         return Response(200, self.engine.metrics.render().encode(), METRICS_TYPE)
 
+    async def openapi(self, request: Request) -> Result:
+        """FastAPI's schema, reduced to what a client reads from it: which paths exist."""
+        del request
+        paths: dict[str, dict[str, Any]] = {}
+        for method, path in self.routes:
+            paths.setdefault(path, {})[method.lower()] = {}
+        info = {"title": "FastAPI", "version": "0.1.0"}
+        return Response.json({"openapi": "3.1.0", "info": info, "paths": paths})
+
     async def models(self, request: Request) -> Result:
         del request
         data = [
@@ -197,6 +216,14 @@ class Api:
     async def completion(self, request: Request) -> Result:
         self._alive()
         return await self.completions.completion(_body(request))
+
+    async def responses(self, request: Request) -> Result:
+        self._alive()
+        return await self.agents.responses(_body(request))
+
+    async def messages(self, request: Request) -> Result:
+        self._alive()
+        return await self.agents.messages(_body(request))
 
     async def invocations(self, request: Request) -> Result:
         body = _body(request)

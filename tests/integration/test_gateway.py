@@ -22,6 +22,7 @@ from gateway_kit import (
     wait_until,
 )
 
+from appliance import endpoint
 from appliance import settings as st
 from appliance.engine import EngineState, Supervisor
 from appliance.errors import PortInUseError
@@ -232,8 +233,25 @@ TRICKS = [
     ("POST", "/v1/models"),
     ("GET", "/v1/models/" + MODEL),
     ("POST", "/v1/embeddings"),
-    ("POST", "/v1/responses"),
     ("POST", "/v1/audio/transcriptions"),
+    # Beside the agent routes: vLLM serves these too (stored responses, token counts, and the
+    # render endpoints that return processed tensors); none is forwarded.
+    ("GET", "/v1/responses/resp_0123"),
+    ("POST", "/v1/responses/resp_0123/cancel"),
+    ("POST", "/v1/responses/render"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/messages/render"),
+    ("GET", "/v1/messages"),
+    ("GET", "/v1/responses"),
+    ("POST", "/v1/messages/"),
+    ("POST", "/v1/responses/"),
+    ("POST", "/V1/messages"),
+    ("POST", "/v1/Responses"),
+    ("POST", "/v1/messages/../../tokenize"),
+    ("POST", "/v1/responses/..%2f..%2fmetrics"),
+    ("POST", "/v1/%6dessages"),
+    ("POST", "/v1//responses"),
+    ("POST", "/v1/messages%00"),
     ("GET", "/docs"),
     ("GET", "/openapi.json"),
     ("GET", "/"),
@@ -241,7 +259,7 @@ TRICKS = [
 
 
 @pytest.mark.parametrize("require_key", [False, True])
-def test_everything_but_the_three_routes_is_404_and_never_reaches_the_engine(
+def test_everything_but_the_five_routes_is_404_and_never_reaches_the_engine(
     make_stack, require_key: bool
 ) -> None:
     stack = make_stack(require_key_on_loopback=require_key)
@@ -263,10 +281,23 @@ def test_everything_but_the_three_routes_is_404_and_never_reaches_the_engine(
             assert error["code"] == "not_found", where
             assert error["type"] == "invalid_request_error", where
             assert b"vllm:" not in reply.body, where
-    # The allowed routes still work with the same key (the query string is dropped).
+    # The allowed routes still work with the same key (the query string is dropped: the
+    # anthropic SDK's beta calls post to /v1/messages?beta=true).
     ok = stack.raw(http("GET", "/v1/models?x=1", headers={"Authorization": f"Bearer {key}"}))
     assert ok.status == 200
     assert ok.headers["via"] == "1.1 step-station"
+    beta = stack.raw(
+        http(
+            "POST",
+            "/v1/messages?beta=true",
+            body=json.dumps(
+                {"max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+            ).encode(),
+            headers={"x-api-key": key, "Content-Type": "application/json"},
+        )
+    )
+    assert beta.status == 200, beta.body
+    assert beta.json()["type"] == "message"
 
 
 # --------------------------------------------------------------------------------- limits
@@ -588,6 +619,33 @@ def test_concurrent_clients_share_the_engine(make_stack) -> None:
         thread.join(60)
     assert not errors
     assert totals == [40] * 16
+
+
+def test_an_engine_that_went_away_is_503_in_each_apis_shape(make_stack, tmp_path) -> None:
+    """The engine's socket refuses the connection (it is restarting): 503 with Retry-After, the
+    gateway's answer and not a 500, on every route."""
+    stack = make_stack()
+    gone = FixedEngine(endpoint.socket_url(str(tmp_path / "gone.sock")), MODEL)
+    dead = start_gateway(
+        st.with_changes(stack.settings, {"gateway.port": free_port()}), gone, gone.url
+    )
+    try:
+        bodies = {
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}]},
+            "/v1/responses": {"input": "x"},
+            "/v1/messages": {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        }
+        for path, body in bodies.items():
+            reply = dead.raw(http("POST", path, body=json.dumps(body).encode()))
+            assert reply.status == 503, (path, reply.body)
+            assert reply.headers["retry-after"] == "5"
+            error = reply.json()["error"]
+            assert error["code"] == "engine_unreachable", path
+            assert error["type"] == (
+                "overloaded_error" if path == "/v1/messages" else "server_error"
+            )
+    finally:
+        dead.gateway.stop()
 
 
 def test_odd_but_valid_json_is_forwarded_or_refused_cleanly(make_stack) -> None:
