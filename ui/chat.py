@@ -41,7 +41,8 @@ CSS = """
 #chatbot .user-row img { max-height: 160px !important; width: auto !important;
   object-fit: contain; }
 #chatbot .user-row .image-container { width: auto !important; height: auto !important; }
-#chatbot .doc-chip { font-size: 0.9em; }
+#chatbot .doc-chip { display: inline-block; font-size: 0.85em; padding: 0.15em 0.7em;
+  border: 1px solid var(--border-color-primary); border-radius: 999px; }
 """
 
 # Defence in depth behind chat_render.block_remote_images: the page itself may load images and

@@ -304,7 +304,7 @@ def document_chip(document: docs.Document) -> str:
     Markdown or HTML could read as syntax is written as an entity, so a file named
     `<img src=x>` or `![a](http://host/)` shows as that name and loads nothing."""
     text = "".join(c if c.isalnum() or c in " ,.·" else f"&#{ord(c)};" for c in document.chip())
-    return f'<div class="doc-chip">📄 {text}</div>'
+    return f'<div class="doc-chip">{text}</div>'
 
 
 def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., Path]) -> None:

@@ -156,11 +156,11 @@ class Document:
     def part(self) -> str:
         """The text part the engine gets: a fenced block headed by the file's name."""
         fence = _fence_for(self.text)
-        header = f"File: {self.name}"
-        if self.empty_pages:
-            header += f" ({skipped_pages_note(self.empty_pages)})"
         language = LANGUAGES.get(self.suffix, "")
-        return f"{header}\n{fence}{language}\n{self.text}\n{fence}"
+        block = f"File: {self.name}\n{fence}{language}\n{self.text}\n{fence}"
+        if self.empty_pages:  # after the text: the name and the text lead
+            block += f"\n({self.name}: {skipped_pages_note(self.empty_pages)})"
+        return block
 
     def estimate(self) -> int:
         """Tokens by the chat's conservative estimate (over-counts ordinary text)."""

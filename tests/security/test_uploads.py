@@ -16,10 +16,12 @@ from fixtures.aio import run_async
 from PIL import Image
 
 from appliance.chat import client as chat
+from appliance.chat import documents as docs
 from appliance.chat import history as hist
 from appliance.chat.service import ChatService, EngineView
 from appliance.errors import BadInputError, EngineError
 from appliance.settings import Settings
+from ui import chat_render
 
 
 def _uploads(home: Path) -> list[Path]:
@@ -28,10 +30,14 @@ def _uploads(home: Path) -> list[Path]:
     return [p for p in gradio.rglob("*") if p.is_file() and "step-station-chat" not in p.parts]
 
 
-def test_an_upload_over_the_chat_image_limit_is_refused_at_the_door(appliance, tmp_path):
+def test_an_upload_over_the_chat_limit_is_refused_at_the_door(appliance, tmp_path):
+    """The door is the larger of the image limit and the PDF limit (documents.MAX_UPLOAD_BYTES);
+    an image under the door but over its own limit is refused by the chat, unread."""
     app = appliance(settings={"chat": {"max_image_mb": 1}})
     big = tmp_path / "big.png"
-    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (1024 * 1024 + 1))  # 1 MB + 9 bytes
+    with big.open("wb") as handle:  # the door's limit + 9 bytes
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        handle.truncate(docs.MAX_UPLOAD_BYTES + 9)
     small = png(tmp_path / "small.png")
     with httpx.Client(base_url=app.base, headers={"Cookie": app.cookie}, timeout=60) as client:
         refused = client.post("gradio_api/upload", files={"files": big.open("rb")})
@@ -43,6 +49,40 @@ def test_an_upload_over_the_chat_image_limit_is_refused_at_the_door(appliance, t
     (path,) = stored.json()
     assert Path(path).is_relative_to(app.home / "cache" / "gradio")
     assert [p.name for p in _uploads(app.home)] == ["small.png"]  # nothing of the refused one
+
+
+def test_a_document_named_with_html_and_path_tricks_stays_in_the_upload_folder_as_text(
+    appliance, tmp_path
+):
+    """A file name is the client's to choose: `../` must not place the file outside the
+    appliance's upload folder, and HTML or Markdown in it must show as the name, not as markup,
+    in the chip the chat draws for the document."""
+    app = appliance()
+    name = "../../../evil<img src=x onerror=alert(1)>![a](javascript:alert(2)).txt"
+    with httpx.Client(base_url=app.base, headers={"Cookie": app.cookie}, timeout=60) as client:
+        stored = client.post(
+            "gradio_api/upload", files={"files": (name, b"the quarterly numbers\n", "text/plain")}
+        )
+        assert stored.status_code == 200, stored.text
+    (path,) = stored.json()
+    upload_area = (app.home / "cache" / "gradio").resolve()
+    assert Path(path).resolve().is_relative_to(upload_area)
+    escaped = [
+        p
+        for root in (app.home, tmp_path.parent)
+        for p in root.rglob("evil*")
+        if not p.resolve().is_relative_to(upload_area)
+    ]
+    assert escaped == []
+    document = docs.counted(docs.read_document(Path(path)), 5, exact=True)
+    assert document.text == "the quarterly numbers\n"
+    # Gradio keeps the name's last part, less <>:"/\|?*`$!{}; what is left still holds a
+    # Markdown link, which the chip draws as text.
+    assert document.name == "evilimg src=x onerror=alert(1)[a](javascriptalert(2)).txt"
+    chip = chat_render.document_chip(document)
+    assert "[a]" not in chip
+    assert "](" not in chip
+    assert "evilimg src&#61;x onerror&#61;alert&#40;1&#41;&#91;a&#93;&#40;javascriptalert" in chip
 
 
 def test_image_decoding_runs_off_the_event_loop(tmp_path, monkeypatch):

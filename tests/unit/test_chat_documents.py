@@ -68,11 +68,11 @@ def test_a_pdfs_text_is_extracted_page_by_page_and_a_page_without_text_is_named(
         "report.pdf · PDF, 3 pages · 42 tokens · page 2 has no text and was skipped "
         "(no PDF renderer is installed to send pages as images)"
     )
-    # The model gets the file's name as the header of a fenced block, the note included.
-    assert document.part().startswith(
-        "File: report.pdf (page 2 has no text and was skipped)\n```\n--- page 1 ---"
+    # The model gets the file's name as the header of a fenced block, the note after it.
+    assert document.part().startswith("File: report.pdf\n```\n--- page 1 ---")
+    assert document.part().endswith(
+        "Outlook: steady (Q3).\n```\n(report.pdf: page 2 has no text and was skipped)"
     )
-    assert document.part().endswith("Outlook: steady (Q3).\n```")
 
 
 def test_code_csv_and_markdown_are_read_as_text_in_fences_that_hold(tmp_path):
@@ -160,7 +160,7 @@ def test_the_chip_in_the_bubble_shows_a_hostile_name_as_text():
     chip = chat_render.document_chip(docs.counted(document, 3, exact=True))
     assert "<img" not in chip
     assert "](" not in chip
-    assert chip.startswith('<div class="doc-chip">📄 &#60;img src&#61;x onerror&#61;alert&#40;1')
+    assert chip.startswith('<div class="doc-chip">&#60;img src&#61;x onerror&#61;alert&#40;1')
 
 
 # ---------------------------------------------------------------------------- the chat flow
