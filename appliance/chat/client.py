@@ -117,6 +117,11 @@ def prepare_image(path: Path, *, max_mb: float, name: str | None = None) -> Prep
         raise BadInputError(
             f"{name} could not be read ({err.strerror}).", hint="Attach it again."
         ) from err
+    _check_size(name, size, max_mb)
+    return prepare_image_data(path.read_bytes(), name=name, max_mb=max_mb)
+
+
+def _check_size(name: str, size: int, max_mb: float) -> None:
     limit = max_mb * 1024 * 1024  # the setting counts MiB
     if size > limit:
         raise BadInputError(
@@ -124,7 +129,11 @@ def prepare_image(path: Path, *, max_mb: float, name: str | None = None) -> Prep
             hint="Send a smaller or compressed image (the limit is the chat.max_image_mb "
             "setting). Nothing was sent.",
         )
-    raw = path.read_bytes()
+
+
+def prepare_image_data(raw: bytes, *, name: str, max_mb: float) -> PreparedImage:
+    """`prepare_image` for bytes already in memory (a PDF page's scan)."""
+    _check_size(name, len(raw), max_mb)
     fmt = _sniff(raw[:16])
     if fmt is None:
         raise BadInputError(

@@ -12,8 +12,10 @@ Limits, so a big file never sits in memory twice or stalls the page:
   (its tokens estimated from its bytes) and never opened;
 - PDFs: at most `MAX_PDF_BYTES` and `MAX_PDF_PAGES` pages; text is extracted page by page with
   pypdf (pure Python) and extraction stops once the text is far more than the context can hold;
-- pages without text (scans) are skipped and named in the chip: rendering a page to an image
-  needs a PDF renderer (PDFium, MuPDF), a heavy native dependency this appliance does not ship.
+- a page without text that is a scan (an image over the page) is sent as that image, within
+  the engine's image limit per prompt; any other page without text is skipped and named in the
+  chip: drawing a page as an image needs a PDF renderer (PDFium, MuPDF), a heavy native
+  dependency this appliance does not ship.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from __future__ import annotations
 import codecs
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pypdf import PdfReader
+from pypdf import PageObject, PdfReader
 from pypdf.errors import PyPdfError
 
 from appliance.chat import client as chat
@@ -135,6 +137,15 @@ class DocumentTooLongError(chat.ContextTooLongError):
 
 
 @dataclass(frozen=True)
+class PageImage:
+    """A PDF page without text sent as the image it is (a scan), as the PDF holds it."""
+
+    page: int
+    name: str  # `scan.pdf, page 3`
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Document:
     """One attached file as the model reads it, and what its chip says."""
 
@@ -148,6 +159,10 @@ class Document:
     complete: bool = True  # False: too big, only part of it (or none) was read
     tokens: int = 0  # set once counted (exact from the engine, or an estimate)
     exact: bool = False
+    image_pages: tuple[int, ...] = ()  # 1-based: pages without text sent as their scan
+    over_image_limit: bool = False  # some skipped pages were scans past the image limit
+    # The scans themselves: they go with the message's images, never into its meta.
+    page_images: tuple[PageImage, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def suffix(self) -> str:
@@ -158,9 +173,30 @@ class Document:
         fence = _fence_for(self.text)
         language = LANGUAGES.get(self.suffix, "")
         block = f"File: {self.name}\n{fence}{language}\n{self.text}\n{fence}"
-        if self.empty_pages:  # after the text: the name and the text lead
-            block += f"\n({self.name}: {skipped_pages_note(self.empty_pages)})"
-        return block
+        notes = self.page_notes(why=False)  # after the text: the name and the text lead
+        return block + (f"\n({self.name}: {'; '.join(notes)})" if notes else "")
+
+    def page_notes(self, *, why: bool) -> list[str]:
+        """What happened to the pages without text."""
+        notes = []
+        if self.image_pages:
+            notes.append(
+                _pages(
+                    self.image_pages,
+                    "has no text and was sent as an image",
+                    "have no text and were sent as images",
+                )
+            )
+        if self.empty_pages:
+            note = _pages(
+                self.empty_pages, "has no text and was skipped", "have no text and were skipped"
+            )
+            if why and self.over_image_limit:
+                note += " (over the engine's image limit per message)"
+            elif why:
+                note += " (no PDF renderer is installed to send pages as images)"
+            notes.append(note)
+        return notes
 
     def estimate(self) -> int:
         """Tokens by the chat's conservative estimate (over-counts ordinary text)."""
@@ -179,27 +215,21 @@ class Document:
         if self.kind == PDF:
             parts.append(f"PDF, {self.pages:,} page{'s' if self.pages != 1 else ''}")
         parts.append(self.token_text())
-        if self.empty_pages:
-            parts.append(skipped_pages_note(self.empty_pages, why=True))
+        parts.extend(self.page_notes(why=True))
         return " · ".join(parts)
 
     def to_meta(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["page_images"]  # stored as the message's images
         data["empty_pages"] = list(self.empty_pages)
+        data["image_pages"] = list(self.image_pages)
         return data
 
 
-def skipped_pages_note(pages: Sequence[int], *, why: bool = False) -> str:
-    """`page 3 has no text and was skipped`, or `pages 2, 5 have no text and were skipped`."""
+def _pages(pages: Sequence[int], one: str, many: str) -> str:
+    """`page 3 has ...`, or `pages 2, 5 have ...` (the first ten named)."""
     shown = ", ".join(str(p) for p in pages[:10]) + (" ..." if len(pages) > 10 else "")
-    note = (
-        f"page {shown} has no text and was skipped"
-        if len(pages) == 1
-        else f"pages {shown} have no text and were skipped"
-    )
-    if why:
-        note += " (no PDF renderer is installed to send pages as images)"
-    return note
+    return f"page {shown} {one}" if len(pages) == 1 else f"pages {shown} {many}"
 
 
 def _fence_for(text: str) -> str:
@@ -235,6 +265,8 @@ def stored_in(message: hist.Message) -> list[Document]:
                 empty_pages=tuple(int(p) for p in entry.get("empty_pages") or ()),
                 tokens=int(entry.get("tokens") or 0),
                 exact=bool(entry.get("exact")),
+                image_pages=tuple(int(p) for p in entry.get("image_pages") or ()),
+                over_image_limit=bool(entry.get("over_image_limit")),
             )
         )
     return found
@@ -269,14 +301,27 @@ def split_attachments(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return images, documents
 
 
-def read_documents(paths: Sequence[Path], *, max_chars: int = MAX_TEXT_CHARS) -> list[Document]:
-    return [read_document(Path(p), max_chars=max_chars) for p in paths]
+def read_documents(
+    paths: Sequence[Path], *, max_chars: int = MAX_TEXT_CHARS, max_page_images: int = 0
+) -> list[Document]:
+    """Read each attachment; scanned pages share `max_page_images` in the order they come."""
+    out: list[Document] = []
+    for path in paths:
+        document = read_document(Path(path), max_chars=max_chars, max_page_images=max_page_images)
+        max_page_images -= len(document.page_images)
+        out.append(document)
+    return out
 
 
 def read_document(
-    path: Path, *, name: str | None = None, max_chars: int = MAX_TEXT_CHARS
+    path: Path,
+    *,
+    name: str | None = None,
+    max_chars: int = MAX_TEXT_CHARS,
+    max_page_images: int = 0,
 ) -> Document:
-    """Read one attachment as text; BadInputError (naming the file) when it cannot be."""
+    """Read one attachment as text (and up to `max_page_images` scanned pages as their
+    images); BadInputError (naming the file) when it cannot be."""
     name = name or path.name
     try:
         size = path.stat().st_size
@@ -287,11 +332,13 @@ def read_document(
             f"{name} could not be read ({err.strerror}).", hint="Attach it again."
         ) from err
     if path.suffix.lower() == ".pdf" or head.startswith(b"%PDF-"):
-        return _read_pdf(path, name, size, head, max_chars)
+        return _read_pdf(path, name, size, head, max_chars, max_page_images)
     return _read_text(path, name, size, max_chars)
 
 
-def _read_pdf(path: Path, name: str, size: int, head: bytes, max_chars: int) -> Document:
+def _read_pdf(
+    path: Path, name: str, size: int, head: bytes, max_chars: int, max_page_images: int
+) -> Document:
     if b"%PDF-" not in head:
         raise BadInputError(
             f"{name} is not a PDF (its bytes do not start like one, whatever its name says).",
@@ -319,27 +366,75 @@ def _read_pdf(path: Path, name: str, size: int, head: bytes, max_chars: int) -> 
         )
     texts: list[str] = []
     empty: list[int] = []
+    scans: list[PageImage] = []
+    over_limit = False
     chars = 0
     for index in range(count):
+        number = index + 1
         try:
-            text = (reader.pages[index].extract_text() or "").strip()
+            page = reader.pages[index]
+            text = (page.extract_text() or "").strip()
         except _PDF_ERRORS as err:
-            raise _broken(name, err, page=index + 1) from err
+            raise _broken(name, err, page=number) from err
         if not text:
-            empty.append(index + 1)
+            scan = _scan_of(page, f"{name}, page {number}", number)
+            if scan is not None and len(scans) < max_page_images:
+                scans.append(scan)
+            else:
+                over_limit = over_limit or scan is not None
+                empty.append(number)
             continue
-        texts.append(f"--- page {index + 1} ---\n{text}" if count > 1 else text)
+        texts.append(f"--- page {number} ---\n{text}" if count > 1 else text)
         chars += len(texts[-1])
         if chars > max_chars:  # already far more than fits: the rest need not be read
-            return Document(name, PDF, "\n\n".join(texts), size, count, index + 1, (), False)
-    if not texts:
+            return Document(name, PDF, "\n\n".join(texts), size, count, number, (), False)
+    if not texts and not scans:
         raise BadInputError(
-            f"{name} has no text on any of its {count:,} page{'s' if count != 1 else ''} "
-            "(a scan?); pages without text cannot be sent: no PDF renderer is installed.",
-            hint="Attach the pages as images instead, or a PDF with a text layer (OCR). "
-            "Nothing was sent.",
+            f"{name} has no text on any of its {count:,} page{'s' if count != 1 else ''}, "
+            + (
+                "and its scans are over the engine's image limit per message."
+                if over_limit
+                else "and no scanned image to send instead (drawing pages as images needs a "
+                "PDF renderer, which is not installed)."
+            ),
+            hint="Attach the pages as images, or a PDF with a text layer (OCR). Nothing was sent.",
         )
-    return Document(name, PDF, "\n\n".join(texts), size, count, count, tuple(empty))
+    return Document(
+        name,
+        PDF,
+        "\n\n".join(texts),
+        size,
+        count,
+        count,
+        tuple(empty),
+        image_pages=tuple(s.page for s in scans),
+        over_image_limit=over_limit,
+        page_images=tuple(scans),
+    )
+
+
+def _scan_of(page: PageObject, name: str, number: int) -> PageImage | None:
+    """A page without text that is a scan: its largest image, as the PDF holds it (JPEG for
+    most scanners). Only images within the chat's pixel cap are decoded (the size comes from
+    the image's dictionary first); a page drawn with vector graphics has none and gives None."""
+    try:
+        resources = page.get("/Resources")
+        xobjects = resources.get_object().get("/XObject") if resources is not None else None
+        if xobjects is None:
+            return None
+        sizes = []
+        for key, ref in xobjects.get_object().items():
+            obj = ref.get_object()
+            if obj.get("/Subtype") == "/Image":
+                pixels = int(obj.get("/Width", 0)) * int(obj.get("/Height", 0))
+                if 0 < pixels <= chat.MAX_IMAGE_PIXELS:
+                    sizes.append((pixels, str(key)))
+        if not sizes:
+            return None
+        image = page.images[max(sizes)[1]]
+        return PageImage(number, name, bytes(image.data)) if image.data else None
+    except _PDF_ERRORS:
+        return None  # an image pypdf cannot decode: the page is skipped like a drawn one
 
 
 def _broken(name: str, err: BaseException, page: int | None = None) -> BadInputError:

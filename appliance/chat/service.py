@@ -211,11 +211,22 @@ class ChatService:
         lengths = [i.max_model_len for i in self._model_info.values() if i.max_model_len]
         return max(lengths) if lengths else docs.NATIVE_CONTEXT
 
-    def read_documents(self, paths: Sequence[Path]) -> list[docs.Document]:
+    def read_documents(
+        self, paths: Sequence[Path], image_room: int = 0
+    ) -> tuple[list[docs.Document], list[chat.PreparedImage]]:
         """Extract the documents' text (a worker thread's job: a PDF takes a while), at most
-        about twice the context by the estimate: more could never be sent anyway."""
+        about twice the context by the estimate: more could never be sent anyway; and up to
+        `image_room` scanned pages, checked and scaled as attached images are."""
         limit = int(2 * self._known_context() * chat.CHARS_PER_TOKEN)
-        return docs.read_documents(paths, max_chars=limit)
+        documents = docs.read_documents(paths, max_chars=limit, max_page_images=image_room)
+        scans = [
+            chat.prepare_image_data(
+                scan.data, name=scan.name, max_mb=self.settings.chat.max_image_mb
+            )
+            for document in documents
+            for scan in document.page_images
+        ]
+        return documents, scans
 
     async def count_documents(
         self,
@@ -295,7 +306,10 @@ class ChatService:
         # Decoding (Pillow) and text extraction (pypdf) run in a worker thread: a big image or
         # PDF never stalls other streams. A broken file is refused before the engine is woken.
         images = await asyncio.to_thread(self.prepare_images, image_files, earlier)
-        documents = await asyncio.to_thread(self.read_documents, document_files)
+        room = self.settings.engine.max_images_per_prompt - len(images)
+        room -= sum(len(m.images) for m in earlier)
+        documents, scans = await asyncio.to_thread(self.read_documents, document_files, room)
+        images += scans  # scanned pages go as images, after the attached ones
         async with self._using_engine():  # a sleeping engine wakes as the message is sent
             view = self._ready_engine()
             stored = [hist.StoredImage(i.name, i.mime, i.data) for i in images]

@@ -20,7 +20,7 @@ from chat_page import (
     toast_text,
     wait_for_replies,
 )
-from fixtures.pdf_kit import long_pdf, pdf_bytes, write_pdf
+from fixtures.pdf_kit import Scan, long_pdf, pdf_bytes, write_pdf
 
 CHIP = "#chatbot .doc-chip"
 
@@ -36,7 +36,7 @@ def finished_requests(app) -> float:
 
 def test_a_pdf_and_a_code_file_reach_the_engine_as_text(appliance, page, tmp_path):
     app = appliance()
-    pdf = write_pdf(tmp_path / "report.pdf", [["Zebra sales doubled in March."], []])
+    pdf = write_pdf(tmp_path / "report.pdf", [["Zebra sales doubled in March."], [], Scan()])
     code = tmp_path / "main.py"
     code.write_text("def gnu():\n    return 'antelope'\n")
     open_chat(page, app.url)
@@ -48,8 +48,14 @@ def test_a_pdf_and_a_code_file_reach_the_engine_as_text(appliance, page, tmp_pat
     # The engine got the PDF's text, headed by its name, ahead of the question.
     assert "File: report.pdf" in reply
     assert "Zebra sales doubled in March." in reply
+    assert "Image 1 is a JPEG image of 850x1100 pixels" in reply  # the scanned page 3
     chip = page.locator(CHIP).first.inner_text()
-    assert re.search(r"report\.pdf · PDF, 2 pages · \d+ tokens · page 2 has no text", chip), chip
+    assert re.search(
+        r"report\.pdf · PDF, 3 pages · \d+ tokens · page 3 has no text and was sent as an "
+        r"image · page 2 has no text and was skipped",
+        chip,
+    ), chip
+    assert page.locator(f"{USER} img").count() == 1  # the scan shows in the bubble
 
     attach(page, [code])
     send(page, "Explain the code")

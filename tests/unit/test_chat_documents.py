@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.aio import run_async
-from fixtures.pdf_kit import long_pdf, pdf_bytes, write_pdf
+from fixtures.pdf_kit import Scan, long_pdf, pdf_bytes, write_pdf
 
 from appliance.chat import client as chat
 from appliance.chat import documents as docs
@@ -73,6 +73,38 @@ def test_a_pdfs_text_is_extracted_page_by_page_and_a_page_without_text_is_named(
     assert document.part().endswith(
         "Outlook: steady (Q3).\n```\n(report.pdf: page 2 has no text and was skipped)"
     )
+
+
+def test_scanned_pages_are_sent_as_their_images_within_the_image_limit(tmp_path):
+    path = write_pdf(
+        tmp_path / "letter.pdf",
+        [["Dear owner,"], Scan(color="white"), Scan(color="gray"), [], Scan()],
+    )
+    document = docs.read_document(path, max_page_images=1)
+    assert document.text == "--- page 1 ---\nDear owner,"
+    assert document.image_pages == (2,)
+    assert document.empty_pages == (3, 4, 5)
+    assert document.over_image_limit
+    (scan,) = document.page_images
+    assert (scan.page, scan.name) == (2, "letter.pdf, page 2")
+    assert scan.data.startswith(b"\xff\xd8\xff")  # the scanner's JPEG, as the PDF holds it
+    assert chat.prepare_image_data(scan.data, name=scan.name, max_mb=20).width == 850
+    assert docs.counted(document, 9, exact=True).chip() == (
+        "letter.pdf · PDF, 5 pages · 9 tokens · page 2 has no text and was sent as an image · "
+        "pages 3, 4, 5 have no text and were skipped (over the engine's image limit per message)"
+    )
+    assert document.part().endswith(
+        "(letter.pdf: page 2 has no text and was sent as an image; pages 3, 4, 5 have no text "
+        "and were skipped)"
+    )
+    # Stored without the scan's bytes (those are the message's images); read back the same.
+    assert "page_images" not in document.to_meta()
+    stored = hist.Message(0, 0, "user", "", meta=docs.meta_for([document]))
+    assert docs.stored_in(stored)[0].chip() == document.chip()
+    # With no image room, a PDF of scans alone cannot be read: said so, not sent empty.
+    only_scans = write_pdf(tmp_path / "fax.pdf", [Scan(), Scan()])
+    with pytest.raises(BadInputError, match=r"fax\.pdf has no text .* over the engine's image"):
+        docs.read_document(only_scans, max_page_images=0)
 
 
 def test_code_csv_and_markdown_are_read_as_text_in_fences_that_hold(tmp_path):
@@ -211,6 +243,27 @@ def test_a_pdf_and_a_code_file_reach_the_engine_and_stay_with_the_conversation(s
     markdown = svc.history.export_markdown(cid)
     assert "*[document: main.py · " in markdown
     assert "File: main.py\n```python\ndef gnu():\n    return 'antelope'\n\n```" in markdown
+
+
+def test_a_scanned_pdf_reaches_the_engine_as_images(simulator, tmp_path):
+    url = simulator()
+    svc = service(url)
+    fax = write_pdf(tmp_path / "fax.pdf", [Scan(), Scan(size=(400, 600), color="gray")])
+
+    async def run() -> tuple[str, chat.Reply]:
+        turn = await svc.submit(None, "What does the fax say?", [fax], OPTS)
+        last = None
+        async for reply in svc.respond(turn.conversation_id, OPTS):
+            last = reply
+        assert last is not None
+        return turn.conversation_id, last
+
+    cid, reply = run_async(run())
+    assert "There are 2 image(s)" in reply.reasoning  # both pages reached the engine
+    (user, _bot) = svc.history.get_conversation(cid).messages
+    assert [i.name for i in user.images] == ["fax.pdf, page 1", "fax.pdf, page 2"]
+    (document,) = docs.stored_in(user)
+    assert document.image_pages == (1, 2)
 
 
 def test_an_edit_keeps_the_documents(simulator, tmp_path):
