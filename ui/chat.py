@@ -38,6 +38,12 @@ CSS = """
 #chat-context { font-size: 0.85em; opacity: 0.8; }
 #engine-banner { border-left: 4px solid var(--color-accent); padding-left: 0.6em; }
 #history-list { max-height: 60vh; overflow-y: auto; }
+#search-results { max-height: 40vh; overflow-y: auto; font-size: 0.85em; }
+#search-results .search-hit { margin-bottom: 0.6em; }
+#search-results .search-title { font-weight: 600; }
+#search-results .search-snippet { opacity: 0.85; white-space: pre-wrap; }
+#versions { align-items: center; }
+#version-count { text-align: center; }
 #chatbot .user-row img { max-height: 160px !important; width: auto !important;
   object-fit: contain; }
 #chatbot .user-row .image-container { width: auto !important; height: auto !important; }
@@ -251,6 +257,8 @@ class _Handlers:
     # --------------------------------------------------------------------------- managing
 
     async def on_open(self, conversation_id: str | None, query: str) -> tuple[Any, ...]:
+        """Show a conversation, with the preset and settings it was last sent with and its
+        versions bar."""
         opened = self.ctl.open(conversation_id)
         view = render.render_messages(opened.messages, _image_path)
         return (
@@ -262,7 +270,105 @@ class _Handlers:
             self.list_update(query, opened.conversation_id),
             await self.context_text(opened.conversation_id),
             "",
+            *self.chosen(opened.conversation_id),
+            *self.versions_bar(opened.conversation_id, None),
         )
+
+    # ------------------------------------------------------------------- presets, versions
+
+    def chosen(self, conversation_id: str | None) -> tuple[Any, ...]:
+        """The preset picker and the sampling fields for a conversation (or a new chat)."""
+        chosen = self.ctl.chosen(conversation_id)
+        o = chosen.options
+        picker = gr.Dropdown(choices=chosen.presets, value=chosen.preset)
+        return picker, o.reasoning_effort, o.system_prompt, o.temperature, o.top_p, o.max_tokens
+
+    def on_preset(self, name: str) -> tuple[Any, ...]:
+        """A preset picked: its values into the level and the Advanced fold."""
+        o = self.ctl.preset(name).options()
+        return o.reasoning_effort, o.system_prompt, o.temperature, o.top_p, o.max_tokens
+
+    def on_save_preset(
+        self, name: str, lvl: str, system: str, temp: float, tp: float, mx: float | None
+    ) -> None:
+        try:
+            saved = self.ctl.save_preset(name, self.options(lvl, system, temp, tp, mx))
+        except ApplianceError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        gr.Info(f"Preset {saved.name!r} saved.")
+
+    def on_new_preset(
+        self, new_name: str, lvl: str, system: str, temp: float, tp: float, mx: float | None
+    ) -> tuple[Any, Any]:
+        try:
+            made = self.ctl.create_preset(new_name, self.options(lvl, system, temp, tp, mx))
+        except ApplianceError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        names = [p.name for p in self.ctl.presets.list()]
+        return gr.Dropdown(choices=names, value=made.name), ""
+
+    def on_remember(
+        self,
+        conversation_id: str | None,
+        preset: str,
+        lvl: str,
+        system: str,
+        temp: float,
+        tp: float,
+        mx: float | None,
+    ) -> None:
+        """After a message was taken: the conversation keeps its preset and settings."""
+        try:
+            options = ChatController.options(lvl, system, temp, tp, mx)
+        except ApplianceError:
+            return  # the send itself was refused for it, with a message
+        self.ctl.remember(conversation_id, preset, options)
+
+    def versions_bar(self, conversation_id: str | None, selected: str | None) -> tuple[Any, ...]:
+        """The `< 2/3 >` bar: hidden unless a shown message has other versions; it pages the
+        one picked (the last such message unless another is picked)."""
+        points = self.ctl.branch_points(conversation_id) if conversation_id else []
+        if not points:
+            return gr.Row(visible=False), gr.Dropdown(choices=[], value=None), ""
+        point = next((p for p in points if str(p.position) == str(selected)), points[-1])
+        picker = gr.Dropdown(
+            choices=[(p.label, str(p.position)) for p in points], value=str(point.position)
+        )
+        return gr.Row(visible=True), picker, f"{point.version}/{point.versions}"
+
+    def latest_versions(self, conversation_id: str | None) -> tuple[Any, ...]:
+        """The bar after the chat changed: it pages the last message with versions (the one a
+        regenerate or an edit just made)."""
+        return self.versions_bar(conversation_id, None)
+
+    def on_version(self, conversation_id: str | None, selected: str, step: int) -> tuple[Any, ...]:
+        try:
+            self.ctl.switch_version(conversation_id, int(selected or -1), step)
+        except (ApplianceError, ValueError) as err:
+            gr.Warning(str(err))
+        return *self.view(conversation_id), *self.versions_bar(conversation_id, selected)
+
+    def on_version_before(self, conversation_id: str | None, selected: str) -> tuple[Any, ...]:
+        return self.on_version(conversation_id, selected, -1)
+
+    def on_version_after(self, conversation_id: str | None, selected: str) -> tuple[Any, ...]:
+        return self.on_version(conversation_id, selected, +1)
+
+    def on_search(self, query: str, selected: str | None) -> tuple[Any, Any]:
+        """The list narrowed to matching conversations, and the snippets that matched."""
+        return self.list_update(query, selected), render.search_results(self.ctl.search(query))
+
+    async def on_import(self, upload: Any, query: str) -> tuple[Any, ...]:
+        """Import a JSON export and open the (last) conversation it held."""
+        path = Path(upload if isinstance(upload, str) else getattr(upload, "name", ""))
+        try:
+            added = self.ctl.import_file(path)
+        except ApplianceError as err:
+            raise gr.Error(str(err), title="Not imported", print_exception=False) from err
+        finally:
+            _discard_uploads([path])
+        gr.Info(f"Imported {len(added)} conversation{'s' if len(added) != 1 else ''}.")
+        return await self.on_open(added[-1] if added else None, query)
 
     def on_new(self, query: str) -> tuple[Any, ...]:
         return None, [], [], [], "", self.list_update(query, None), "", _idle_box()
@@ -320,6 +426,7 @@ def build(services: Services) -> ChatTab:
     h = _Handlers(ChatController(services.chat))
     cfg = services.settings.chat
     max_images = services.settings.engine.max_images_per_prompt
+    start = h.ctl.chosen(None)  # the built-in preset until a conversation is opened
 
     # ------------------------------------------------------------------------------- layout
     # The open conversation's id. It is mirrored into the page's URL (`?c=ID`), so a reload, a
@@ -333,8 +440,12 @@ def build(services: Services) -> ChatTab:
         with gr.Column(scale=1, min_width=220, elem_id="history-column"):
             new_chat = gr.Button("New chat", variant="primary", size="sm", elem_id="new-chat")
             search = gr.Textbox(
-                placeholder="Search titles", show_label=False, container=False, elem_id="search"
+                placeholder="Search titles and messages",
+                show_label=False,
+                container=False,
+                elem_id="search",
             )
+            search_results = gr.HTML("", elem_id="search-results")
             history_list = gr.Radio(
                 choices=[], label="Conversations", elem_id="history-list", interactive=True
             )
@@ -354,6 +465,9 @@ def build(services: Services) -> ChatTab:
                     export_one = gr.Button("Export this", size="sm", elem_id="export-one")
                     export_all = gr.Button("Export all", size="sm", elem_id="export-all")
                 export_file = gr.File(label="Export", visible=False, elem_id="export-file")
+                import_button = gr.UploadButton(
+                    "Import JSON…", file_types=[".json"], size="sm", elem_id="import"
+                )
 
         with gr.Column(scale=4, elem_id="chat-column"):
             with gr.Row(visible=False, elem_id="engine-banner") as banner_row:
@@ -372,6 +486,14 @@ def build(services: Services) -> ChatTab:
                 placeholder="Ask anything. Attach images, PDFs, text, code or CSV files with the "
                 "clip, by dragging or pasting.",
             )
+            # Versions of edited or regenerated messages: pick the message, page `< 2/3 >`.
+            with gr.Row(visible=False, elem_id="versions") as versions_row:
+                version_point = gr.Dropdown(
+                    choices=[], show_label=False, container=False, scale=3, elem_id="version-point"
+                )
+                version_before = gr.Button("‹", size="sm", scale=0, elem_id="version-before")
+                version_count = gr.Markdown("", elem_id="version-count")
+                version_after = gr.Button("›", size="sm", scale=0, elem_id="version-after")
             live = gr.Markdown("", elem_id="chat-live")
             with gr.Row(equal_height=True):
                 textbox = gr.MultimodalTextbox(
@@ -392,35 +514,63 @@ def build(services: Services) -> ChatTab:
                 )
                 level = gr.Radio(
                     list(chat.REASONING_LEVELS),
-                    value=cfg.reasoning_level
-                    if cfg.reasoning_level in chat.REASONING_LEVELS
-                    else "medium",
+                    value=start.options.reasoning_effort,
                     label="Reasoning",
                     scale=0,
                     min_width=300,
                     elem_id="reasoning-level",
                 )
+                preset = gr.Dropdown(
+                    choices=start.presets,
+                    value=start.preset,
+                    label="Preset",
+                    scale=0,
+                    min_width=180,
+                    elem_id="preset",
+                )
             context_md = gr.Markdown(render.context_line(None, None), elem_id="chat-context")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 system_prompt = gr.Textbox(
-                    cfg.system_prompt, label="System prompt", lines=2, elem_id="system-prompt"
+                    start.options.system_prompt,
+                    label="System prompt",
+                    lines=2,
+                    elem_id="system-prompt",
                 )
                 with gr.Row():
                     temperature = gr.Slider(
-                        0.0, 2.0, value=cfg.temperature, step=0.05, label="Temperature"
+                        0.0, 2.0, value=start.options.temperature, step=0.05, label="Temperature"
                     )
-                    top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.01, label="top_p")
+                    top_p = gr.Slider(
+                        0.05, 1.0, value=start.options.top_p, step=0.01, label="top_p"
+                    )
                     max_tokens = gr.Number(
-                        cfg.max_tokens,
+                        start.options.max_tokens,
                         label="Max tokens (0: as many as fit)",
                         precision=0,
                         minimum=0,
                         elem_id="max-tokens",
                     )
+                # The level and these fields edit the preset picked above when saved into it.
+                with gr.Row(equal_height=True):
+                    save_preset = gr.Button(
+                        "Save to this preset", size="sm", scale=0, elem_id="preset-save"
+                    )
+                    preset_name = gr.Textbox(
+                        placeholder="New preset name",
+                        show_label=False,
+                        container=False,
+                        elem_id="preset-name",
+                    )
+                    new_preset = gr.Button(
+                        "Save as new preset", size="sm", scale=0, elem_id="preset-new"
+                    )
     sampling = [level, system_prompt, temperature, top_p, max_tokens]
 
     # ----------------------------------------------------------------------------- wiring
     stream_outputs = [chatbot, positions, kinds, live, context_md]
+    versions_outputs = [versions_row, version_point, version_count]
+    # A message taken (sent, regenerated, edited): its conversation keeps the preset and values.
+    remember_inputs = [conversation, preset, *sampling]
     chat_events: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
 
     sent = textbox.submit(
@@ -431,17 +581,23 @@ def build(services: Services) -> ChatTab:
         [textbox, chatbot, positions, kinds, history_list, live],
         **chat_events,
     )
+    sent.success(h.on_remember, remember_inputs, None, show_progress="hidden")
     sent_reply = sent.success(
         h.on_respond, [conversation, *sampling], stream_outputs, **chat_events
     )
     finished_outputs = [textbox, chatbot, positions, kinds, live, history_list]
-    sent_reply.then(h.on_finished, [conversation, search], finished_outputs)
+    sent_reply.then(h.on_finished, [conversation, search], finished_outputs).then(
+        h.latest_versions, [conversation], versions_outputs
+    )
 
     retried = chatbot.retry(h.on_retry, [conversation], [textbox, chatbot, positions, kinds])
+    retried.success(h.on_remember, remember_inputs, None, show_progress="hidden")
     retry_reply = retried.success(
         h.on_respond, [conversation, *sampling], stream_outputs, **chat_events
     )
-    retry_reply.then(h.on_finished, [conversation, search], finished_outputs)
+    retry_reply.then(h.on_finished, [conversation, search], finished_outputs).then(
+        h.latest_versions, [conversation], versions_outputs
+    )
 
     edit_ok = gr.State(False)
     edited = chatbot.edit(
@@ -450,22 +606,27 @@ def build(services: Services) -> ChatTab:
         [textbox, chatbot, positions, kinds, edit_ok],
     )
 
+    edited.success(h.on_remember, remember_inputs, None, show_progress="hidden")
     edit_reply = edited.success(
         h.respond_if, [edit_ok, conversation, *sampling], stream_outputs, **chat_events
     )
-    edit_reply.then(h.on_finished, [conversation, search], finished_outputs)
+    edit_reply.then(h.on_finished, [conversation, search], finished_outputs).then(
+        h.latest_versions, [conversation], versions_outputs
+    )
 
     # Stop cancels the running reply (its task is cancelled, which closes the engine request);
     # the `.then(h.on_finished)` above then shows the saved, `stopped` reply.
     textbox.stop(None, None, None, cancels=[sent_reply, retry_reply, edit_reply])
-    chatbot.undo(h.on_undo, [conversation], [textbox, chatbot, positions, kinds])
+    chatbot.undo(h.on_undo, [conversation], [textbox, chatbot, positions, kinds]).then(
+        h.latest_versions, [conversation], versions_outputs
+    )
     # The chat's own "Clear" button starts a new conversation; the old one stays in the history.
     chatbot.clear(
         h.on_new,
         [search],
         [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
         cancels=[sent_reply, retry_reply, edit_reply],
-    )
+    ).then(h.latest_versions, [conversation], versions_outputs)
 
     open_outputs = [
         conversation,
@@ -476,6 +637,9 @@ def build(services: Services) -> ChatTab:
         history_list,
         context_md,
         live,
+        preset,
+        *sampling,
+        *versions_outputs,
     ]
     history_list.input(
         h.on_open,
@@ -485,9 +649,9 @@ def build(services: Services) -> ChatTab:
     )
     # always_last: a search typed while the previous one runs is not dropped.
     search.change(
-        h.list_update,
+        h.on_search,
         [search, conversation],
-        [history_list],
+        [history_list, search_results],
         show_progress="hidden",
         trigger_mode="always_last",
     )
@@ -495,6 +659,21 @@ def build(services: Services) -> ChatTab:
         h.on_new,
         [search],
         [conversation, chatbot, positions, kinds, title_box, history_list, live, textbox],
+        cancels=[sent_reply, retry_reply, edit_reply],
+    ).then(h.latest_versions, [conversation], versions_outputs)
+    version_shown = [chatbot, positions, kinds, *versions_outputs]
+    version_before.click(h.on_version_before, [conversation, version_point], version_shown)
+    version_after.click(h.on_version_after, [conversation, version_point], version_shown)
+    version_point.input(h.versions_bar, [conversation, version_point], versions_outputs)
+    # `.input`: only the owner's pick loads a preset's values, not a conversation being opened
+    # (that shows the values it was sent with).
+    preset.input(h.on_preset, [preset], sampling, show_progress="hidden")
+    save_preset.click(h.on_save_preset, [preset, *sampling], None)
+    new_preset.click(h.on_new_preset, [preset_name, *sampling], [preset, preset_name])
+    import_button.upload(
+        h.on_import,
+        [import_button, search],
+        open_outputs,
         cancels=[sent_reply, retry_reply, edit_reply],
     )
     rename.click(h.on_rename, [conversation, title_box, search], [history_list])
@@ -504,7 +683,7 @@ def build(services: Services) -> ChatTab:
         h.on_delete,
         [conversation, search],
         [conversation, chatbot, positions, kinds, title_box, history_list, confirm_row],
-    )
+    ).then(h.latest_versions, [conversation], versions_outputs)
     export_one.click(h.export_one, [conversation, export_format], [export_file])
     export_all.click(h.export_all, [conversation, export_format], [export_file])
     gr.Timer(2.0).tick(

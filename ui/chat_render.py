@@ -9,6 +9,7 @@ line outside the chat.
 from __future__ import annotations
 
 import hashlib
+import html
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -271,9 +272,9 @@ def stats_line(stats: dict[str, Any], status: str) -> str:
     return " · ".join(parts)
 
 
-def _footer(stats: dict[str, Any], status: str, error: str = "") -> str:
+def _footer(stats: dict[str, Any], status: str, error: str = "", version: str = "") -> str:
     level = stats.get("level") or ""
-    line = stats_line(stats, status)
+    line = stats_line(stats, status) + (f" · version {version}" if version else "")
     footer = (
         # Classes, not data- attributes: the chat's HTML sanitizer keeps only classes.
         f'\n\n<div class="reply-stats level-{level} status-{status}">{line}</div>'
@@ -333,7 +334,8 @@ def render_stored_reply(out: Rendered, message: hist.Message) -> None:
             _thinking(message.position, message.reasoning, seconds, pending=False, level=level),
         )
     error = str(stats.get("error") or "")
-    body = block_remote_images(message.content) + _footer(stats, message.status, error)
+    version = f"{message.version}/{message.versions}" if message.versions > 1 else ""
+    body = block_remote_images(message.content) + _footer(stats, message.status, error, version)
     out.add(message.position, "answer", {"role": "assistant", "content": body})
 
 
@@ -402,3 +404,21 @@ def context_line(context_len: int | None, used: int | None) -> str:
     if used:
         line += f" · this conversation ≈ {used:,} ({used / context_len:.0%})"
     return line
+
+
+def search_results(hits: Sequence[hist.SearchHit]) -> str:
+    """The search panel: each matching conversation's title (a link that opens it) and its
+    snippets. Titles are escaped here; the snippets come escaped from the history, with only
+    the matched words in <mark>, so a reply holding `<script>` shows as that text."""
+    if not hits:
+        return ""
+    parts = []
+    for hit in hits:
+        title = html.escape(hit.title)
+        snippets = "".join(f'<div class="search-snippet">{s}</div>' for s in hit.snippets)
+        link = f"?c={html.escape(hit.conversation_id)}"
+        parts.append(
+            f'<div class="search-hit"><a class="search-title" href="{link}">{title}</a>'
+            f"{snippets}</div>"
+        )
+    return "".join(parts)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from appliance.chat import client as chat
 from appliance.chat import history as hist
+from appliance.chat import presets as pre
 from appliance.chat.service import ChatService, UserTurn
 from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import cache_dir, private_dir, write_private
@@ -23,6 +24,7 @@ from appliance.settings import cache_dir, private_dir, write_private
 EXPORT_EXTENSIONS = {"JSON": "json", "Markdown": "md"}
 STOPPED_NOTE = "Stopped: the engine ended the request."
 NOT_EDITABLE = "Only the text of your own messages can be edited."
+MAX_IMPORT_BYTES = 512 * 1024 * 1024  # an export with many images is big; more is not one
 
 
 def export_folder() -> Path:
@@ -82,6 +84,37 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class Chosen:
+    """The preset a conversation was last sent with and its values as sent (for a new chat or
+    one never sent: the built-in preset's); `presets` are every preset's names, to pick from."""
+
+    preset: str
+    options: chat.SamplingOptions
+    presets: list[str]
+
+
+@dataclass(frozen=True)
+class BranchPoint:
+    """A message on the shown path that has other versions: `version` of `versions`."""
+
+    position: int
+    role: str
+    version: int
+    versions: int
+
+    @property
+    def label(self) -> str:
+        who = "your message" if self.role == "user" else "reply"
+        return f"Message {self.position + 1} ({who}): {self.version}/{self.versions}"
+
+
+def branch_points(messages: Sequence[hist.Message]) -> list[BranchPoint]:
+    return [
+        BranchPoint(m.position, m.role, m.version, m.versions) for m in messages if m.versions > 1
+    ]
+
+
+@dataclass(frozen=True)
 class Finished:
     """After a reply ended or was stopped: whether to redraw the chat and what to say."""
 
@@ -116,6 +149,7 @@ class ChatController:
         self.history = service.history
         self.exports = exports
         self.clock = clock
+        self.presets = pre.Presets(self.history, pre.from_settings(service.settings.chat))
 
     # ------------------------------------------------------------------------------ showing
 
@@ -191,17 +225,24 @@ class ChatController:
         (re-sending a long chat would only make the browser render it again); a stopped one is
         shown as saved; anything else (nothing saved, a failure) is redrawn from the history."""
         last = None
+        restored = False
         if conversation_id:
             await self.service.settled(conversation_id)
-            messages = self.messages(conversation_id)
+            with contextlib.suppress(BadInputError):  # deleted meanwhile
+                restored = self.history.restore_path(conversation_id)
+            messages = self.messages(conversation_id) if not restored else []
             last = messages[-1] if messages else None
-        if last is not None and last.role == "assistant" and last.status != hist.STOPPED:
+        if restored:
+            return Finished(redraw=True)
+        # A regenerated reply is redrawn once: its stats line then says which version it is.
+        settled = last is not None and last.role == "assistant" and last.status != hist.STOPPED
+        if settled and last is not None and last.versions == 1:
             return Finished(redraw=False)
         stopped = last is not None and last.status == hist.STOPPED
         return Finished(redraw=True, note=STOPPED_NOTE if stopped else "")
 
     def retry(self, conversation_id: str | None) -> None:
-        """Drop the last reply so it can be generated again."""
+        """Set the last reply aside (it stays as a version) so it can be generated again."""
         if not conversation_id:
             raise BadInputError("There is nothing to regenerate yet.")
         self.service.prepare_regenerate(conversation_id)
@@ -215,18 +256,92 @@ class ChatController:
         kinds: Sequence[str],
         options: chat.SamplingOptions,
     ) -> None:
-        """Replace the text of the shown message at `index` (one of the owner's own) and drop
-        everything after it; the reply is generated again after this."""
+        """A new version of the shown message at `index` (one of the owner's own): the old one
+        and everything after it stay as the earlier version; the reply is generated again."""
         if not conversation_id or index >= len(positions) or kinds[index] != "text":
             raise BadInputError(NOT_EDITABLE)
         text = value if isinstance(value, str) else str(value or "")
         await self.service.prepare_edit(conversation_id, positions[index], text, options)
 
     def undo(self, conversation_id: str | None) -> hist.Message | None:
-        """Remove the last message and its reply; the message goes back into the input box."""
+        """Delete the last message of the shown path and its reply (not kept as a version: undo
+        takes it back); the message goes back into the input box."""
         if not conversation_id:
             return None
-        return self.service.undo(conversation_id)
+        messages = self.messages(conversation_id)
+        last_user = next((m for m in reversed(messages) if m.role == "user"), None)
+        if last_user is None:
+            return None
+        self.history.delete_from(conversation_id, last_user.position)
+        return last_user
+
+    # ---------------------------------------------------------------------------- versions
+
+    def branch_points(self, conversation_id: str | None) -> list[BranchPoint]:
+        """The shown path's messages that have other versions (edited, regenerated)."""
+        return branch_points(self.messages(conversation_id))
+
+    def switch_version(self, conversation_id: str | None, position: int, step: int) -> None:
+        """Show the version before (`step` -1) or after (+1) of the message at `position`."""
+        if not conversation_id:
+            raise BadInputError("Open a conversation first.")
+        if not self.history.switch_version(conversation_id, position, step):
+            raise BadInputError("There is no other version that way.")
+
+    # ----------------------------------------------------------------------------- presets
+
+    def chosen(self, conversation_id: str | None) -> Chosen:
+        """What the preset picker and the Advanced fold show for a conversation."""
+        names = [p.name for p in self.presets.list()]
+        settings: dict[str, object] = {}
+        if conversation_id:
+            with contextlib.suppress(ApplianceError):
+                settings = self.history.get_conversation(conversation_id).settings
+        if settings:
+            preset = self.presets.find(str(settings.get("preset") or ""))
+            try:
+                options = chat.SamplingOptions(
+                    reasoning_effort=str(settings["reasoning_effort"]),
+                    temperature=float(str(settings["temperature"])),
+                    top_p=float(str(settings["top_p"])),
+                    max_tokens=int(str(settings["max_tokens"])),
+                    system_prompt=str(settings.get("system_prompt") or ""),
+                )
+            except (KeyError, ValueError, BadInputError):
+                options = (preset or self.presets.default()).options()
+            return Chosen(preset.name if preset else names[0], options, names)
+        default = self.presets.default()
+        return Chosen(default.name, default.options(), names)
+
+    def preset(self, name: str | None) -> pre.Preset:
+        """The preset picked (the built-in one when it is gone)."""
+        return self.presets.get(name)
+
+    def save_preset(self, name: str | None, options: chat.SamplingOptions) -> pre.Preset:
+        """Save the Advanced fold's values into the preset picked."""
+        return self.presets.save(self.presets.get(name).name, options)
+
+    def create_preset(self, name: str, options: chat.SamplingOptions) -> pre.Preset:
+        """A new preset from the Advanced fold's values."""
+        return self.presets.create(name, options)
+
+    def remember(
+        self, conversation_id: str | None, preset: str | None, options: chat.SamplingOptions
+    ) -> None:
+        """Store with the conversation the preset and the values its message was sent with."""
+        if not conversation_id:
+            return
+        found = self.presets.find(preset)
+        with contextlib.suppress(BadInputError):  # deleted meanwhile: nothing to remember
+            self.history.set_settings(
+                conversation_id, found.id if found else None, pre.sent_settings(found, options)
+            )
+
+    # ------------------------------------------------------------------------------ search
+
+    def search(self, query: str) -> list[hist.SearchHit]:
+        """Conversations whose title or messages hold the words, with highlighted snippets."""
+        return self.history.search(query) if query.strip() else []
 
     # ------------------------------------------------------------------------------ managing
 
@@ -238,6 +353,24 @@ class ChatController:
     def delete(self, conversation_id: str | None) -> None:
         if conversation_id:
             self.history.delete(conversation_id)
+
+    def import_file(self, path: Path) -> list[str]:
+        """Add the conversations of a JSON export file; their ids (all or nothing)."""
+        try:
+            size = path.stat().st_size
+            if size > MAX_IMPORT_BYTES:
+                raise BadInputError(
+                    f"{path.name} is {size / 1e6:,.0f} MB; an import may be at most "
+                    f"{MAX_IMPORT_BYTES / 1e6:,.0f} MB.",
+                    hint="Export fewer conversations at a time. Nothing was imported.",
+                )
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise BadInputError(
+                f"{path.name} could not be read as a text file ({err}).",
+                hint="Import a file made by Export (JSON). Nothing was imported.",
+            ) from err
+        return self.history.import_json(text)
 
     def export(self, conversation_id: str | None, fmt: str, *, everything: bool) -> Path:
         """Write this conversation (or all of them) as JSON or Markdown into a private file."""

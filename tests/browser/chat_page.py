@@ -131,3 +131,27 @@ def screenshot(page: Any, name: str, *, full_page: bool = False) -> Path:
     path = folder / name
     page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+def choose(page: Any, selector: str, option: str) -> None:
+    """Pick an option of a Gradio dropdown the way the owner does: open it, click the option."""
+    page.locator(f"{selector} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_function(
+        "([sel, want]) => document.querySelector(sel + ' input').value === want",
+        arg=[selector, option],
+    )
+
+
+def field(page: Any, selector: str) -> str:
+    """The value of a textbox or number field (its textarea or input)."""
+    return str(page.locator(f"{selector} textarea, {selector} input").first.input_value())
+
+
+def download(app: Any, href: str) -> bytes:
+    """A file the page links to, fetched with the owner's cookie (as the page itself does)."""
+    import urllib.request
+
+    request = urllib.request.Request(href, headers={"Cookie": app.cookie})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bytes(response.read())
