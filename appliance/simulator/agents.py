@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from appliance.simulator.completions import Completions
@@ -88,8 +88,8 @@ class AgentApis:
             raise validation_error(
                 "max_tokens", "Value error, max_tokens must be positive", max_tokens, "value_error"
             )
+        chat = _converted(anthropic_to_chat, body)
         try:
-            chat = anthropic_to_chat(body)
             result = await self.completions.chat(chat)
             prompt_tokens = self._prompt_tokens(chat)
         except ApiError as err:  # vLLM's handler: the chat's error in Anthropic's shape
@@ -107,7 +107,7 @@ class AgentApis:
             raise validation_error("body", DICT_MSG, body, "dict_type")
         if "input" not in body:
             raise validation_error("input", "Field required", body, "missing")
-        chat = responses_to_chat(body)
+        chat = _converted(responses_to_chat, body)
         result = await self.completions.chat(chat)
         prompt_tokens = self._prompt_tokens(chat)
         shell = _response_shell(body, str(chat.get("model") or self.completions.args.served_name))
@@ -128,6 +128,16 @@ class AgentApis:
         return Response.json(
             _finished(shell, items, usage["prompt_tokens"], usage["completion_tokens"], choice)
         )
+
+
+def _converted(convert: Callable[[dict[str, Any]], dict[str, Any]], body: dict[str, Any]) -> Any:
+    """The request as a chat request; a body of the wrong shape is the 400 vLLM's request model
+    gives (pydantic refuses it before the handler runs), never a crash."""
+    try:
+        return convert(body)
+    except (AttributeError, TypeError, KeyError, ValueError) as err:
+        message = f"Input is not a valid request: {err}"
+        raise validation_error("body", message, body, "model_type") from None
 
 
 # ---------------------------------------------------------------------------- Messages parts

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.timeout(180)
 
 CHAT_LINE = '"POST /v1/chat/completions HTTP/1.1"'
 COMPLETIONS_LINE = '"POST /v1/completions HTTP/1.1"'
+RESPONSES_LINE = '"POST /v1/responses HTTP/1.1"'
+MESSAGES_LINE = '"POST /v1/messages HTTP/1.1"'
 
 
 class Listener:
@@ -281,3 +283,84 @@ def test_ordinary_requests_within_the_caps_still_pass(stack):
         stack, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4}
     )
     assert status == 200, reply
+
+
+def _messages(*content: dict, **extra) -> dict:
+    parts = [{"type": "text", "text": "hi"}, *content]
+    return {
+        "model": MODEL,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": parts}],
+    } | extra
+
+
+def _responses(*content: dict, **extra) -> dict:
+    parts = [{"type": "input_text", "text": "hi"}, *content]
+    body = {"model": MODEL, "max_output_tokens": 4, "input": [{"role": "user", "content": parts}]}
+    return body | extra
+
+
+def _base64_image(data_url: str) -> dict:
+    source = {"type": "base64", "media_type": "image/png", "data": data_url.split(",", 1)[1]}
+    return {"type": "image", "source": source}
+
+
+def test_the_agent_routes_refuse_the_same_attacks_before_the_engine(stack, listener):
+    """/v1/messages and /v1/responses reach vLLM's chat machinery (and its media fetcher): the
+    same refusals hold there, in each API's own shape, and nothing reaches the engine."""
+    target = f"http://127.0.0.1:{listener.port}/secret.png"
+    url_image = {"type": "image", "source": {"type": "url", "url": target}}
+    tool_result = {"type": "tool_result", "tool_use_id": "t", "content": [url_image]}
+    huge = _png_header(20_000, 20_000)
+    messages_attacks = [
+        ("messages[0].content[1].source", _messages(url_image)),
+        # an image inside a tool's result is fetched the same way (_convert_user_tool_result)
+        ("messages[0].content[1].content[0].source", _messages(tool_result)),
+        ("messages[0].content[9]", _messages(*[_base64_image(png_data_url(2, 2))] * 9)),
+        (
+            "messages[0].content[1].source.data",
+            _messages(_base64_image(_png_header(20_000, 20_000))),
+        ),
+        ("chat_template_kwargs.tools", _messages(chat_template_kwargs={"tools": [{"x": 1}]})),
+        ("kv_transfer_params", _messages(kv_transfer_params={"do_remote_prefill": True})),
+        ("vllm_xargs", _messages(vllm_xargs={"x": 1})),
+        ("max_tokens", _messages(max_tokens=10**9)),
+    ]
+    for param, body in messages_attacks:
+        status, reply = _post(stack, "/v1/messages", body)
+        assert status == 400, (param, reply)
+        assert reply["type"] == "error", reply  # Anthropic's shape
+        assert reply["error"]["type"] == "invalid_request_error", reply
+        assert reply["error"]["param"] == param, reply
+    status, reply = _post(stack, "/v1/messages", messages_attacks[0][1])
+    assert "base64" in reply["error"]["message"]
+
+    function_output = [
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c",
+         "output": [{"type": "input_image", "image_url": target}]},
+    ]  # fmt: skip
+    responses_attacks = [
+        ("input[0].content[1].image_url", _responses({"type": "input_image", "image_url": target})),
+        # a function's output is a tool message whose parts vLLM parses like a user's
+        ("input[1].output[0].image_url", {"model": MODEL, "input": function_output}),
+        ("input[0].content[1].image_url", _responses({"type": "input_image", "image_url": huge})),
+        ("mm_processor_kwargs", _responses(mm_processor_kwargs={"max_pixels": 10**9})),
+        ("max_output_tokens", _responses(max_output_tokens=10**9)),
+        ("top_logprobs", _responses(top_logprobs=100000)),
+    ]
+    for param, body in responses_attacks:
+        status, reply = _post(stack, "/v1/responses", body)
+        assert status == 400, (param, reply)
+        assert reply["error"]["param"] == param, reply
+    # The same pictures inline are fine.
+    inline = png_data_url()
+    status, reply = _post(stack, "/v1/messages", _messages(_base64_image(inline)))
+    assert status == 200, reply
+    image = {"type": "input_image", "image_url": inline}
+    status, reply = _post(stack, "/v1/responses", _responses(image))
+    assert status == 200, reply
+    _assert_engine_saw_only(stack, good_chats=0)
+    assert _engine_lines(stack, MESSAGES_LINE) == 1
+    assert _engine_lines(stack, RESPONSES_LINE) == 1
+    assert listener.accepted == []
