@@ -34,7 +34,7 @@ class Usage:
         `output_tokens` (Anthropic counts cached prompt tokens apart: they are added back)."""
         if not isinstance(value, dict):
             return None
-        if "prompt_tokens" not in value and "input_tokens" in value:
+        if "prompt_tokens" not in value and ("input_tokens" in value or "output_tokens" in value):
             prompt = sum(_count(value.get(name)) for name in _INPUT_PARTS)
             return cls(prompt_tokens=prompt, completion_tokens=_count(value.get("output_tokens")))
         return cls(
