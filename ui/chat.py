@@ -47,8 +47,9 @@ CSS = """
 #chatbot .user-row img { max-height: 160px !important; width: auto !important;
   object-fit: contain; }
 #chatbot .user-row .image-container { width: auto !important; height: auto !important; }
-#chatbot .doc-chip { display: inline-block; font-size: 0.85em; padding: 0.15em 0.7em;
-  border: 1px solid var(--border-color-primary); border-radius: 999px; }
+#chatbot .doc-chip, #chat-attachments .doc-chip { display: inline-block; font-size: 0.85em;
+  padding: 0.15em 0.7em; border: 1px solid var(--border-color-primary); border-radius: 999px; }
+#chat-attachments .doc-problem { border-color: var(--error-border-color); }
 """
 
 # Defence in depth behind chat_render.block_remote_images: the page itself may load images and
@@ -253,6 +254,11 @@ class _Handlers:
                 "files": [str(_image_path(i)) for i in removed.images],
             }
         return _idle_box(box), *self.view(conversation_id)
+
+    async def on_attachments(self, message: dict[str, Any] | None) -> str:
+        """Chips for the documents in the input box, with their token counts."""
+        files = [Path(f) for f in (message or {}).get("files") or []]
+        return render.attachment_chips(await self.ctl.service.preview_documents(files))
 
     # --------------------------------------------------------------------------- managing
 
@@ -528,6 +534,10 @@ def build(services: Services) -> ChatTab:
                     min_width=180,
                     elem_id="preset",
                 )
+            # The documents in the input box as chips with their tokens; `attached` mirrors the
+            # box's file list in the browser, so typing never calls the server for them.
+            attached = gr.Textbox(visible=False, elem_id="attached-files")
+            attachments_md = gr.Markdown("", elem_id="chat-attachments")
             context_md = gr.Markdown(render.context_line(None, None), elem_id="chat-context")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 system_prompt = gr.Textbox(
@@ -617,6 +627,19 @@ def build(services: Services) -> ChatTab:
     # Stop cancels the running reply (its task is cancelled, which closes the engine request);
     # the `.then(h.on_finished)` above then shows the saved, `stopped` reply.
     textbox.stop(None, None, None, cancels=[sent_reply, retry_reply, edit_reply])
+    textbox.change(
+        None,
+        [textbox],
+        [attached],
+        js="(v) => JSON.stringify(((v && v.files) || []).map((f) => f.path || f.url || ''))",
+    )
+    attached.change(
+        h.on_attachments,
+        [textbox],
+        [attachments_md],
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
     chatbot.undo(h.on_undo, [conversation], [textbox, chatbot, positions, kinds]).then(
         h.latest_versions, [conversation], versions_outputs
     )

@@ -300,12 +300,28 @@ def _thinking(
     return {"role": "assistant", "content": block_remote_images(reasoning), "metadata": meta}
 
 
+def _as_text(text: str) -> str:
+    """Every character Markdown or HTML could read as syntax written as an entity."""
+    return "".join(c if c.isalnum() or c in " ,.·" else f"&#{ord(c)};" for c in text)
+
+
 def document_chip(document: docs.Document) -> str:
-    """A document's chip in the owner's bubble: its name, pages and tokens. Every character
-    Markdown or HTML could read as syntax is written as an entity, so a file named
-    `<img src=x>` or `![a](http://host/)` shows as that name and loads nothing."""
-    text = "".join(c if c.isalnum() or c in " ,.·" else f"&#{ord(c)};" for c in document.chip())
-    return f'<div class="doc-chip">{text}</div>'
+    """A document's chip in the owner's bubble: its name, pages and tokens, written as text
+    (`_as_text`), so a file named `<img src=x>` or `![a](http://host/)` shows as that name and
+    loads nothing."""
+    return f'<div class="doc-chip">{_as_text(document.chip())}</div>'
+
+
+def attachment_chips(previews: Sequence[docs.Preview]) -> str:
+    """The line under the input box: a chip per document attached but not yet sent, or why
+    it cannot be sent."""
+    chips = [
+        document_chip(p.document)
+        if p.document is not None
+        else f'<div class="doc-chip doc-problem">{_as_text(p.problem)}</div>'
+        for p in previews
+    ]
+    return " ".join(chips)
 
 
 def render_user(out: Rendered, message: hist.Message, image_path: Callable[..., Path]) -> None:

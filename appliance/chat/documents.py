@@ -226,6 +226,15 @@ class Document:
         return data
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A file attached but not yet sent: the document it will be, or why it cannot go."""
+
+    name: str
+    document: Document | None = None
+    problem: str = ""
+
+
 def _pages(pages: Sequence[int], one: str, many: str) -> str:
     """`page 3 has ...`, or `pages 2, 5 have ...` (the first ten named)."""
     shown = ", ".join(str(p) for p in pages[:10]) + (" ..." if len(pages) > 10 else "")

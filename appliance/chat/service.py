@@ -228,6 +228,30 @@ class ChatService:
         ]
         return documents, scans
 
+    async def preview_documents(self, paths: Sequence[Path]) -> list[docs.Preview]:
+        """Chips for files attached but not yet sent: each document's tokens by the engine's
+        tokenizer when it is serving (a sleeping engine is not woken for this), an estimate
+        labelled so otherwise; or why the file cannot go. Images are left to the send."""
+        _images, files = docs.split_attachments(paths)
+        if not files:
+            return []
+        room = self.settings.engine.max_images_per_prompt
+        view = self._engine()
+        out: list[docs.Preview] = []
+        for path in files:
+            try:
+                (document,), _scans = await asyncio.to_thread(self.read_documents, [path], room)
+            except BadInputError as err:
+                out.append(docs.Preview(path.name, problem=str(err)))
+                continue
+            exact = None
+            if view.ready and document.complete:
+                exact = await self._client(view).count_text_tokens(document.part())
+            tokens = exact if exact is not None else document.estimate()
+            counted = docs.counted(document, tokens, exact=exact is not None)
+            out.append(docs.Preview(path.name, counted))
+        return out
+
     async def count_documents(
         self,
         view: EngineView,

@@ -23,6 +23,7 @@ from chat_page import (
 from fixtures.pdf_kit import Scan, long_pdf, pdf_bytes, write_pdf
 
 CHIP = "#chatbot .doc-chip"
+ATTACHED = "#chat-attachments .doc-chip"
 
 
 def finished_requests(app) -> float:
@@ -42,8 +43,14 @@ def test_a_pdf_and_a_code_file_reach_the_engine_as_text(appliance, page, tmp_pat
     open_chat(page, app.url)
 
     attach(page, [pdf])
+    # Before sending: a chip under the box with the tokens by the engine's tokenizer.
+    waiting = page.wait_for_selector(f"{ATTACHED}:has-text('report.pdf')")
+    assert re.search(r"report\.pdf · PDF, 3 pages · \d+ tokens ·", waiting.inner_text())
+    assert "estimate" not in waiting.inner_text()
+    screenshot(page, "chat-documents-attached.png")
     send(page, "Summarise the report")
     wait_for_replies(page, 1)
+    page.wait_for_function("(s) => !document.querySelector(s)", arg=ATTACHED)  # sent: gone
     reply = page.locator(BOT).last.inner_text()
     # The engine got the PDF's text, headed by its name, ahead of the question.
     assert "File: report.pdf" in reply
@@ -109,6 +116,8 @@ def test_too_big_and_broken_files_get_a_clear_message_and_nothing_is_sent(
 
     open_chat(page, app.url)
     attach(page, [broken])
+    # Said under the box as soon as it is attached, and again when sent.
+    page.wait_for_selector(f"{ATTACHED}:has-text('contract.pdf is not a readable PDF')")
     send(page, "Read the contract")
     text = toast_text(page, timeout_s=60)
     assert "contract.pdf is not a readable PDF" in text

@@ -266,6 +266,40 @@ def test_a_scanned_pdf_reaches_the_engine_as_images(simulator, tmp_path):
     assert document.image_pages == (1, 2)
 
 
+def test_the_chips_before_sending_count_with_the_engine_or_say_estimate(simulator, tmp_path):
+    url = simulator()
+    code = tmp_path / "main.py"
+    code.write_text("def gnu():\n    return 'antelope'\n")
+    broken = tmp_path / "<u>bad.pdf"
+    broken.write_bytes(pdf_bytes([["text"]])[:100])
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n")  # images are the send's to check
+    serving = service(url)
+    stopped = ChatService(
+        Settings(),
+        hist.History().open(),
+        lambda: EngineView(ready=False, url=url, model="step3p7-flash", label="Stopped"),
+    )
+
+    async def run() -> tuple[list[docs.Preview], list[docs.Preview]]:
+        files = [code, broken, photo]
+        return await serving.preview_documents(files), await stopped.preview_documents(files)
+
+    exact, estimated = run_async(run())
+    assert [p.name for p in exact] == ["main.py", "<u>bad.pdf"]
+    assert exact[0].document is not None
+    assert exact[0].document.tokens == tokenize(url, exact[0].document.part())
+    assert exact[0].document.chip() == f"main.py · {exact[0].document.tokens} tokens"
+    assert estimated[0].document is not None
+    assert estimated[0].document.chip().startswith("main.py · about ")
+    assert estimated[0].document.chip().endswith(" tokens (estimate)")
+    assert exact[1].problem.startswith("<u>bad.pdf is not a readable PDF")
+    line = chat_render.attachment_chips(exact)
+    assert '<div class="doc-chip doc-problem">&#60;u&#62;bad.pdf is not' in line
+    assert "<u>" not in line
+    assert serving.history.list_conversations() == []  # a preview stores nothing
+
+
 def test_an_edit_keeps_the_documents(simulator, tmp_path):
     url = simulator()
     svc = service(url)
