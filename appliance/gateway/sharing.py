@@ -11,10 +11,14 @@ import socket
 import time
 from dataclasses import dataclass
 
+import httpx
 import psutil
 
+from appliance import endpoint
 from appliance import settings as st
+from appliance.engine.state import EngineState
 from appliance.errors import BadInputError
+from appliance.gateway.apis import AGENT_ROUTES, MESSAGES, OPENAPI_PATH, engine_paths
 from appliance.gateway.service import EVERY_INTERFACE, Gateway
 from appliance.keys import KeyStore, NewKey, OwnerLogin
 
@@ -195,8 +199,36 @@ class Sharing:
         count = self.keys.active_count()
         return (
             f"Shared on the LAN: listening on {where}. Every request needs an API key "
-            f"({count} active). Only /v1/models, /v1/chat/completions and /v1/completions "
-            "are reachable; the engine itself stays on loopback."
+            f"({count} active). Only /v1/models, /v1/chat/completions, /v1/completions, "
+            "/v1/responses and /v1/messages are reachable; the engine itself stays on loopback."
+        )
+
+    def agent_routes_note(self) -> str:
+        """What the running engine lacks of the coding-agent routes, for the tab to show; ""
+        when it serves both, or when it cannot be asked now (not ready, no route list)."""
+        engine = self.gateway.gate.engine
+        status = engine.status()
+        if status.state is not EngineState.READY or not status.engine_url:
+            return ""
+        key = self.gateway.engine_api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        url = status.engine_url.rstrip("/") + OPENAPI_PATH
+        try:
+            response = endpoint.request("GET", url, 3.0, headers=headers)
+        except httpx.HTTPError:
+            return ""
+        paths = engine_paths(response.content) if response.status_code == 200 else None
+        missing = [route for route in AGENT_ROUTES if paths is not None and route not in paths]
+        if not missing:
+            return ""
+        clients = ", ".join(
+            "Claude Code (POST /v1/messages)" if route == MESSAGES
+            else "Codex (POST /v1/responses)"
+            for route in missing
+        )  # fmt: skip
+        return (
+            f"The engine's vLLM is too old for {clients}: the endpoint answers those routes with "
+            "501. Chat clients are not affected; a newer engine image serves them."
         )
 
     def addresses(self) -> list[ShareAddress]:

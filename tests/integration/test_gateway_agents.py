@@ -31,6 +31,7 @@ from gateway_kit import (
 
 from appliance import settings as st
 from appliance.gateway import FixedEngine
+from appliance.gateway.sharing import Sharing
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -385,6 +386,17 @@ def test_an_engine_without_the_routes_gets_a_clear_501_not_a_404(sim_stack, list
     assert wait_until(lambda: '"POST /v1/chat/completions HTTP/1.1"' in log(), 10)
     forwarded = log().count('"POST /v1/messages HTTP/1.1"')
     assert forwarded == (0 if listed else 1)  # listed: never forwarded at all
+    # What the Sharing tab can say about it (from the same route list).
+    note = _sharing(stack).agent_routes_note()
+    if listed:
+        assert "Claude Code (POST /v1/messages)" in note
+        assert "Codex (POST /v1/responses)" in note
+    else:
+        assert note == ""  # no route list to go by: nothing claimed
+
+
+def _sharing(stack: GatewayStack) -> Sharing:
+    return Sharing(st.SettingsStore(stack.settings), stack.gateway, stack.keys)
 
 
 def test_hanging_up_mid_stream_ends_the_engine_request_and_limits_apply(sim_stack) -> None:
@@ -420,3 +432,4 @@ def test_hanging_up_mid_stream_ends_the_engine_request_and_limits_apply(sim_stac
         assert wait_until(lambda: running_requests(engine) == 0, timeout_s=5), path
     notes = {r.path: r.note for r in stack.gateway.recent(10) if r.status == 200}
     assert notes == dict.fromkeys(bodies, "client disconnected")
+    assert _sharing(stack).agent_routes_note() == ""  # this engine serves both
