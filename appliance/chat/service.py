@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from appliance.errors import ApplianceError, BadInputError
 from appliance.settings import Settings
 
 PERSIST_INTERVAL_S = 1.0  # how often a streaming reply is written to the history
+READ_CACHE_SIZE = 4  # documents read for the chips and kept for the send
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,10 @@ class ChatService:
         self._clients: dict[tuple[str, str, str], chat.ChatClient] = {}
         self._model_info: dict[tuple[str, str], chat.ModelInfo] = {}
         self._active: dict[str, asyncio.Event] = {}  # conversation id -> set when its reply ended
+        # Documents read for the chips before sending, kept for the send (a PDF of hundreds of
+        # pages takes seconds): (path, size, mtime, caps) -> the document. A few at most.
+        self._read: OrderedDict[tuple[str, int, int, int, int], docs.Document] = OrderedDict()
+        self._read_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ engine
 
@@ -218,7 +225,11 @@ class ChatService:
         about twice the context by the estimate: more could never be sent anyway; and up to
         `image_room` scanned pages, checked and scaled as attached images are."""
         limit = int(2 * self._known_context() * chat.CHARS_PER_TOKEN)
-        documents = docs.read_documents(paths, max_chars=limit, max_page_images=image_room)
+        documents = []
+        for path in paths:
+            document = self._read_document(Path(path), limit, max(image_room, 0))
+            image_room -= len(document.page_images)
+            documents.append(document)
         scans = [
             chat.prepare_image_data(
                 scan.data, name=scan.name, max_mb=self.settings.chat.max_image_mb
@@ -227,6 +238,23 @@ class ChatService:
             for scan in document.page_images
         ]
         return documents, scans
+
+    def _read_document(self, path: Path, max_chars: int, image_room: int) -> docs.Document:
+        try:
+            info = path.stat()
+        except OSError:
+            return docs.read_document(path, max_chars=max_chars, max_page_images=image_room)
+        key = (str(path), info.st_size, info.st_mtime_ns, max_chars, image_room)
+        with self._read_lock:
+            if key in self._read:
+                self._read.move_to_end(key)
+                return self._read[key]
+        document = docs.read_document(path, max_chars=max_chars, max_page_images=image_room)
+        with self._read_lock:
+            self._read[key] = document
+            while len(self._read) > READ_CACHE_SIZE:
+                self._read.popitem(last=False)
+        return document
 
     async def preview_documents(self, paths: Sequence[Path]) -> list[docs.Preview]:
         """Chips for files attached but not yet sent: each document's tokens by the engine's

@@ -300,6 +300,29 @@ def test_the_chips_before_sending_count_with_the_engine_or_say_estimate(simulato
     assert serving.history.list_conversations() == []  # a preview stores nothing
 
 
+def test_a_document_read_for_its_chip_is_not_read_again_to_send(simulator, tmp_path, monkeypatch):
+    url = simulator()
+    svc = service(url)
+    pdf = write_pdf(tmp_path / "report.pdf", [["Zebra sales doubled in March."]])
+    reads: list[str] = []
+    real = docs.read_document
+
+    def counted(path: Path, **kwargs: int) -> docs.Document:
+        reads.append(path.name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(docs, "read_document", counted)
+
+    async def run() -> None:
+        await svc.preview_documents([pdf])
+        await svc.submit(None, "Summarise", [pdf], OPTS)
+        pdf.write_bytes(pdf_bytes([["Changed since."]]))  # another file: read again
+        await svc.preview_documents([pdf])
+
+    run_async(run())
+    assert reads == ["report.pdf", "report.pdf"]
+
+
 def test_an_edit_keeps_the_documents(simulator, tmp_path):
     url = simulator()
     svc = service(url)
