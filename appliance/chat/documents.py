@@ -226,6 +226,20 @@ class Document:
         return data
 
 
+def file_name_for(document: Document) -> str:
+    """A safe file name to hold the document's text again (Undo puts a message back into the
+    box): its last path part, only letters, digits and `._-()` and spaces kept, never hidden; a
+    PDF (or a name the chat would not take) gets `.txt` added, as its text is what it holds."""
+    base = "".join(
+        c if c.isalnum() or c in "._-() " else "_" for c in document.name.rsplit("/", 1)[-1]
+    ).strip(" .")
+    base = base or "document"
+    suffix = Path(base).suffix.lower()
+    if document.kind == PDF or suffix == ".pdf" or suffix not in DOCUMENT_SUFFIXES:
+        base += ".txt"
+    return base[-120:]
+
+
 @dataclass(frozen=True)
 class Preview:
     """A file attached but not yet sent: the document it will be, or why it cannot go."""

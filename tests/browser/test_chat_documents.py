@@ -10,6 +10,7 @@ import re
 
 from chat_page import (
     BOT,
+    INPUT,
     TOAST,
     USER,
     attach,
@@ -80,6 +81,17 @@ def test_a_pdf_and_a_code_file_reach_the_engine_as_text(appliance, page, tmp_pat
     )
     assert "report.pdf" in page.locator(CHIP).first.inner_text()
     screenshot(page, "chat-documents.png")
+
+    # Undo: the question goes back into the box with its file (its chip under the box again),
+    # and sent again the file reaches the engine again.
+    page.locator("#chatbot button[aria-label='Undo']").last.click()
+    page.wait_for_function(f"() => document.querySelector('{INPUT}').value === 'Explain the code'")
+    page.wait_for_selector(f"{ATTACHED}:has-text('main.py')")
+    page.wait_for_selector("#chat-input button.submit-button")
+    page.locator(INPUT).press("Enter")
+    wait_for_replies(page, 2)
+    assert "def gnu(): return 'antelope'" in page.locator(BOT).last.inner_text()
+    assert finished_requests(app) == 3
 
 
 def test_too_big_and_broken_files_get_a_clear_message_and_nothing_is_sent(

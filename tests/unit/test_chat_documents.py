@@ -195,6 +195,25 @@ def test_the_chip_in_the_bubble_shows_a_hostile_name_as_text():
     assert chip.startswith('<div class="doc-chip">&#60;img src&#61;x onerror&#61;alert&#40;1')
 
 
+def test_undo_gets_each_document_back_as_a_file_named_safely(tmp_path):
+    def name(document_name: str, kind: str = "text") -> str:
+        return docs.file_name_for(docs.Document(document_name, kind, "x", 1))
+
+    assert name("main.py") == "main.py"
+    assert name("report.pdf", "PDF") == "report.pdf.txt"  # its text is what comes back
+    assert name("../../etc/passwd") == "passwd.txt"
+    assert name("..") == "document.txt"
+    assert name(".bashrc") == "bashrc.txt"
+    assert name("a<b>\\c|d.md") == "a_b__c_d.md"
+    folder = tmp_path / "cache"
+    document = docs.Document("../notes.md", "text", "# Notes\n", 8)
+    path = chat_render.document_file(document, folder)
+    assert path.parent.parent == folder
+    assert (path.name, path.read_text()) == ("notes.md", "# Notes\n")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert chat_render.document_file(document, folder) == path  # written once
+
+
 # ---------------------------------------------------------------------------- the chat flow
 
 
