@@ -39,10 +39,8 @@ from appliance.gateway.apis import (
     ALLOWED_TEXT,
     CHAT,
     COMPLETIONS,
-    MESSAGES,
     MODELS,
     OPENAPI_PATH,
-    RESPONSES,
     ROUTES,
 )
 from appliance.gateway.engine_gate import EngineCheck, EngineGate
@@ -64,7 +62,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-__all__ = ["CHAT", "COMPLETIONS", "MESSAGES", "MODELS", "RESPONSES", "GatewayApp", "error_body"]
 BODY_READ_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 10.0
 _MAX_PROBE = 4 << 20  # an /openapi.json larger than this is not read: the route is tried instead
@@ -96,11 +93,6 @@ class _Reply(Exception):  # noqa: N818 - control flow: an error response to send
         self.message = message
         self.retry_after = retry_after
         self.extra = extra
-
-
-def error_body(status: int, code: str, message: str, **extra: Any) -> bytes:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return apis.error_body(status, code, message, **extra)
 
 
 @dataclass
