@@ -482,10 +482,12 @@ class ChatService:
         self.history.add_message(conversation_id, "user", text, images=target.images, meta=kept)
 
     def undo(self, conversation_id: str) -> hist.Message | None:
-        """Remove the last user message and its reply; return that message (for the input)."""
+        """Delete the shown path's last user message and its reply (not kept as a version, as an
+        edit's or a regenerate's would be: undo takes it back); return that message (for the
+        input box)."""
         messages = self.history.get_conversation(conversation_id).messages
         last_user = next((m for m in reversed(messages) if m.role == "user"), None)
         if last_user is None:
             return None
-        self.history.truncate(conversation_id, last_user.position)
+        self.history.delete_from(conversation_id, last_user.position)
         return last_user

@@ -268,12 +268,7 @@ class ChatController:
         takes it back); the message goes back into the input box."""
         if not conversation_id:
             return None
-        messages = self.messages(conversation_id)
-        last_user = next((m for m in reversed(messages) if m.role == "user"), None)
-        if last_user is None:
-            return None
-        self.history.delete_from(conversation_id, last_user.position)
-        return last_user
+        return self.service.undo(conversation_id)
 
     # ---------------------------------------------------------------------------- versions
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -199,6 +200,10 @@ def test_regenerate_edit_and_undo(simulator) -> None:
     assert removed is not None
     assert removed.content == "edited question"
     assert svc.history.get_conversation(cid).messages == []
+    # deleted, not kept as a version: no search finds it and the export holds no message
+    assert svc.history.search("edited") == []
+    exported = json.loads(svc.history.export_json(cid))
+    assert "edited question" not in json.dumps(exported)
 
 
 def test_empty_message_is_refused() -> None:
