@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from appliance.controllers.client_snippets import KEY_VAR, LANGUAGES
 from appliance.controllers.sharing import (
     KeyOutcome,
     Notice,
@@ -28,7 +29,11 @@ PANEL = "ss-sharing"
 ADDRESS_HEADERS = ["Interface", "Address", "Base URL", "Note"]
 KEY_HEADERS = ["Name", "Key", "Created", "Last used", "From", "Requests", "Prompt", "Output", ""]
 RECENT_HEADERS = ["When", "From", "Key", "Request", "Status", "Tokens", "Time"]
-_LANGUAGES = {"curl": "shell", "Python (openai SDK)": "python", "Open WebUI": "shell"}
+CLIENTS_NOTE = (
+    "Each snippet is for the address picked here and the model the engine serves. A key made "
+    f"on this page is filled in until the page reloads; otherwise they read it from `{KEY_VAR}` "
+    "(or say where it goes): keys are shown only once, when made."
+)
 _SHOWN_LABEL = "New API key: copy it now, it is shown only this once"
 PLAIN_HTTP = (
     "**This is plain HTTP.** Keys, the owner password and chats cross the network unencrypted: "
@@ -60,6 +65,7 @@ def _tables(tables: Tables) -> tuple[Any, ...]:
         gr.Dropdown(choices=tables.revoke_choices, value=tables.revoke_value),
         gr.Dropdown(choices=tables.base_urls, value=tables.base_url),
         tables.recent,
+        gr.Markdown(tables.agent_note, visible=bool(tables.agent_note)),
         *tables.snippets,
     )
 
@@ -138,6 +144,9 @@ def build(services: Services) -> None:
             base = gr.Dropdown(
                 choices=urls, value=urls[0], label="Address to use", elem_id="ss-base-url"
             )
+            gr.Markdown(CLIENTS_NOTE, elem_id="ss-clients-note")
+            note = controller.agent_note()
+            agent_note = gr.Markdown(note, visible=bool(note), elem_id="ss-agent-note")
             codes = []
             with gr.Tabs():
                 for name, value in zip(names, controller.snippet_values(urls[0], ""), strict=True):
@@ -146,7 +155,7 @@ def build(services: Services) -> None:
                             gr.Code(
                                 value=value,
                                 label=name,
-                                language=_LANGUAGES.get(name, "yaml"),  # type: ignore[arg-type]
+                                language=LANGUAGES.get(name, "shell"),  # type: ignore[arg-type]
                                 buttons=["copy"],
                                 elem_id=snippet_id(name),
                             )
@@ -191,7 +200,7 @@ def build(services: Services) -> None:
             )
         timer = gr.Timer(5.0, active=False)
 
-    refreshed = [status, addresses, keys_table, revoke_choice, base, recent, *codes]
+    refreshed = [status, addresses, keys_table, revoke_choice, base, recent, agent_note, *codes]
 
     def on_share(on: bool, base_url: str, key: str) -> tuple[Any, ...]:
         switch, outcome = controller.share(on, base_url, key)

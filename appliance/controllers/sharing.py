@@ -2,21 +2,27 @@
 
 The actions themselves are `appliance.gateway.sharing.Sharing`'s; this module decides what the
 page shows after each one. A new key is shown once, in this page only: it lives in the page's
-state (`key`), never on the server, and goes into the snippets so they can be copied as they are.
+state (`key`), never on the server, and goes into the snippets so they can be copied as they are
+(`client_snippets.py`; without one they read it from $STEP_STATION_KEY).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from appliance.controllers.client_snippets import SNIPPETS, client_snippets
 from appliance.errors import ApplianceError
-from appliance.gateway.sharing import SNIPPETS, ShareAddress, ShareResult
+from appliance.gateway.sharing import ShareAddress, ShareResult
 from appliance.keys import KEY_PREFIX, NewKey
 
 SNIPPET_NAMES = tuple(SNIPPETS)
+# How long the engine's answers (which agent routes it serves, its context length) are reused:
+# the tab refreshes every 5 s and they only change when the engine is replaced.
+ENGINE_FACTS_TTL_S = 30.0
 
 
 class SharingActions(Protocol):
@@ -40,7 +46,11 @@ class SharingActions(Protocol):
 
     def recent_rows(self, limit: int = 30) -> list[list[str | int]]: ...
 
-    def snippets(self, base_url: str, key: str = "") -> dict[str, str]: ...
+    def model_name(self) -> str: ...
+
+    def agent_routes_note(self) -> str: ...
+
+    def context_window(self) -> int: ...
 
     def ui_lan_status(self) -> str: ...
 
@@ -68,6 +78,15 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class EngineFacts:
+    """What the snippets need from the engine itself: the agent routes it lacks (a note, ""
+    when none) and its context length in tokens (0 when it cannot be asked)."""
+
+    agent_note: str
+    context: int
+
+
+@dataclass(frozen=True)
 class Tables:
     """Everything the tab refreshes: status, addresses, keys, the two pickers, usage, snippets."""
 
@@ -80,6 +99,7 @@ class Tables:
     base_url: str
     recent: list[list[str | int]]
     snippets: list[str]
+    agent_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,16 +127,39 @@ class SharingController:
 
     sharing: SharingActions
     names: Sequence[str] = field(default=SNIPPET_NAMES)
+    clock: Callable[[], float] = time.monotonic
+    _facts: tuple[float, EngineFacts] | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------------------ showing
 
     def address_rows(self) -> list[list[str]]:
         return [[a.interface, a.address, a.url, a.note] for a in self.sharing.addresses()]
 
+    def snippets(self, base_url: str, key: str) -> dict[str, str]:
+        """Each client's snippet for `base_url` (the first address when none is picked), the
+        page's key ("" for none: the snippets then read $STEP_STATION_KEY) and the served model
+        name as the running service reports it."""
+        url = base_url or self.sharing.base_urls()[0]
+        context = self.engine_facts().context
+        return client_snippets(url, key, self.sharing.model_name(), context)
+
     def snippet_values(self, base_url: str, key: str) -> list[str]:
-        """The snippets in tab order, for `base_url` (the first address when none is picked)."""
-        snippets = self.sharing.snippets(base_url or self.sharing.base_urls()[0], key)
+        """The snippets in tab order."""
+        snippets = self.snippets(base_url, key)
         return [snippets[name] for name in self.names]
+
+    def engine_facts(self) -> EngineFacts:
+        """What the engine lacks of the agent routes and its context length, asked at most
+        every ENGINE_FACTS_TTL_S (each ask reads the engine's /openapi.json and /v1/models)."""
+        now = self.clock()
+        if self._facts is None or now - self._facts[0] >= ENGINE_FACTS_TTL_S:
+            facts = EngineFacts(self.sharing.agent_routes_note(), self.sharing.context_window())
+            self._facts = (now, facts)
+        return self._facts[1]
+
+    def agent_note(self) -> str:
+        """What the engine lacks of the coding agents' routes ("" when it serves both)."""
+        return self.engine_facts().agent_note
 
     def tables(self, base_url: str, key: str, choice: str | None = None) -> Tables:
         """A refresh that keeps the page's picks where they still exist."""
@@ -133,6 +176,7 @@ class SharingController:
             base_url=url,
             recent=self.sharing.recent_rows(),
             snippets=self.snippet_values(url, key),
+            agent_note=self.agent_note(),
         )
 
     # ------------------------------------------------------------------------------ actions

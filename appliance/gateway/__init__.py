@@ -4,7 +4,7 @@
 - `service.py`: `Gateway`, the listener on its own loop thread (`start`, `stop`, `apply_settings`).
 - `engine_gate.py`: cached engine readiness and the optional start-or-wake on request.
 - `limits.py`, `sse.py`, `access.py`: limits, server-sent-event usage tap, access log.
-- `sharing.py`: the sharing panel's logic (addresses, snippets, keys, UI on LAN).
+- `sharing.py`: the sharing panel's logic (addresses, keys, UI on LAN).
 """
 
 from __future__ import annotations

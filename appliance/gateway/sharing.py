@@ -1,4 +1,6 @@
-"""The sharing panel's logic (no gradio): switch sharing, list addresses, keys, snippets, usage.
+"""The sharing panel's logic (no gradio): switch sharing, list addresses, keys, usage.
+
+The clients' snippets are `appliance/controllers/client_snippets.py`'s.
 
 `ui/sharing.py` is layout and wiring only; every button calls a method of `Sharing`.
 """
@@ -6,7 +8,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import time
 from dataclasses import dataclass
@@ -18,11 +19,10 @@ from appliance import endpoint
 from appliance import settings as st
 from appliance.engine.state import EngineState
 from appliance.errors import BadInputError
-from appliance.gateway.apis import AGENT_ROUTES, MESSAGES, OPENAPI_PATH, engine_paths
+from appliance.gateway.apis import AGENT_ROUTES, MESSAGES, MODELS, OPENAPI_PATH, engine_paths
 from appliance.gateway.service import EVERY_INTERFACE, Gateway
 from appliance.keys import KeyStore, NewKey, OwnerLogin
 
-KEY_PLACEHOLDER = "YOUR_STEP_STATION_KEY"
 _VIRTUAL_PREFIXES = ("docker", "br-", "veth", "virbr", "cni", "flannel", "lxc", "podman")
 _VPN_PREFIXES = ("tailscale", "wg", "tun", "zt")
 
@@ -72,78 +72,6 @@ def share_addresses(bind: str, port: int) -> list[ShareAddress]:
     if not found and bind:
         found.append(ShareAddress("", bind, f"http://{bind}:{port}/v1", _note("", bind)))
     return found
-
-
-# ------------------------------------------------------------------------------------ snippets
-
-
-def snippet_curl(base_url: str, key: str, model: str) -> str:
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": "Say hello in five words."}],
-            "reasoning_effort": "medium",
-        }
-    )
-    return (
-        f"curl {base_url}/chat/completions \\\n"
-        f'  -H "Authorization: Bearer {key}" \\\n'
-        '  -H "Content-Type: application/json" \\\n'
-        f"  -d '{body}'"
-    )
-
-
-def snippet_python(base_url: str, key: str, model: str) -> str:
-    return f'''from openai import OpenAI
-
-client = OpenAI(base_url="{base_url}", api_key="{key}")
-stream = client.chat.completions.create(
-    model="{model}",
-    messages=[{{"role": "user", "content": "Say hello in five words."}}],
-    reasoning_effort="medium",  # low | medium | high
-    stream=True,
-)
-for chunk in stream:
-    if chunk.choices and chunk.choices[0].delta.content:
-        print(chunk.choices[0].delta.content, end="", flush=True)
-print()
-'''
-
-
-def snippet_open_webui(base_url: str, key: str, model: str) -> str:
-    return f"""# Open WebUI: Admin Panel -> Settings -> Connections -> OpenAI API -> "+"
-#   URL:  {base_url}
-#   Key:  {key}
-#   (the model "{model}" then appears in the model list)
-# Or when starting Open WebUI with Docker:
-docker run -d -p 3000:8080 \\
-  -e OPENAI_API_BASE_URL={base_url} \\
-  -e OPENAI_API_KEY={key} \\
-  -v open-webui:/app/backend/data --name open-webui ghcr.io/open-webui/open-webui:main
-"""
-
-
-def snippet_continue(base_url: str, key: str, model: str) -> str:
-    return f"""# Continue: ~/.continue/config.yaml
-models:
-  - name: Step-3.7-Flash (Step Station)
-    provider: openai
-    model: {model}
-    apiBase: {base_url}
-    apiKey: {key}
-    roles: [chat, edit, apply]
-    requestOptions:
-      extraBodyProperties:
-        reasoning_effort: medium
-"""
-
-
-SNIPPETS = {
-    "curl": snippet_curl,
-    "Python (openai SDK)": snippet_python,
-    "Open WebUI": snippet_open_webui,
-    "Continue": snippet_continue,
-}
 
 
 # -------------------------------------------------------------------------------- controller
@@ -231,6 +159,29 @@ class Sharing:
             "501. Chat clients are not affected; a newer engine image serves them."
         )
 
+    def context_window(self) -> int:
+        """The served model's context length in tokens, from the engine's own /v1/models (the
+        Sharing tab tells coding agents when to compact); 0 when it cannot be asked now."""
+        engine = self.gateway.gate.engine
+        status = engine.status()
+        if status.state is not EngineState.READY or not status.engine_url:
+            return 0
+        key = self.gateway.engine_api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            response = endpoint.request(
+                "GET", status.engine_url.rstrip("/") + MODELS, 3.0, headers=headers
+            )
+            models = response.json()["data"] if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return 0
+        name = self.model_name()
+        for entry in models if isinstance(models, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == name:
+                length = entry.get("max_model_len")
+                return length if isinstance(length, int) and length > 0 else 0
+        return 0
+
     def addresses(self) -> list[ShareAddress]:
         bind = self.gateway.host or "127.0.0.1"
         return share_addresses(bind, self.gateway.port or self.settings.gateway.port)
@@ -303,12 +254,6 @@ class Sharing:
             ]
             for r in self.gateway.recent(limit)
         ]
-
-    def snippets(self, base_url: str, key: str = "") -> dict[str, str]:
-        model = self.model_name()
-        return {
-            name: make(base_url, key or KEY_PLACEHOLDER, model) for name, make in SNIPPETS.items()
-        }
 
     # -------------------------------------------------------------------------- UI on LAN
 

@@ -28,6 +28,9 @@ class FakeSharing:
         self.lan = False
         self.revoked: list[str] = []
         self.made = 0
+        self.note = ""
+        self.notes_asked = 0
+        self.context = 0
 
     def status_text(self) -> str:
         return "shared" if self.shared else "not shared"
@@ -69,8 +72,15 @@ class FakeSharing:
     def recent_rows(self, limit: int = 30) -> list[list[str | int]]:
         return []
 
-    def snippets(self, base_url: str, key: str = "") -> dict[str, str]:
-        return {name: f"{name} {base_url} {key or 'PLACEHOLDER'}" for name in ctl.SNIPPET_NAMES}
+    def model_name(self) -> str:
+        return "step3p7-flash"
+
+    def agent_routes_note(self) -> str:
+        self.notes_asked += 1
+        return self.note
+
+    def context_window(self) -> int:
+        return self.context
 
     def ui_lan_status(self) -> str:
         return "ui on lan" if self.lan else "ui local"
@@ -119,7 +129,8 @@ def test_a_created_key_is_shown_once_and_fills_the_snippets() -> None:
     assert outcome.key == f"{KEY_PREFIX}00000001{'s' * 24}"
     assert outcome.show is True
     assert outcome.tables.base_url == LOOP
-    assert all(LOOP in s and outcome.key in s for s in outcome.tables.snippets)
+    # Claude Code's URL is the root (it adds /v1/messages itself); the others end in /v1.
+    assert all("http://127.0.0.1:8000" in s and outcome.key in s for s in outcome.tables.snippets)
 
 
 def test_a_refused_key_raises_for_the_page() -> None:
@@ -183,6 +194,31 @@ def test_changing_the_login_warns_when_refused() -> None:
 )
 def test_key_id_of_a_revoke_choice(choice: str | None, key_id: str) -> None:
     assert ctl.key_id_of(choice) == key_id
+
+
+def test_the_engine_is_asked_its_routes_and_context_at_most_every_30_s() -> None:
+    fake = FakeSharing()
+    fake.note, fake.context = "The engine's vLLM is too old for Codex.", 131072
+    now = [100.0]
+    controller = ctl.SharingController(fake, clock=lambda: now[0])
+    first = controller.tables(LAN, "")
+    assert first.agent_note == "The engine's vLLM is too old for Codex."
+    assert "model_context_window = 131072" in first.snippets[ctl.SNIPPET_NAMES.index("Codex")]
+    now[0] += 29.0
+    controller.tables(LAN, "")
+    assert fake.notes_asked == 1  # the tab's 5 s refresh does not ask the engine each time
+    fake.note, fake.context = "", 0
+    now[0] += 1.0
+    again = controller.tables(LAN, "")
+    assert fake.notes_asked == 2
+    assert again.agent_note == ""
+    assert "model_context_window" not in again.snippets[ctl.SNIPPET_NAMES.index("Codex")]
+
+
+def test_without_a_key_no_snippet_holds_one() -> None:
+    snippets = ctl.SharingController(FakeSharing()).snippets(LAN, "")
+    assert all(KEY_PREFIX + "0" not in s for s in snippets.values())
+    assert all("STEP_STATION_KEY" in s for s in snippets.values())
 
 
 def test_snippet_ids_are_stable() -> None:
