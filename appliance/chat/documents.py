@@ -21,6 +21,8 @@ Limits, so a big file never sits in memory twice or stalls the page:
 from __future__ import annotations
 
 import codecs
+import re
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +41,9 @@ NATIVE_CONTEXT = 262_144  # Step-3.7-Flash's own context length (256K)
 MAX_TEXT_BYTES = 4 * 1024 * 1024  # 4 MiB: over a million tokens, four times the whole context
 MAX_PDF_BYTES = 64 * 1024 * 1024
 MAX_PDF_PAGES = 1000
+# pypdf is pure Python and its time is not bounded by a file's size: a 1 KB page that draws one
+# form thousands of times is parsed again at each use (minutes to hours). Reading stops here.
+PDF_TIME_BUDGET_S = 120.0
 # The upload limit at the door (Gradio's max_file_size): a PDF's cap. A text file between
 # MAX_TEXT_BYTES and this is refused with its token numbers, unread.
 MAX_UPLOAD_BYTES = MAX_PDF_BYTES
@@ -123,6 +128,16 @@ _PDF_ERRORS = (
     RecursionError,
     zlib.error,
 )
+# Tokens the engine's tokenizer takes as turn or image markers wherever they stand in a text
+# (Hugging Face tokenizers split added special tokens out of any string): ChatML's `<|im_end|>`
+# and its kin (Llama's `<|eot_id|>`, gpt-oss's `<|start|>`), DeepSeek's with fullwidth bars
+# (U+FF5C), and Step's image tokens. In a file they would end the owner's turn and open one the
+# file writes (vLLM refuses a message holding `<im_patch>` outright). A zero-width space after
+# the `<` leaves the words and breaks the token.
+_SPECIAL_TOKEN = re.compile(
+    r"<(?=[|\uff5c][^\s<>|\uff5c]{1,64}[|\uff5c]>"
+    r"|(?:im_patch|im_start|im_end|patch_start|patch_end|patch_newline)>)"
+)
 _BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
     (codecs.BOM_UTF32_BE, "utf-32"),
@@ -130,6 +145,11 @@ _BOMS = (
     (codecs.BOM_UTF16_BE, "utf-16"),
     (codecs.BOM_UTF8, "utf-8-sig"),
 )
+
+
+class _TooSlowError(BaseException):
+    """The PDF's time budget ran out (raised from pypdf's operator callback). A BaseException:
+    pypdf logs and skips any Exception from a form it draws, and this must end the reading."""
 
 
 class DocumentTooLongError(chat.ContextTooLongError):
@@ -172,9 +192,10 @@ class Document:
         """The text part the engine gets: a fenced block headed by the file's name."""
         fence = _fence_for(self.text)
         language = LANGUAGES.get(self.suffix, "")
-        block = f"File: {self.name}\n{fence}{language}\n{self.text}\n{fence}"
+        name = defused(" ".join(self.name.splitlines()))  # one line: no header of its own
+        block = f"File: {name}\n{fence}{language}\n{defused(self.text)}\n{fence}"
         notes = self.page_notes(why=False)  # after the text: the name and the text lead
-        return block + (f"\n({self.name}: {'; '.join(notes)})" if notes else "")
+        return block + (f"\n({name}: {'; '.join(notes)})" if notes else "")
 
     def page_notes(self, *, why: bool) -> list[str]:
         """What happened to the pages without text."""
@@ -253,6 +274,12 @@ def _pages(pages: Sequence[int], one: str, many: str) -> str:
     """`page 3 has ...`, or `pages 2, 5 have ...` (the first ten named)."""
     shown = ", ".join(str(p) for p in pages[:10]) + (" ..." if len(pages) > 10 else "")
     return f"page {shown} {one}" if len(pages) == 1 else f"pages {shown} {many}"
+
+
+def defused(text: str) -> str:
+    """`text` with every special token the engine would read as a turn or image marker broken
+    (`<|im_end|>` -> `<\u200b|im_end|>`), so a file cannot end the owner's turn."""
+    return _SPECIAL_TOKEN.sub("<\u200b", text)
 
 
 def _fence_for(text: str) -> str:
@@ -342,9 +369,11 @@ def read_document(
     name: str | None = None,
     max_chars: int = MAX_TEXT_CHARS,
     max_page_images: int = 0,
+    time_budget_s: float = PDF_TIME_BUDGET_S,
 ) -> Document:
     """Read one attachment as text (and up to `max_page_images` scanned pages as their
-    images); BadInputError (naming the file) when it cannot be."""
+    images); BadInputError (naming the file) when it cannot be, or a PDF takes longer than
+    `time_budget_s`."""
     name = name or path.name
     try:
         size = path.stat().st_size
@@ -355,12 +384,28 @@ def read_document(
             f"{name} could not be read ({err.strerror}).", hint="Attach it again."
         ) from err
     if path.suffix.lower() == ".pdf" or head.startswith(b"%PDF-"):
-        return _read_pdf(path, name, size, head, max_chars, max_page_images)
+        deadline = time.monotonic() + time_budget_s
+        try:
+            return _read_pdf(path, name, size, head, max_chars, max_page_images, deadline)
+        except _TooSlowError as err:
+            raise BadInputError(
+                f"{name} took more than {time_budget_s:g} s to read and was stopped ({err}): "
+                "it is far slower to read than its size says, as a PDF built to stall a reader "
+                "is.",
+                hint="Open it in a PDF viewer and print it to PDF again, or attach the pages you "
+                "need. Nothing was sent.",
+            ) from None
     return _read_text(path, name, size, max_chars)
 
 
-def _read_pdf(
-    path: Path, name: str, size: int, head: bytes, max_chars: int, max_page_images: int
+def _read_pdf(  # noqa: PLR0913 - one reading's inputs
+    path: Path,
+    name: str,
+    size: int,
+    head: bytes,
+    max_chars: int,
+    max_page_images: int,
+    deadline: float,
 ) -> Document:
     if b"%PDF-" not in head:
         raise BadInputError(
@@ -394,9 +439,16 @@ def _read_pdf(
     chars = 0
     for index in range(count):
         number = index + 1
+
+        def in_time(*_: object, page_number: int = number) -> None:
+            # called before every operator of the page and of each form it draws
+            if time.monotonic() > deadline:
+                raise _TooSlowError(f"page {page_number} of {count:,}")
+
         try:
+            in_time()
             page = reader.pages[index]
-            text = (page.extract_text() or "").strip()
+            text = (page.extract_text(visitor_operand_before=in_time) or "").strip()
         except _PDF_ERRORS as err:
             raise _broken(name, err, page=number) from err
         if not text:
