@@ -236,8 +236,17 @@ class GatewayApp:
 
     def _authenticate(self, scope: Scope, ex: _Exchange, cfg: GatewayConfig) -> ApiKey | None:
         # Bearer as OpenAI clients send it, `x-api-key` as Anthropic's do (Claude Code sends
-        # either, by which variable holds the key); the first that names a valid key counts.
-        tokens = [t for t in (_bearer(scope), _x_api_key(scope)) if t]
+        # either, by which variable holds the key). Two different keys are refused: were the
+        # first valid one taken, a guess beside one's own key would never count as a failure.
+        tokens = list(dict.fromkeys(t for t in (_bearer(scope), _x_api_key(scope)) if t))
+        if len(tokens) > 1 and cfg.require_key:
+            self.throttle.failed(ex.address)
+            raise _Reply(
+                401,
+                "conflicting_api_keys",
+                "The request carries two different API keys (in `Authorization` and "
+                "`x-api-key`). Send one key, in either header.",
+            )
         token = tokens[0] if tokens else ""
         try:
             key = next(filter(None, (self.keys.verify(t) for t in tokens)), None)

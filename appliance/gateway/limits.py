@@ -374,9 +374,16 @@ def _check_lists(payload: dict[str, Any]) -> BodyRefusal | None:
 
 def _check_structured(payload: dict[str, Any]) -> BodyRefusal | None:
     # Regular expressions and grammars are compiled in the engine per request; a large one costs
-    # compile time and memory before the first token.
-    for name in _STRUCTURED_FIELDS:
-        value = payload.get(name)
+    # compile time and memory before the first token. The agent APIs name theirs apart:
+    # Responses `text.format` (responses/protocol.py extract_structured_outputs) and Messages
+    # `output_config.format` (anthropic/serving.py _handle_output_config).
+    fields = [(name, payload.get(name)) for name in _STRUCTURED_FIELDS]
+    for outer in ("text", "output_config"):
+        holder = payload.get(outer)
+        fields.append(
+            (f"{outer}.format", holder.get("format") if isinstance(holder, dict) else None)
+        )
+    for name, value in fields:
         if value is None:
             continue
         size = len(json.dumps(value)) if not isinstance(value, str) else len(value)
@@ -496,6 +503,18 @@ def _check_image_source(source: Any, where: str) -> BodyRefusal | None:  # noqa:
 
 
 def _check_part(part: dict[str, Any], where: str) -> tuple[BodyRefusal | None, str]:
+    if part.get("uuid") is not None:
+        # vLLM keys its media cache by a client's uuid instead of the content's hash, and an
+        # item with a uuid and no data is served from that cache: another client's image. And a
+        # part with a uuid is read by its keys whatever its `type` (chat_utils.py:1714,1727):
+        # `{"type": "text", "uuid": "u", "image_url": "http://..."}` is an image URL to fetch.
+        return BodyRefusal(
+            f"{where}.uuid",
+            "field_not_allowed",
+            "`uuid` on a content part is not accepted by this gateway (the engine would cache "
+            "media under a name of the client's choosing, and read the part as media whatever "
+            "its type). Remove it.",
+        ), ""
     kind = part.get("type")
     if kind is None:  # vLLM guesses the type from the first media key it finds
         kind = next((key for key in URL_PARTS if key in part), None)
@@ -513,15 +532,6 @@ def _check_part(part: dict[str, Any], where: str) -> tuple[BodyRefusal | None, s
     modality = URL_PARTS.get(kind)
     if modality is None:
         return None, ""
-    if part.get("uuid") is not None:
-        # vLLM keys its media cache by a client's uuid instead of the content's hash, and an
-        # item with a uuid and no data is served from that cache: another client's image.
-        return BodyRefusal(
-            f"{where}.uuid",
-            "field_not_allowed",
-            "`uuid` on a media part is not accepted by this gateway (the engine would cache "
-            "media under a name of the client's choosing). Remove it.",
-        ), modality
     field_name = "image_url" if kind == "input_image" else kind
     value = part.get(field_name)
     url = value.get("url") if isinstance(value, dict) else value
