@@ -135,27 +135,32 @@ class SharingController:
     def address_rows(self) -> list[list[str]]:
         return [[a.interface, a.address, a.url, a.note] for a in self.sharing.addresses()]
 
-    def snippets(self, base_url: str, key: str) -> dict[str, str]:
+    def snippets(self, base_url: str, key: str, facts: EngineFacts | None = None) -> dict[str, str]:
         """Each client's snippet for `base_url` (the first address when none is picked), the
         page's key ("" for none: the snippets then read $STEP_STATION_KEY) and the served model
-        name as the running service reports it."""
+        name and context length as the running service reports them."""
         url = base_url or self.sharing.base_urls()[0]
-        context = self.engine_facts().context
+        context = (facts or self.engine_facts()).context
         return client_snippets(url, key, self.sharing.model_name(), context)
 
-    def snippet_values(self, base_url: str, key: str) -> list[str]:
+    def snippet_values(
+        self, base_url: str, key: str, facts: EngineFacts | None = None
+    ) -> list[str]:
         """The snippets in tab order."""
-        snippets = self.snippets(base_url, key)
+        snippets = self.snippets(base_url, key, facts)
         return [snippets[name] for name in self.names]
 
     def engine_facts(self) -> EngineFacts:
         """What the engine lacks of the agent routes and its context length, asked at most
         every ENGINE_FACTS_TTL_S (each ask reads the engine's /openapi.json and /v1/models)."""
         now = self.clock()
-        if self._facts is None or now - self._facts[0] >= ENGINE_FACTS_TTL_S:
-            facts = EngineFacts(self.sharing.agent_routes_note(), self.sharing.context_window())
-            self._facts = (now, facts)
-        return self._facts[1]
+        if self._facts is not None and now - self._facts[0] < ENGINE_FACTS_TTL_S:
+            return self._facts[1]
+        facts = EngineFacts(self.sharing.agent_routes_note(), self.sharing.context_window())
+        # An engine that could not be asked (starting, stopped) is asked again next refresh, so
+        # the note and the context show as soon as it is ready.
+        self._facts = (now, facts) if facts.context else None
+        return facts
 
     def agent_note(self) -> str:
         """What the engine lacks of the coding agents' routes ("" when it serves both)."""
@@ -166,6 +171,7 @@ class SharingController:
         choices = self.sharing.active_key_choices()
         urls = self.sharing.base_urls()
         url = base_url if base_url in urls else urls[0]
+        facts = self.engine_facts()
         return Tables(
             status=self.sharing.status_text(),
             addresses=self.address_rows(),
@@ -175,8 +181,8 @@ class SharingController:
             base_urls=urls,
             base_url=url,
             recent=self.sharing.recent_rows(),
-            snippets=self.snippet_values(url, key),
-            agent_note=self.agent_note(),
+            snippets=self.snippet_values(url, key, facts),
+            agent_note=facts.agent_note,
         )
 
     # ------------------------------------------------------------------------------ actions

@@ -207,12 +207,14 @@ def test_the_engine_is_asked_its_routes_and_context_at_most_every_30_s() -> None
     now[0] += 29.0
     controller.tables(LAN, "")
     assert fake.notes_asked == 1  # the tab's 5 s refresh does not ask the engine each time
-    fake.note, fake.context = "", 0
+    fake.note, fake.context = "", 0  # an engine that cannot be asked now (stopped)
     now[0] += 1.0
     again = controller.tables(LAN, "")
     assert fake.notes_asked == 2
     assert again.agent_note == ""
     assert "model_context_window" not in again.snippets[ctl.SNIPPET_NAMES.index("Codex")]
+    controller.tables(LAN, "")
+    assert fake.notes_asked == 3  # not kept: asked again at the next refresh
 
 
 def test_without_a_key_no_snippet_holds_one() -> None:
