@@ -1,5 +1,7 @@
 """The sharing tab in Chromium against `step-station up --demo`: switch sharing on, get a key
-once, copy a snippet that works with the official openai SDK, see the use, revoke the key.
+once, copy a snippet that works with the official openai SDK, see the use, revoke the key; the
+clients' snippets name the LAN URL and the served model as text (a name full of quotes, shell
+expansions and HTML stays text) and the copy button copies the text that runs.
 
 Servers here may only bind to loopback, so the "LAN" interface is 127.0.0.2 (gateway.interface);
 the switch, the key requirement and the rebinding are the same code paths as on a real LAN.
@@ -7,11 +9,15 @@ the switch, the key requirement and the rebinding are the same code paths as on 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -22,6 +28,8 @@ from appliance.keys import KEY_PREFIX
 pytestmark = pytest.mark.timeout(240)
 
 MODEL = "step3p7-flash"
+SERVED_NAME = Path(__file__).with_name("served_name")  # its sitecustomize renames the model
+HOSTILE = 'st\'ep "3.7" $(touch pwned) <img src=x onerror="window.ssPwned=1">'
 
 
 def _open_tab(page, app) -> None:
@@ -31,7 +39,7 @@ def _open_tab(page, app) -> None:
 
 
 def _code_text(page, tab: str, elem_id: str) -> str:
-    page.get_by_role("tab", name=tab).click()
+    page.get_by_role("tab", name=tab, exact=True).click()
     return page.locator(f"#{elem_id} .cm-content").inner_text()
 
 
@@ -165,3 +173,54 @@ def test_ui_on_lan_needs_the_owner_login_set_on_first_use(appliance, page) -> No
     expect(page.get_by_role("tab", name="Sharing")).to_have_count(0)
     page.reload()
     expect(login).to_be_visible(timeout=60_000)
+
+
+def test_client_snippets_name_the_url_and_model_as_text_and_copy_as_shown(
+    appliance, page, tmp_path
+) -> None:
+    app = appliance(
+        settings={"gateway": {"interface": "127.0.0.2"}},
+        sim={"without_routes": "/v1/responses"},  # an engine without Codex's route
+        env={"PYTHONPATH": str(SERVED_NAME), "STEP_TEST_SERVED_NAME": HOSTILE},
+    )
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    _open_tab(page, app)
+    page.locator("#ss-share-switch input").check()
+    shown = page.locator("#ss-key-shown textarea, #ss-key-shown input").first
+    expect(shown).to_have_value(re.compile("^" + re.escape(KEY_PREFIX)), timeout=15_000)
+    key = shown.input_value()
+    lan = f"http://127.0.0.2:{app.api_port}"
+
+    # The engine lacks /v1/responses: the tab says so instead of Codex meeting a 501.
+    expect(page.locator("#ss-agent-note")).to_contain_text(
+        "Codex (POST /v1/responses)", timeout=30_000
+    )
+    claude = _code_text(page, "Claude Code", "ss-snippet-claude-code")
+    assert f"export ANTHROPIC_BASE_URL={lan}\n" in claude  # the root: Claude Code adds /v1
+    assert f"export ANTHROPIC_MODEL={shlex.quote(HOSTILE)}\n" in claude
+    assert key in claude
+    codex = _code_text(page, "Codex", "ss-snippet-codex")
+    assert f'base_url = "{lan}/v1"' in codex
+    assert 'wire_api = "responses"' in codex
+    assert f"model = {json.dumps(HOSTILE)}" in codex
+    assert "model_context_window = " in codex  # the engine's own, from its /v1/models
+    # The name is text in the page: no element made from it, no script run.
+    assert page.locator("img[src='x']").count() == 0
+    assert page.evaluate("() => window.ssPwned") is None
+
+    # The copy button copies the snippet, and what it copies runs as it is.
+    page.get_by_role("tab", name="curl", exact=True).click()
+    page.locator("#ss-snippet-curl").get_by_role("button", name=re.compile("copy", re.I)).click()
+    copied = page.evaluate("() => navigator.clipboard.readText()")
+    assert copied.startswith(f"export STEP_STATION_KEY={key}")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    ran = subprocess.run(
+        ["bash", "-c", copied], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert not list(tmp_path.glob("pwned*"))
+    chat, message = (json.loads(line) for line in ran.stdout.strip().splitlines())
+    assert chat["choices"][0]["message"]["content"].startswith(f"Simulated reply from {HOSTILE}")
+    assert message["type"] == "message"
+    assert message["model"] == HOSTILE
