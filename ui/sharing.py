@@ -88,9 +88,10 @@ def build(services: Services) -> None:
     with panel(PANEL):
         gr.Markdown(
             "Share Step-3.7-Flash with the laptops and tools on your network through an "
-            "OpenAI-compatible endpoint. Only the model's chat and completion routes are reachable "
-            "and every request needs an API key; the engine, its metrics and its controls stay on "
-            "this machine."
+            "OpenAI-compatible endpoint, which coding agents (Claude Code, Codex) use too. Only "
+            "the model's chat, completion, Responses and Messages routes are reachable and every "
+            "request needs an API key; the engine, its metrics and its controls stay on this "
+            "machine."
         )
         gr.Markdown(PLAIN_HTTP, elem_id="ss-plain-http")
         with gr.Row():
