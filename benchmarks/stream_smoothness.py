@@ -179,6 +179,8 @@ class Ours(Target):
         self.proc, self.url, self.db = proc, url, home / "data" / "history.sqlite3"
 
     def prepare(self, page: Any) -> None:
+        # after the page load's answer (its preset and level), which would set a level back
+        page.wait_for_function("() => document.body.dataset.chatLoaded === '1'")
         page.locator("#reasoning-level").get_by_label(LEVEL, exact=True).check()
 
     def finished(self, count: int) -> tuple[float, str] | None:

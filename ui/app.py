@@ -44,6 +44,15 @@ def build_ui(services: Services) -> gr.Blocks:
             chat_tab.load_inputs,
             chat_tab.load_outputs,
             show_progress="hidden",
+        ).then(
+            # The page's conversation, preset and level are in place: a choice made before this
+            # (a fast click, a test) would be set back by the load's answer. Tests and the
+            # benchmarks wait for this mark (tests/browser/chat_page.py open_chat).
+            None,
+            None,
+            None,
+            js="() => { document.body.dataset.chatLoaded = '1'; }",
+            queue=False,
         )
     blocks.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     tune_queue(blocks, QUEUE_POLL_MS)

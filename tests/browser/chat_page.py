@@ -30,6 +30,9 @@ def open_chat(page: Any, url: str) -> None:
     page.goto(url)
     page.wait_for_selector(INPUT)
     page.wait_for_function("() => window.gradio_config !== undefined")
+    # the page load's answer (conversation, preset, level) has been applied: a level chosen
+    # before it would be set back (ui/app.py marks the body once it is in)
+    page.wait_for_function("() => document.body.dataset.chatLoaded === '1'")
 
 
 def after_next_frames(page: Any, frames: int = 3) -> None:
