@@ -2,7 +2,7 @@
 the openai SDK and curl, for one address, one key and the model the engine serves.
 
 Pure functions of (base URL, key, model name), so the tab and the tests that run the snippets
-(tests/integration/test_client_snippets.py) use the very same text. Every value is quoted for
+(tests/integration/test_client_snippets_run.py) use the very same text. Every value is quoted for
 the language it lands in (shell, TOML, YAML, Python, JSON): a served model name is data, never
 code, whatever characters it holds.
 

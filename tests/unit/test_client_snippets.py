@@ -1,6 +1,7 @@
 """The clients' snippets as text: each parses in its own language and carries the URL, the model
 and the key as data, whatever characters the served model name holds (a name is data, never
-code). Running them against a real gateway is tests/integration/test_client_snippets.py's job."""
+code). Running them against a real gateway is the job of
+tests/integration/test_client_snippets_run.py."""
 
 from __future__ import annotations
 
