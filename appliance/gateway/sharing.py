@@ -49,9 +49,19 @@ def _note(interface: str, address: str) -> str:
 
 def share_addresses(bind: str, port: int) -> list[ShareAddress]:
     """Every IPv4 address clients could use to reach a gateway bound to `bind`, best first."""
-    stats = psutil.net_if_stats()
+    # Which interfaces are up is a nicety: net_if_stats() asks each one with ioctl(SIOCETHTOOL),
+    # which qemu-user (arm64 emulation) answers ENOSYS and some container sandboxes refuse. Without
+    # it every interface counts as up; the addresses themselves come from getifaddrs().
+    try:
+        stats = psutil.net_if_stats()
+    except OSError:
+        stats = {}
+    try:
+        interfaces = psutil.net_if_addrs()
+    except OSError:
+        interfaces = {}
     found: list[ShareAddress] = []
-    for interface, addresses in psutil.net_if_addrs().items():
+    for interface, addresses in interfaces.items():
         if interface in stats and not stats[interface].isup:
             continue
         for addr in addresses:
