@@ -264,8 +264,9 @@ class DockerRuntime(Runtime):
             ):
                 raise _pull_error(ref, reason) from err
             return
-        if data.has_platform(platform):
-            return
+        platforms = data.attrs.get("Platforms") or []
+        if not platforms or platform_offered(platform, platforms):
+            return  # a registry that names no platform: the pull decides
         offered = ", ".join(_platform_names(data.attrs.get("Platforms") or [])) or "none listed"
         raise ImagePullError(
             f"The image {ref} has no {platform} variant (it offers: {offered}), so this machine "
@@ -491,6 +492,40 @@ class DockerRuntime(Runtime):
             return set()
         column = titles.index("PID")
         return {int(row[column]) for row in top.get("Processes") or [] if row[column].isdigit()}
+
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm"}
+
+
+def _platform_key(os_name: str, arch: str, variant: str) -> tuple[str, str, str]:
+    """(os, arch, variant) the way the OCI image index means them: aarch64 is arm64, and arm64's
+    only variant v8 is the same as none (Docker Hub's index says arm64/v8, buildx's says arm64)."""
+    arch = _ARCH_ALIASES.get(arch.lower(), arch.lower())
+    variant = variant.lower()
+    if arch == "arm64" and variant in ("8", "v8", "v8.0"):
+        variant = ""
+    return os_name.lower(), arch, variant
+
+
+def platform_offered(host: str, platforms: list[Any]) -> bool:
+    """True when one of the registry's `platforms` (the distribution inspect answer's
+    `Platforms`: dicts with os, architecture, variant) runs on `host` (`os/arch[/variant]`).
+
+    Not docker-py's RegistryData.has_platform: it compares whole dicts, so a Station
+    (linux/arm64) would be told that an index listing linux/arm64/v8 has no build for it.
+    """
+    parts = host.split("/")
+    want = _platform_key(parts[0], parts[1] if len(parts) > 1 else "", "/".join(parts[2:]))
+    for entry in platforms:
+        have = _platform_key(
+            str(entry.get("os", "")),
+            str(entry.get("architecture", "")),
+            str(entry.get("variant") or ""),
+        )
+        # A host without a variant runs any variant of its arch (linux/arm -> arm/v7 or v6).
+        if have[:2] == want[:2] and (not want[2] or have[2] in ("", want[2])):
+            return True
+    return False
 
 
 def _platform_names(platforms: list[Any]) -> list[str]:
