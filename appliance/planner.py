@@ -16,16 +16,23 @@ Pure: no NVML, Docker or files. The memory model follows `reference/vllm.md` §S
   safe side).
 - vLLM refuses to start when one request of `max_model_len` (the model's 262,144 tokens unless
   set) does not fit in the KV cache, so "fits" includes that.
+- Data parallel (`--data-parallel-size N`, `profiles.with_data_parallel`): N replicas of the
+  tensor-parallel group, each with its own KV cache. The plan offers it where a seed profile fits
+  and the host has at least twice its GPUs: one replica per `tensor_parallel_size` GPUs. Each
+  replica is fitted like the profile alone; the KV tokens and requests add up across replicas,
+  the longest context is one replica's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from appliance.errors import SettingsError
 from appliance.hardware import GB, GIB, GpuInfo, Hardware
-from appliance.profiles import PROFILES, Profile, mtp_enabled
+from appliance.profiles import PROFILES, Profile, get_profile, mtp_enabled, with_data_parallel
 from appliance.settings import EngineSettings
 from appliance.units import fmt_bytes
 
@@ -135,9 +142,9 @@ def rank_gpus(gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
 
 def _pick_gpus(profile: Profile, hw: Hardware, engine: EngineSettings) -> list[GpuInfo]:
     ranked = rank_gpus(hw.gpus)
-    if profile.tensor_parallel_size == 1 and engine.gpu_uuid:
+    if profile.gpu_count == 1 and engine.gpu_uuid:
         return [g for g in ranked if g.uuid == engine.gpu_uuid]
-    return ranked[: profile.tensor_parallel_size]
+    return ranked[: profile.gpu_count]
 
 
 def _floor_div(a: int, b: int) -> int:
@@ -220,14 +227,16 @@ def fit_profile(
     usable = int(total * util)
     weights_per_gpu = weights // tp
     budget_per_gpu = usable - weights_per_gpu - OVERHEAD_BYTES_PER_GPU
-    budget = budget_per_gpu * tp
-    result.kv_budget_gb = round(budget / GB, 2)
-    result.kv_tokens = _floor_div(budget, per_token)
+    budget = budget_per_gpu * tp  # one replica's KV cache
+    dp = profile.data_parallel_size
+    per_replica = -(-concurrent // dp)  # vLLM's API server spreads requests over the replicas
+    result.kv_budget_gb = round(budget * dp / GB, 2)
+    result.kv_tokens = _floor_div(budget, per_token) * dp
     result.max_context = min(MODEL_MAX_CONTEXT, _floor_div(budget - sliding, per_token))
     result.max_context_at_n = min(
-        MODEL_MAX_CONTEXT, _floor_div(budget - concurrent * sliding, concurrent * per_token)
+        MODEL_MAX_CONTEXT, _floor_div(budget - per_replica * sliding, per_replica * per_token)
     )
-    result.requests_at_context = _floor_div(budget, context * per_token + sliding)
+    result.requests_at_context = _floor_div(budget, context * per_token + sliding) * dp
 
     if weights_per_gpu > usable:
         share = "" if tp == 1 else f", {fmt_bytes(weights_per_gpu)} per GPU across {tp}"
@@ -305,10 +314,33 @@ def plan(
     engine_settings: EngineSettings | None = None,
     *,
     concurrent: int = DEFAULT_CONCURRENT,
+    data_parallel: bool = True,
 ) -> Plan:
-    """Fit every profile to `hardware` and pick the one the appliance would run."""
+    """Fit every profile to `hardware` and pick the one the appliance would run.
+
+    With `data_parallel`, a profile that fits and leaves the host's other GPUs idle is offered
+    again as `NAME-dpN` (vLLM's --data-parallel-size) using them all."""
     engine = engine_settings or EngineSettings()
     items = list(profiles.values() if isinstance(profiles, Mapping) else profiles)
     fits = [fit_profile(p, hardware, engine, concurrent) for p in items]
+    if data_parallel:
+        for fit, prof in list(zip(fits, items, strict=True)):
+            replicas = data_parallel_replicas(prof, hardware) if fit.fits else 0
+            if replicas >= 2:
+                items.append(with_data_parallel(prof, replicas))
+                fits.append(fit_profile(items[-1], hardware, engine, concurrent))
+    wanted = engine.profile
+    if wanted not in ("", "auto") and wanted not in {p.name for p in items}:
+        with contextlib.suppress(SettingsError):  # an unknown name: _choose says so
+            items.append(get_profile(wanted))  # e.g. a -dpN the hardware was not offered
+            fits.append(fit_profile(items[-1], hardware, engine, concurrent))
     chosen, reason = _choose(fits, engine, {p.name: p for p in items})
     return Plan(hardware=hardware, profiles=fits, chosen=chosen, chosen_reason=reason)
+
+
+def data_parallel_replicas(profile: Profile, hw: Hardware) -> int:
+    """How many replicas of `profile` the host's GPUs hold side by side (0 or 1: no data
+    parallel), for a seed profile."""
+    if profile.data_parallel_size != 1 or profile.tensor_parallel_size < 1:
+        return 0
+    return len(hw.gpus) // profile.tensor_parallel_size

@@ -9,8 +9,10 @@ then the appliance's own flags. Nothing here touches Docker, NVML or the network
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +105,19 @@ class Profile:
     extra_flags: tuple[str, ...] = ()
     summary: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # vLLM's --data-parallel-size: replicas of the tensor-parallel group in one engine (one
+    # endpoint); the seed's profiles are 1, `with_data_parallel` makes the others.
+    data_parallel_size: int = 1
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs one engine of this profile takes: tensor parallel x data parallel."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    @property
+    def seed_profile(self) -> str:
+        """The seed profile this one is built on (itself for the seed's own)."""
+        return self.name.rsplit("-dp", 1)[0] if self.data_parallel_size > 1 else self.name
 
     @property
     def memory_utilization(self) -> float:
@@ -244,15 +259,56 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str) -> Profile:
-    """The profile called `name`; a clear error naming the choices otherwise."""
-    try:
-        return PROFILES[name]
-    except KeyError:
+_DP_NAME = re.compile(r"^(?P<base>.+)-dp(?P<dp>[0-9]+)$")
+
+
+def with_data_parallel(profile: Profile, replicas: int) -> Profile:
+    """`profile` run `replicas` times side by side in one engine: vLLM's data parallel.
+
+    The seed's command stays token for token; `--data-parallel-size N` is added after it. vLLM
+    then starts N engine cores behind one API server, each on its own `tensor_parallel_size`
+    GPUs of the ones the container sees (docs/scale-out.md cites vLLM's source), so the engine
+    needs tensor parallel x N GPUs. With `--enable-expert-parallel` the experts are spread over
+    all of them; the memory model keeps the tensor-parallel share per GPU (the safe side).
+    """
+    if profile.data_parallel_size != 1:
+        raise SettingsError(f"{profile.name} is already data parallel.")
+    if replicas < 2:
         raise SettingsError(
-            f"Unknown launch profile {name!r}.",
-            hint=f"Choose one of: {', '.join(PROFILES)} (`step-station plan` shows which fit).",
-        ) from None
+            f"Data parallel needs 2 or more replicas, not {replicas}.",
+            hint=f"Use {profile.name} itself for one replica.",
+        )
+    gpus = profile.tensor_parallel_size * replicas
+    return dataclasses.replace(
+        profile,
+        name=f"{profile.name}-dp{replicas}",
+        min_gpus=gpus,
+        station=False,
+        extra_flags=(*profile.extra_flags, "--data-parallel-size", str(replicas)),
+        data_parallel_size=replicas,
+        summary=f"{profile.summary}; x{replicas} data parallel on {gpus} GPUs, one endpoint",
+        notes=(
+            *profile.notes,
+            f"The appliance adds --data-parallel-size {replicas}: {replicas} replicas of "
+            f"{profile.name} ({profile.tensor_parallel_size} GPU(s) each) behind one vLLM API "
+            "server, which balances requests across them.",
+        ),
+    )
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name` (a seed profile, or one with `-dpN` for N data-parallel
+    replicas of it); a clear error naming the choices otherwise."""
+    if name in PROFILES:
+        return PROFILES[name]
+    match = _DP_NAME.match(name)
+    if match and match.group("base") in PROFILES:
+        return with_data_parallel(PROFILES[match.group("base")], int(match.group("dp")))
+    raise SettingsError(
+        f"Unknown launch profile {name!r}.",
+        hint=f"Choose one of: {', '.join(PROFILES)}, or one of them with -dpN for N "
+        "data-parallel replicas (`step-station plan` shows which fit).",
+    )
 
 
 def seed_command(profile: Profile) -> list[str]:

@@ -16,26 +16,40 @@ DEMO_PROFILE = "fp8-tp1"
 SIMULATOR = (sys.executable, "-m", "appliance.simulator")
 
 
-def choose_profile(engine: st.EngineSettings, name: str, *, demo: bool) -> tuple[str, str]:
-    """(profile name, GPU UUID or "") for `name`; "auto" asks the planner about this machine."""
+def choose_profile(
+    engine: st.EngineSettings, name: str, *, demo: bool
+) -> tuple[str, tuple[str, ...]]:
+    """(profile name, the GPUs' UUIDs or ()) for `name`; "auto" asks the planner about this
+    machine. A multi-GPU profile (tensor x data parallel) gets as many GPUs as it needs, by UUID,
+    or a clear error where the machine has fewer; `engine.gpu_uuid` pins one-GPU profiles only.
+    () asks the runtime for every GPU (no GPU seen here: the runtime decides)."""
     if demo:
-        return (DEMO_PROFILE if name == "auto" else name), ""
-    if name != "auto" and (engine.gpu_uuid or not engine.request_gpu):
-        return name, engine.gpu_uuid
+        return (DEMO_PROFILE if name == "auto" else name), ()
+    if name != "auto" and not engine.request_gpu:
+        return name, ()
+    if name != "auto" and engine.gpu_uuid and profiles.get_profile(name).gpu_count == 1:
+        return name, (engine.gpu_uuid,)
     from appliance import hardware, planner  # local: NVML is touched only when needed
 
-    chosen = planner.plan(hardware.detect(), engine_settings=engine)
-    if name != "auto":
-        fit = next((f for f in chosen.profiles if f.name == name), None)
-        return name, (fit.gpu_uuid or "") if fit else ""
-    if chosen.chosen is None:
+    hw = hardware.detect()
+    chosen = planner.plan(hw, engine_settings=engine)
+    if name == "auto" and chosen.chosen is None:
         raise HardwareError(
             f"No launch profile fits this machine: {chosen.chosen_reason}.",
             hint="`step-station plan` shows the numbers; set one with "
             "`step-station config set engine.profile NAME` to try anyway.",
         )
-    fit = chosen.chosen_fit
-    return chosen.chosen, (fit.gpu_uuid or "") if fit else ""
+    name = chosen.chosen if name == "auto" and chosen.chosen else name
+    fit = next((f for f in chosen.profiles if f.name == name), None)
+    uuids = tuple(fit.gpu_uuids) if fit else ()
+    need = profiles.get_profile(name).gpu_count
+    if need > 1 and hw.gpus and len(uuids) < need:
+        raise HardwareError(
+            f"The {name} profile runs on {need} GPUs and this machine has {len(hw.gpus)}.",
+            hint="`step-station plan` lists the profiles that fit; choose one with "
+            "`step-station config set engine.profile NAME`.",
+        )
+    return name, uuids
 
 
 def _executable(runtime: str, demo: bool) -> tuple[str, ...]:
@@ -65,7 +79,7 @@ def launch_spec_for(
     """The spec the supervisor hands to its runtime for one start."""
     engine = settings.engine
     kind = runtime or engine.runtime
-    name, gpu_uuid = choose_profile(engine, profile or engine.profile, demo=demo)
+    name, gpu_uuids = choose_profile(engine, profile or engine.profile, demo=demo)
     prof = profiles.get_profile(name)
     token = secrets.hf_token if secrets is not None else st.hf_token()
     return build_launch_spec(
@@ -80,7 +94,7 @@ def launch_spec_for(
         ),
         engine_env=profiles.engine_environment(prof, engine),
         runtime=kind,
-        gpu_uuid=gpu_uuid,
+        gpu_uuids=gpu_uuids,
         hf_token=token,
         executable=_executable(kind, demo),
         download_weights=download_weights,

@@ -266,6 +266,7 @@ def build_launch_spec(
     engine_env: Mapping[str, str] | None = None,
     runtime: str | None = None,
     gpu_uuid: str = "",
+    gpu_uuids: Sequence[str] = (),
     hf_token: str = "",
     executable: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
@@ -322,8 +323,11 @@ def build_launch_spec(
     env.update({k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_ENV_PREFIXES)})
     gpus: tuple[str, ...] | None = None
     if runtime == "docker" and engine.request_gpu:
-        uuid = engine.gpu_uuid or gpu_uuid
-        gpus = (uuid,) if uuid else ()
+        if len(gpu_uuids) > 1:  # tensor/data parallel: exactly these GPUs, by UUID
+            gpus = tuple(gpu_uuids)
+        else:
+            uuid = engine.gpu_uuid or (gpu_uuids[0] if gpu_uuids else gpu_uuid)
+            gpus = (uuid,) if uuid else ()
     # memlock/stack limits are for CUDA pinned memory and NCCL; without a GPU (the simulator on a
     # machine without the NVIDIA runtime) they are moot, and a daemon whose own hard limit is
     # lower refuses to start the container with them ("error setting rlimit").
