@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "appliance.commands.config",
     "appliance.commands.bench",
     "appliance.commands.tune",
+    "appliance.commands.export",
+    "appliance.commands.fleet",
 )
 
 

@@ -166,12 +166,22 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """Other Stations this one fronts through vLLM's router (appliance/fleet, docs/fleet.md)."""
+
+    members: str = ""  # "name=http://host:port,name2=..." (each a member Station's gateway)
+    policy: str = "cache_aware"  # vllm-router's --policy
+    router_port: int = 0  # the router's loopback port; 0: a free one at each start
+
+
+@dataclass(frozen=True)
 class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     ui: UISettings = field(default_factory=UISettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -21,17 +21,19 @@ carry usage, so the gateway asks for nothing and hides nothing there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
 
 from appliance import endpoint
+from appliance.engine.state import EngineState
 from appliance.gateway import apis
 from appliance.gateway.access import AccessLog, AccessRecord, printable_path
 from appliance.gateway.apis import (
@@ -54,6 +56,9 @@ from appliance.gateway.upstream import (
 )
 from appliance.keys import ApiKey, KeyStore, KeyStoreError
 from appliance.units import fmt_bytes
+
+if TYPE_CHECKING:
+    from appliance.fleet.router import Fleet
 
 log = logging.getLogger("step_station.gateway")
 
@@ -112,6 +117,7 @@ class _Exchange:
     response_started: bool = False
     response_done: bool = False
     accounted: bool = False
+    fleet_peer: bool = False  # carried the fleet key: a front's router, served by the own engine
 
 
 class GatewayApp:
@@ -135,6 +141,8 @@ class GatewayApp:
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
         # Per engine (URL, per-start key): the paths its /openapi.json lists; None: unknown.
         self._engine_paths: dict[tuple[str, str], frozenset[str] | None] = {}
+        # Set by the service: the fleet (appliance/fleet) this Station fronts or belongs to.
+        self.fleet: Fleet | None = None
 
     # ---------------------------------------------------------------------------- settings
 
@@ -192,6 +200,9 @@ class GatewayApp:
         if refusal is not None:
             raise _Reply(429, refusal.code, refusal.message, retry_after=refusal.retry_after_s)
         route = ROUTES.get((ex.method, ex.raw_path))
+        if route is None and (ex.method, ex.raw_path) == ("GET", b"/health") and self.fleet:
+            await self._fleet_health(send, ex)
+            return
         if route is None:
             raise _Reply(
                 404,
@@ -248,6 +259,10 @@ class GatewayApp:
                 "`x-api-key`). Send one key, in either header.",
             )
         token = tokens[0] if tokens else ""
+        if self.fleet is not None and len(tokens) == 1 and self.fleet.accepts(token):
+            ex.fleet_peer = True  # a front's router: served here, never routed on
+            self.throttle.succeeded(ex.address)
+            return None
         try:
             key = next(filter(None, (self.keys.verify(t) for t in tokens)), None)
         except KeyStoreError as err:
@@ -336,8 +351,14 @@ class GatewayApp:
         send: Send,
         ex: _Exchange,
     ) -> None:
+        via = self.fleet.route() if self.fleet is not None and not ex.fleet_peer else None
+        if via is not None:  # through vLLM's router, with the fleet key (docs/fleet.md)
+            check = dataclasses.replace(check, url=via[0])
         pool, prefix, host = self._pool(check)
         headers = self._engine_headers()
+        if via is not None:
+            headers = [("Accept-Encoding", "identity"), ("Authorization", f"Bearer {via[1]}")]
+            ex.notes.append("fleet")
         if route != MODELS:
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         head = request_head("GET" if route == MODELS else "POST", prefix + route, host, headers)
@@ -394,6 +415,16 @@ class GatewayApp:
                 response.release()
             else:
                 response.abort()  # the client left (or the engine broke): end it in the engine
+
+    async def _fleet_health(self, send: Send, ex: _Exchange) -> None:
+        """`GET /health` for a fleet's router (only on a Station in a fleet): 200 while the own
+        engine is ready, else 503; no body, no key (the router's health checks send none)."""
+        status = await anyio.to_thread.run_sync(self.gate.engine.status)
+        ex.status = 200 if status.state is EngineState.READY else 503
+        ex.response_started = True
+        await send({"type": "http.response.start", "status": ex.status, "headers": [_VIA]})
+        await send({"type": "http.response.body", "body": b""})
+        ex.response_done = True
 
     async def _relay_404(self, response: UpstreamResponse, send: Send, ex: _Exchange) -> None:
         """An agent route the engine turned down with 404: "no such route" (its route list

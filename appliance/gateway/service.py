@@ -31,6 +31,7 @@ from appliance import settings as st
 from appliance import web_guard
 from appliance.engine.protocol import EngineOwner
 from appliance.errors import PortInUseError, SettingsError
+from appliance.fleet.router import Fleet
 from appliance.gateway.access import AccessLog, AccessRecord
 from appliance.gateway.app import GatewayApp, GatewayConfig
 from appliance.gateway.engine_gate import EngineGate
@@ -170,6 +171,9 @@ class Gateway:
         self._flusher: asyncio.Task[None] | None = None
         # per-address connection cap and header read timeout, at accept (see limits.py)
         self.connections = ConnectionGuard()
+        # vLLM's router in front of this Station's engine and its fleet's (appliance/fleet)
+        self.fleet = Fleet()
+        self.app.fleet = self.fleet
         # the engine's key is new on every start: follow it
         engine.add_listener(lambda status: self._follow_engine_key())
 
@@ -237,6 +241,7 @@ class Gateway:
             self._listener.shared = self.settings.gateway.share_lan or not is_loopback(host)
             self._flusher = self._call(self._start_flusher())
             log.info("gateway listening on %s:%d", host, self._listener.port)
+            self.fleet.sync(self.settings, self.local_url.removesuffix("/v1"))
 
     def stop(self) -> None:
         """Stop listening, let running requests end for a few seconds, save usage counts."""
@@ -255,6 +260,7 @@ class Gateway:
             self._thread = None
             loop.close()
             self.access.detach_file()
+        self.fleet.close()
         self.keys.flush()
 
     def apply_settings(self, settings: st.Settings) -> None:
@@ -268,6 +274,7 @@ class Gateway:
                 self.settings = settings
                 self.app.config = config_for(settings.gateway, host, self.engine_api_key)
                 _apply_limits(self, settings)
+                self.fleet.sync(settings, self.local_url.removesuffix("/v1"))
                 return
             # Requests on a loopback-only listener may finish; a LAN listener's are cut at once,
             # since whatever replaces it no longer admits them (sharing off, other interface).
@@ -289,6 +296,7 @@ class Gateway:
             grace = 0.0 if cut else DRAIN_S
             self._call(self._retire(old, grace), wait=False)
             log.info("gateway moved from %s:%d to %s:%d", old.host, old.port, host, port)
+            self.fleet.sync(settings, self.local_url.removesuffix("/v1"))
 
     # ------------------------------------------------------------------------ loop thread
 
