@@ -313,6 +313,7 @@ UI_GET_EXACT = frozenset(
         "/gradio_api/login_check/",
         "/gradio_api/app_id",
         "/gradio_api/app_id/",
+        "/ss-live/dashboard",  # the dashboard's live values (ui/live.py)
     }
 )
 UI_GET_PREFIXES = (

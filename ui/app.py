@@ -14,13 +14,16 @@ import gradio as gr
 from fastapi import FastAPI
 
 from appliance.services import Services
-from ui import bench, chat, dashboard, model, sharing
+from ui import bench, chat, dashboard, live, model, queue_wake, sharing
 
 DEFAULT_CONCURRENCY = 16
 # Gradio's queue looks for new events every 1 ms while it has none: ~70 ms of CPU a second on an
 # idle appliance, most of what it used. Every 5 ms costs a fifth of that and starts a click's
 # event on average ~2 ms later (benchmarks/ui_idle.py measures both, side by side).
+# Since issue 16 the queue sleeps until an event comes (ui/queue_wake.py); setting
+# STEP_STATION_QUEUE_POLL_MS brings back the polling (benchmarks/sampler_cost.py compares them).
 QUEUE_POLL_MS = float(os.environ.get("STEP_STATION_QUEUE_POLL_MS") or 5)
+QUEUE_POLLS = bool(os.environ.get("STEP_STATION_QUEUE_POLL_MS"))
 TAB_IDS = ("chat", "model", "dashboard", "bench", "sharing")
 
 
@@ -55,7 +58,8 @@ def build_ui(services: Services) -> gr.Blocks:
             queue=False,
         )
     blocks.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
-    tune_queue(blocks, QUEUE_POLL_MS)
+    if QUEUE_POLLS or not queue_wake.install(blocks._queue):
+        tune_queue(blocks, QUEUE_POLL_MS)
     return blocks
 
 
@@ -68,6 +72,8 @@ def tune_queue(blocks: gr.Blocks, poll_ms: float) -> None:
 
 def mount(app: FastAPI, services: Services) -> FastAPI:
     """Mount the UI at `/` of the UI listener's app (after its own routes, e.g. /healthz)."""
+    if dashboard.push_mode():  # the dashboard's live values (before Gradio takes `/`)
+        live.add_routes(app, services.sampler, dashboard.controller_for(services))
     blocks = build_ui(services)
     chat.image_folder().mkdir(parents=True, exist_ok=True)
     chat.export_folder().mkdir(parents=True, exist_ok=True)

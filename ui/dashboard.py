@@ -1,13 +1,16 @@
 """The dashboard tab: current GPU, host and engine numbers, 15-minute plots, memory breakdown.
 
 Layout and wiring only: what to show is `appliance.controllers.dashboard.DashboardController`'s.
-Current values refresh every second and the plots every five, and only while the tab is on screen
-(`ui.polling`). A running benchmark or MoE tuning is marked above the cards, read at each of those
-seconds from the service's runners.
+While the tab is on screen (`ui.polling`) one stream per page pushes the current values when the
+sampler has a new sample (every second while any page watches) and the plots every five seconds;
+a hidden tab has no stream. A running benchmark or MoE tuning is marked above the cards, read at
+each of those samples from the service's runners. `STEP_STATION_LIVE=poll` selects the old
+wiring (a 1 s and a 5 s `gr.Timer` per page; benchmarks/sampler_cost.py compares the two).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gradio as gr
@@ -15,25 +18,55 @@ import pandas as pd
 
 from appliance.controllers.dashboard import PLOTS, DashboardController
 from appliance.services import Services
-from ui.polling import panel, poll_while_visible
+from ui import live
+from ui.polling import live_while_visible, panel, poll_while_visible
 
 PANEL = "ss-dashboard"
 PLOT_EVERY_S = 5.0
 
 
+LIVE_TARGETS = {
+    "activity": "ss-activity-live",
+    "current": "ss-current-live",
+    "breakdown": "ss-breakdown-live",
+}
+_LIVE_SLOT = '<div id="%s"></div>'
+
+
+def controller_for(services: Services) -> DashboardController:
+    """The dashboard's controller (the tab's plots and ui/live.py's stream each make one)."""
+    supervisor = services.supervisor
+    return DashboardController(
+        services.sampler,
+        lambda: supervisor.status().effective,
+        services.bench,
+        services.tune,
+        history_s=services.sampler.settings.sampler.history_s,
+    )
+
+
+def push_mode() -> bool:
+    """Push (one stream per visible page, the default) or the old per-page timers ("poll")."""
+    return os.environ.get("STEP_STATION_LIVE", "push").strip().lower() != "poll"
+
+
 def build(services: Services) -> None:
     """Create the tab's widgets inside the current gr.Tab and wire them to services."""
     sampler = services.sampler
-    supervisor = services.supervisor
-    controller = DashboardController(
-        sampler, lambda: supervisor.status().effective, services.bench, services.tune
-    )
+    controller = controller_for(services)
 
     with panel(PANEL):
         gr.HTML(_STYLE)
-        activity = gr.HTML(elem_id="ss-activity")
-        current = gr.HTML(elem_id="ss-current")
-        breakdown = gr.HTML(elem_id="ss-breakdown")
+        push = push_mode()  # the live values are written into these by the page's script
+        activity = gr.HTML(
+            _LIVE_SLOT % LIVE_TARGETS["activity"] if push else "", elem_id="ss-activity"
+        )
+        current = gr.HTML(
+            _LIVE_SLOT % LIVE_TARGETS["current"] if push else "", elem_id="ss-current"
+        )
+        breakdown = gr.HTML(
+            _LIVE_SLOT % LIVE_TARGETS["breakdown"] if push else "", elem_id="ss-breakdown"
+        )
         gr.Markdown(f"### Last {sampler.settings.sampler.history_s // 60} minutes")
         plots: list[gr.LinePlot] = []
         with gr.Row():
@@ -42,10 +75,15 @@ def build(services: Services) -> None:
         with gr.Row():
             for key, title in PLOTS[3:]:
                 plots.append(_plot(key, title))
-        seen = gr.State(0.0)
-        seen_activity = gr.State("")
-        values_timer = gr.Timer(sampler.interval_s, active=False)
-        plots_timer = gr.Timer(PLOT_EVERY_S, active=False)
+
+    if push_mode():
+        _wire_push(controller, current, plots)
+        return
+    # The old wiring, per page: a 1 s and a 5 s timer (benchmarks/sampler_cost.py compares).
+    seen = gr.State(0.0)
+    seen_activity = gr.State("")
+    values_timer = gr.Timer(sampler.interval_s, active=False)
+    plots_timer = gr.Timer(PLOT_EVERY_S, active=False)
 
     def refresh_values(seen_at: float, seen_line: str | None) -> Any:
         line = controller.activity()
@@ -70,6 +108,22 @@ def build(services: Services) -> None:
     poll_while_visible(
         PANEL, [values_timer, plots_timer], refresh_all, value_inputs, [*value_outputs, *plots]
     )
+
+
+def _wire_push(
+    controller: DashboardController,
+    current: gr.HTML,
+    plots: list[gr.LinePlot],
+) -> None:
+    """Values through ui/live.py's stream while visible; the plots by a 5 s timer while visible."""
+    plots_timer = gr.Timer(PLOT_EVERY_S, active=False)
+
+    def refresh_plots() -> Any:
+        return [gr.LinePlot(value=p.frame, visible=p.visible) for p in controller.plots()]
+
+    plots_timer.tick(refresh_plots, None, plots, show_progress="hidden", concurrency_limit=None)
+    poll_while_visible(PANEL, [plots_timer], refresh_plots, (), plots)
+    live_while_visible(PANEL, live.DASHBOARD_PATH, LIVE_TARGETS)
 
 
 def _plot(key: str, title: str) -> gr.LinePlot:

@@ -1,10 +1,16 @@
-"""Polling only while a panel is on screen.
+"""Live values only while a panel is on screen: pushed through one stream per page, or polled.
 
 A tab's `gr.Timer` starts inactive. A small script (installed once per page through the root
 Blocks' load event) watches each registered panel: when the panel is visible (its tab selected and
 the browser tab in front, `document.visibilityState`) it clicks the panel's hidden "on" button,
 and when it is not, the "off" button; those buttons switch the panel's timers. So a page in a
 background browser tab, or a tab the user is not looking at, sends no polls at all.
+
+`live_while_visible` is the push variant (issue 16): under the same visibility rule the page keeps
+one `EventSource` open to a small stream of the UI listener (ui/live.py) that sends new values
+when the server has them, and closes it otherwise. A hidden panel has no stream and gets nothing;
+a visible one costs one small SSE message per change instead of one Gradio queue event (a POST,
+the event's set-up, processing and its SSE messages: ~13 ms of the appliance's CPU) per poll.
 """
 
 from __future__ import annotations
@@ -79,3 +85,45 @@ def poll_while_visible(
     root = gr.context.Context.root_block
     if root is not None:
         root.load(None, None, None, js=_SCRIPT % name)
+
+
+_LIVE_SCRIPT = """
+() => {
+  const panel = %r, url = %r, targets = %s;
+  let source = null;
+  const write = (event) => {
+    const update = JSON.parse(event.data);
+    for (const [key, id] of Object.entries(targets)) {
+      const el = document.getElementById(id);
+      if (el && key in update) el.innerHTML = update[key];
+    }
+  };
+  const sync = () => {
+    const el = document.getElementById(panel + '-panel');
+    const shown = document.visibilityState === 'visible' && !!el && el.offsetParent !== null;
+    if (shown && !source) {
+      source = new EventSource(url);
+      source.onmessage = write;
+      document.body.dataset[panel.replace(/-(.)/g, (_, c) => c.toUpperCase()) + 'Live'] = 'open';
+    } else if (!shown && source) {
+      source.close();
+      source = null;
+      document.body.dataset[panel.replace(/-(.)/g, (_, c) => c.toUpperCase()) + 'Live'] = 'closed';
+    }
+  };
+  document.addEventListener('visibilitychange', sync);
+  window.addEventListener('focus', sync);
+  setInterval(sync, 400);  // tab switches; a page in the background is throttled by the browser
+}
+"""
+
+
+def live_while_visible(name: str, url: str, targets: dict[str, str]) -> None:
+    """While panel `name` is visible, read the server-sent events of `url` (ui/live.py) and write
+    each event's `key: html` into the element of id `targets[key]`; the stream is closed while
+    the panel or the browser tab is hidden (then `body[data-<name>-live]` is "closed")."""
+    import json
+
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(None, None, None, js=_LIVE_SCRIPT % (name, url, json.dumps(targets)))

@@ -1,7 +1,8 @@
 """The dashboard tab's logic: cards, the memory breakdown and the plots' frames from samples.
 
 Every number comes from the shared sampler's ring buffer, so an open page costs a read, never an
-NVML query. The tab asks `values()` every second and `plots()` every five while it is on screen.
+NVML query. The tab asks `values()` at each new sample and `plots()` every five seconds while it
+is on screen.
 While a benchmark or an MoE tuning runs, `activity()` says so above the cards: the GPU numbers
 then include its load (issue 14: the run is marked in the dashboard).
 """
@@ -294,11 +295,15 @@ class DashboardController:
         effective: Callable[[], dict[str, Any]],
         bench: BenchWatch | None = None,
         tuning: TuneWatch | None = None,
+        history_s: float | None = None,
     ) -> None:
         self.sampler = sampler
         self.effective = effective  # the engine's effective settings (weights and KV sizes)
         self.bench = bench
         self.tuning = tuning
+        # The plots' span: the buffer holds more while nobody watches (the sampler then samples
+        # every 5 s into a buffer sized for 1 s samples), so the plots cut it to this.
+        self.history_s = history_s
 
     def activity(self) -> str:
         """The runs loading the GPU now, as HTML ("" when none)."""
@@ -316,5 +321,5 @@ class DashboardController:
         return Values(current_html(sample), breakdown_html(parts), sample.at)
 
     def plots(self) -> list[Plot]:
-        frames = plot_frames(self.sampler.history(reader=READER))
+        frames = plot_frames(self.sampler.history(self.history_s, reader=READER))
         return [Plot(key, frames[key]) for key, _ in PLOTS]

@@ -48,7 +48,10 @@ ENGINE_LABEL = "Step-3.7-Flash engine"
 SYSFS = Path("/sys")
 ENGINE_PID_REFRESH_S = 2.0  # re-ask the runtime at most this often, only when a GPU pid is new
 SAMPLER_THREAD = "ss-sampler"
-PR_SET_NAME = 15  # re-ask the runtime at most this often when a GPU pid is unknown
+PR_SET_NAME = 15  # prctl's "set this thread's name"
+# While no page watches (no dashboard stream open), a sample every this many seconds keeps the
+# 15-minute history (at this resolution) for the next page that opens, at a fifth of the cost.
+IDLE_INTERVAL_S = 5.0
 
 
 # ------------------------------------------------------------------------------------ samples
@@ -293,7 +296,11 @@ class Sampler:
         self._clock = clock
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a watcher came (sample now) or stop()
         self._thread: threading.Thread | None = None
+        self._listeners: dict[int, Callable[[Sample], None]] = {}
+        self._next_listener = 0
+        self.idle_interval_s = max(self.interval_s, IDLE_INTERVAL_S)
         self.stats = SamplerStats()
 
     # ---- life cycle
@@ -308,6 +315,7 @@ class Sampler:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
@@ -320,20 +328,63 @@ class Sampler:
 
     def _run(self) -> None:
         _name_os_thread(SAMPLER_THREAD)
-        next_at = time.monotonic()
+        due = time.monotonic()
         while not self._stop.is_set():
+            watched = bool(self._listeners)
+            now = time.monotonic()
+            if now < due:
+                self._wake.wait(due - now)
+                if self._wake.is_set():  # a page came: sample now if the last one is stale
+                    self._wake.clear()
+                    due = min(due, self._last_at + self.interval_s)
+                continue
             started = time.thread_time()
+            sample: Sample | None = None
             try:
-                self.sample_once()
+                sample = self.sample_once()
             except Exception:  # noqa: BLE001 - the sampler must outlive any one bad reading
                 log.exception("sampling failed; trying again at the next interval")
             self.stats.cpu_s += time.thread_time() - started
-            next_at += self.interval_s
-            delay = next_at - time.monotonic()
-            if delay < 0:  # fell behind (suspend, overload): skip, never burst
-                next_at = time.monotonic()
-                delay = 0
-            self._stop.wait(delay)
+            self._last_at = now
+            interval = self.interval_s if watched else self.idle_interval_s
+            due += interval
+            if due < time.monotonic():  # fell behind (suspend, overload): skip, never burst
+                due = time.monotonic() + interval
+            if sample is not None:
+                self._notify(sample)
+
+    _last_at = float("-inf")
+
+    # ---- watchers (pages that show live values)
+
+    def watch(self, listener: Callable[[Sample], None]) -> int:
+        """Call `listener(sample)` after each new sample (on the sampler thread; keep it short,
+        e.g. `loop.call_soon_threadsafe`) until `unwatch(handle)`. While any listener is
+        registered the sampler samples every `interval_s`, else every `idle_interval_s`; the first
+        listener gets a fresh sample at once if the newest is older than `interval_s`."""
+        with self._lock:
+            self._next_listener += 1
+            handle = self._next_listener
+            self._listeners[handle] = listener
+        self._wake.set()
+        return handle
+
+    def unwatch(self, handle: int) -> None:
+        with self._lock:
+            self._listeners.pop(handle, None)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._listeners)
+
+    def _notify(self, sample: Sample) -> None:
+        with self._lock:
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            try:
+                listener(sample)
+            except Exception:  # noqa: BLE001 - a gone page must not stop the sampler
+                log.debug("a sample listener failed", exc_info=True)
 
     # ---- sampling
 

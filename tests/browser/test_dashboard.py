@@ -38,14 +38,32 @@ HIDE_JS = """(state) => {
 }"""
 
 
+# Counts the writes the live stream makes into the cards (ui/live.py pushes, the page writes).
+COUNT_WRITES_JS = """() => {
+  window.__ssWrites = 0;
+  new MutationObserver((records) => {
+    if (records.some(r => r.target.closest && r.target.closest('#ss-current-live')))
+      window.__ssWrites++;
+  }).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def writes(page) -> int:
+    return int(page.evaluate("() => window.__ssWrites"))
+
+
 class Polls:
-    """Counts the page's event requests (Gradio queue joins) by dependency id."""
+    """Counts the page's event requests (Gradio queue joins) by dependency id, and the live
+    streams it opens (EventSource requests to /ss-live/dashboard)."""
 
     def __init__(self, page) -> None:
         self.fn_ids: list[int] = []
+        self.streams = 0
         page.on("request", self._on_request)
 
     def _on_request(self, request) -> None:
+        if "/ss-live/dashboard" in request.url:
+            self.streams += 1
         if "queue/join" in request.url and request.post_data:
             match = re.search(r'"fn_index":\s*(\d+)', request.post_data)
             if match:
@@ -115,20 +133,28 @@ def field(page, name: str):
     return page.locator(f'#ss-current [data-field="{name}"]')
 
 
+def live_state(page) -> str | None:
+    return page.evaluate("() => document.body.dataset.ssDashboardLive || null")
+
+
 def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(appliance, page):
+    """The current values are pushed (one live stream per visible page, ui/live.py), the plots
+    polled every 5 s; neither while the tab or the browser tab is hidden."""
     app = appliance(env=FAKE_GPU_ENV, sim={"tokens_per_s": 120, "output_tokens": 2400})
     polls = Polls(page)
     page.goto(app.url)
-    values_tick = set(page.evaluate(TICK_IDS_JS, "ss-current"))
+    assert page.evaluate(TICK_IDS_JS, "ss-current") == []  # pushed, not polled
     plots_tick = set(page.evaluate(TICK_IDS_JS, "ss-plot-memory"))
-    assert values_tick
     assert plots_tick
-    dashboard = values_tick | plots_tick
+    dashboard = plots_tick
+    page.evaluate(COUNT_WRITES_JS)
 
-    # The chat tab is in front: the dashboard never polls (watched for more than two poll periods:
-    # a window in which nothing may happen, not a wait for something).
+    # The chat tab is in front: the dashboard never polls and opens no stream (watched for more
+    # than two poll periods: a window in which nothing may happen, not a wait for something).
     page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == 0
+    assert polls.streams == 0
+    assert writes(page) == 0
 
     page.get_by_role("tab", name="Dashboard").click()
     gpu = page.locator('#ss-current [data-gpu="0"]')
@@ -165,23 +191,34 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
     expect(field(page, "requests-running")).to_have_text("0", timeout=20_000)
 
-    # Another tab in front: the polls stop.
+    assert polls.streams == 1  # one stream for the whole visit, whatever it showed
+
+    # Another tab in front: the polls stop, the stream is closed, nothing is written.
     page.get_by_role("tab", name="Chat").click()
+    page_wait_until(page, lambda: live_state(page) == "closed", timeout_s=15)
     stopped_at = settled_count(page, polls, dashboard)
+    written = writes(page)
     page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == stopped_at
+    assert writes(page) == written
 
-    # Back on the dashboard they resume.
+    # Back on the dashboard they resume: a new stream, new values written.
     page.get_by_role("tab", name="Dashboard").click()
     page_wait_until(page, lambda: polls.count(dashboard) > stopped_at, timeout_s=15)
+    page_wait_until(page, lambda: writes(page) > written, timeout_s=15)
+    assert polls.streams == 2
 
-    # The browser tab in the background: no polls either.
+    # The browser tab in the background: nothing either.
     page.evaluate(HIDE_JS, "hidden")
+    page_wait_until(page, lambda: live_state(page) == "closed", timeout_s=15)
     hidden_at = settled_count(page, polls, dashboard)
+    written = writes(page)
     page.wait_for_timeout(QUIET_WINDOW_MS)
     assert polls.count(dashboard) == hidden_at
+    assert writes(page) == written
     page.evaluate(HIDE_JS, "visible")
     page_wait_until(page, lambda: polls.count(dashboard) > hidden_at, timeout_s=15)
+    page_wait_until(page, lambda: writes(page) > written, timeout_s=15)
 
 
 def test_dashboard_without_a_gpu_says_why(appliance, page):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,14 @@ import pytest
 from appliance import hardware
 from appliance.engine.state import EngineState, EngineStatus
 from appliance.errors import DockerUnavailableError, HardwareError
+from appliance.monitoring import sampler as monitoring_sampler
 from appliance.monitoring import status as status_module
 from appliance.monitoring.metrics import EngineMetrics
 from appliance.monitoring.sampler import (
     ENGINE_LABEL,
     EnginePids,
     HostSample,
+    Sample,
     Sampler,
     engine_pid_lookup,
     read_host,
@@ -348,6 +351,7 @@ def test_background_thread_samples_and_stops() -> None:
         return fixed_host(s)
 
     sampler = make_sampler(FakeNvml(), settings=settings, read_host=host)
+    sampler.watch(lambda _sample: None)  # a page looks: every interval_s
     sampler.start()
     sampler.start()  # idempotent: still one thread
     assert seen.wait(10)
@@ -372,6 +376,7 @@ def test_a_failing_reading_does_not_kill_the_thread() -> None:
         return fixed_host(s)
 
     sampler = make_sampler(FakeNvml(), settings=settings, read_host=host)
+    sampler.watch(lambda _sample: None)
     sampler.start()
     assert recovered.wait(10)
     sampler.stop()
@@ -534,3 +539,41 @@ def test_an_engine_process_that_appears_later_is_labelled_soon() -> None:
         now[0] = t
         assert pids.for_gpu_pids({10, 20}, key="c1") == {20}
     assert calls == [0.0, 2.5]
+
+
+def test_without_watchers_the_sampler_slows_down_and_a_watcher_gets_a_sample_at_once() -> None:
+    """Nobody looks: a sample every idle_interval_s (the history stays, cheaper). A page comes
+    (`watch`): a fresh sample at once, then every interval_s, each handed to the listener;
+    `unwatch`: back to the idle pace."""
+    settings = with_changes(Settings(), {"sampler.interval_s": 0.05})
+    sampler = make_sampler(FakeNvml(), settings=settings)
+    assert sampler.idle_interval_s == monitoring_sampler.IDLE_INTERVAL_S
+    sampler.idle_interval_s = 3600.0  # "never again" while nobody watches
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sampler.stats.samples < 1:
+            assert time.monotonic() < deadline, "no first sample"
+            time.sleep(0.01)
+        time.sleep(0.5)  # a window of ten intervals in which nothing may happen
+        assert sampler.stats.samples == 1
+        got: list[Sample] = []
+        three = threading.Event()
+
+        def listener(sample: Sample) -> None:
+            got.append(sample)
+            if len(got) >= 3:
+                three.set()
+
+        handle = sampler.watch(listener)
+        assert sampler.watchers == 1
+        assert three.wait(10), "a watched sampler did not sample every interval_s"
+        assert got[-1] is sampler.latest()
+        sampler.unwatch(handle)
+        assert sampler.watchers == 0
+        unwatched_at = sampler.stats.samples
+        time.sleep(0.5)  # ten intervals: at most the sample that was under way lands
+        assert sampler.stats.samples <= unwatched_at + 1
+    finally:
+        sampler.stop()
+    assert not sampler.running
