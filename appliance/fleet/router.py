@@ -67,7 +67,9 @@ _METRIC = re.compile(r'^(vllm_router_[a-z_]+)\{worker="([^"]+)"[^}]*\}\s+([0-9.e
 class MemberView:
     name: str
     url: str
-    state: str  # "healthy", "failed" (health check or circuit breaker), "starting"
+    # "healthy"; "failed" (its health check fails); "recovering" (it answers health checks, but
+    # its circuit breaker is still open or half-open after failed requests); "starting"
+    state: str
     load: int = 0  # requests the router has in flight there
     routed: int = 0  # requests the router sent there since it started
 
@@ -176,6 +178,10 @@ class Fleet:
     def accepts(self, presented: str) -> bool:
         """Is `presented` this Station's fleet key (a front's router asking for the own engine)?"""
         return self.key.accepts(presented)
+
+    def active(self) -> bool:
+        """Does this Station hold a fleet key (a front, or a member that joined)?"""
+        return bool(self.key.value())
 
     def route(self) -> tuple[str, str] | None:
         """(the router's URL, the fleet key) while requests should go through the router."""
@@ -345,13 +351,17 @@ class Fleet:
         members = []
         for member in plan.members:
             worker = by_url[member.url]
-            open_circuit = metrics.get(("vllm_router_cb_state", member.url), 0.0) > 0
-            healthy = bool(worker.get("is_healthy")) and not open_circuit
+            # vllm_router_cb_state: 0 closed, 1 open, 2 half-open (trial requests let through)
+            circuit = metrics.get(("vllm_router_cb_state", member.url), 0.0)
+            if not worker.get("is_healthy"):
+                state = "failed"
+            else:  # answering health checks; its breaker still open after failed requests
+                state = "recovering" if circuit in (1, 2) else "healthy"
             members.append(
                 MemberView(
                     member.name,
                     member.url,
-                    "healthy" if healthy else "failed",
+                    state,
                     int(worker.get("load") or 0),
                     int(metrics.get(("vllm_router_processed_requests_total", member.url), 0)),
                 )

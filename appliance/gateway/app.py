@@ -200,7 +200,8 @@ class GatewayApp:
         if refusal is not None:
             raise _Reply(429, refusal.code, refusal.message, retry_after=refusal.retry_after_s)
         route = ROUTES.get((ex.method, ex.raw_path))
-        if route is None and (ex.method, ex.raw_path) == ("GET", b"/health") and self.fleet:
+        in_fleet = self.fleet is not None and self.fleet.active()
+        if route is None and (ex.method, ex.raw_path) == ("GET", b"/health") and in_fleet:
             await self._fleet_health(send, ex)
             return
         if route is None:
