@@ -1,6 +1,7 @@
-"""A fleet on loopback: a front appliance (`up --demo`), vllm-router supervised by it, and two
-member Stations (each the gateway, `python -m appliance.gateway`, in front of a simulator)
-holding the front's fleet key. Requests go through the front's gateway with the openai SDK.
+"""A fleet on loopback (tests/fixtures/fleet_kit.py): a front appliance (`up --demo`), vllm-router
+supervised by it, and two member Stations (each the gateway, `python -m appliance.gateway`, in
+front of a simulator) holding the front's fleet key. Requests go through the front's gateway with
+the openai SDK.
 
 What each engine served is read from its own access log (the simulator logs every request), so
 a test sees where the router sent requests, not what the router says it did.
@@ -10,154 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
-from fixtures.appliance import Appliance, appliance
-from fixtures.sim import SimulatorProcess, free_port
-
-from appliance.fleet import members as fm
-from appliance.fleet.router import router_binary
-
-pytestmark = pytest.mark.skipif(
-    not router_binary(),
-    reason="vllm-router is not installed and could not be: `pip install -e '.[dev]'` installs "
-    "it (pyproject's dev and fleet extras)",
+import psutil
+from fixtures.appliance import appliance
+from fixtures.fleet_kit import (
+    KEY,
+    ask,
+    client,
+    fleet,
+    member_state,
+    needs_router,
+    own_served,
+    status,
+    wait_for,
 )
 
-__all__ = ["appliance"]  # the fixture, used by `fleet`
+from appliance.fleet import members as fm
 
-KEY = fm.KEY_PREFIX + "t" * 32
-CHAT = re.compile(r'"POST /v1/chat/completions HTTP/1.1" 200')
-DEADLINE_S = 60.0
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:  # noqa: ANN401
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def status(url: str, headers: dict[str, str] | None = None) -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5):
-            return 200
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
-
-
-@dataclass
-class Member:
-    name: str
-    sim: SimulatorProcess
-    home: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "STEP_STATION_HOME": str(self.home)}
-        self.process = subprocess.Popen(  # the member's gateway, keys required
-            [sys.executable, "-m", "appliance.gateway", "--engine-url", self.sim.url,
-             "--port", str(self.port), "--require-key", "--model", "step3p7-flash"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(f"{self.name}'s gateway", lambda: status(f"{self.url}/health") == 200)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def served(self) -> int:
-        return len(CHAT.findall(self.sim.output()))
-
-
-@pytest.fixture
-def fleet(
-    tmp_path: Path,
-    simulator: Callable[..., SimulatorProcess],
-    appliance: Callable[..., Appliance],  # noqa: F811 - the fixture imported above
-) -> Iterator[Callable[..., tuple[Appliance, list[Member]]]]:
-    made: list[Member] = []
-
-    def start(policy: str = "cache_aware") -> tuple[Appliance, list[Member]]:
-        for name in ("m1", "m2"):
-            home = tmp_path / name
-            fm.store_key(KEY, home / "data" / "fleet.key")
-            member = Member(
-                name, simulator("--served-model-name", "step3p7-flash"), home, free_port()
-            )
-            member.start()
-            made.append(member)
-        front_home = tmp_path / "front"
-        fm.store_key(KEY, front_home / "data" / "fleet.key")
-        text = fm.format_members([fm.Member(m.name, m.url) for m in made])
-        app = appliance(home=front_home, settings={"fleet": {"members": text, "policy": policy}})
-        wait_for("the fleet view with both members healthy", lambda: _healthy(app) == 2)
-        return app, made
-
-    yield start
-    for member in made:
-        if member.process is not None and member.process.poll() is None:
-            member.process.terminate()
-            member.process.wait(timeout=10)
-
-
-def view(app: Appliance) -> dict[str, Any]:
-    try:
-        return dict(json.loads((app.home / "data" / "fleet-status.json").read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
-def _healthy(app: Appliance) -> int:
-    return sum(m["state"] == "healthy" for m in view(app).get("members", []))
-
-
-def member_state(app: Appliance, name: str) -> str:
-    return next((m["state"] for m in view(app).get("members", []) if m["name"] == name), "")
-
-
-def own_served(app: Appliance) -> int:
-    text = app.metrics()
-    return int(
-        sum(float(x) for x in re.findall(r"vllm:request_success_total\{[^}]*\} ([0-9.]+)", text))
-    )
-
-
-def client(app: Appliance) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{app.api_port}/v1", api_key="unused", max_retries=0
-    )
-
-
-def ask(c: openai.OpenAI, prompt: str, max_tokens: int = 8) -> str:
-    reply = c.chat.completions.create(
-        model="step3p7-flash", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
-    )
-    return reply.choices[0].message.content or ""
+__all__ = ["appliance", "fleet"]  # fixtures
+pytestmark = needs_router
 
 
 def test_requests_spread_over_members_and_a_shared_prefix_sticks(fleet: Any) -> None:
@@ -246,8 +123,6 @@ def test_member_serves_only_the_fleet_key_and_the_router_stays_on_loopback(fleet
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--prometheus-host") + 1] == "127.0.0.1"
     port = int(argv[argv.index("--port") + 1])
-    import psutil
-
     listening = {
         c.laddr.ip
         for c in psutil.net_connections("tcp")
