@@ -535,12 +535,61 @@ pip_install() {
   fi
   mkdir -p "$(dirname "$LOG")"
   # --upgrade reinstalls the package itself every run; dependencies move only when they must.
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade \
+  # --prefer-binary: an older release with a wheel for this machine beats a newer one to compile.
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade --prefer-binary \
     --upgrade-strategy only-if-needed "$target" >"$LOG" 2>&1; then
     tail -25 "$LOG" >&2
+    explain_pip_failure
     die "pip install failed; the full log is $LOG"
   fi
+  local built
+  built=$(built_from_source)
+  if [ -n "$built" ]; then
+    say "note: built from source, no wheel for $(wheel_platform): $built"
+  fi
   say "installed $("$VENV/bin/step-station" --version)"
+}
+
+# "linux-aarch64, Python 3.11": the platform pip looked for wheels for.
+wheel_platform() {
+  "$VENV/bin/python" -c 'import sys, sysconfig; print("%s, Python %d.%d" % ((sysconfig.get_platform(),) + sys.version_info[:2]))' 2>/dev/null \
+    || uname -m
+}
+
+# The dependencies pip had to build (no wheel for this machine on the index); never Step Station
+# itself, which always installs from its sources.
+built_from_source() {
+  sed -n 's/^ *Building wheel for \([A-Za-z0-9._-]*\) .*/\1/p' "$LOG" 2>/dev/null \
+    | { grep -vix 'step[-_.]station' || true; } | sort -u | tr '\n' ' ' | sed 's/ $//'
+}
+
+# Which package broke the install and why, in words: on aarch64 (the DGX Station's Grace CPU) the
+# usual cause is a dependency with no aarch64 wheel whose source build needs tools that are absent.
+explain_pip_failure() {
+  local platform failed missing why fix
+  platform=$(wheel_platform)
+  failed=$(sed -n -e 's/^ *ERROR: Failed building wheel for \([A-Za-z0-9._-]*\).*/\1/p' \
+    -e 's/^Failed to build \(.*\)$/\1/p' "$LOG" | tr ' ' '\n' | { grep -v '^$' || true; } | sort -u | tr '\n' ' ' | sed 's/ $//')
+  missing=$(sed -n 's/.*No matching distribution found for \([A-Za-z0-9._-]*\).*/\1/p' "$LOG" | sort -u | tr '\n' ' ' | sed 's/ $//')
+  if [ -n "$missing" ]; then
+    fail wheels "no release of $missing can be installed on $platform (the package index has no wheel for it and no source)" \
+      "check the index is reachable (pip's proxy/certificate settings), or install a Python that $missing supports"
+  fi
+  [ -n "$failed" ] || return 0
+  if grep -qiE "(cargo|rustc).*(not found|No such file)|can't find Rust compiler|Rust compiler" "$LOG"; then
+    why="its source build needs a Rust toolchain, and there is none"
+    fix="sudo apt-get install cargo rustc build-essential python3-dev, then run this installer again"
+  elif grep -qiE "(gcc|cc|g\+\+|c\+\+)'? failed|command '[^']*gcc' failed|unable to execute '[^']*gcc'|gcc: (not found|No such file)|No such file or directory: '[^']*gcc'|error: command .*(gcc|cc).* failed" "$LOG"; then
+    why="its source build needs a C compiler, and there is none"
+    fix="sudo apt-get install build-essential python3-dev, then run this installer again"
+  elif grep -qiE "Python\.h: No such file" "$LOG"; then
+    why="its source build needs Python's headers, and they are not installed"
+    fix="sudo apt-get install python3-dev, then run this installer again"
+  else
+    why="its source build failed (see the log)"
+    fix="the lines above say what the build lacked; install it and run this installer again"
+  fi
+  fail wheels "no wheel of $failed for $platform on the package index, so pip built it from source: $why" "$fix"
 }
 
 apply_settings() {
