@@ -6,7 +6,7 @@ Starts one `step-station up --demo` per poll interval (STEP_STATION_QUEUE_POLL_M
 is 1 ms), all at once, each in its own STEP_STATION_HOME on free ports, engines ready, no page
 open. Then, side by side in one run (windows interleaved, so the machine's noise hits all alike):
 - idle CPU per second of the appliance process, and of its main thread (uvicorn + Gradio);
-- the round trip of one small UI event (the history search, `/list_update`) through Gradio's
+- the round trip of one small UI event (the history search, `/on_search`) through Gradio's
   queue (queue/join, then the event stream; the path a click takes): median and p90.
 """
 
@@ -60,7 +60,7 @@ class SearchEvent:
         dependency = next(
             d
             for d in self.http.get("config").json()["dependencies"]
-            if d.get("api_name") == "list_update"
+            if d.get("api_name") in ("on_search", "list_update")  # the name before presets
         )
         self.fn_index = dependency["id"]
         self.trigger = dependency["targets"][0][0]

@@ -171,7 +171,7 @@ def current_html(sample: Sample | None) -> str:
     stamp = datetime.fromtimestamp(sample.at).strftime("%H:%M:%S")
     return (
         f'<div class="ss-cards">{"".join(cards)}</div>'
-        f'<p class="ss-muted" id="ss-sampled-at">Sampled at {stamp}</p>'
+        f'<p class="ss-muted" id="ss-sampled-at" data-at="{sample.at:.3f}">Sampled at {stamp}</p>'
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import threading
 import time
@@ -51,7 +52,8 @@ SAMPLER_THREAD = "ss-sampler"
 PR_SET_NAME = 15  # prctl's "set this thread's name"
 # While no page watches (no dashboard stream open), a sample every this many seconds keeps the
 # 15-minute history (at this resolution) for the next page that opens, at a fifth of the cost.
-IDLE_INTERVAL_S = 5.0
+# (STEP_STATION_SAMPLER_IDLE_S: benchmarks/sampler_cost.py sets 1 for the "before" appliance.)
+IDLE_INTERVAL_S = float(os.environ.get("STEP_STATION_SAMPLER_IDLE_S") or 5.0)
 
 
 # ------------------------------------------------------------------------------------ samples
