@@ -12,6 +12,8 @@ from typing import Any
 import gradio as gr
 
 from appliance.controllers.client_snippets import KEY_VAR, LANGUAGES
+from appliance.controllers.fleet import HEADERS as FLEET_HEADERS
+from appliance.controllers.fleet import FleetController, FleetNotice
 from appliance.controllers.sharing import (
     KeyOutcome,
     Notice,
@@ -77,6 +79,49 @@ def _shown(outcome: KeyOutcome) -> tuple[Any, ...]:
     else:
         box = gr.Textbox(value=outcome.key, visible=outcome.show)
     return (box, outcome.key, *_tables(outcome.tables))
+
+
+def _fleet_values(fleet: FleetController) -> tuple[Any, ...]:
+    return (fleet.rows(), fleet.status_text())
+
+
+def _fleet_section(services: Services) -> tuple[Any, Any, Any]:
+    """Other Stations served through this one by vLLM's router (docs/fleet.md)."""
+    fleet = FleetController(services.store, services.gateway.fleet)
+    with gr.Accordion("Fleet", open=False, elem_id="ss-fleet"):
+        gr.Markdown(
+            "Serve this endpoint from several Stations: vLLM's router (`vllm-router`, on this "
+            "machine only) spreads requests over this Station and its members; keys, limits and "
+            "usage stay here. Each member must hold this fleet's key (`step-station fleet key` "
+            "here, `step-station fleet join KEY` there)."
+        )
+        status = gr.Markdown(fleet.status_text(), elem_id="ss-fleet-status")
+        table = gr.Dataframe(
+            value=fleet.rows(),
+            headers=FLEET_HEADERS,
+            interactive=False,
+            elem_id="ss-fleet-members",
+        )
+        with gr.Row():
+            name = gr.Textbox(label="Member name", placeholder="station-2", scale=1)
+            url = gr.Textbox(label="Its API address", placeholder="http://192.168.1.20:8000")
+            add = gr.Button("Add member", elem_id="ss-fleet-add")
+        with gr.Row():
+            pick = gr.Dropdown(fleet.names(), label="Member", elem_id="ss-fleet-pick")
+            remove = gr.Button("Remove member", variant="stop", elem_id="ss-fleet-remove")
+        with gr.Row():
+            key = gr.Textbox(label="Join a fleet: its key", type="password")
+            join = gr.Button("Join", elem_id="ss-fleet-join")
+
+    def done(notice: FleetNotice) -> tuple[Any, ...]:
+        (gr.Info if notice.ok else gr.Warning)(notice.text)
+        return (*_fleet_values(fleet), gr.update(choices=fleet.names(), value=None))
+
+    outputs = [table, status, pick]
+    add.click(lambda n, u: done(fleet.add(n, u)), [name, url], outputs, show_progress="hidden")
+    remove.click(lambda p: done(fleet.remove(p)), [pick], outputs, show_progress="hidden")
+    join.click(lambda k: (*done(fleet.join(k)), ""), [key], [*outputs, key])
+    return table, status, pick
 
 
 def build(services: Services) -> None:
@@ -199,6 +244,7 @@ def build(services: Services) -> None:
             logout = gr.Button(
                 "Log out", visible=ui_lan_active(services.settings), elem_id="ss-logout"
             )
+        fleet_table, fleet_status, fleet_pick = _fleet_section(services)
         timer = gr.Timer(5.0, active=False)
 
     refreshed = [status, addresses, keys_table, revoke_choice, base, recent, agent_note, *codes]
@@ -277,4 +323,9 @@ def build(services: Services) -> None:
 
     inputs = [base, key_state, revoke_choice]
     timer.tick(refresh, inputs, refreshed, show_progress="hidden")
+    fleet = FleetController(services.store, services.gateway.fleet)
+    timer.tick(
+        lambda: _fleet_values(fleet), None, [fleet_table, fleet_status], show_progress="hidden"
+    )
+    fleet_pick.focus(lambda: gr.update(choices=fleet.names()), None, fleet_pick)
     poll_while_visible(PANEL, [timer], refresh, inputs, refreshed)

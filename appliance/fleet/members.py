@@ -167,6 +167,10 @@ class FleetKey:
                 self._value, self._stamp = read_key(self.path), stamp
             return self._value
 
+    def reload(self) -> None:
+        """Read the file again at the next use (this process just wrote it)."""
+        self._checked = 0.0
+
     def accepts(self, presented: str) -> bool:
         key = self.value()
         return bool(key) and hmac.compare_digest(presented.encode(), key.encode())
