@@ -1,10 +1,12 @@
 """What the idle UI costs, and what polling Gradio's queue less often costs a click.
 
-    .venv/bin/python benchmarks/ui_idle.py [--polls 1,5] [--window 20] [--rounds 3] [--calls 60]
+    .venv/bin/python benchmarks/ui_idle.py [--polls 0,5] [--window 20] [--rounds 3] [--calls 60]
 
 Starts one `step-station up --demo` per poll interval (STEP_STATION_QUEUE_POLL_MS; Gradio's own
-is 1 ms), all at once, each in its own STEP_STATION_HOME on free ports, engines ready, no page
-open. Then, side by side in one run (windows interleaved, so the machine's noise hits all alike):
+is 1 ms; 0, the default since issue 16, is no polling: the queue sleeps until an event comes,
+ui/queue_wake.py), all at once, each in its own STEP_STATION_HOME on free ports, engines ready,
+no page open. Then, side by side in one run (windows interleaved, so the machine's noise hits all
+alike):
 - idle CPU per second of the appliance process, and of its main thread (uvicorn + Gradio);
 - the round trip of one small UI event (the history search, `/on_search`) through Gradio's
   queue (queue/join, then the event stream; the path a click takes): median and p90.
@@ -95,7 +97,9 @@ class SearchEvent:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--polls", default="1,5", help="poll intervals in ms, comma-separated")
+    parser.add_argument(
+        "--polls", default="0,5", help="poll intervals in ms, comma-separated (0: no polling)"
+    )
     parser.add_argument("--window", type=float, default=20.0, help="seconds per CPU window")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=60, help="events per poll and round")
@@ -107,9 +111,9 @@ def main() -> None:
         try:
             for poll in polls:
                 home = Path(tmp) / f"poll-{poll:g}"
-                running.append(
-                    (poll, home, *launch_demo(home, {"STEP_STATION_QUEUE_POLL_MS": str(poll)}))
-                )
+                # 0: the default since issue 16, the queue asleep until an event (ui/queue_wake.py)
+                env = {"STEP_STATION_QUEUE_POLL_MS": str(poll)} if poll else {}
+                running.append((poll, home, *launch_demo(home, env)))
             for _, home, proc, url in running:
                 wait_demo_ready(proc, url, home)
             events = {poll: SearchEvent(url, home) for poll, home, _, url in running}
@@ -137,7 +141,7 @@ def main() -> None:
     base_trip = statistics.median(trips[base])
     print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     print(
-        "| queue poll | appliance idle CPU | x poll "
+        "| queue poll (0: none) | appliance idle CPU | x poll "
         f"{base:g} ms | main thread | event round trip median | p90 | added vs {base:g} ms |"
     )
     print("|---|---|---|---|---|---|---|")
