@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=0, help="per-key cap (0: none)")
     parser.add_argument("--per-minute", type=int, default=0, help="per-key rate (0: none)")
     parser.add_argument("--access-log", action="store_true", help="print the access log")
+    parser.add_argument(
+        "--fleet",
+        default="",
+        help="fleet members NAME=URL,... behind vllm-router (docs/fleet.md; benchmarks)",
+    )
+    parser.add_argument("--fleet-policy", default="cache_aware", help="vllm-router's --policy")
     args = parser.parse_args(argv)
     if args.access_log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             "gateway.require_key_on_loopback": args.require_key,
             "gateway.per_key_concurrency": args.concurrency,
             "gateway.per_key_requests_per_minute": args.per_minute,
+            "fleet.members": args.fleet,
+            "fleet.policy": args.fleet_policy,
         },
     )
     gateway = Gateway(
