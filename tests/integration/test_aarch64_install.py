@@ -232,7 +232,8 @@ def test_install_up_demo_and_chat_on_arm64(box: Box) -> None:
         reply = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": "Say hello from aarch64."}],
-            max_tokens=24,
+            max_tokens=400,  # the reasoning comes first; room for the answer after it
+            extra_body={"reasoning_effort": "low"},
         )
         text = reply.choices[0].message.content or ""
         assert text.strip(), reply
