@@ -42,12 +42,13 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 READY_TIMEOUT_S = 30.0
 # How the router treats workers (vllm-router --help): a member that stops answering is marked
-# unhealthy after one failed check a second, and its circuit opens after two failed requests.
+# unhealthy after two failed checks (one a second: one slow answer on a busy machine is not a
+# failure), and its circuit opens after two failed requests.
 ROUTER_FLAGS = (
     "--health-check-endpoint", "/health",
     "--health-check-interval-secs", "1",
     "--health-check-timeout-secs", "2",
-    "--health-failure-threshold", "1",
+    "--health-failure-threshold", "2",
     "--health-success-threshold", "1",
     "--cb-failure-threshold", "2",
     "--cb-success-threshold", "1",
