@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance import settings as st
 from appliance.control import running_service
+from appliance.controllers.fleet import engine_queue, kv_text
 from appliance.fleet import members as fm
 from appliance.fleet.router import FleetView, status_path, view_dict, view_from_dict
 
@@ -99,8 +100,14 @@ def _list(args: argparse.Namespace) -> int:
     print(f"router: {view.router}" + (f" ({view.policy})" if view.policy else ""))
     if view.message:
         print(view.message)
-    head = ["NAME", "URL", "STATE", "LOAD", "ROUTED"]
-    rows = [head, *([m.name, m.url, m.state, str(m.load), str(m.routed)] for m in view.members)]
+    head = ["NAME", "URL", "STATE", "LOAD", "ROUTED", "RUNNING/WAITING", "KV CACHE"]
+    rows = [
+        head,
+        *(
+            [m.name, m.url, m.state, str(m.load), str(m.routed), engine_queue(m), kv_text(m)]
+            for m in view.members
+        ),
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from appliance import settings as st
 from appliance.errors import ApplianceError
 from appliance.fleet import members as fm
-from appliance.fleet.router import Fleet, FleetView
+from appliance.fleet.router import Fleet, FleetView, MemberView
 
-HEADERS = ["Member", "Address", "State", "In flight", "Routed"]
+HEADERS = ["Member", "Address", "State", "In flight", "Routed", "Running / waiting", "KV cache"]
 _ROUTER = {
     "off": "No fleet: requests go to this Station's engine.",
     "starting": "The router is starting.",
@@ -22,6 +22,17 @@ _ROUTER = {
     "restarting": "The router is restarting.",
     "failed": "The router failed; requests go to this Station's engine.",
 }
+
+
+def engine_queue(member: MemberView) -> str:
+    """The member engine's own requests running / waiting (all its clients), "-" unknown."""
+    if member.running is None and member.waiting is None:
+        return "-"
+    return f"{member.running if member.running is not None else '?'} / {member.waiting or 0}"
+
+
+def kv_text(member: MemberView) -> str:
+    return "-" if member.kv_cache_pct is None else f"{member.kv_cache_pct:.1f} %"
 
 
 @dataclass(frozen=True)
@@ -45,11 +56,12 @@ class FleetController:
         for member in fm.parse_members(self.store.current().fleet.members):
             shown = seen.get(member.name)
             if shown is None:
-                rows.append([member.name, member.url, "not started", "-", "-"])
+                rows.append([member.name, member.url, "not started", "-", "-", "-", "-"])
             else:
                 rows.append(
-                    [shown.name, shown.url, shown.state, str(shown.load), str(shown.routed)]
-                )
+                    [shown.name, shown.url, shown.state, str(shown.load), str(shown.routed),
+                     engine_queue(shown), kv_text(shown)]
+                )  # fmt: skip
         return rows
 
     def status_text(self) -> str:

@@ -10,6 +10,10 @@ output goes to `<cache>/logs/fleet-router.log`.
 
 What the view shows comes from the router itself: `GET /workers` (health, load per worker) and
 its Prometheus text (`vllm_router_cb_state`, `vllm_router_processed_requests_total`).
+
+The router's pid and start time are kept in `<data>/fleet-router.pid`: a front killed with -9
+leaves its router running (it is in a session of its own), and the next start stops that one
+before starting its own.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from appliance import settings as st
 from appliance.fleet.members import FleetKey, Member, parse_members
@@ -73,6 +79,12 @@ class MemberView:
     state: str
     load: int = 0  # requests the router has in flight there
     routed: int = 0  # requests the router sent there since it started
+    # the member's own report (`GET /fleet/load` on its gateway, every LOAD_EVERY_S): its
+    # engine's requests running and waiting (from every client, not only this front's) and
+    # KV-cache use; None when it did not answer
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,24 @@ class FleetView:
     policy: str = ""
     members: tuple[MemberView, ...] = ()
     message: str = ""
+
+
+_MEMBER_FIELDS = {f.name for f in dataclasses.fields(MemberView)}
+LOAD_EVERY_S = 2.0  # how often the front asks each healthy member for its load
+LOAD_TIMEOUT_S = 1.0
+
+
+def member_load(url: str, key: str) -> dict[str, Any]:
+    """A member's `GET /fleet/load` (its gateway, with the fleet key), or {} when it fails."""
+    request = urllib.request.Request(
+        f"{url}/fleet/load", headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=LOAD_TIMEOUT_S) as response:  # noqa: S310
+            data = json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def status_path() -> Path:
@@ -101,8 +131,36 @@ def view_from_dict(data: dict[str, Any]) -> FleetView:
         router=str(data.get("router", "off")),
         policy=str(data.get("policy", "")),
         message=str(data.get("message", "")),
-        members=tuple(MemberView(**m) for m in data.get("members", [])),
+        members=tuple(
+            MemberView(**{k: v for k, v in m.items() if k in _MEMBER_FIELDS})
+            for m in data.get("members", [])
+        ),
     )
+
+
+def stop_orphan(pid_path: Path) -> bool:
+    """Stop the router an earlier run of this Station left (its front was killed), if the pid in
+    `pid_path` is still that process (same start time, a vllm-router). True when one was."""
+    try:
+        data = json.loads(pid_path.read_text())
+        process = psutil.Process(int(data["pid"]))
+        same = abs(process.create_time() - float(data["started"])) < 0.01
+        same = same and any(Path(a).name == "vllm-router" for a in process.cmdline()[:2])
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            pid_path.unlink()
+    if not same:
+        return False
+    log.warning("fleet: stopping vllm-router pid %d left by an earlier run", process.pid)
+    with contextlib.suppress(psutil.Error):
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except psutil.TimeoutExpired:
+            process.kill()
+    return True
 
 
 def router_binary() -> str:
@@ -163,6 +221,8 @@ class Fleet:
         self.key = key or FleetKey()
         self.log_path = log_path or st.cache_dir() / "logs" / "fleet-router.log"
         self.status_path = status_path()
+        self.pid_path = self.status_path.with_name("fleet-router.pid")
+        self._orphan_checked = False
         self._written: FleetView | None = None
         self._lock = threading.RLock()
         self._plan: _Plan | None = None
@@ -173,6 +233,7 @@ class Fleet:
         self._route: tuple[str, str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reports: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ what the gateway asks
 
@@ -219,6 +280,9 @@ class Fleet:
             self._restarts.clear()
             self._failed = ""
             self._stop_run()
+            if not self._orphan_checked:
+                self._orphan_checked = True
+                stop_orphan(self.pid_path)
             if plan is None:
                 self._view = FleetView(router="off")
                 self._publish()
@@ -272,6 +336,9 @@ class Fleet:
                 start_new_session=True,
             )  # fmt: skip
         self._run = _Run(plan, process, port, metrics_port)
+        with contextlib.suppress(OSError, psutil.Error):
+            started = psutil.Process(process.pid).create_time()
+            st.write_private(self.pid_path, json.dumps({"pid": process.pid, "started": started}))
         self._view = FleetView(router="starting", policy=plan.policy, members=self._starting())
         log.info("fleet: vllm-router on %s:%d (pid %d)", LOOPBACK, port, process.pid)
 
@@ -284,6 +351,8 @@ class Fleet:
         self._route = None
         if run is None:
             return
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
         with contextlib.suppress(ProcessLookupError):
             run.process.terminate()
         try:
@@ -358,6 +427,7 @@ class Fleet:
                 state = "failed"
             else:  # answering health checks; its breaker still open after failed requests
                 state = "recovering" if circuit in (1, 2) else "healthy"
+            report = self._member_report(member, state == "healthy")
             members.append(
                 MemberView(
                     member.name,
@@ -365,11 +435,27 @@ class Fleet:
                     state,
                     int(worker.get("load") or 0),
                     int(metrics.get(("vllm_router_processed_requests_total", member.url), 0)),
+                    _opt_int(report.get("running")),
+                    _opt_int(report.get("waiting")),
+                    _opt_float(report.get("kv_cache_pct")),
                 )
             )
         key = self.key.value()
         route = (base, key) if key else None
         return FleetView("running", plan.policy, tuple(members)), route
+
+    def _member_report(self, member: Member, healthy: bool) -> dict[str, Any]:
+        """The member's last load report, asked again every LOAD_EVERY_S while it is healthy."""
+        if not healthy:
+            self._reports.pop(member.url, None)
+            return {}
+        at, report = self._reports.get(member.url, (0.0, {}))
+        now = time.monotonic()
+        key = self.key.value()
+        if now - at >= LOAD_EVERY_S and key:
+            report = member_load(member.url, key)
+            self._reports[member.url] = (now, report)
+        return report
 
     def _metrics(self, run: _Run) -> dict[tuple[str, str], float]:
         found: dict[tuple[str, str], float] = {}
@@ -384,3 +470,11 @@ class Fleet:
             if match:
                 found[(match.group(1), match.group(2).rstrip("/"))] = float(match.group(3))
         return found
+
+
+def _opt_int(value: object) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _opt_float(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

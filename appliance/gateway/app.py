@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import endpoint
 from appliance.engine.state import EngineState
@@ -73,6 +75,40 @@ _MAX_PROBE = 4 << 20  # an /openapi.json larger than this is not read: the route
 _MAX_404 = 64 << 10  # an engine 404 on an agent route is read whole to tell "no such route"
 _MAX_USAGE_SCAN = 8 << 20  # non-streamed responses larger than this are passed on, not parsed
 _VIA = (b"via", b"1.1 step-station")
+FLEET_LOAD = b"/fleet/load"  # a member's load, for its front (fleet key only)
+_LOAD_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_pct",
+}
+
+
+def engine_load(check: EngineCheck) -> dict[str, object]:
+    """The own engine's load for a fleet's front: state, running, waiting, KV-cache use (%)."""
+    load: dict[str, object] = {"state": check.state.value}
+    if not check.ready:
+        return load
+    try:
+        response = endpoint.request("GET", f"{check.url}/metrics", 2.0)
+        response.raise_for_status()
+        # vLLM's gauges, one sample per engine (summed) or per model; the gateway stands apart
+        # from appliance/monitoring, so it reads the three it needs with prometheus_client
+        found: dict[str, list[float]] = {}
+        for family in text_string_to_metric_families(response.text):
+            if family.name in _LOAD_GAUGES:
+                found[family.name] = [s.value for s in family.samples]
+    except (httpx.HTTPError, ValueError) as err:
+        load["error"] = f"the engine's /metrics: {err}"
+        return load
+    for name, key in _LOAD_GAUGES.items():
+        values = found.get(name)
+        if values and key == "kv_cache_pct":
+            load[key] = round(100.0 * sum(values) / len(values), 1)
+        elif values:
+            load[key] = int(sum(values))
+    return load
+
+
 _PASS_HEADERS = {b"content-type", b"content-length", b"x-request-id"}
 
 
@@ -203,6 +239,9 @@ class GatewayApp:
         in_fleet = self.fleet is not None and self.fleet.active()
         if route is None and (ex.method, ex.raw_path) == ("GET", b"/health") and in_fleet:
             await self._fleet_health(send, ex)
+            return
+        if route is None and (ex.method, ex.raw_path) == ("GET", FLEET_LOAD) and in_fleet:
+            await self._fleet_load(scope, send, ex)
             return
         if route is None:
             raise _Reply(
@@ -425,6 +464,25 @@ class GatewayApp:
         ex.response_started = True
         await send({"type": "http.response.start", "status": ex.status, "headers": [_VIA]})
         await send({"type": "http.response.body", "body": b""})
+        ex.response_done = True
+
+    async def _fleet_load(self, scope: Scope, send: Send, ex: _Exchange) -> None:
+        """`GET /fleet/load` for the front (fleet key only): the own engine's state, requests
+        running and waiting, and KV-cache use, read from its `/metrics`, as JSON."""
+        tokens = [t for t in (_bearer(scope), _x_api_key(scope)) if t]
+        if len(tokens) != 1 or self.fleet is None or not self.fleet.accepts(tokens[0]):
+            self.throttle.failed(ex.address)
+            raise _Reply(401, "invalid_fleet_key", "This route answers only the fleet's front.")
+        self.throttle.succeeded(ex.address)
+        check = await self.gate.check()
+        load = await anyio.to_thread.run_sync(engine_load, check)
+        body = json.dumps(load).encode()
+        ex.status = 200
+        ex.response_started = True
+        headers = [(b"content-type", b"application/json"), _VIA]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         ex.response_done = True
 
     async def _relay_404(self, response: UpstreamResponse, send: Send, ex: _Exchange) -> None:

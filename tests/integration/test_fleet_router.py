@@ -31,6 +31,7 @@ from fixtures.fleet_kit import (
     needs_router,
     own_served,
     status,
+    view,
     wait_for,
 )
 
@@ -153,9 +154,18 @@ def test_fleet_verbs_drive_the_running_front(fleet: Any) -> None:  # noqa: ANN40
             check=False,
         )
 
+    # Each member's own report (its gateway's /fleet/load): its engine's queue and KV cache.
+    wait_for(
+        "both members' KV-cache use in the view",
+        lambda: all(m["kv_cache_pct"] is not None for m in view(app).get("members", [])),
+    )
     listed = json.loads(cli("list", "--json").stdout)
     assert listed["router"] == "running"
     assert {m["name"]: m["state"] for m in listed["members"]} == {"m1": "healthy", "m2": "healthy"}
+    assert all(isinstance(m["running"], int) for m in listed["members"]), listed
+    table = cli("list").stdout
+    assert "KV CACHE" in table
+    assert table.count(" %") == 2, table
     removed = cli("remove", "m2")
     assert removed.returncode == 0, removed.stderr
     assert "routes by it now" in removed.stdout  # through the service's control socket

@@ -114,3 +114,28 @@ def test_the_fleet_files_are_private(fleet: Any) -> None:  # noqa: ANN401
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == 0o600, (path, oct(mode))
     assert fm.read_key(app.home / "data" / "fleet.key") == KEY
+
+
+def test_a_members_load_report_answers_only_the_fleet_key(fleet: Any) -> None:  # noqa: ANN401
+    """`GET /fleet/load` on a member tells its engine's queue and KV-cache use: the front's, and
+    nobody else's (no key, a client key, a near miss, two keys, a foreign Host, other methods)."""
+    _, (m1, _) = fleet("round_robin")
+    url = f"{m1.url}/fleet/load"
+    good = {"Authorization": f"Bearer {KEY}"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=good), timeout=10) as reply:
+        load = json.loads(reply.read())
+    assert load["state"] == "ready"
+    assert isinstance(load["kv_cache_pct"], float)
+    assert isinstance(load["running"], int)
+    assert status(url, {**good, "Host": "evil.example"}) in (400, 403, 421)
+    assert status(url) == 401
+    assert status(url, {"Authorization": "Bearer sk-step-" + "a" * 32}) == 401
+    assert status(url, {"Authorization": f"Bearer {KEY[:-1]}"}) == 401
+    assert status(url, {**good, "x-api-key": "sk-step-other"}) == 401
+    post = urllib.request.Request(url, data=b"{}", headers=good, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(post, timeout=10)
+    assert err.value.code == 404
+    # A Station outside any fleet has no such route.
+    (m1.home / "data" / "fleet.key").unlink()
+    wait_for("m1 forgets the fleet key", lambda: status(url, good) == 404, timeout=10)

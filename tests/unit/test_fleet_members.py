@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from appliance import settings as st
@@ -12,7 +17,7 @@ from appliance.controllers.fleet import FleetController
 from appliance.errors import SettingsError
 from appliance.fleet import members as fm
 from appliance.fleet.members import FleetKey
-from appliance.fleet.router import Fleet, router_argv
+from appliance.fleet.router import Fleet, router_argv, router_binary, stop_orphan
 
 
 def test_members_round_trip_and_normalise() -> None:
@@ -80,7 +85,7 @@ def test_controller_adds_removes_and_joins_through_the_store(tmp_path: Path) -> 
     assert "No fleet" in controller.status_text()
     assert controller.add("s2", "http://10.0.0.2:8000").ok
     assert heard == ["s2=http://10.0.0.2:8000"]
-    assert controller.rows() == [["s2", "http://10.0.0.2:8000", "not started", "-", "-"]]
+    assert controller.rows() == [["s2", "http://10.0.0.2:8000", "not started", "-", "-", "-", "-"]]
     assert st.load_settings(tmp_path / "settings.toml").settings.fleet.members == heard[0]
     bad = controller.add("s2", "http://10.0.0.3:8000")
     assert not bad.ok
@@ -90,3 +95,42 @@ def test_controller_adds_removes_and_joins_through_the_store(tmp_path: Path) -> 
     assert not controller.join("nope").ok
     assert controller.join(fm.KEY_PREFIX + "k" * 30).ok
     assert fleet.active()
+
+
+@pytest.mark.skipif(not router_binary(), reason="vllm-router is not installed (the dev extra)")
+def test_a_router_left_by_a_killed_front_is_stopped_at_the_next_start(tmp_path: Path) -> None:
+    """A front killed with -9 leaves its router (a session of its own) running; the next start
+    of the Station stops that one (its pid and start time in <data>/fleet-router.pid) and only
+    that one: a recycled pid that is another program is left alone."""
+    settings = dataclasses.replace(
+        st.Settings(),
+        fleet=st.FleetSettings(members="m1=http://127.0.0.1:9"),
+    )
+    first = Fleet(FleetKey(tmp_path / "fleet.key"), tmp_path / "router.log")
+    first.sync(settings, "http://127.0.0.1:8")
+    run = first._run
+    assert run is not None
+    orphan = psutil.Process(run.process.pid)
+    assert first.pid_path.exists()
+    # The front "dies": nothing stops its router. A new run of the Station starts.
+    second = Fleet(FleetKey(tmp_path / "fleet.key"), tmp_path / "router.log")
+    try:
+        second.sync(settings, "http://127.0.0.1:8")
+        assert orphan.wait(timeout=10) is not None or not orphan.is_running()
+        assert second._run is not None
+        assert psutil.Process(second._run.process.pid).is_running()
+    finally:
+        second.close()
+        first._stop_run()
+    assert not second.pid_path.exists()
+    # A pid file naming a process that is not a vllm-router (a recycled pid) stops nothing.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = psutil.Process(bystander.pid).create_time()
+        pid_file = tmp_path / "fleet-router.pid"
+        pid_file.write_text(json.dumps({"pid": bystander.pid, "started": started}))
+        assert not stop_orphan(pid_file)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
