@@ -114,15 +114,16 @@ def render(result: planner.Plan) -> str:
     for gpu in planner.rank_gpus(hw.gpus):
         lines.append(f"  GPU {gpu.index}: {gpu.uuid}  {gpu.describe()}")
     n = result.profiles[0].n_concurrent if result.profiles else planner.DEFAULT_CONCURRENT
+    w = max([10, *(len(fit.name) for fit in result.profiles)])  # `-dpN` names are longer
     header = (
-        f"{'profile':<10} {'fits':<4} {'weights':>9} {'KV budget':>10} {'KV tokens':>11} "
+        f"{'profile':<{w}} {'fits':<4} {'weights':>9} {'KV budget':>10} {'KV tokens':>11} "
         f"{'max ctx':>8} {f'ctx@{n}':>8}  notes"
     )
     lines += ["", header, "-" * len(header)]
     for fit in result.profiles:
         budget = "-" if fit.kv_budget_gb is None else fmt_bytes(fit.kv_budget_gb * GB)
         lines.append(
-            f"{fit.name:<10} {'yes' if fit.fits else 'no':<4} {fmt_bytes(fit.weights_gb * GB):>9} "
+            f"{fit.name:<{w}} {'yes' if fit.fits else 'no':<4} {fmt_bytes(fit.weights_gb * GB):>9} "
             f"{budget:>10} {_num(fit.kv_tokens):>11} {_num(fit.max_context):>8} "
             f"{_num(fit.max_context_at_n):>8}  " + _notes(fit)
         )

@@ -13,6 +13,7 @@ from fixtures.multi_gpu_nvml import simulated_host
 
 from appliance import endpoint, hardware, planner, profiles
 from appliance import settings as st
+from appliance.commands.plan import render
 from appliance.engine.docker_runtime import container_kwargs
 from appliance.engine.launch import launch_spec_for
 from appliance.engine.spec import LaunchSpec
@@ -117,6 +118,12 @@ def test_the_plan_offers_data_parallel_where_a_replica_needs_fewer_gpus() -> Non
     assert dp.max_context == single.max_context
     # MTP first: FP8 on all eight GPUs keeps the MTP weights, NVFP4 ships none.
     assert plan.chosen == "fp8-tp8"
+    # `step-station plan`'s table keeps its columns under the longer `-dpN` names.
+    table = [line for line in render(plan).splitlines() if line.split(" ", 1)[0] in names]
+    assert len(table) == len(names)
+    assert (
+        len({line.index(" yes ") if " yes " in line else line.index(" no ") for line in table}) == 1
+    )
 
 
 def test_a_data_parallel_profile_gets_every_replicas_gpus_and_the_seed_then_dp(
