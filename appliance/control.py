@@ -112,6 +112,9 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 LONG_POLL_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
+# How long the control server waits for a connection before it looks for a shutdown (stop()
+# wakes it at once): idle, it wakes this often.
+POLL_S = 5.0
 
 
 class EngineCommands(EngineReader, Protocol):
@@ -822,7 +825,10 @@ class ControlServer:
         self._server = server
         self.path = path
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="control", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": POLL_S},
+            name="control",
+            daemon=True,
         )
         self._thread.start()
         return path
@@ -831,7 +837,16 @@ class ControlServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
+        # serve_forever sees shutdown() only between its waits for a connection (POLL_S): a
+        # connection of our own ends the wait at once.
+        stopper = threading.Thread(target=server.shutdown, name="control-stop", daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            if self.path is not None:
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as poke:
+                    poke.settimeout(0.5)
+                    poke.connect(str(self.path))
+            stopper.join(0.05)
         server.server_close()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):

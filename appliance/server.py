@@ -45,6 +45,7 @@ from appliance.settings import (
     private_runtime,
     with_changes,
 )
+from appliance.uvicorn_server import QuietServer
 
 if TYPE_CHECKING:
     from appliance.engine.supervisor import Supervisor
@@ -282,6 +283,12 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse({"ok": True, "demo": services.demo, "engine": status.state.value})
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # Gradio's queue keeps the last 10,000 events' timings and, after every event, summarises
+    # them with pandas (a DataFrame and a group-by, for its own /monitoring page, which the UI
+    # guard does not serve): the most CPU of an open dashboard's events, growing with uptime.
+    # One record, never summarised (gradio/queueing.py `compute_analytics_summary`).
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
     ui_app: Any = importlib.import_module("ui.app")  # the one hand-off to the UI layer
     return ui_app.mount(app, services)  # type: ignore[no-any-return]
 
@@ -344,7 +351,7 @@ def run(
         ssl_certfile=tls.get("ssl_certfile"),
         ssl_keyfile=tls.get("ssl_keyfile"),
     )
-    server = uvicorn.Server(config)
+    server = QuietServer(config)
     url = f"{'https' if tls else 'http'}://{_url_host(ui.host)}:{ui.port}/"
     browser_url = web_guard.open_url(settings, _url_host(ui.host))  # carries the UI secret
 

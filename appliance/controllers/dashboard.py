@@ -230,30 +230,45 @@ def activity_html(bench: BenchState | None, tuning: TuneState | None) -> str:
 # -------------------------------------------------------------------------------------- plots
 
 
-def plot_frames(samples: list[Sample]) -> dict[str, pd.DataFrame]:
-    """Long-format frames (time, value, series) for the five plots."""
+# The plots are redrawn every 5 s: a point per 5 s is all a 15-minute plot a few hundred pixels
+# wide can show. Averaging the 1 s samples into at most this many points makes each redraw about
+# five times cheaper (frames, Gradio's postprocess, the JSON to the page) once the history is full.
+PLOT_POINTS = 180
+
+
+def plot_frames(samples: list[Sample], max_points: int = PLOT_POINTS) -> dict[str, pd.DataFrame]:
+    """Long-format frames (time, value, series) for the five plots: consecutive samples averaged
+    into at most `max_points` points per series (each at its last sample's time)."""
     rows: dict[str, list[tuple[datetime, float, str]]] = {
         k: [] for k in ("memory", "utilization", "power", "tokens", "kv")
     }
-    for s in samples:
-        t = datetime.fromtimestamp(s.at)
-        for g in s.gpus:
-            label = f"GPU {g.index}"
-            if g.memory_used_bytes is not None:
-                rows["memory"].append((t, g.memory_used_bytes / 1024**3, label))
-            if g.utilization_pct is not None:
-                rows["utilization"].append((t, g.utilization_pct, label))
-            if g.power_w is not None:
-                rows["power"].append((t, g.power_w, label))
-        e = s.engine
-        if e is not None:
-            if e.generation_tokens_per_s is not None:
-                rows["tokens"].append((t, e.generation_tokens_per_s, "generation"))
-            if e.prompt_tokens_per_s is not None:
-                rows["tokens"].append((t, e.prompt_tokens_per_s, "prompt"))
-            if e.kv_cache_usage_pct is not None:
-                rows["kv"].append((t, e.kv_cache_usage_pct, "KV cache"))
+    size = max(1, -(-len(samples) // max(1, max_points)))  # ceil
+    for start in range(0, len(samples), size):
+        chunk = samples[start : start + size]
+        values: dict[tuple[str, str], list[float]] = {}
+        for s in chunk:
+            for g in s.gpus:
+                label = f"GPU {g.index}"
+                used = g.memory_used_bytes
+                _add(values, "memory", label, None if used is None else used / 1024**3)
+                _add(values, "utilization", label, g.utilization_pct)
+                _add(values, "power", label, g.power_w)
+            e = s.engine
+            if e is not None:
+                _add(values, "tokens", "generation", e.generation_tokens_per_s)
+                _add(values, "tokens", "prompt", e.prompt_tokens_per_s)
+                _add(values, "kv", "KV cache", e.kv_cache_usage_pct)
+        t = datetime.fromtimestamp(chunk[-1].at)
+        for (plot, series), got in values.items():
+            rows[plot].append((t, sum(got) / len(got), series))
     return {k: pd.DataFrame(v, columns=["time", "value", "series"]) for k, v in rows.items()}
+
+
+def _add(
+    values: dict[tuple[str, str], list[float]], plot: str, series: str, value: float | None
+) -> None:
+    if value is not None:
+        values.setdefault((plot, series), []).append(value)
 
 
 PLOTS = (

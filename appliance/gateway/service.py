@@ -43,6 +43,7 @@ from appliance.gateway.limits import (
     raise_open_file_limit,
 )
 from appliance.keys import KeyStore
+from appliance.uvicorn_server import QuietServer
 
 log = logging.getLogger("step_station.gateway")
 
@@ -344,7 +345,7 @@ class Gateway:
             timeout_keep_alive=30,
             timeout_graceful_shutdown=int(DRAIN_S),
         )
-        server = uvicorn.Server(config)
+        server = QuietServer(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():

@@ -106,3 +106,28 @@ def test_plots_carry_each_series_and_hide_while_empty() -> None:
     assert plots["tokens"].frame["series"].tolist() == ["generation"]
     assert plots["memory"].visible
     assert not plots["kv"].visible  # no KV reading yet: hidden, not drawn empty
+
+
+def test_a_full_history_is_averaged_into_at_most_plot_points_per_series() -> None:
+    """15 minutes of 1 s samples (900) become at most PLOT_POINTS points per series, each the mean
+    of its consecutive samples at the last one's time; a reading missing in part of a chunk is
+    averaged over the samples that have it."""
+    samples = [
+        sample(
+            1000.0 + i,
+            gpus=(gpu(i * GIB),),
+            engine=EngineMetrics(
+                at=1000.0 + i, generation_tokens_per_s=float(i) if i % 2 else None
+            ),
+        )
+        for i in range(900)
+    ]
+    frames = ctl.plot_frames(samples)
+    memory = frames["memory"]
+    assert len(memory) == ctl.PLOT_POINTS == 180  # 5 samples a point
+    assert memory["value"].tolist()[:2] == [2.0, 7.0]  # mean of 0..4 GiB, of 5..9 GiB
+    assert memory["time"].iloc[-1].timestamp() == 1899.0  # the last sample's time
+    tokens = frames["tokens"]["value"].tolist()
+    assert tokens[:2] == [2.0, 7.0]  # mean of the odd ones only: (1 + 3) / 2, (5 + 7 + 9) / 3
+    # A short history is drawn as it is.
+    assert ctl.plot_frames(samples[:30])["memory"]["value"].tolist() == list(range(30))
