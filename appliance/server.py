@@ -132,7 +132,23 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     store = SettingsStore(settings)
     secrets = load_secrets()
     history = History()
-    supervisor = Supervisor.for_demo(settings) if demo else Supervisor(settings, secrets=secrets)
+    # The service's supervisor looks at a serving engine every 5 s (inspect, /health, idle
+    # sleep) and for engines started elsewhere every 10 s, not every 1 / 2 / 2 s: an engine's
+    # exit ends its log stream, which wakes the monitor at once (EngineContext.tick), so the
+    # looks are a safety net; each is a Docker API call (~1.2 ms of CPU, measured) or an HTTP
+    # probe, and an idle appliance should cost nearly nothing (issue 16).
+    if demo:
+        supervisor = Supervisor.for_demo(
+            settings, monitor_interval_s=5.0, health_interval_s=5.0, outside_poll_s=10.0
+        )
+    else:
+        supervisor = Supervisor(
+            settings,
+            secrets=secrets,
+            monitor_interval_s=5.0,
+            health_interval_s=5.0,
+            outside_poll_s=10.0,
+        )
     chat = ChatService(
         settings,
         history,

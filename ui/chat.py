@@ -24,6 +24,10 @@ from appliance.errors import ApplianceError
 from appliance.services import Services
 from appliance.settings import Settings
 from ui import chat_render as render
+from ui.polling import poll_while_visible
+
+PANEL = "ss-chat"  # the chat's layout row: its visibility switches the engine banner's timer
+ENGINE_POLL_S = 2.0
 
 LATEX: list[dict[str, str | bool]] = [
     {"left": "$$", "right": "$$", "display": True},
@@ -443,7 +447,7 @@ def build(services: Services) -> ChatTab:
     kinds = gr.State([])
     engine_seen = gr.State(None)
 
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_id=f"{PANEL}-panel"):
         with gr.Column(scale=1, min_width=220, elem_id="history-column"):
             new_chat = gr.Button("New chat", variant="primary", size="sm", elem_id="new-chat")
             search = gr.Textbox(
@@ -710,9 +714,12 @@ def build(services: Services) -> ChatTab:
     ).then(h.latest_versions, [conversation], versions_outputs)
     export_one.click(h.export_one, [conversation, export_format], [export_file])
     export_all.click(h.export_all, [conversation, export_format], [export_file])
-    gr.Timer(2.0).tick(
-        h.on_engine, [engine_seen], [banner_row, banner, engine_seen], show_progress="hidden"
-    )
+    # The engine banner follows the engine while the chat is on screen (issue 16: a page on
+    # another tab, or in a background browser tab, sends no polls); shown again, at once.
+    engine_timer = gr.Timer(ENGINE_POLL_S, active=False)
+    engine_outputs = [banner_row, banner, engine_seen]
+    engine_timer.tick(h.on_engine, [engine_seen], engine_outputs, show_progress="hidden")
+    poll_while_visible(PANEL, [engine_timer], h.on_engine, [engine_seen], engine_outputs)
 
     conversation.change(
         None,
