@@ -56,11 +56,14 @@ class EngineMetrics:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
 @dataclass
 class ParsedMetrics:
     """Every sample of one scrape: name -> [(labels, value)]."""
 
-    samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    samples: Samples = field(default_factory=dict)
 
     def total(self, name: str) -> float | None:
         """Sum over every label set (one per engine / model), None when absent."""
@@ -103,22 +106,29 @@ _WANTED = frozenset(FAMILIES)
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 
 
-def _wanted(name: str) -> bool:
-    if name in _WANTED:
+# The time-to-first-token histogram is most of the lines read (one per bucket); it changes only
+# when a request gets its first token, so the scraper parses it only when the token counters moved.
+_TTFT_ONLY = frozenset({TTFT})
+_ALL_BUT_TTFT = _WANTED - _TTFT_ONLY
+
+
+def _wanted(name: str, wanted: frozenset[str] = _WANTED) -> bool:
+    if name in wanted:
         return True
-    return any(name.endswith(x) and name[: -len(x)] in _WANTED for x in _SUFFIXES)
+    return any(name.endswith(x) and name[: -len(x)] in wanted for x in _SUFFIXES)
 
 
-def relevant_text(text: str) -> str:
+def relevant_text(text: str, wanted: frozenset[str] = _WANTED) -> str:
     """Only the lines of the families read here: vLLM exports hundreds of lines (histograms of
     every latency) and parsing them all would cost most of the sampler's budget."""
-    return "\n".join(line for line in text.splitlines() if _wanted(_metric_name(line))) + "\n"
+    lines = (line for line in text.splitlines() if _wanted(_metric_name(line), wanted))
+    return "\n".join(lines) + "\n"
 
 
-def parse_metrics(text: str) -> ParsedMetrics:
+def parse_metrics(text: str, wanted: frozenset[str] = _WANTED) -> ParsedMetrics:
     """Parse Prometheus text exposition (the families read here) with prometheus_client."""
     parsed = ParsedMetrics()
-    for family in text_string_to_metric_families(relevant_text(text)):
+    for family in text_string_to_metric_families(relevant_text(text, wanted)):
         for sample in family.samples:
             parsed.samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return parsed
@@ -222,6 +232,8 @@ class MetricsScraper:
         self._timeout_s = timeout_s
         self._clock = clock
         self._previous: tuple[str, float, ParsedMetrics] | None = None
+        # (engine URL, prompt and generation token totals) -> the TTFT histogram's samples
+        self._ttft: tuple[tuple[str, float | None, float | None], Samples] | None = None
 
     def scrape(self, engine_url: str) -> EngineMetrics:
         """GET `{engine_url}/metrics`; raises EngineError when the engine does not answer."""
@@ -233,9 +245,13 @@ class MetricsScraper:
             else:
                 response = endpoint.request("GET", url, self._timeout_s)
             response.raise_for_status()
-            parsed = parse_metrics(response.text)
+            parsed = parse_metrics(response.text, _ALL_BUT_TTFT)
+            key = (base, parsed.total(PROMPT_TOKENS), parsed.total(GENERATION_TOKENS))
+            if self._ttft is None or self._ttft[0] != key:  # a token since: a first one maybe
+                self._ttft = (key, parse_metrics(response.text, _TTFT_ONLY).samples)
+            parsed.samples.update(self._ttft[1])
         except (httpx.HTTPError, ValueError) as err:
-            self._previous = None
+            self._previous = self._ttft = None
             raise EngineError(
                 f"The engine's metrics at {endpoint.describe(url)} could not be read ({err}).",
                 hint="The dashboard shows engine numbers again once the engine answers.",
@@ -249,7 +265,7 @@ class MetricsScraper:
 
     def reset(self) -> None:
         """Forget the previous scrape (the engine stopped): the next rate starts afresh."""
-        self._previous = None
+        self._previous = self._ttft = None
 
     def close(self) -> None:
         if self._client is not None:

@@ -198,3 +198,22 @@ def test_only_the_families_read_are_parsed() -> None:
     parsed = parse_metrics(other + exposition())
     assert "vllm:num_preemptions_total" not in parsed.samples
     assert summarize(parsed, 1.0).ttft_median_s == pytest.approx(0.4)
+
+
+def test_the_ttft_histogram_is_parsed_again_only_after_tokens_moved() -> None:
+    """Idle, the scraper reuses the last TTFT histogram (most of the lines it parses); once the
+    prompt or generation counters move it reads the histogram again."""
+    slow = exposition().replace('le="0.5"} 6.0', 'le="0.5"} 2.0')  # median moves to 0.5-1.0 s
+    texts = iter([exposition(), slow, exposition(generation=5001.0).replace(
+        'le="0.5"} 6.0', 'le="0.5"} 2.0')])  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=next(texts))
+
+    scraper = MetricsScraper(httpx.Client(transport=httpx.MockTransport(handler)))
+    first = scraper.scrape("http://engine").ttft_median_s
+    assert first == pytest.approx(0.4)
+    assert scraper.scrape("http://engine").ttft_median_s == first  # no token since: reused
+    moved = scraper.scrape("http://engine").ttft_median_s
+    assert moved is not None
+    assert moved > 0.5
