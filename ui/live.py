@@ -57,7 +57,7 @@ async def dashboard_events(
                 yield _event(update)
             try:
                 await asyncio.wait_for(new_sample.wait(), KEEPALIVE_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the built-in TimeoutError on Python 3.10
                 if await is_disconnected():
                     return
                 yield b": keep-alive\n\n"

@@ -319,6 +319,10 @@ class DashboardController:
         # The plots' span: the buffer holds more while nobody watches (the sampler then samples
         # every 5 s into a buffer sized for 1 s samples), so the plots cut it to this.
         self.history_s = history_s
+        # What the last call made, for the next page asking about the same sample: every open
+        # dashboard's stream asks once per sample, every page's plot timer every 5 s.
+        self._values: tuple[float, dict[str, Any], Values] | None = None
+        self._plots: tuple[tuple[float, int], list[Plot]] | None = None
 
     def activity(self) -> str:
         """The runs loading the GPU now, as HTML ("" when none)."""
@@ -331,10 +335,23 @@ class DashboardController:
         sample = self.sampler.latest(reader=READER)
         if sample is None or sample.at == seen_at:
             return None
+        effective = self.effective()
+        made = self._values
+        if made is not None and made[0] == sample.at and made[1] == effective:
+            return made[2]
         kv = sample.engine.kv_cache_usage_pct if sample.engine else None
-        parts = memory_breakdown(sample, self.effective(), kv)
-        return Values(current_html(sample), breakdown_html(parts), sample.at)
+        parts = memory_breakdown(sample, effective, kv)
+        values = Values(current_html(sample), breakdown_html(parts), sample.at)
+        self._values = (sample.at, effective, values)
+        return values
 
     def plots(self) -> list[Plot]:
-        frames = plot_frames(self.sampler.history(self.history_s, reader=READER))
-        return [Plot(key, frames[key]) for key, _ in PLOTS]
+        samples = self.sampler.history(self.history_s, reader=READER)
+        stamp = (samples[-1].at if samples else 0.0, len(samples))
+        made = self._plots
+        if made is not None and made[0] == stamp:
+            return made[1]
+        frames = plot_frames(samples)
+        plots = [Plot(key, frames[key]) for key, _ in PLOTS]
+        self._plots = (stamp, plots)
+        return plots

@@ -131,3 +131,27 @@ def test_a_full_history_is_averaged_into_at_most_plot_points_per_series() -> Non
     assert tokens[:2] == [2.0, 7.0]  # mean of the odd ones only: (1 + 3) / 2, (5 + 7 + 9) / 3
     # A short history is drawn as it is.
     assert ctl.plot_frames(samples[:30])["memory"]["value"].tolist() == list(range(30))
+
+
+def test_pages_asking_about_the_same_sample_share_one_rendering() -> None:
+    """Every open dashboard's stream asks for the values of each sample, every page's timer for
+    the plots: the HTML and the frames are made once per sample (and settings), not per page."""
+    samples = [sample(1.0, gpus=(gpu(2 * GIB),)), sample(2.0, gpus=(gpu(3 * GIB),))]
+    effective = {"kv_cache_gib": 10.0}
+    source = FakeSampler(samples)
+    controller = ctl.DashboardController(source, lambda: dict(effective))
+    first = controller.values(0.0)
+    assert first is not None
+    assert controller.values(0.0) is first  # a second page, same sample: the same rendering
+    assert controller.plots() is controller.plots()
+    effective["kv_cache_gib"] = 20.0  # the settings changed: made again
+    again = controller.values(0.0)
+    assert again is not None
+    assert again is not first
+    plots = controller.plots()
+    samples.append(sample(3.0, gpus=(gpu(4 * GIB),)))  # a new sample: new values and frames
+    newer = controller.values(0.0)
+    assert newer is not None
+    assert newer.at == 3.0
+    assert controller.plots() is not plots
+    assert controller.plots()[0].frame["value"].tolist() == [2.0, 3.0, 4.0]
