@@ -29,6 +29,7 @@ LIVE_TARGETS = {
     "activity": "ss-activity-live",
     "current": "ss-current-live",
     "breakdown": "ss-breakdown-live",
+    "fleet": "ss-fleet-live",
 }
 _LIVE_SLOT = '<div id="%s"></div>'
 
@@ -42,6 +43,7 @@ def controller_for(services: Services) -> DashboardController:
         services.bench,
         services.tune,
         history_s=services.sampler.settings.sampler.history_s,
+        fleet=services.gateway.fleet.view,
     )
 
 
@@ -67,6 +69,8 @@ def build(services: Services) -> None:
         breakdown = gr.HTML(
             _LIVE_SLOT % LIVE_TARGETS["breakdown"] if push else "", elem_id="ss-breakdown"
         )
+        if push:  # the fleet's members, when this Station fronts a fleet (pushed only)
+            gr.HTML(_LIVE_SLOT % LIVE_TARGETS["fleet"], elem_id="ss-dashboard-fleet")
         gr.Markdown(f"### Last {sampler.settings.sampler.history_s // 60} minutes")
         plots: list[gr.LinePlot] = []
         with gr.Row():

@@ -1,12 +1,13 @@
 """Live values pushed to the page: one server-sent-event stream per visible dashboard (issue 16).
 
-`GET /ss-live/dashboard` streams the dashboard's current values (the cards, the memory breakdown
-and the activity line, as the HTML `DashboardController` makes) each time the sampler has a new
-sample, and only what changed. The page opens it with `EventSource` while the Dashboard panel is
-on screen and the browser tab is in front (ui/polling.py's visibility rule), closes it otherwise,
-and writes the HTML into the panel. No Gradio event is involved: a Gradio queue event costs the
-appliance ~13 ms of CPU, a generator's yield ~20 ms (Gradio diffs every output against the last);
-an SSE message here costs well under 1 ms.
+`GET /ss-live/dashboard` streams the dashboard's current values (the cards, the memory breakdown,
+the activity line and, when this Station fronts a fleet, the fleet's members, as the HTML
+`DashboardController` makes) each time the sampler has a new sample, and only what changed. The
+page opens it with `EventSource` while the Dashboard panel is on screen and the browser tab is in
+front (ui/polling.py's visibility rule), closes it otherwise, and writes the HTML into the panel.
+No Gradio event is involved: a Gradio queue event costs the appliance ~13 ms of CPU, a
+generator's yield ~20 ms (Gradio diffs every output against the last); an SSE message here costs
+well under 1 ms.
 
 Doors: the route sits behind the UI listener's guard like every UI route (appliance/web_guard.py:
 Host and Origin checks, the per-install cookie on loopback); with "UI on LAN" it asks for the
@@ -42,13 +43,16 @@ async def dashboard_events(
     new_sample = asyncio.Event()
     handle = sampler.watch(lambda _sample: loop.call_soon_threadsafe(new_sample.set))
     try:
-        seen_at, seen_line = 0.0, None
+        seen_at, seen_line, seen_fleet = 0.0, None, None
         while True:
             new_sample.clear()
             update: dict[str, str] = {}
             line = controller.activity()
             if line != seen_line:
                 update["activity"] = seen_line = line
+            fleet = controller.fleet_html()
+            if fleet != seen_fleet:
+                update["fleet"] = seen_fleet = fleet
             values = controller.values(seen_at)
             if values is not None:
                 update["current"], update["breakdown"] = values.current, values.breakdown

@@ -19,6 +19,8 @@ import pandas as pd
 
 from appliance.bench.runner import BenchState
 from appliance.bench.tuning import TuneState
+from appliance.controllers.fleet import engine_queue, kv_text
+from appliance.fleet.router import FleetView
 from appliance.monitoring.sampler import GpuSample, Sample
 from appliance.monitoring.timeline import WHY_RESERVED, MemoryBreakdown, memory_breakdown
 from appliance.units import NA, fmt_bytes, fmt_num
@@ -271,6 +273,26 @@ def _add(
         values.setdefault((plot, series), []).append(value)
 
 
+def fleet_html(view: FleetView) -> str:
+    """A card of the fleet: the router's state and one row per member (docs/fleet.md)."""
+    healthy = sum(m.state == "healthy" for m in view.members)
+    head = f"vllm-router {view.router}" + (f" ({view.policy})" if view.policy else "")
+    head += f": {healthy} of {len(view.members)} members healthy"
+    rows = "".join(
+        f'<tr data-member="{html.escape(m.name)}" data-state="{html.escape(m.state)}">'
+        f"<td>{html.escape(m.name)}</td><td>{html.escape(m.state)}</td><td>{m.load}</td>"
+        f"<td>{engine_queue(m)}</td><td>{kv_text(m)}</td></tr>"
+        for m in view.members
+    )
+    message = f'<div class="ss-muted">{html.escape(view.message)}</div>' if view.message else ""
+    return (
+        '<div class="ss-card" data-card="fleet"><div class="ss-title">Fleet</div>'
+        f'<div class="ss-muted">{html.escape(head)}</div>{message}'
+        '<table class="ss-procs"><tr><th>Member</th><th>State</th><th>In flight</th>'
+        f"<th>Running / waiting</th><th>KV cache</th></tr>{rows}</table></div>"
+    )
+
+
 PLOTS = (
     ("memory", "GPU memory used (GiB)"),
     ("utilization", "GPU utilization (%)"),
@@ -311,11 +333,13 @@ class DashboardController:
         bench: BenchWatch | None = None,
         tuning: TuneWatch | None = None,
         history_s: float | None = None,
+        fleet: Callable[[], FleetView] | None = None,
     ) -> None:
         self.sampler = sampler
         self.effective = effective  # the engine's effective settings (weights and KV sizes)
         self.bench = bench
         self.tuning = tuning
+        self.fleet = fleet  # the fleet's view (appliance/fleet), when this Station fronts one
         # The plots' span: the buffer holds more while nobody watches (the sampler then samples
         # every 5 s into a buffer sized for 1 s samples), so the plots cut it to this.
         self.history_s = history_s
@@ -329,6 +353,12 @@ class DashboardController:
         bench = self.bench.current() if self.bench is not None else None
         tuning = self.tuning.current() if self.tuning is not None else None
         return activity_html(bench, tuning)
+
+    def fleet_html(self) -> str:
+        """The members this Station's router serves, their state, load and KV cache ("" when
+        there is no fleet)."""
+        view = self.fleet() if self.fleet is not None else None
+        return fleet_html(view) if view is not None and view.router != "off" else ""
 
     def values(self, seen_at: float) -> Values | None:
         """The cards and breakdown; None when the newest sample is the one the page shows."""

@@ -1,6 +1,7 @@
 """The Sharing tab's Fleet section in Chromium, against a fleet on loopback (tests/fixtures/
 fleet_kit.py): both members shown healthy, a member killed with -9 shown failed while the other
-keeps serving, and a member removed from the page leaves the router's list."""
+keeps serving (on the Dashboard tab too, with each member's KV cache), and a member removed from
+the page leaves the router's list."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def test_fleet_section_shows_members_a_dead_one_failed_and_removes(fleet: Any, p
     for i in range(4):  # round robin over the front's engine and m2
         ask(client(app), f"still there? {i}")
     assert m2.served() > before
+    # The Dashboard tab shows the fleet too: each member's state, load and KV cache (pushed).
+    page.get_by_role("tab", name="Dashboard").click()
+    card = page.locator("#ss-dashboard-fleet")
+    m1_row, m2_row = card.locator('tr[data-member="m1"]'), card.locator('tr[data-member="m2"]')
+    expect(m1_row).to_have_attribute("data-state", "failed", timeout=30_000)
+    expect(m2_row).to_have_attribute("data-state", "healthy")
+    expect(m2_row).to_contain_text("%", timeout=30_000)  # its engine's KV-cache use
+    expect(card).to_contain_text("1 of 2 members healthy")
+    page.get_by_role("tab", name="Sharing").click()
     pick = page.locator("#ss-fleet-pick input")
     pick.click()
     page.get_by_role("option", name="m1").click()

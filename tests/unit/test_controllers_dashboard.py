@@ -155,3 +155,22 @@ def test_pages_asking_about_the_same_sample_share_one_rendering() -> None:
     assert newer.at == 3.0
     assert controller.plots() is not plots
     assert controller.plots()[0].frame["value"].tolist() == [2.0, 3.0, 4.0]
+
+
+def test_the_fleet_card_shows_each_member_and_nothing_without_a_fleet() -> None:
+    from appliance.fleet.router import FleetView, MemberView
+
+    members = (
+        MemberView("m1", "http://10.0.0.2:8000", "failed"),
+        MemberView("m<2>", "http://10.0.0.3:8000", "healthy", 3, 40, 2, 1, 37.5),
+    )
+    view = FleetView("running", "cache_aware", members)
+    controller = ctl.DashboardController(FakeSampler([]), dict, fleet=lambda: view)
+    card = controller.fleet_html()
+    assert "1 of 2 members healthy" in card
+    assert 'data-member="m1" data-state="failed"' in card
+    assert 'data-member="m&lt;2&gt;" data-state="healthy"' in card  # names are escaped
+    assert "<td>2 / 1</td><td>37.5 %</td>" in card
+    assert ctl.DashboardController(FakeSampler([]), dict).fleet_html() == ""
+    off = ctl.DashboardController(FakeSampler([]), dict, fleet=lambda: FleetView("off"))
+    assert off.fleet_html() == ""
