@@ -16,7 +16,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import openai
 import pytest
 from fixtures.appliance import appliance
 from fixtures.fleet_kit import (
@@ -26,6 +25,7 @@ from fixtures.fleet_kit import (
     client,
     fleet,
     healthy_count,
+    kill_mid_load,
     member_state,
     needs_router,
     own_served,
@@ -109,24 +109,7 @@ def test_real_vllm_members_share_load_keep_a_prefix_and_survive_a_kill(
 
     # kill -9 of a member mid-load: at most the requests in flight on it fail, the rest go on
     # the other engines, the front shows it failed, and it takes load again when it returns.
-    errors: list[str] = []
-    done = 0
-
-    def load(i: int) -> None:
-        nonlocal done
-        try:
-            ask(c, f"load {i} {os.urandom(4).hex()}", max_tokens=4)
-            done += 1
-        except openai.APIError as err:
-            errors.append(f"{type(err).__name__}: {err}")
-
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(load, i) for i in range(6)]
-        wait_for("some load served", lambda: done >= 2, timeout=120)
-        m1.kill()
-        futures += [pool.submit(load, i) for i in range(6, 16)]
-        for f in futures:
-            f.result()
+    errors = kill_mid_load(c, m1, workers=3, before=6, after=10, served_first=2, timeout=120)
     assert len(errors) <= 3, errors  # 3 workers: 3 in flight at most when m1 died
     wait_for("m1 shown failed", lambda: member_state(app, "m1") == "failed")
     before = counts()

@@ -18,7 +18,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import openai
 import psutil
 from fixtures.appliance import appliance
 from fixtures.fleet_kit import (
@@ -27,6 +26,7 @@ from fixtures.fleet_kit import (
     client,
     fleet,
     healthy_count,
+    kill_mid_load,
     member_state,
     needs_router,
     own_served,
@@ -64,24 +64,7 @@ def test_requests_spread_over_members_and_a_shared_prefix_sticks(fleet: Any) -> 
 def test_a_killed_member_is_routed_around_and_returns(fleet: Any) -> None:
     app, (m1, m2) = fleet("round_robin")
     c = client(app)
-    errors: list[str] = []
-    done = 0
-
-    def load(i: int) -> None:
-        nonlocal done
-        try:
-            ask(c, f"load {i}", max_tokens=4)
-            done += 1
-        except openai.APIError as err:
-            errors.append(f"{type(err).__name__}: {err}")
-
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(load, i) for i in range(20)]
-        wait_for("some load served", lambda: done >= 5)
-        m1.kill()
-        futures += [pool.submit(load, i) for i in range(20, 60)]
-        for f in futures:
-            f.result()
+    errors = kill_mid_load(c, m1, workers=4, before=20, after=40, served_first=5)
     # Non-streamed requests were on m1 when it died at most (4 workers, 4 in flight).
     assert len(errors) <= 4, errors
     wait_for("m1 shown failed", lambda: member_state(app, "m1") == "failed")
