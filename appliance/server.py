@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib
 import logging
 import os
@@ -137,18 +138,8 @@ def build_services(settings: Settings, *, demo: bool) -> Services:
     # exit ends its log stream, which wakes the monitor at once (EngineContext.tick), so the
     # looks are a safety net; each is a Docker API call (~1.2 ms of CPU, measured) or an HTTP
     # probe, and an idle appliance should cost nearly nothing (issue 16).
-    if demo:
-        supervisor = Supervisor.for_demo(
-            settings, monitor_interval_s=5.0, health_interval_s=5.0, outside_poll_s=10.0
-        )
-    else:
-        supervisor = Supervisor(
-            settings,
-            secrets=secrets,
-            monitor_interval_s=5.0,
-            health_interval_s=5.0,
-            outside_poll_s=10.0,
-        )
+    make = Supervisor.for_demo if demo else functools.partial(Supervisor, secrets=secrets)
+    supervisor = make(settings, monitor_interval_s=5.0, health_interval_s=5.0, outside_poll_s=10.0)
     chat = ChatService(
         settings,
         history,

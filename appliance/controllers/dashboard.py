@@ -275,9 +275,8 @@ def _add(
 
 def fleet_html(view: FleetView) -> str:
     """A card of the fleet: the router's state and one row per member (docs/fleet.md)."""
-    healthy = sum(m.state == "healthy" for m in view.members)
     head = f"vllm-router {view.router}" + (f" ({view.policy})" if view.policy else "")
-    head += f": {healthy} of {len(view.members)} members healthy"
+    head += f": {view.healthy_text()}"
     rows = "".join(
         f'<tr data-member="{html.escape(m.name)}" data-state="{html.escape(m.state)}">'
         f"<td>{html.escape(m.name)}</td><td>{html.escape(m.state)}</td><td>{m.load}</td>"

@@ -68,8 +68,7 @@ class FleetController:
         view = self.view()
         text = _ROUTER.get(view.router, view.router)
         if view.router == "running":
-            healthy = sum(m.state == "healthy" for m in view.members)
-            text += f" ({view.policy}): {healthy} of {len(view.members)} members healthy."
+            text += f" ({view.policy}): {view.healthy_text()}."
         if view.message:
             text += f" {view.message}"
         if self.fleet.active() and view.router == "off":

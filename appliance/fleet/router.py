@@ -94,6 +94,10 @@ class FleetView:
     members: tuple[MemberView, ...] = ()
     message: str = ""
 
+    def healthy_text(self) -> str:
+        healthy = sum(m.state == "healthy" for m in self.members)
+        return f"{healthy} of {len(self.members)} members healthy"
+
 
 _MEMBER_FIELDS = {f.name for f in dataclasses.fields(MemberView)}
 LOAD_EVERY_S = 2.0  # how often the front asks each healthy member for its load

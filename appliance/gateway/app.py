@@ -81,6 +81,8 @@ _LOAD_GAUGES = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_cache_pct",
 }
+_LOAD_NAMES = tuple(f"{name}{{" for name in _LOAD_GAUGES) + tuple(f"{n} " for n in _LOAD_GAUGES)
+_LOAD_COMMENTS = tuple(f"# {kind} {name} " for kind in ("HELP", "TYPE") for name in _LOAD_GAUGES)
 
 
 def engine_load(check: EngineCheck) -> dict[str, object]:
@@ -92,9 +94,16 @@ def engine_load(check: EngineCheck) -> dict[str, object]:
         response = endpoint.request("GET", f"{check.url}/metrics", 2.0)
         response.raise_for_status()
         # vLLM's gauges, one sample per engine (summed) or per model; the gateway stands apart
-        # from appliance/monitoring, so it reads the three it needs with prometheus_client
+        # from appliance/monitoring, so it reads the three it needs with prometheus_client. Only
+        # their lines are parsed: vLLM exports hundreds (every latency histogram), and a front
+        # asks every 2 s.
+        lines = (
+            line
+            for line in response.text.splitlines()
+            if line.startswith(_LOAD_NAMES) or line.startswith(_LOAD_COMMENTS)
+        )
         found: dict[str, list[float]] = {}
-        for family in text_string_to_metric_families(response.text):
+        for family in text_string_to_metric_families("\n".join(lines) + "\n"):
             if family.name in _LOAD_GAUGES:
                 found[family.name] = [s.value for s in family.samples]
     except (httpx.HTTPError, ValueError) as err:
