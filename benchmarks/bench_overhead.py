@@ -13,6 +13,13 @@ least 0.98). The default route through the runner's loopback bridge to the engin
 in this number (there is no bare equivalent on one engine).
 
 Needs `scripts/realvllm.sh up`. Prints the table for docs/benchmarks.md.
+
+On a GPU (the H200 device machine, vLLM from scripts/gpu_vllm.sh) name the program and the model,
+and the sizes (the seed's are 2048 in, 1024 out, 10 at a time, 100 prompts):
+
+    PYTHONPATH=/tmp/site:. python3 benchmarks/bench_overhead.py --vllm /tmp/site/bin/vllm \
+        --model /tmp/models/tiny-std --input 1024 --output 256 --concurrency 10 --prompts 60 \
+        --serve-arg=--gpu-memory-utilization=0.9 --rounds 8
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,34 +44,56 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-vLLM settings: one place for both
 
-from fixtures.realvllm import (  # noqa: E402
-    MODELS,
-    SERVED,
-    VENV,
-    cpu_stores_fp8_kv,
-    engine_env,
-    take_slot,
-)
-
 from appliance.bench import presets  # noqa: E402
 from appliance.bench.runner import BenchRequest, BenchRunner, BenchTarget  # noqa: E402
 from appliance.bench.store import BenchStore  # noqa: E402
-from benchmarks.common import free_port  # noqa: E402
 
-VLLM = VENV / "bin" / "vllm"
-MODEL = MODELS["std"]
+SERVED = "step3p7-flash"
 
 
-def start_engine(port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
-    kv = [] if cpu_stores_fp8_kv() else ["--kv-cache-dtype", "auto"]
-    argv = [str(VLLM), "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
+class Engine:
+    """Where the engine comes from: the tests' CPU vLLM (a slot of the machine's few real
+    engines, tests/fixtures/realvllm.py), or a named program and model (a GPU machine)."""
+
+    def __init__(self, vllm: str | None, model: str | None, serve_args: list[str]) -> None:
+        if vllm is None:
+            from fixtures import realvllm
+
+            self.vllm, self.model = str(realvllm.VENV / "bin" / "vllm"), str(realvllm.MODELS["std"])
+            kv = [] if realvllm.cpu_stores_fp8_kv() else ["--kv-cache-dtype", "auto"]
+            self.serve_args = [*kv, *serve_args]
+            self.env = realvllm.engine_env
+            self.slot: object | None = realvllm.take_slot()
+        else:
+            assert model is not None, "--vllm needs --model"
+            self.vllm, self.model, self.serve_args = vllm, model, serve_args
+            self.env = _plain_env
+            self.slot = None
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.slot.close()  # type: ignore[attr-defined]
+
+
+def _plain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(extra or {})}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_engine(eng: Engine, port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
+    argv = [eng.vllm, "serve", eng.model, "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", SERVED, "--max-model-len", "4096", "--api-key", key,
-            *kv]  # fmt: skip
+            *eng.serve_args]  # fmt: skip
     proc = subprocess.Popen(  # noqa: S603
         argv,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=engine_env(),
+        env=eng.env(),
         start_new_session=True,
     )
     deadline = time.monotonic() + 1200
@@ -74,7 +105,8 @@ def start_engine(port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None:
-                raise SystemExit(f"vllm serve exited {proc.returncode}; see {log}")
+                tail = log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"vllm serve exited {proc.returncode}; see {log}:\n{tail}")
             time.sleep(0.2)
         raise SystemExit("vllm serve not ready in 1200 s")
     except BaseException:
@@ -83,12 +115,16 @@ def start_engine(port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
         raise
 
 
-def bare(args: list[str], key: str, work: Path) -> float:
+def bare(eng: Engine, args: list[str], key: str, work: Path) -> float:
     result_dir = work / "bare"
-    argv = [str(VLLM), "bench", "serve", *args]
+    argv = [eng.vllm, "bench", "serve", *args]
     argv[argv.index("--result-dir") + 1] = str(result_dir)
-    env = engine_env(presets.bench_env(key))
-    subprocess.run(argv, env=env, check=True, capture_output=True, timeout=1800)  # noqa: S603
+    env = eng.env(presets.bench_env(key))
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=1800, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise SystemExit(
+            f"bare vllm bench serve exited {done.returncode}:\n{done.stderr[-3000:]!r}"
+        )
     data = json.loads((result_dir / "result.json").read_text())
     (result_dir / "result.json").unlink()
     assert data["completed"] == data["num_prompts"], data
@@ -99,39 +135,55 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--input", type=int, default=128, help="random input tokens")
+    parser.add_argument("--output", type=int, default=64, help="random output tokens")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--vllm", help="the vllm program (default: the tests' CPU vLLM)")
+    parser.add_argument("--model", help="the model folder (with --vllm)")
+    parser.add_argument(
+        "--serve-arg", action="append", default=[], help="one more `vllm serve` flag (repeat)"
+    )
+    parser.add_argument("--keep", help="copy the engine's log here at the end")
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     os.environ["STEP_STATION_HOME"] = str(work / "home")
     port, key = free_port(), "sk-" + secrets.token_urlsafe(16)
-    slot = take_slot()  # one of the machine's few real engines (tests/fixtures/realvllm.py)
-    engine = start_engine(port, key, work / "engine.log")
+    eng = Engine(opts.vllm, opts.model, opts.serve_arg)
+    try:
+        engine = start_engine(eng, port, key, work / "engine.log")
+    except BaseException:
+        eng.close()
+        raise
+    print(f"engine ready: {eng.vllm} serve {eng.model} {' '.join(eng.serve_args)}", flush=True)
     target = BenchTarget(
         engine_url=f"http://127.0.0.1:{port}", api_key=key, served_model_name=SERVED,
-        model=str(MODEL), context_len=4096, profile="fp8-tp1", runtime="process",
-        program=str(VLLM),
+        model=eng.model, context_len=4096, profile="fp8-tp1", runtime="process",
+        program=eng.vllm,
     )  # fmt: skip
     request = BenchRequest(
         preset="seed",
         num_prompts=opts.prompts,
-        random_input=128,
-        random_output=64,
-        max_concurrency=4,
+        random_input=opts.input,
+        random_output=opts.output,
+        max_concurrency=opts.concurrency,
     )
     args = presets.bench_args(
-        "seed", model=str(MODEL), served_model_name=SERVED, base_url=target.engine_url,
-        tokenizer=str(MODEL), context_len=4096, num_prompts=opts.prompts, random_input=128,
-        random_output=64, max_concurrency=4, result_dir="x", result_filename="result.json",
+        "seed", model=eng.model, served_model_name=SERVED, base_url=target.engine_url,
+        tokenizer=eng.model, context_len=4096, num_prompts=opts.prompts, random_input=opts.input,
+        random_output=opts.output, max_concurrency=opts.concurrency, result_dir="x",
+        result_filename="result.json",
     )  # fmt: skip
+    print("vllm bench serve " + " ".join(args), flush=True)
     runner = BenchRunner(BenchStore(work / "bench.sqlite3"))
     arms: dict[str, list[float]] = {"bare": [], "appliance": []}
     try:
-        bare(args, key, work)  # warm-up (compiles, caches), not counted
+        bare(eng, args, key, work)  # warm-up (compiles, caches), not counted
         for i in range(opts.rounds):
             # ABBA: each arm goes first in every other round, so a machine that speeds up or
             # slows down during the run (caches, other work) does not favour one arm
             for arm in ("bare", "appliance") if i % 2 == 0 else ("appliance", "bare"):
                 if arm == "bare":
-                    arms["bare"].append(bare(args, key, work))
+                    arms["bare"].append(bare(eng, args, key, work))
                 else:
                     outcome = runner.run(request, target)
                     arms["appliance"].append(float(outcome.result["output_throughput"]))
@@ -139,7 +191,9 @@ def main() -> None:
     finally:
         os.killpg(engine.pid, signal.SIGTERM)
         engine.wait(60)
-        slot.close()
+        eng.close()
+        if opts.keep:
+            shutil.copy(work / "engine.log", opts.keep)
     bare_med = statistics.median(arms["bare"])
     app_med = statistics.median(arms["appliance"])
     print(f"| arm | output tok/s (median of {opts.rounds}) | rounds |")

@@ -1,11 +1,13 @@
 """The dashboard tab: current GPU, host and engine numbers, 15-minute plots, memory breakdown.
 
 Layout and wiring only: what to show is `appliance.controllers.dashboard.DashboardController`'s.
-While the tab is on screen (`ui.polling`) one stream per page pushes the current values when the
-sampler has a new sample (every second while any page watches) and the plots every five seconds;
-a hidden tab has no stream. A running benchmark or MoE tuning is marked above the cards, read at
-each of those samples from the service's runners. `STEP_STATION_LIVE=poll` selects the old
-wiring (a 1 s and a 5 s `gr.Timer` per page; benchmarks/sampler_cost.py compares the two).
+While the tab is on screen (`ui.polling`) one stream per page (ui/live.py) pushes the current
+values when the sampler has a new sample (every second while any page watches) and the plots,
+drawn on the server as SVG once for all pages, every five seconds; a hidden tab has no stream and
+the tab has no Gradio event at all. A running benchmark or MoE tuning is marked above the cards,
+read at each of those samples from the service's runners. `STEP_STATION_LIVE=poll` selects the
+old wiring (a 1 s and a 5 s `gr.Timer` per page, Gradio LinePlots; benchmarks/sampler_cost.py
+compares the two).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from appliance.controllers.dashboard import PLOTS, DashboardController
+from appliance.controllers import plot_svg
+from appliance.controllers.dashboard import PLOT_EVERY_S, PLOTS, DashboardController
 from appliance.services import Services
 from ui import live
 from ui.polling import live_while_visible, panel, poll_while_visible
 
 PANEL = "ss-dashboard"
-PLOT_EVERY_S = 5.0
 
 
 LIVE_TARGETS = {
@@ -30,6 +32,7 @@ LIVE_TARGETS = {
     "current": "ss-current-live",
     "breakdown": "ss-breakdown-live",
     "fleet": "ss-fleet-live",
+    "plots": "ss-plots-live",
 }
 _LIVE_SLOT = '<div id="%s"></div>'
 
@@ -73,15 +76,18 @@ def build(services: Services) -> None:
             gr.HTML(_LIVE_SLOT % LIVE_TARGETS["fleet"], elem_id="ss-dashboard-fleet")
         gr.Markdown(f"### Last {sampler.settings.sampler.history_s // 60} minutes")
         plots: list[gr.LinePlot] = []
-        with gr.Row():
-            for key, title in PLOTS[:3]:
-                plots.append(_plot(key, title))
-        with gr.Row():
-            for key, title in PLOTS[3:]:
-                plots.append(_plot(key, title))
+        if push:  # server-drawn SVG plots, pushed every 5 s with the values
+            gr.HTML(_LIVE_SLOT % LIVE_TARGETS["plots"], elem_id="ss-plots")
+        else:
+            with gr.Row():
+                for key, title in PLOTS[:3]:
+                    plots.append(_plot(key, title))
+            with gr.Row():
+                for key, title in PLOTS[3:]:
+                    plots.append(_plot(key, title))
 
-    if push_mode():
-        _wire_push(controller, current, plots)
+    if push:  # everything through ui/live.py's stream while the tab is on screen
+        live_while_visible(PANEL, live.DASHBOARD_PATH, LIVE_TARGETS)
         return
     # The old wiring, per page: a 1 s and a 5 s timer (benchmarks/sampler_cost.py compares).
     seen = gr.State(0.0)
@@ -114,22 +120,6 @@ def build(services: Services) -> None:
     )
 
 
-def _wire_push(
-    controller: DashboardController,
-    current: gr.HTML,
-    plots: list[gr.LinePlot],
-) -> None:
-    """Values through ui/live.py's stream while visible; the plots by a 5 s timer while visible."""
-    plots_timer = gr.Timer(PLOT_EVERY_S, active=False)
-
-    def refresh_plots() -> Any:
-        return [gr.LinePlot(value=p.frame, visible=p.visible) for p in controller.plots()]
-
-    plots_timer.tick(refresh_plots, None, plots, show_progress="hidden", concurrency_limit=None)
-    poll_while_visible(PANEL, [plots_timer], refresh_plots, (), plots)
-    live_while_visible(PANEL, live.DASHBOARD_PATH, LIVE_TARGETS)
-
-
 def _plot(key: str, title: str) -> gr.LinePlot:
     return gr.LinePlot(
         pd.DataFrame({"time": pd.Series(dtype="datetime64[ns]"), "value": [], "series": []}),
@@ -145,7 +135,10 @@ def _plot(key: str, title: str) -> gr.LinePlot:
     )
 
 
-_STYLE = """<style>
+_STYLE = (
+    """<style>"""
+    + plot_svg.PLOT_STYLE
+    + """
 .ss-cards { display: flex; flex-wrap: wrap; gap: 0.8em; }
 .ss-card { border: 1px solid #e5e7eb; border-radius: 8px; padding: 0.5em 0.8em; min-width: 18em;
   flex: 1; }
@@ -169,3 +162,4 @@ _STYLE = """<style>
 .ss-activity { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 6px;
   padding: 0.4em 0.8em; font-family: ui-sans-serif, system-ui, "DejaVu Sans", sans-serif; }
 </style>"""
+)

@@ -2,7 +2,8 @@
 
 `GET /ss-live/dashboard` streams the dashboard's current values (the cards, the memory breakdown,
 the activity line and, when this Station fronts a fleet, the fleet's members, as the HTML
-`DashboardController` makes) each time the sampler has a new sample, and only what changed. The
+`DashboardController` makes) each time the sampler has a new sample, and only what changed; the
+15-minute plots (server-drawn SVG) ride along every five seconds. The
 page opens it with `EventSource` while the Dashboard panel is on screen and the browser tab is in
 front (ui/polling.py's visibility rule), closes it otherwise, and writes the HTML into the panel.
 No Gradio event is involved: a Gradio queue event costs the appliance ~13 ms of CPU, a
@@ -43,7 +44,7 @@ async def dashboard_events(
     new_sample = asyncio.Event()
     handle = sampler.watch(lambda _sample: loop.call_soon_threadsafe(new_sample.set))
     try:
-        seen_at, seen_line, seen_fleet = 0.0, None, None
+        seen_at, seen_line, seen_fleet, seen_plots = 0.0, None, None, -1.0
         while True:
             new_sample.clear()
             update: dict[str, str] = {}
@@ -57,6 +58,9 @@ async def dashboard_events(
             if values is not None:
                 update["current"], update["breakdown"] = values.current, values.breakdown
                 seen_at = values.at
+            plots = controller.plots_html()  # redrawn every PLOT_EVERY_S, for all pages at once
+            if plots is not None and plots[0] != seen_plots:
+                seen_plots, update["plots"] = plots
             if update:
                 yield _event(update)
             try:

@@ -1,8 +1,10 @@
 """The dashboard tab's logic: cards, the memory breakdown and the plots' frames from samples.
 
 Every number comes from the shared sampler's ring buffer, so an open page costs a read, never an
-NVML query. The tab asks `values()` at each new sample and `plots()` every five seconds while it
-is on screen.
+NVML query. While the tab is on screen its live stream (ui/live.py) asks `values()` and
+`plots_html()` at each new sample: the values are made once per sample and the plots (server-drawn
+SVG, plot_svg.py) once per PLOT_EVERY_S, whoever asks. `plots()` (pandas frames for Gradio's
+LinePlot) serves only the old per-page timer wiring (STEP_STATION_LIVE=poll).
 While a benchmark or an MoE tuning runs, `activity()` says so above the cards: the GPU numbers
 then include its load (issue 14: the run is marked in the dashboard).
 """
@@ -19,6 +21,7 @@ import pandas as pd
 
 from appliance.bench.runner import BenchState
 from appliance.bench.tuning import TuneState
+from appliance.controllers import plot_svg
 from appliance.controllers.fleet import engine_queue, kv_text
 from appliance.fleet.router import FleetView
 from appliance.monitoring.sampler import GpuSample, Sample
@@ -234,16 +237,17 @@ def activity_html(bench: BenchState | None, tuning: TuneState | None) -> str:
 
 # The plots are redrawn every 5 s: a point per 5 s is all a 15-minute plot a few hundred pixels
 # wide can show. Averaging the 1 s samples into at most this many points makes each redraw about
-# five times cheaper (frames, Gradio's postprocess, the JSON to the page) once the history is full.
+# five times cheaper once the history is full.
 PLOT_POINTS = 180
+PLOT_EVERY_S = 5.0  # how often the plots are redrawn while a page watches
 
 
-def plot_frames(samples: list[Sample], max_points: int = PLOT_POINTS) -> dict[str, pd.DataFrame]:
-    """Long-format frames (time, value, series) for the five plots: consecutive samples averaged
-    into at most `max_points` points per series (each at its last sample's time)."""
-    rows: dict[str, list[tuple[datetime, float, str]]] = {
-        k: [] for k in ("memory", "utilization", "power", "tokens", "kv")
-    }
+def plot_points(
+    samples: list[Sample], max_points: int = PLOT_POINTS
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per plot, per series, (time, value) points: consecutive samples averaged into at most
+    `max_points` points per series (each at its last sample's time)."""
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {k: {} for k, _ in PLOTS}
     size = max(1, -(-len(samples) // max(1, max_points)))  # ceil
     for start in range(0, len(samples), size):
         chunk = samples[start : start + size]
@@ -260,10 +264,31 @@ def plot_frames(samples: list[Sample], max_points: int = PLOT_POINTS) -> dict[st
                 _add(values, "tokens", "generation", e.generation_tokens_per_s)
                 _add(values, "tokens", "prompt", e.prompt_tokens_per_s)
                 _add(values, "kv", "KV cache", e.kv_cache_usage_pct)
-        t = datetime.fromtimestamp(chunk[-1].at)
+        t = chunk[-1].at
         for (plot, series), got in values.items():
-            rows[plot].append((t, sum(got) / len(got), series))
-    return {k: pd.DataFrame(v, columns=["time", "value", "series"]) for k, v in rows.items()}
+            points[plot].setdefault(series, []).append((t, sum(got) / len(got)))
+    return points
+
+
+def plot_frames(samples: list[Sample], max_points: int = PLOT_POINTS) -> dict[str, pd.DataFrame]:
+    """The same points as long-format frames (time, value, series) for Gradio's LinePlot (the
+    old wiring, STEP_STATION_LIVE=poll)."""
+    return {
+        plot: pd.DataFrame(
+            [(datetime.fromtimestamp(t), v, name) for name, pts in series.items() for t, v in pts],
+            columns=["time", "value", "series"],
+        )
+        for plot, series in plot_points(samples, max_points).items()
+    }
+
+
+def plots_html(samples: list[Sample]) -> str:
+    """The five plots as server-drawn SVG (plot_svg.py); a plot without data is left out."""
+    points = plot_points(samples)
+    drawn = "".join(plot_svg.line_plot(key, title, points[key]) for key, title in PLOTS)
+    if not drawn:
+        return '<p class="ss-muted">The plots appear with the first readings.</p>'
+    return f'<div class="ss-plots">{drawn}</div>'
 
 
 def _add(
@@ -346,6 +371,7 @@ class DashboardController:
         # dashboard's stream asks once per sample, every page's plot timer every 5 s.
         self._values: tuple[float, dict[str, Any], Values] | None = None
         self._plots: tuple[tuple[float, int], list[Plot]] | None = None
+        self._plots_html: tuple[float, str] | None = None  # (newest sample time drawn, HTML)
 
     def activity(self) -> str:
         """The runs loading the GPU now, as HTML ("" when none)."""
@@ -384,3 +410,18 @@ class DashboardController:
         plots = [Plot(key, frames[key]) for key, _ in PLOTS]
         self._plots = (stamp, plots)
         return plots
+
+    def plots_html(self) -> tuple[float, str] | None:
+        """The plots as HTML and the newest sample time they draw, redrawn at most every
+        PLOT_EVERY_S of sample time whoever asks (every open page's stream asks at each sample);
+        None before the first sample."""
+        latest = self.sampler.latest()
+        if latest is None:
+            return None
+        made = self._plots_html
+        if made is not None and 0 <= latest.at - made[0] < PLOT_EVERY_S:
+            return made
+        samples = self.sampler.history(self.history_s, reader=READER)
+        drawn = (samples[-1].at if samples else latest.at, plots_html(samples))
+        self._plots_html = drawn
+        return drawn

@@ -38,12 +38,14 @@ HIDE_JS = """(state) => {
 }"""
 
 
-# Counts the writes the live stream makes into the cards (ui/live.py pushes, the page writes).
+# Counts the writes the live stream makes into the cards and into the plots (ui/live.py pushes,
+# the page writes).
 COUNT_WRITES_JS = """() => {
-  window.__ssWrites = 0;
+  window.__ssWrites = 0; window.__ssPlotWrites = 0;
   new MutationObserver((records) => {
-    if (records.some(r => r.target.closest && r.target.closest('#ss-current-live')))
-      window.__ssWrites++;
+    const into = (id) => records.some(r => r.target.closest && r.target.closest('#' + id));
+    if (into('ss-current-live')) window.__ssWrites++;
+    if (into('ss-plots-live')) window.__ssPlotWrites++;
   }).observe(document.body, {childList: true, subtree: true});
 }"""
 
@@ -52,42 +54,34 @@ def writes(page) -> int:
     return int(page.evaluate("() => window.__ssWrites"))
 
 
+def plot_writes(page) -> int:
+    return int(page.evaluate("() => window.__ssPlotWrites"))
+
+
+def newest_generation(page) -> float:
+    """The newest point of the tokens plot's generation line (0 while it is not drawn)."""
+    line = page.locator('#ss-plot-tokens polyline[data-series="generation"]')
+    return float(line.get_attribute("data-last") or 0) if line.count() else 0.0
+
+
 class Polls:
-    """Counts the page's event requests (Gradio queue joins) by dependency id, and the live
-    streams it opens (EventSource requests to /ss-live/dashboard)."""
+    """Counts the page's Gradio events (queue joins) and the live streams it opens (EventSource
+    requests to /ss-live/dashboard)."""
 
     def __init__(self, page) -> None:
-        self.fn_ids: list[int] = []
+        self.events = 0
         self.streams = 0
         page.on("request", self._on_request)
 
     def _on_request(self, request) -> None:
         if "/ss-live/dashboard" in request.url:
             self.streams += 1
-        if "queue/join" in request.url and request.post_data:
-            match = re.search(r'"fn_index":\s*(\d+)', request.post_data)
-            if match:
-                self.fn_ids.append(int(match.group(1)))
-
-    def count(self, ids: set[int]) -> int:
-        return sum(1 for fn in self.fn_ids if fn in ids)
+        if "queue/join" in request.url:
+            self.events += 1
 
 
-QUIET_WINDOW_MS = 3000  # over two poll periods: how long "no polls" is watched for
-
-
-def settled_count(page, polls: Polls, ids: set[int], timeout_s: float = 15) -> int:
-    """The poll count once a poll that was already under way has landed (no new one for a
-    second), so the quiet window that follows starts clean."""
-    deadline = time.monotonic() + timeout_s
-    last = polls.count(ids)
-    while time.monotonic() < deadline:
-        page.wait_for_timeout(1000)
-        now = polls.count(ids)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"the dashboard kept polling for {timeout_s} s after it was hidden")
+QUIET_WINDOW_MS = 3000  # over two value periods: how long "nothing written" is watched for
+PLOTS_QUIET_MS = 6000  # over one plot period (PLOT_EVERY_S)
 
 
 def page_wait_until(page, predicate, timeout_s: float) -> None:
@@ -138,23 +132,22 @@ def live_state(page) -> str | None:
 
 
 def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(appliance, page):
-    """The current values are pushed (one live stream per visible page, ui/live.py), the plots
-    polled every 5 s; neither while the tab or the browser tab is hidden."""
+    """The current values and the plots are pushed (one live stream per visible page, ui/live.py;
+    the plots are server-drawn SVG every 5 s): no Gradio event at all, and nothing while the tab
+    or the browser tab is hidden."""
     app = appliance(env=FAKE_GPU_ENV, sim={"tokens_per_s": 120, "output_tokens": 2400})
     polls = Polls(page)
     page.goto(app.url)
-    assert page.evaluate(TICK_IDS_JS, "ss-current") == []  # pushed, not polled
-    plots_tick = set(page.evaluate(TICK_IDS_JS, "ss-plot-memory"))
-    assert plots_tick
-    dashboard = plots_tick
+    for elem_id in ("ss-current", "ss-breakdown", "ss-plots"):
+        assert page.evaluate(TICK_IDS_JS, elem_id) == []  # pushed, not polled
     page.evaluate(COUNT_WRITES_JS)
 
-    # The chat tab is in front: the dashboard never polls and opens no stream (watched for more
-    # than two poll periods: a window in which nothing may happen, not a wait for something).
+    # The chat tab is in front: the dashboard opens no stream and nothing is written into it
+    # (watched for longer than the values' period: a window in which nothing may happen).
     page.wait_for_timeout(QUIET_WINDOW_MS)
-    assert polls.count(dashboard) == 0
     assert polls.streams == 0
     assert writes(page) == 0
+    assert plot_writes(page) == 0
 
     page.get_by_role("tab", name="Dashboard").click()
     gpu = page.locator('#ss-current [data-gpu="0"]')
@@ -167,6 +160,13 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(field(page, "cpu")).to_contain_text("%")
     expect(field(page, "disk")).to_contain_text("iB")
     expect(field(page, "sleep-state")).to_have_text("awake")
+    expect(page.locator("#ss-plot-memory svg")).to_be_visible()
+
+    # On the dashboard the page sends no Gradio event at all: values and plots are pushed.
+    events = polls.events
+    page.wait_for_timeout(PLOTS_QUIET_MS)
+    assert polls.events == events
+    assert plot_writes(page) >= 2  # the first drawing, and the one 5 s later
 
     # Memory breakdown: weights and the KV-cache pool from the engine's own log lines.
     breakdown = page.locator("#ss-breakdown")
@@ -184,8 +184,7 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
     expect(page.locator("#ss-plot-tokens")).to_be_visible(timeout=15_000)
     expect(page.locator("#ss-plot-kv")).to_be_visible()
     expect(page.locator("#ss-plot-memory")).to_be_visible()
-    with_traffic = polls.count(plots_tick)  # one more plot refresh with the traffic in it
-    page_wait_until(page, lambda: polls.count(plots_tick) > with_traffic, timeout_s=30)
+    page_wait_until(page, lambda: newest_generation(page) > 0, timeout_s=30)  # redrawn with it
     screenshot(page, "dashboard.png", full_page=True)
     load.join(60)
     expect(field(page, "time-to-first-token")).to_contain_text(" ms", timeout=10_000)
@@ -193,32 +192,29 @@ def test_dashboard_shows_the_engine_gpu_metrics_and_polls_only_while_visible(app
 
     assert polls.streams == 1  # one stream for the whole visit, whatever it showed
 
-    # Another tab in front: the polls stop, the stream is closed, nothing is written.
+    # Another tab in front: the stream is closed, nothing is written.
     page.get_by_role("tab", name="Chat").click()
     page_wait_until(page, lambda: live_state(page) == "closed", timeout_s=15)
-    stopped_at = settled_count(page, polls, dashboard)
-    written = writes(page)
-    page.wait_for_timeout(QUIET_WINDOW_MS)
-    assert polls.count(dashboard) == stopped_at
-    assert writes(page) == written
+    written, plotted = writes(page), plot_writes(page)
+    page.wait_for_timeout(PLOTS_QUIET_MS)
+    assert (writes(page), plot_writes(page)) == (written, plotted)
 
-    # Back on the dashboard they resume: a new stream, new values written.
+    # Back on the dashboard: a new stream, whose first message brings values and plots.
     page.get_by_role("tab", name="Dashboard").click()
-    page_wait_until(page, lambda: polls.count(dashboard) > stopped_at, timeout_s=15)
     page_wait_until(page, lambda: writes(page) > written, timeout_s=15)
+    page_wait_until(page, lambda: plot_writes(page) > plotted, timeout_s=15)
     assert polls.streams == 2
 
     # The browser tab in the background: nothing either.
     page.evaluate(HIDE_JS, "hidden")
     page_wait_until(page, lambda: live_state(page) == "closed", timeout_s=15)
-    hidden_at = settled_count(page, polls, dashboard)
-    written = writes(page)
-    page.wait_for_timeout(QUIET_WINDOW_MS)
-    assert polls.count(dashboard) == hidden_at
-    assert writes(page) == written
+    written, plotted = writes(page), plot_writes(page)
+    page.wait_for_timeout(PLOTS_QUIET_MS)
+    assert (writes(page), plot_writes(page)) == (written, plotted)
     page.evaluate(HIDE_JS, "visible")
-    page_wait_until(page, lambda: polls.count(dashboard) > hidden_at, timeout_s=15)
     page_wait_until(page, lambda: writes(page) > written, timeout_s=15)
+    page_wait_until(page, lambda: plot_writes(page) > plotted, timeout_s=15)
+    assert polls.streams == 3
 
 
 def test_dashboard_without_a_gpu_says_why(appliance, page):

@@ -3,6 +3,7 @@ the memory breakdown from the engine's sizes, plots hidden while they have no da
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from appliance.controllers import dashboard as ctl
@@ -174,3 +175,71 @@ def test_the_fleet_card_shows_each_member_and_nothing_without_a_fleet() -> None:
     assert ctl.DashboardController(FakeSampler([]), dict).fleet_html() == ""
     off = ctl.DashboardController(FakeSampler([]), dict, fleet=lambda: FleetView("off"))
     assert off.fleet_html() == ""
+
+
+def test_the_pushed_plots_are_svg_with_each_series_and_leave_out_empty_ones() -> None:
+    """The plots the live stream carries (plot_svg.py): one SVG per plot with data, one line per
+    series carrying its newest value, a legend only where there are several series; a plot with
+    no data is not drawn at all."""
+    samples = [
+        sample(
+            1000.0 + i,
+            gpus=(gpu((2 + i) * GIB),),
+            engine=EngineMetrics(
+                at=1000.0 + i, generation_tokens_per_s=10.0 * i, prompt_tokens_per_s=5.0
+            ),
+        )
+        for i in range(60)
+    ]
+    page = ctl.plots_html(samples)
+    assert page.count("<svg") == 4  # memory, utilization, power, tokens; no KV reading: no plot
+    assert 'id="ss-plot-memory"' in page
+    assert 'id="ss-plot-kv"' not in page
+    assert 'data-series="GPU 0" data-points="60" data-last="61"' in page  # GiB, the newest
+    assert 'data-series="generation" data-points="60" data-last="590"' in page
+    assert 'data-series="prompt"' in page
+    tokens = page[page.index('id="ss-plot-tokens"') :]
+    assert "ss-legend" in tokens  # two series: a legend
+    memory = page[page.index('id="ss-plot-memory"') : page.index('id="ss-plot-utilization"')]
+    assert "ss-legend" not in memory  # one series: none
+    assert ctl.plots_html([]).count("<svg") == 0  # before any reading: a line of text, no plot
+
+
+def test_plot_axes_have_round_ticks_covering_the_data() -> None:
+    ticks = ctl.plot_svg.nice_ticks(0.0, 61.0)
+    assert ticks[0] == 0.0
+    assert ticks[-1] >= 61.0
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(ticks)}
+    assert len(steps) == 1  # evenly spaced
+    assert steps.pop() in (10.0, 20.0, 25.0)  # 1, 2, 2.5 or 5 times a power of ten
+    assert 3 <= len(ticks) <= 6
+    flat = ctl.plot_svg.nice_ticks(5.0, 5.0)  # a flat line still has an axis around it
+    assert flat[0] <= 5.0 < flat[-1]
+    times = ctl.plot_svg.time_ticks(1000.0, 1900.0)  # 15 minutes
+    assert 2 <= len(times) <= 5
+    assert all(t % 60 == 0 and 1000.0 <= t <= 1900.0 for t in times)  # on whole minutes
+    # Markup in a series name is escaped, never live.
+    escaped = ctl.plot_svg.line_plot("x", "<b>t</b>", {"<i>s</i>": [(1.0, 1.0), (2.0, 2.0)]})
+    assert "<i>" not in escaped
+    assert "<b>" not in escaped
+
+
+def test_pushed_plots_are_drawn_once_per_five_seconds_of_samples_for_all_pages() -> None:
+    """Every open page's stream asks at each new sample; the plots are redrawn only when the
+    newest sample is PLOT_EVERY_S newer than the last drawing, and every page gets that one."""
+    samples = [sample(1.0, gpus=(gpu(2 * GIB),))]
+    source = FakeSampler(samples)
+    controller = ctl.DashboardController(source, dict)
+    assert ctl.DashboardController(FakeSampler([]), dict).plots_html() is None
+    first = controller.plots_html()
+    assert first is not None
+    assert first[0] == 1.0
+    assert controller.plots_html() is first  # another page, same moment: the same drawing
+    for at in (2.0, 3.0, 4.0, 5.0):  # newer samples within 5 s: still that drawing
+        samples.append(sample(at, gpus=(gpu(2 * GIB),)))
+        assert controller.plots_html() is first
+    samples.append(sample(6.0, gpus=(gpu(9 * GIB),)))
+    redrawn = controller.plots_html()
+    assert redrawn is not None
+    assert redrawn[0] == 6.0
+    assert 'data-points="6" data-last="9"' in redrawn[1]
