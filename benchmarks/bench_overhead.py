@@ -9,8 +9,12 @@ Both arms run the same argv (appliance.bench.presets.bench_args: the seed preset
 (`engine.listen = "tcp"`: the bare arm cannot reach a Unix socket, vLLM's bench speaks TCP only).
 The appliance arm is BenchRunner.run: launch, progress from stderr, the result file checked and
 stored. The ratio is the appliance's reported output throughput over the bare one's (goal: at
-least 0.98). The default route through the runner's loopback bridge to the engine's socket is not
-in this number (there is no bare equivalent on one engine).
+least 0.98). With `--together` the two arms run at the same time in each round (each with the
+same argv, the engine's prefix cache off so neither gains from the other's prompts): the engine's
+own drift then hits both alike, which one after the other it does not (rounds of one arm spread
+up to 1.4x on a GPU and 2.2x on 2 CPU cores, run one after the other). The default route
+through the runner's loopback bridge to the engine's socket is not in this number (there is no
+bare equivalent on one engine).
 
 Needs `scripts/realvllm.sh up`. Prints the table for docs/benchmarks.md.
 
@@ -35,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +136,45 @@ def bare(eng: Engine, args: list[str], key: str, work: Path) -> float:
     return float(data["output_throughput"])
 
 
+def together(
+    eng: Engine,
+    args: list[str],
+    key: str,
+    work: Path,
+    runner: BenchRunner,
+    request: BenchRequest,
+    target: BenchTarget,
+    appliance_first: bool,
+) -> tuple[float, float]:
+    """Both arms at once against the one engine: each sees the same engine, the same machine
+    and the same moment, so what differs between their throughputs is the arms themselves.
+    Returns (appliance, bare) output tokens/s."""
+    got: dict[str, float] = {}
+    failed: list[BaseException] = []
+
+    def run_appliance() -> None:
+        try:
+            got["appliance"] = float(runner.run(request, target).result["output_throughput"])
+        except BaseException as err:  # noqa: BLE001 - re-raised below, in the main thread
+            failed.append(err)
+
+    def run_bare() -> None:
+        try:
+            got["bare"] = bare(eng, args, key, work)
+        except BaseException as err:  # noqa: BLE001
+            failed.append(err)
+
+    order = (run_appliance, run_bare) if appliance_first else (run_bare, run_appliance)
+    threads = [threading.Thread(target=fn) for fn in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return got["appliance"], got["bare"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
@@ -144,7 +188,14 @@ def main() -> None:
         "--serve-arg", action="append", default=[], help="one more `vllm serve` flag (repeat)"
     )
     parser.add_argument("--keep", help="copy the engine's log here at the end")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run both arms at the same time in each round (the engine's prefix cache off)",
+    )
     opts = parser.parse_args()
+    if opts.together:
+        opts.serve_arg.append("--no-enable-prefix-caching")  # both arms send the same prompts
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     os.environ["STEP_STATION_HOME"] = str(work / "home")
     port, key = free_port(), "sk-" + secrets.token_urlsafe(16)
@@ -179,6 +230,12 @@ def main() -> None:
     try:
         bare(eng, args, key, work)  # warm-up (compiles, caches), not counted
         for i in range(opts.rounds):
+            if opts.together:
+                a, b = together(eng, args, key, work, runner, request, target, i % 2 == 1)
+                arms["appliance"].append(a)
+                arms["bare"].append(b)
+                print(json.dumps(arms), flush=True)
+                continue
             # ABBA: each arm goes first in every other round, so a machine that speeds up or
             # slows down during the run (caches, other work) does not favour one arm
             for arm in ("bare", "appliance") if i % 2 == 0 else ("appliance", "bare"):

@@ -4,7 +4,7 @@
 # Here (a machine with PyPI):
 #   scripts/gpu_vllm.sh prepare        resolve + download the wheel set for CPython 3.12
 #                                      manylinux x86-64 minus what the device image already has,
-#                                      pack it into tiers and split those into <=60 MiB pieces:
+#                                      pack it into tiers and split those into <=52 MiB pieces:
 #                                      .gpuwheels/pieces/NN (git-ignored), manifest in
 #                                      scripts/gpu_vllm/manifest.json (tracked: it travels).
 #   scripts/gpu_vllm.sh plan           print the device calls (command + carry) in order: one
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 WHEELS=$REPO/.gpuwheels
 MANIFEST=$REPO/scripts/gpu_vllm/manifest.json
-PIECE_BYTES=${GPU_VLLM_PIECE_BYTES:-62914560} # 60 MiB: the working tree (~3 MiB) rides along
+PIECE_BYTES=${GPU_VLLM_PIECE_BYTES:-54525952} # 52 MiB: the working tree (~6 MiB) and the tiny models ride along
 DEST=${GPU_VLLM_DEST:-/tmp/gpuwheels}
 SITE=${GPU_VLLM_SITE:-/tmp/site}
 PY=${PYTHON:-python3}

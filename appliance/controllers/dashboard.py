@@ -365,10 +365,10 @@ class DashboardController:
         self.tuning = tuning
         self.fleet = fleet  # the fleet's view (appliance/fleet), when this Station fronts one
         # The plots' span: the buffer holds more while nobody watches (the sampler then samples
-        # every 5 s into a buffer sized for 1 s samples), so the plots cut it to this.
+        # every 10 s into a buffer sized for 1 s samples), so the plots cut it to this.
         self.history_s = history_s
         # What the last call made, for the next page asking about the same sample: every open
-        # dashboard's stream asks once per sample, every page's plot timer every 5 s.
+        # dashboard's stream asks once per sample, the plots are redrawn once per PLOT_EVERY_S.
         self._values: tuple[float, dict[str, Any], Values] | None = None
         self._plots: tuple[tuple[float, int], list[Plot]] | None = None
         self._plots_html: tuple[float, str] | None = None  # (newest sample time drawn, HTML)
