@@ -12,6 +12,7 @@ then include its load (issue 14: the run is marked in the dashboard).
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -294,7 +295,7 @@ def plots_html(samples: list[Sample]) -> str:
 def _add(
     values: dict[tuple[str, str], list[float]], plot: str, series: str, value: float | None
 ) -> None:
-    if value is not None:
+    if value is not None and math.isfinite(value):  # a NaN or inf reading is no point
         values.setdefault((plot, series), []).append(value)
 
 

@@ -203,6 +203,11 @@ def test_the_pushed_plots_are_svg_with_each_series_and_leave_out_empty_ones() ->
     memory = page[page.index('id="ss-plot-memory"') : page.index('id="ss-plot-utilization"')]
     assert "ss-legend" not in memory  # one series: none
     assert ctl.plots_html([]).count("<svg") == 0  # before any reading: a line of text, no plot
+    odd = EngineMetrics(at=1.0, generation_tokens_per_s=float("nan"), kv_cache_usage_pct=1.0)
+    drawn = ctl.plots_html([sample(1.0, engine=odd), sample(2.0, engine=odd)])
+    assert "nan" not in drawn.lower()  # a NaN reading is left out, not drawn
+    assert 'id="ss-plot-tokens"' not in drawn
+    assert 'id="ss-plot-kv"' in drawn
 
 
 def test_plot_axes_have_round_ticks_covering_the_data() -> None:
