@@ -34,7 +34,7 @@ import psutil
 import pytest
 from chat_page import BOT, open_chat, send, set_level, wait_for_replies
 from fixtures.appliance import Appliance, appliances
-from fixtures.realvllm import ENGINE_ENV, MODELS, require_real_vllm, take_slot
+from fixtures.realvllm import ENGINE_ENV, MODELS, process_route_bin, require_real_vllm, take_slot
 from playwright.sync_api import expect
 
 from appliance.controllers.bench import RUN_COLUMNS
@@ -76,7 +76,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     slot = take_slot()  # one real engine among the machine's test runs
     factory = appliances(tmp_path_factory.mktemp("bench-panel"))
     name = f"ss-bench-ui-{uuid.uuid4().hex[:8]}"  # its own engine socket
-    env = {**ENGINE_ENV, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `vllm` on PATH for the process runtime (with the CPU's FP8 KV-cache workaround where needed)
+    bin_dir = process_route_bin(exe, tmp_path_factory.mktemp("bench-panel-bin"))
+    env = {**ENGINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     engine = {
         "runtime": "process",
         "profile": "fp8-tp1",
