@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,17 @@ class Station:
     def snippets(self, key: str) -> dict[str, str]:
         return self.controller.snippets("", key)  # "": the first address, as the tab picks
 
-    def records(self, key_name: str) -> list[tuple[str, int]]:
-        """(path, status) of each request made with this key, oldest first."""
-        done = reversed(self.stack.gateway.recent(500))
-        return [(r.path, r.status) for r in done if r.key_name == key_name]
+    def records(self, key_name: str, at_least: int = 0) -> list[tuple[str, int]]:
+        """(path, status) of each request made with this key, oldest first, once there are
+        `at_least` of them (or 10 s have passed): the gateway records a streamed request when it
+        has sent the last bytes, which the client may have read a moment before."""
+        deadline = time.monotonic() + 10
+        while True:
+            done = reversed(self.stack.gateway.recent(500))
+            got = [(r.path, r.status) for r in done if r.key_name == key_name]
+            if len(got) >= at_least or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
 
 
 def _station(simulator: Any, model: str) -> Iterator[Station]:
@@ -149,7 +157,7 @@ def test_curl_snippet_runs_as_shown(
     texts = [block["text"] for block in message["content"] if block["type"] == "text"]
     assert texts[0].startswith(f"{REPLY}{HOSTILE} to ")
     # Bearer for the chat, x-api-key for the Messages API: both counted on the key.
-    assert odd_station.records("curl") == [("/v1/chat/completions", 200), ("/v1/messages", 200)]
+    assert odd_station.records("curl", 2) == [("/v1/chat/completions", 200), ("/v1/messages", 200)]
 
 
 @pytest.mark.parametrize("key_in_page", [True, False], ids=["key-in-page", "key-from-env"])
@@ -163,7 +171,10 @@ def test_openai_sdk_snippet_runs_as_shown(
     streamed, responded = out.strip().splitlines()[:2]
     assert streamed.startswith(f"{REPLY}{HOSTILE} to ")  # the chat stream, printed as it came
     assert responded.startswith(f"{REPLY}{HOSTILE} to ")  # response.output_text
-    assert odd_station.records("python") == [("/v1/chat/completions", 200), ("/v1/responses", 200)]
+    assert odd_station.records("python", 2) == [
+        ("/v1/chat/completions", 200),
+        ("/v1/responses", 200),
+    ]
 
 
 # --------------------------------------------------------------------------------- Claude Code
@@ -208,7 +219,7 @@ def test_claude_code_variables_through_the_anthropic_sdk(
     streamed, small = out.strip().splitlines()[:2]
     assert streamed.startswith(f'{REPLY}{HOSTILE} to "{CHECK_PROMPT}"')
     assert small.startswith(f"{REPLY}{HOSTILE} to ")
-    assert odd_station.records("claude-code") == [("/v1/messages", 200)] * 2
+    assert odd_station.records("claude-code", 2) == [("/v1/messages", 200)] * 2
     window = f"CLAUDE_CODE_AUTO_COMPACT_WINDOW={_context(odd_station)}"
     assert window in text  # the engine's own context length, as /v1/models says
 
@@ -282,7 +293,7 @@ def test_claude_code_cli_runs_the_snippet(
     assert "assumes a context window" not in out
     # Claude Code 2.1.332 in -p mode asks only POST /v1/messages (with ?beta=true, which the
     # gateway drops); /v1/messages/count_tokens, which the gateway keeps closed, is not asked.
-    records = station.records("claude-code")
+    records = station.records("claude-code", 1)
     assert records
     assert set(records) == {("/v1/messages", 200)}
 
@@ -308,7 +319,7 @@ def test_codex_cli_runs_the_snippet(station: Station, codex_cli: Path, tmp_path:
     env["PATH"] = f"{codex_cli.parent}:{env['PATH']}"
     out = _run(["bash", "-c", "\n".join(shell)], _project(tmp_path), env, timeout=180)
     assert f'{REPLY}{MODEL} to "{CHECK_PROMPT}"' in out
-    records = station.records("codex")
+    records = station.records("codex", 1)
     assert len(records) >= 2  # the tool call, then the answer
     assert set(records) == {("/v1/responses", 200)}
 
@@ -333,7 +344,7 @@ def test_continue_config_parses_and_its_model_answers(odd_station: Station) -> N
     )
     reply = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert reply.startswith(f"{REPLY}{HOSTILE} to ")
-    assert odd_station.records("continue") == [("/v1/chat/completions", 200)]
+    assert odd_station.records("continue", 1) == [("/v1/chat/completions", 200)]
 
 
 def test_open_webui_settings_parse_and_its_connection_works(
