@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-vLLM settings: one pl
 from appliance.bench import presets  # noqa: E402
 from appliance.bench.runner import BenchRequest, BenchRunner, BenchTarget  # noqa: E402
 from appliance.bench.store import BenchStore  # noqa: E402
+from benchmarks.common import free_port  # noqa: E402
 
 SERVED = "step3p7-flash"
 
@@ -82,12 +82,6 @@ class Engine:
 
 def _plain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **(extra or {})}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_engine(eng: Engine, port: int, key: str, log: Path) -> subprocess.Popen[bytes]:
@@ -194,6 +188,8 @@ def main() -> None:
         help="run both arms at the same time in each round (the engine's prefix cache off)",
     )
     opts = parser.parse_args()
+    if (opts.vllm is None) != (opts.model is None):
+        parser.error("--vllm and --model go together (the CPU default takes neither)")
     if opts.together:
         opts.serve_arg.append("--no-enable-prefix-caching")  # both arms send the same prompts
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
