@@ -65,3 +65,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if after:
         print(f"\nThe test run changed tracked files of the repository:\n{after}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------- where the run's time went, per file
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The 25 costliest test files (setup, call and teardown together; a session fixture counts
+    in the file whose test first used it): what to speed up next (docs/benchmarks.md)."""
+    if len(_FILE_SECONDS) < 2:
+        return
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.section("slowest 25 files")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f}%  {path}")
+    terminalreporter.write_line(f"{total:8.1f}s in {len(_FILE_SECONDS)} files")

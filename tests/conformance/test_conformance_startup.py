@@ -78,6 +78,11 @@ def test_start_log_phases_in_order_all_classified(server) -> None:
     expected = list(phases.LOG_PHASES)
     if not server.simulated:
         expected.remove(phases.CUDA_GRAPHS)  # the CPU build captures no CUDA graphs
+        # The suite's own real engines run eager (tests/fixtures/realvllm.py TEST_ENGINE_FLAGS):
+        # nothing compiles. The "Compiling" phase of a real start is read in the Docker and
+        # process routes' real starts (test_real_engine_docker.py, test_real_engine_process.py).
+        assert "--enforce-eager" in server.process.argv
+        expected.remove(phases.COMPILING)
     assert [p.name for p in tracker.phases] == expected
     facts = tracker.facts
     version = tuple(int(p) for p in str(facts["vllm_version"]).split(".")[:3])
