@@ -6,10 +6,11 @@
 that took 248 s, and every pull in the tests then gunzips it again. Here the layers go to the
 registry as Docker's own uncompressed layer tars (media type
 `application/vnd.docker.image.rootfs.diff.tar`), so each layer's digest is its diff id: measured
-beside `docker push` on the same machine, 105 s (of which 41 s is `docker save` preparing its
-export). Docker detects each blob's compression as it registers a layer, so such layers pull
-like any other, with the same per-layer byte progress (checked with the harness's Docker 20.10:
-an image pushed this way, removed, pulled back, its files byte-identical).
+on the same machine, 105 s with a soak run beside it (41 s of it `docker save` preparing its
+export), 58 s on the quiet machine. Docker detects each blob's compression as it registers a
+layer, so such layers pull like any other, with the same per-layer byte progress (checked with
+the harness's Docker 20.10: an image pushed this way, removed, pulled back, its files
+byte-identical).
 
 It speaks the registry API (distribution spec: a blob upload is POST, one streamed PATCH, then PUT
 with the digest; then the schema 2 manifest), reading `docker save`'s stream once, without a copy
